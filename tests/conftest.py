@@ -1,0 +1,61 @@
+"""Shared test configuration: fixture/example roots and the package import helper.
+
+Fixture-driven tests read ``WORLDSTEREO_FIXTURES`` (default ``../shared/fixtures``) and
+``WORLDSTEREO_EXAMPLES`` (default ``../shared/examples``) and skip, with the reason, when absent.
+They iterate over whatever cases and scenes are there instead of naming particular ones.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+PACK_NAME = "comfyui_worldstereo"
+
+
+def fixtures_root() -> Path:
+    return Path(os.environ.get("WORLDSTEREO_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def examples_root() -> Path:
+    return Path(os.environ.get("WORLDSTEREO_EXAMPLES", REPO.parent / "shared" / "examples"))
+
+
+def require_path(path: Path, what: str) -> Path:
+    """Return ``path`` or skip the calling test with a clear reason."""
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set WORLDSTEREO_FIXTURES / WORLDSTEREO_EXAMPLES)")
+    return path
+
+
+def fixture_file(*parts: str) -> Path:
+    return require_path(fixtures_root().joinpath(*parts), "fixture " + "/".join(parts))
+
+
+def example_dirs(family: str) -> list[Path]:
+    """Scene folders of one example family (``images``, ``reconstruction``, ``panorama``)."""
+    root = examples_root() / family
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def import_pack():
+    """Import the repository root as the ComfyUI pack package (relative imports work)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module

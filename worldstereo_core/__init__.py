@@ -1,0 +1,8 @@
+"""worldstereo_core: the WorldStereo library behind the ComfyUI nodes (no ComfyUI imports).
+
+Subpackages: ``io`` (files), ``geometry`` (trajectories, depth lifting, rendering, alignment),
+``memory`` (memory bank, retrieval, 3D cache), ``models`` (transformers and loading),
+``pipelines`` (samplers and conditioning), ``tasks`` (multi-trajectory loops). Camera conventions
+live in :mod:`worldstereo_core.cameras`, fixed numbers in :mod:`worldstereo_core.constants`.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""worldstereo_core.tasks"""
