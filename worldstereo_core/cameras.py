@@ -340,3 +340,59 @@ def opencv_to_pytorch3d(w2c) -> tuple[torch.Tensor, torch.Tensor]:
     c2w[..., :3, 0:2] *= -1
     w2c_p3d = invert_rigid(c2w)
     return c2w[..., :3, :3], w2c_p3d[..., :3, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# A camera sequence (what a camera.json holds)
+# --------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field, replace  # noqa: E402
+
+
+@dataclass
+class CameraTrajectory:
+    """A sequence of pinhole cameras: w2c (F,4,4) and pixel K (F,3,3) for (height, width).
+
+    ``width``/``height`` may be None when the source file does not state them (single-view
+    camera.json files are in pixels of their image.png). ``meta`` keeps every other field of the
+    source file (``motion_list``, ``id``, ``type``, ``eloop_rotation`` ...) so a round trip
+    through camera.json preserves it.
+    """
+
+    w2c: torch.Tensor
+    K: torch.Tensor
+    width: int | None = None
+    height: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.w2c = as_tensor(self.w2c)
+        self.K = as_tensor(self.K)
+        if self.K.dim() == 2:
+            self.K = self.K.expand(self.w2c.shape[0], 3, 3).clone()
+
+    def __len__(self) -> int:
+        return int(self.w2c.shape[0])
+
+    @property
+    def c2w(self) -> torch.Tensor:
+        return invert_rigid(self.w2c)
+
+    @property
+    def centers(self) -> torch.Tensor:
+        return camera_centers(self.w2c)
+
+    def select(self, indices: Sequence[int]) -> "CameraTrajectory":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return replace(self, w2c=self.w2c[idx].clone(), K=self.K[idx].clone(), meta=dict(self.meta))
+
+    def subsample(self, nframe: int) -> "CameraTrajectory":
+        """Keep ``floor(linspace(0, F-1, nframe))`` frames (no-op when F <= nframe)."""
+        return self.select(subsample_indices(len(self), nframe))
+
+    def resized(self, height: int, width: int) -> "CameraTrajectory":
+        """The same cameras with K rescaled to a (height, width) image."""
+        if self.width is None or self.height is None:
+            raise ValueError("CameraTrajectory.resized needs the source width/height; set them first")
+        K = scale_intrinsics(self.K, (self.height, self.width), (height, width))
+        return replace(self, K=K, width=width, height=height, meta=dict(self.meta))
