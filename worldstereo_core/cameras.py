@@ -396,3 +396,23 @@ class CameraTrajectory:
             raise ValueError("CameraTrajectory.resized needs the source width/height; set them first")
         K = scale_intrinsics(self.K, (self.height, self.width), (height, width))
         return replace(self, K=K, width=width, height=height, meta=dict(self.meta))
+
+
+# --------------------------------------------------------------------------------------------
+# Unprojection of arbitrary pixel positions
+# --------------------------------------------------------------------------------------------
+
+def unproject_pixels(uv, depth, K, c2w) -> torch.Tensor:
+    """World points (..., N, 3) of continuous pixel positions ``uv`` (..., N, 2) at z-depth ``depth``.
+
+    ``uv`` uses the same continuous pixel units as :func:`project_points` (no half-pixel offset is
+    added: pass u + 0.5 for a pixel centre, (0, 0) / (W, H) for the image corners). ``K`` (..., 3, 3),
+    ``c2w`` (..., 4, 4); ``depth`` broadcasts against (..., N).
+    """
+    uv = as_tensor(uv, dtype=uv.dtype if isinstance(uv, torch.Tensor) and uv.is_floating_point() else torch.float64)
+    K = as_tensor(K, dtype=uv.dtype, device=uv.device)
+    c2w = as_tensor(c2w, dtype=uv.dtype, device=uv.device)
+    depth = as_tensor(depth, dtype=uv.dtype, device=uv.device)
+    pix = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)
+    cam = pix @ torch.linalg.inv(K).transpose(-1, -2) * depth[..., None]
+    return cam @ c2w[..., :3, :3].transpose(-1, -2) + c2w[..., None, :3, 3]
