@@ -1,0 +1,243 @@
+"""MoGe-2 / MoGe-1 monocular geometry: strict local loading, optional download, inference.
+
+Checkpoints are the official ``model.pt`` files, ``{"model_config": {...}, "model": state_dict}``,
+read with ``torch.load(weights_only=True)``. MoGe's own ``from_pretrained`` loads non-strictly,
+so :func:`load_moge` checks missing / unexpected keys and shapes itself and names them.
+The default layout of a models folder is ``<models_dir>/<repo-name>/model.pt``
+(e.g. ``models/moge/moge-2-vitl-normal/model.pt``).
+
+The model code comes from the ``moge`` package (``dlr-moge==2.0.0``, installed with --no-deps).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..io.atomic import safe_join
+from .depth import image_to_rgb01
+
+#: Known checkpoints (Hugging Face repo id -> MoGe version). WorldStereo uses the first.
+MOGE_REPOS: dict[str, str] = {
+    "Ruicheng/moge-2-vitl-normal": "v2",
+    "Ruicheng/moge-2-vitl": "v2",
+    "Ruicheng/moge-vitl": "v1",
+}
+DEFAULT_MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
+CHECKPOINT_NAME = "model.pt"
+#: Constant buffers re-created identically at construction; a checkpoint may omit them.
+REBUILT_BUFFERS = ("image_mean", "image_std")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+# --------------------------------------------------------------------------------------------
+# Locating / downloading checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _check_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise InputError(f"MoGe repo id {repo_id!r} is not of the form 'owner/name' "
+                         f"(known: {', '.join(MOGE_REPOS)})")
+    return repo_id
+
+
+def moge_checkpoint_path(models_dir: str | os.PathLike, repo_id: str = DEFAULT_MOGE_REPO) -> Path:
+    """Where ``repo_id``'s checkpoint lives in ``models_dir``: ``<models_dir>/<repo-name>/model.pt``."""
+    return safe_join(models_dir, _check_repo_id(repo_id).split("/")[1], CHECKPOINT_NAME)
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _TRUE
+
+
+def _missing(path: Path, repo_id: str, reason: str) -> MissingWeightsError:
+    return MissingWeightsError(
+        f"MoGe checkpoint {path.name} not found in {path.parent} ({reason}). Download it with\n"
+        f"  hf download {repo_id} {CHECKPOINT_NAME} --local-dir \"{path.parent}\"\n"
+        f"(older huggingface_hub: huggingface-cli download ...) "
+        f"or fetch https://huggingface.co/{repo_id}/resolve/main/{CHECKPOINT_NAME} into that folder.")
+
+
+def ensure_moge_checkpoint(models_dir: str | os.PathLike, repo_id: str = DEFAULT_MOGE_REPO, *,
+                           download: bool = False) -> Path:
+    """Path of the local checkpoint; with ``download`` fetch it from the Hub when absent.
+
+    Raises :class:`MissingWeightsError` (naming the file, the folder and the download command)
+    when it is absent and cannot be fetched (download off, ``HF_HUB_OFFLINE`` set, or failure).
+    """
+    path = moge_checkpoint_path(models_dir, repo_id)
+    if path.is_file():
+        return path
+    if not download:
+        raise _missing(path, repo_id, "automatic download is off")
+    if hub_offline():
+        raise _missing(path, repo_id, "HF_HUB_OFFLINE is set, so nothing is downloaded")
+    from huggingface_hub import hf_hub_download
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hf_hub_download(repo_id=repo_id, filename=CHECKPOINT_NAME, local_dir=path.parent)
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise _missing(path, repo_id, f"download failed: {type(exc).__name__}: {exc}") from exc
+    if not path.is_file():
+        raise _missing(path, repo_id, "the download did not produce the file")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def read_moge_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model_config, state_dict) of an official MoGe ``model.pt`` (weights_only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"MoGe checkpoint not found: {path}. Put the official model.pt there "
+                                  f"(see {DEFAULT_MOGE_REPO} on Hugging Face)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                              "Use the official MoGe model.pt; arbitrary pickled objects are refused") from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(ckpt.get("model"), dict):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not an official MoGe checkpoint: expected a dict with "
+                              f"'model_config' (dict) and 'model' (state dict); found {keys}")
+    return ckpt["model_config"], ckpt["model"]
+
+
+def detect_moge_version(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """'v1' or 'v2' from the config layout (v2: ``encoder``/``neck`` sub-configs) or the keys."""
+    if isinstance(model_config.get("encoder"), dict) or "neck" in model_config:
+        return "v2"
+    if isinstance(model_config.get("encoder"), str) or "dim_upsample" in model_config:
+        return "v1"
+    keys = state_dict.keys() if state_dict else ()
+    if any(k.startswith("neck.") for k in keys):
+        return "v2"
+    if any(k.startswith("head.") for k in keys):
+        return "v1"
+    raise CheckpointError("cannot tell MoGe v1 from v2 from this checkpoint's config or keys; "
+                          "pass version='v1' or version='v2'")
+
+
+def _list(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming missing / unexpected keys and shape mismatches.
+
+    Missing constant buffers listed in :data:`REBUILT_BUFFERS` are tolerated.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k.rsplit(".", 1)[-1] not in REBUILT_BUFFERS]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_list(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes (file != model): {_list(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the MoGe architecture of its model_config: "
+                              + "; ".join(problems) + ". Use an unmodified official model.pt")
+
+
+def _empty_weights():
+    """Context that creates parameters on the meta device (no random init); buffers stay real."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # accelerate is a requirement; without it construction just runs the init
+        return contextlib.nullcontext()
+    return init_empty_weights()
+
+
+def build_moge(model_config: dict[str, Any], version: str, *, empty: bool = False) -> torch.nn.Module:
+    """A MoGe model of ``version`` ('v1' / 'v2') from its config: randomly initialised, or with
+    ``empty`` parameters on the meta device (to be filled by ``load_state_dict(assign=True)``)."""
+    if version not in ("v1", "v2"):
+        raise InputError(f"MoGe version must be 'v1' or 'v2'; got {version!r}")
+    try:
+        from moge.model import import_model_class_by_version
+    except ImportError as exc:
+        raise ImportError("the MoGe model code is not installed: pip install --no-deps \"dlr-moge>=2.0.0\" "
+                          f"and pip install \"dlr-utils3d>=1.3\" ({exc})") from exc
+    try:
+        with _empty_weights() if empty else contextlib.nullcontext():
+            return import_model_class_by_version(version)(**model_config)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise CheckpointError(f"model_config does not describe a MoGe {version} model: {exc}") from exc
+
+
+def load_moge(path: str | os.PathLike, *, version: str | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load an official MoGe ``model.pt`` strictly; returns the model in eval mode on ``device``.
+
+    ``version`` ('v1' / 'v2') is detected from the checkpoint when None; an explicit value that
+    contradicts the checkpoint raises :class:`CheckpointError`. Parameters are never randomly
+    initialised: the model is built empty and takes the checkpoint tensors.
+    """
+    config, state_dict = read_moge_checkpoint(path)
+    detected = detect_moge_version(config, state_dict)
+    if version is not None and version != detected:
+        raise CheckpointError(f"{path} holds a MoGe {detected} checkpoint but version={version!r} was requested")
+    model = build_moge(config, detected, empty=True)
+    check_state_dict(model, state_dict, source=str(path))
+    # strictness was checked above; only rebuilt constant buffers may be absent (they are real already)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+def estimate_depth(model: torch.nn.Module, image, *, resolution_level: int = 9, num_tokens: int | None = None,
+                   use_fp16: bool | None = None) -> dict[str, torch.Tensor]:
+    """Metric z-depth of one image as the reference uses it (MoGe ``infer`` defaults).
+
+    ``image``: uint8 (H,W,3)/(3,H,W), or float in [0,1] as (3,H,W) (MoGe layout) or (H,W,3)
+    (ComfyUI layout). ``use_fp16`` None = fp16 autocast on CUDA only (the reference runs fp16 on
+    GPU; CPU autocast does not support it). ``num_tokens`` overrides ``resolution_level``.
+
+    Returns ``depth`` (H,W) float32 with 0 where invalid, ``mask`` (H,W) bool and
+    ``intrinsics_normalised`` (3,3) (fx, fy relative to width/height, cx = cy = 0.5; the
+    reference ignores it and uses the camera file's K).
+    """
+    if not 0 <= int(resolution_level) <= 9:
+        raise InputError(f"resolution_level must be in 0..9; got {resolution_level}")
+    rgb = image_to_rgb01(image, value_range=(0.0, 1.0))
+    device = next(model.parameters()).device
+    if use_fp16 is None:
+        use_fp16 = device.type == "cuda"
+    kwargs: dict[str, Any] = dict(resolution_level=int(resolution_level), force_projection=True,
+                                  apply_mask=True, use_fp16=bool(use_fp16))
+    if num_tokens is not None:
+        kwargs["num_tokens"] = int(num_tokens)
+    with warnings.catch_warnings():  # MoGe's fp32 autocast block warns on CPU; harmless
+        warnings.filterwarnings("ignore", message="CPU Autocast only supports")
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        out = model.infer(rgb.permute(2, 0, 1).to(device), **kwargs)
+    depth = out["depth"].float()
+    mask = out["mask"].bool() & torch.isfinite(depth) & (depth > 0)
+    return {
+        "depth": torch.where(mask, depth, torch.zeros_like(depth)),
+        "mask": mask,
+        "intrinsics_normalised": out["intrinsics"].float(),
+    }
