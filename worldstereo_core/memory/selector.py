@@ -1,0 +1,183 @@
+"""CameraSelector: keep a diverse, sharp subset of retrieved references (spec/geometry.md §7.1 step 4).
+
+Features per candidate: the camera block ``[centre, quaternion (x, y, z, w), w >= 0]`` of its w2c
+and an image block (DINOv2 ``pooler_output`` or any injected feature function). Each block is
+z-scored per dimension over the candidates (std + 1e-8) and weighted (0.3 camera, 0.7 image).
+The subset is chosen by quality-aware farthest point sampling, where quality mixes sharpness
+(log Laplacian variance), grey-level entropy and contrast.
+
+DINOv2 is optional: give ``dinov2_path`` (a local folder with config, preprocessor config and
+safetensors weights, e.g. a download of ``facebook/dinov2-base``) or a ``feature_fn``. Without
+either the selector logs a warning (once per process), uses the camera block alone and says so in
+:attr:`Selection.used_image_features` / :attr:`Selection.message`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from ..cameras import as_tensor, camera_centers, matrix_to_quaternion
+from ..errors import CheckpointError, InputError
+from ..io.images import load_image
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # fallback messages already logged in this process
+
+#: A function mapping N RGB uint8 frames to an (N, D) feature array.
+FeatureFn = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+CAMERA_WEIGHT = 0.3
+IMAGE_WEIGHT = 0.7
+QUALITY_BIAS = 0.1
+
+
+def camera_features(w2c) -> np.ndarray:
+    """(N, 7) = [camera centre (3), quaternion of the w2c rotation as (x, y, z, w), w >= 0]."""
+    w2c = as_tensor(w2c, dtype=torch.float64).reshape(-1, 4, 4)
+    q = matrix_to_quaternion(w2c[:, :3, :3])  # (w, x, y, z), w >= 0
+    return torch.cat([camera_centers(w2c), q[:, 1:], q[:, :1]], dim=1).numpy()
+
+
+def image_quality_scores(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """0.4 ln(1 + Var(Laplacian)) + 0.3 entropy(256-bin histogram, bits) + 0.3 std / 128 per frame.
+
+    The grey image is OpenCV's BGR->grey formula applied to the RGB array, as in the reference.
+    """
+    scores = []
+    for frame in frames:
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_BGR2GRAY)
+        sharp = cv2.Laplacian(gray, cv2.CV_64F).var()
+        hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+        p = hist / hist.sum()
+        entropy = -np.sum(p * np.log2(p + 1e-10))
+        scores.append(0.4 * np.log1p(sharp) + 0.3 * entropy + 0.3 * gray.std() / 128.0)
+    return np.asarray(scores, dtype=np.float64)
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Z-score each column over the rows (population std + 1e-8)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+
+
+def quality_aware_fps(features: np.ndarray, quality: np.ndarray, k: int, bias: float = QUALITY_BIAS) -> list[int]:
+    """Farthest point sampling with a quality bias; returns ``min(k, N)`` indices in pick order.
+
+    q̂ = min-max-normalised quality; start = argmax(-|f - mean f| + bias q̂); then repeatedly the
+    argmax of (distance to the selected set) x (1 + bias (q̂ - 0.5)) over unselected points.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    q = np.asarray(quality, dtype=np.float64)
+    if f.ndim != 2 or q.shape != (f.shape[0],):
+        raise InputError(f"quality_aware_fps: features (N, D) and quality (N,) expected, got {f.shape} and {q.shape}")
+    n = f.shape[0]
+    k = min(int(k), n)
+    if k <= 0:
+        return []
+    qn = (q - q.min()) / (q.max() - q.min() + 1e-8)
+    factor = 1.0 + bias * (qn - 0.5)
+    first = int(np.argmax(-np.linalg.norm(f - f.mean(axis=0), axis=1) + bias * qn))
+    chosen = [first]
+    dist = np.linalg.norm(f - f[first], axis=1)
+    while len(chosen) < k:
+        score = dist * factor
+        score[chosen] = -np.inf
+        nxt = int(np.argmax(score))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(f - f[nxt], axis=1))
+    return chosen
+
+
+class DinoV2Features:
+    """DINOv2 ``pooler_output`` features from a local transformers folder (safetensors weights)."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+        from transformers import AutoImageProcessor, AutoModel
+
+        path = Path(path)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"DINOv2 folder {path} could not be loaded ({exc}); it needs config.json, "
+                "preprocessor_config.json and model.safetensors (e.g. a download of facebook/dinov2-base)"
+            ) from exc
+        self.model.eval().to(device)
+        self.device, self.batch_size = torch.device(device), int(batch_size)
+
+    @torch.no_grad()
+    def __call__(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames), self.batch_size):
+            batch = self.processor(images=list(frames[start:start + self.batch_size]), return_tensors="pt")
+            pixels = batch["pixel_values"].to(self.device, dtype=self.model.dtype)
+            out.append(self.model(pixel_values=pixels).pooler_output.float().cpu())
+        return torch.cat(out).numpy().astype(np.float64)
+
+
+def _has_dinov2(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+@dataclass
+class Selection:
+    """Result of :meth:`CameraSelector.select`."""
+
+    indices: list[int]            # positions in the candidate list, in pick order
+    quality: np.ndarray           # quality score per candidate
+    used_image_features: bool     # False when no image features were available
+    message: str | None = None    # why image features were not used
+
+
+class CameraSelector:
+    """Pick ``k`` diverse, good-quality candidates from (w2c, frame) pairs; see the module docstring."""
+
+    def __init__(self, feature_fn: FeatureFn | None = None, *, dinov2_path: str | os.PathLike | None = None,
+                 camera_weight: float = CAMERA_WEIGHT, image_weight: float = IMAGE_WEIGHT,
+                 quality_bias: float = QUALITY_BIAS, device: str | torch.device = "cpu") -> None:
+        self.camera_weight, self.image_weight, self.quality_bias = camera_weight, image_weight, quality_bias
+        self._feature_fn = feature_fn
+        self._dinov2_path = None if dinov2_path is None else Path(dinov2_path)
+        self._device = device
+        self._fallback_message: str | None = None
+
+    def _features(self) -> FeatureFn | None:
+        if self._feature_fn is not None or self._fallback_message is not None:
+            return self._feature_fn
+        path = self._dinov2_path
+        if path is not None and _has_dinov2(path):
+            self._feature_fn = DinoV2Features(path, self._device)
+            return self._feature_fn
+        where = "no dinov2_path was given" if path is None else f"{path} holds no DINOv2 weights"
+        self._fallback_message = (
+            f"CameraSelector: {where}; selecting references from camera features only. Put a "
+            "download of facebook/dinov2-base (config.json, preprocessor_config.json, "
+            "model.safetensors) in a folder and pass it as dinov2_path for image-aware selection."
+        )
+        return None
+
+    def select(self, w2c, frames: Sequence, k: int) -> Selection:
+        """Choose ``k`` of the N candidates (w2c (N,4,4), N RGB frames); indices in pick order."""
+        w2c = as_tensor(w2c, dtype=torch.float64).reshape(-1, 4, 4)
+        if len(frames) != w2c.shape[0]:
+            raise InputError(f"CameraSelector: {w2c.shape[0]} cameras but {len(frames)} frames; pass one frame per camera")
+        frames = [load_image(f, name=f"selector frame {i}") for i, f in enumerate(frames)]
+        quality = image_quality_scores(frames)
+        blocks = [self.camera_weight * standardize(camera_features(w2c))]
+        fn = self._features()
+        if fn is not None:
+            feats = np.asarray(fn(frames), dtype=np.float64).reshape(len(frames), -1)
+            blocks.append(self.image_weight * standardize(feats))
+        elif self._fallback_message not in _warned:
+            log.warning(self._fallback_message)
+            _warned.add(self._fallback_message)
+        indices = quality_aware_fps(np.concatenate(blocks, axis=1), quality, k, self.quality_bias)
+        return Selection(indices, quality, fn is not None, None if fn is not None else self._fallback_message)

@@ -1,0 +1,185 @@
+"""Which trajectories a multi-trajectory run generates, in which order, from what (spec §7.2, §2.3).
+
+* reconstruction: ``renders/traj_eloop``, ``traj_up``, ``traj_right``, ``traj_left``; start image
+  ``image.png``; prompt ``prompt.json["prompt"]``.
+* panorama: every ``view*`` group (skipping those whose ``valid_analysis.json`` says other than
+  "yes") as traj2, traj0, traj1; then ``target*/traj*``; then ``reconstruct*/traj0``; then
+  ``wonder*/traj*``; finally the iterative ``reconstruct*/traj1``, which starts from the last
+  generated frame of its ``traj0``. Groups sort by name (hyphens read as underscores, which is how
+  they are named in outputs and memory), trajectories by name. Start image
+  ``<group>/start_frame.png``; prompt ``<group>/<traj>/traj_caption.json["prompt"]``.
+
+Input folders are only read; the renamed group id is used for everything the run writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+RECONSTRUCTION_VIEW = "renders"
+RECONSTRUCTION_ORDER = ("traj_eloop", "traj_up", "traj_right", "traj_left")
+VIEW_ORDER = ("traj2", "traj0", "traj1")
+TASK_TYPES = ("reconstruction", "panorama")
+
+
+@dataclass(frozen=True)
+class TrajectoryJob:
+    """One trajectory of a multi-trajectory run.
+
+    ``view_id`` is the group name used in outputs and memory names (hyphens -> underscores);
+    ``group_dir`` the input folder. Exactly one of ``start_image`` (a file) and ``start_from``
+    (the (view_id, traj_id) whose last generated frame is the start image) is set.
+    """
+
+    view_id: str
+    traj_id: str
+    group_dir: Path
+    camera_path: Path
+    start_image: Path | None
+    start_from: tuple[str, str] | None
+    prompt: str
+    is_iterative: bool = False
+
+    @property
+    def traj_dir(self) -> Path:
+        return self.group_dir / self.traj_id
+
+    @property
+    def render_path(self) -> Path:
+        return self.traj_dir / "render.mp4"
+
+    @property
+    def mask_path(self) -> Path:
+        return self.traj_dir / "render_mask.mp4"
+
+    @property
+    def start_source(self) -> str:
+        """Human-readable start image source."""
+        if self.start_image is not None:
+            return str(self.start_image)
+        return f"last frame of {self.start_from[0]}/{self.start_from[1]}"
+
+
+def group_id(name: str) -> str:
+    """Group folder name as used on output: hyphens become underscores."""
+    return name.replace("-", "_")
+
+
+def _read_field(path: Path, key: str, what: str):
+    if not path.is_file():
+        raise InputError(f"{path} not found; every {what} needs it ({{\"{key}\": ...}})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc}); fix the file") from exc
+    if not isinstance(data, dict) or key not in data:
+        raise InputError(f"{path}: missing field {key!r}")
+    return data[key]
+
+
+def _prompt(path: Path, what: str) -> str:
+    value = _read_field(path, "prompt", what)
+    if not isinstance(value, str):
+        raise InputError(f"{path}: 'prompt' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_scene(scene_dir: str | os.PathLike) -> Path:
+    scene_dir = Path(scene_dir)
+    if not scene_dir.is_dir():
+        raise InputError(f"scene folder {scene_dir} not found; check the path")
+    return scene_dir
+
+
+def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
+    """The reconstruction trajectories present under ``renders/``, in eloop, up, right, left order."""
+    scene_dir = _check_scene(scene_dir)
+    image = scene_dir / "image.png"
+    if not image.is_file():
+        raise InputError(f"{image} not found; a reconstruction scene needs its input image.png")
+    prompt = _prompt(scene_dir / "prompt.json", "reconstruction scene")
+    group = scene_dir / RECONSTRUCTION_VIEW
+    jobs = [TrajectoryJob(RECONSTRUCTION_VIEW, t, group, group / t / "camera.json", image, None, prompt)
+            for t in RECONSTRUCTION_ORDER if (group / t / "camera.json").is_file()]
+    if not jobs:
+        raise InputError(f"{group}: no trajectories found; expected {', '.join(RECONSTRUCTION_ORDER)} "
+                         "folders with camera.json")
+    return jobs
+
+
+def is_valid_view(group: Path) -> bool:
+    """False only when ``valid_analysis.json`` exists and its "valid" is not "yes"."""
+    path = group / "valid_analysis.json"
+    return not path.is_file() or _read_field(path, "valid", "view analysis") == "yes"
+
+
+def _trajs(group: Path) -> list[str]:
+    return sorted(p.name for p in group.iterdir()
+                  if p.is_dir() and p.name.startswith("traj") and (p / "camera.json").is_file())
+
+
+def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
+    """The panorama trajectories of ``scene_dir`` in generation order (module docstring)."""
+    scene_dir = _check_scene(scene_dir)
+    groups: dict[str, Path] = {}
+    for p in sorted(scene_dir.iterdir()):
+        if not p.is_dir() or p.name == "pano_bank":
+            continue
+        gid = group_id(p.name)
+        if gid in groups:
+            raise InputError(f"{scene_dir}: groups {groups[gid].name!r} and {p.name!r} both map to {gid!r}; rename one")
+        groups[gid] = p
+
+    def job(gid: str, traj: str, start_from: tuple[str, str] | None = None) -> TrajectoryJob:
+        group = groups[gid]
+        start = None if start_from else group / "start_frame.png"
+        if start is not None and not start.is_file():
+            raise InputError(f"{start} not found; every panorama group needs its start_frame.png")
+        return TrajectoryJob(gid, traj, group, group / traj / "camera.json", start, start_from,
+                             _prompt(group / traj / "traj_caption.json", "panorama trajectory"),
+                             is_iterative=start_from is not None)
+
+    def of(prefix: str) -> list[str]:
+        return sorted(g for g in groups if g.startswith(prefix))
+
+    jobs = []
+    for gid in of("view"):
+        if not is_valid_view(groups[gid]):
+            log.info("panorama: skipping %s (valid_analysis.json is not 'yes')", gid)
+            continue
+        present = _trajs(groups[gid])
+        jobs += [job(gid, t) for t in VIEW_ORDER if t in present]
+    jobs += [job(gid, t) for gid in of("target") for t in _trajs(groups[gid])]
+    recon = [(gid, _trajs(groups[gid])) for gid in of("reconstruct")]
+    jobs += [job(gid, "traj0") for gid, present in recon if "traj0" in present]
+    jobs += [job(gid, t) for gid in of("wonder") for t in _trajs(groups[gid])]
+    for gid, present in recon:
+        if "traj1" in present:
+            if "traj0" not in present:
+                raise InputError(f"{groups[gid] / 'traj1'} starts from the last frame of traj0, but "
+                                 f"{groups[gid] / 'traj0' / 'camera.json'} is missing")
+            jobs.append(job(gid, "traj1", start_from=(gid, "traj0")))
+    known = ("view", "target", "reconstruct", "wonder")
+    for gid in groups:
+        if not gid.startswith(known):
+            log.info("panorama: ignoring folder %s (not a view*/target*/reconstruct*/wonder* group)", gid)
+    if not jobs:
+        raise InputError(f"{scene_dir}: no panorama trajectories found (expected view*/target*/reconstruct*/"
+                         "wonder* groups with traj*/camera.json)")
+    return jobs
+
+
+def multi_traj_jobs(scene_dir: str | os.PathLike, task_type: str) -> list[TrajectoryJob]:
+    """The ordered jobs of a ``reconstruction`` or ``panorama`` scene folder."""
+    if task_type == "reconstruction":
+        return recon_sort_trajs(scene_dir)
+    if task_type == "panorama":
+        return sort_trajs(scene_dir)
+    raise InputError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
