@@ -1,0 +1,98 @@
+"""Saving node results where ComfyUI expects them, and the ``ui`` entries that show them.
+
+Previews go to ComfyUI's temp folder (wiped at start-up), kept results to the output folder.
+File names follow ComfyUI's ``<prefix>_<counter:05>_.<ext>`` scheme via
+``folder_paths.get_save_image_path``; every file is written atomically and never outside its
+base folder. The returned entries ``{"filename", "subfolder", "type"}`` are what the frontend
+fetches through ``GET /view``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..worldstereo_core.constants import FPS
+from ..worldstereo_core.errors import InputError
+from ..worldstereo_core.io.atomic import atomic_path, safe_join
+from .images import image_to_uint8
+
+Kind = Literal["temp", "output"]
+
+
+def base_dir(kind: Kind) -> Path:
+    """ComfyUI's temp or output folder."""
+    import folder_paths
+
+    if kind == "temp":
+        return Path(folder_paths.get_temp_directory())
+    if kind == "output":
+        return Path(folder_paths.get_output_directory())
+    raise InputError(f"kind must be 'temp' or 'output', got {kind!r}")
+
+
+def file_entry(path: str | Path, kind: Kind) -> dict:
+    """The ``ui`` entry for a file inside the temp/output folder (``/view`` coordinates)."""
+    root = base_dir(kind).resolve()
+    path = Path(path).resolve()
+    if root not in path.parents:
+        raise InputError(f"{path} is not inside ComfyUI's {kind} folder {root}")
+    subfolder = path.parent.relative_to(root).as_posix()
+    return {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": kind}
+
+
+def next_paths(filename_prefix: str, kind: Kind, count: int, ext: str, width: int = 0, height: int = 0
+               ) -> list[Path]:
+    """``count`` fresh file paths ``<prefix>_<NNNNN>_.<ext>`` (sub-folders in the prefix allowed)."""
+    import folder_paths
+
+    root = str(base_dir(kind))
+    try:
+        folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(filename_prefix, root, width, height)
+    except Exception as err:  # ComfyUI raises a bare Exception for prefixes escaping the folder
+        raise InputError(f"filename_prefix {filename_prefix!r}: {err}") from err
+    return [safe_join(folder, f"{name}_{counter + i:05}_.{ext}") for i in range(count)]
+
+
+def save_images(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp") -> list[dict]:
+    """Write an IMAGE batch as PNG files; return their ``ui`` entries (one per frame)."""
+    from PIL import Image
+
+    frames = image_to_uint8(image).numpy()
+    height, width = frames.shape[1:3]
+    paths = next_paths(filename_prefix, kind, len(frames), "png", width, height)
+    for frame, path in zip(frames, paths):
+        with atomic_path(path) as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG", compress_level=1 if kind == "temp" else 4)
+    return [file_entry(p, kind) for p in paths]
+
+
+def save_video(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp", fps: int = FPS
+               ) -> dict:
+    """Write an IMAGE batch as one H.264 MP4 (core video writer); return its ``ui`` entry."""
+    from ..worldstereo_core.io.video import write_video
+
+    frames = image_to_uint8(image).numpy()
+    height, width = frames.shape[1:3]
+    (path,) = next_paths(filename_prefix, kind, 1, "mp4", width, height)
+    write_video(path, frames, fps=fps)
+    return file_entry(path, kind)
+
+
+def images_ui(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp") -> dict:
+    """``ui`` dict showing an IMAGE batch as an image grid under the node."""
+    return {"images": save_images(image, filename_prefix, kind)}
+
+
+def video_ui(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp", fps: int = FPS
+             ) -> dict:
+    """``ui`` dict showing an IMAGE batch as a playing video under the node."""
+    return {"images": [save_video(image, filename_prefix, kind, fps)], "animated": (True,)}
+
+
+def output_path(*parts: str) -> Path:
+    """A path inside ComfyUI's output folder for exports (PLY, GLB, folders); refuses escapes."""
+    if not parts:
+        raise InputError("output_path needs a file or folder name")
+    return safe_join(base_dir("output"), *parts)

@@ -1,0 +1,34 @@
+"""The web extension in the real frontend, via headless Chromium (browser_check.py).
+
+Skipped unless COMFYUI_DIR is set and a Chromium executable is found (Debian: ``apt-get install
+chromium``; or set CHROMIUM to its path).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not COMFYUI_DIR or not CHROMIUM:
+    pytest.skip("needs COMFYUI_DIR and a Chromium executable; see tests/integration/README.md",
+                allow_module_level=True)
+
+import browser_check  # noqa: E402
+
+
+def test_extension_loads_and_previews(tmp_path):
+    args = ["--comfyui-dir", COMFYUI_DIR, "--chromium", CHROMIUM, "--out", str(tmp_path)]
+    if os.environ.get("COMFYUI_PYTHON"):
+        args += ["--python", os.environ["COMFYUI_PYTHON"]]
+    code = browser_check.main(args)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["extension_registered"], report
+    assert code == 0, json.dumps(report["errors"], indent=2)
+    for node in report["nodes"]:  # trajectory nodes that exist get a live, updating preview
+        assert node["live"]["cams"] > 0 and node["after_change"]["cams"] > 0, node

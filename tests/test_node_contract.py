@@ -1,0 +1,260 @@
+"""Generic ComfyUI V1 node-contract checks over every node in NODE_CLASS_MAPPINGS.
+
+``contract_errors`` lists every violation of the V1 contract (as read in ComfyUI v0.3.64) and of
+our own conventions (prefixed ids, ``WorldStereo/`` categories, display names). It is proven able
+to fail on deliberately broken dummy nodes defined below.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
+from conftest import REPO, import_pack
+
+import comfy_stub as stub_module
+
+PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+HIDDEN = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG"}
+SECTIONS = {"required", "optional", "hidden"}
+ID_PREFIX = "WorldStereo"
+CATEGORY_PREFIX = "WorldStereo"
+TYPE_NAME = re.compile(r"^[A-Z0-9_]+$|^\*$")
+
+
+def _input_errors(section: str, name: str, spec) -> list[str]:
+    where = f"{section}.{name}"
+    if section == "hidden":
+        return [] if spec in HIDDEN or (isinstance(spec, tuple) and spec and spec[0] in HIDDEN) else [
+            f"{where}: hidden input must be one of {sorted(HIDDEN)}"]
+    if not isinstance(spec, (tuple, list)) or not 1 <= len(spec) <= 2:
+        return [f"{where}: spec must be a tuple (TYPE,) or (TYPE, options)"]
+    kind, options = spec[0], (spec[1] if len(spec) == 2 else {})
+    errors = []
+    if not isinstance(options, dict):
+        return [f"{where}: options must be a dict"]
+    if "tooltip" in options and not isinstance(options["tooltip"], str):
+        errors.append(f"{where}: tooltip must be a string")
+    if isinstance(kind, (list, tuple)):
+        if not kind or not all(isinstance(c, (str, int, float)) for c in kind):
+            errors.append(f"{where}: combo choices must be a non-empty list of str/int/float")
+        elif "default" in options and options["default"] not in kind:
+            errors.append(f"{where}: combo default {options['default']!r} is not a choice")
+        return errors
+    if not isinstance(kind, str) or not TYPE_NAME.match(kind):
+        return errors + [f"{where}: type must be an upper-case type name or a combo list, got {kind!r}"]
+    if kind in ("INT", "FLOAT") and "default" in options:
+        lo, hi, default = options.get("min"), options.get("max"), options["default"]
+        if not isinstance(default, (int, float)) or isinstance(default, bool):
+            errors.append(f"{where}: {kind} default must be a number")
+        elif (lo is not None and default < lo) or (hi is not None and default > hi):
+            errors.append(f"{where}: default {default} outside [{lo}, {hi}]")
+        if kind == "INT" and not isinstance(default, int):
+            errors.append(f"{where}: INT default must be an int")
+    if kind == "BOOLEAN" and "default" in options and not isinstance(options["default"], bool):
+        errors.append(f"{where}: BOOLEAN default must be a bool")
+    if kind == "STRING" and "default" in options and not isinstance(options["default"], str):
+        errors.append(f"{where}: STRING default must be a string")
+    return errors
+
+
+def _is_classmethod(cls, name: str) -> bool:
+    return isinstance(inspect.getattr_static(cls, name, None), classmethod)
+
+
+def contract_errors(node_id: str, cls, display_names: dict) -> list[str]:
+    """Every contract violation of one node class (empty list = conforming)."""
+    errors: list[str] = []
+    if not node_id.startswith(ID_PREFIX):
+        errors.append(f"node id must start with {ID_PREFIX!r}")
+    if not isinstance(display_names.get(node_id), str) or not display_names.get(node_id):
+        errors.append("missing NODE_DISPLAY_NAME_MAPPINGS entry")
+    category = getattr(cls, "CATEGORY", None)
+    if not isinstance(category, str) or not category.startswith(CATEGORY_PREFIX):
+        errors.append(f"CATEGORY must start with {CATEGORY_PREFIX!r}, got {category!r}")
+
+    if not _is_classmethod(cls, "INPUT_TYPES"):
+        return errors + ["INPUT_TYPES must be a classmethod"]
+    try:
+        spec = cls.INPUT_TYPES()
+    except Exception as err:  # the checker reports, it does not crash
+        return errors + [f"INPUT_TYPES() raised {err!r}"]
+    if not isinstance(spec, dict) or "required" not in spec or set(spec) - SECTIONS:
+        return errors + [f"INPUT_TYPES() must be a dict with 'required' and only {sorted(SECTIONS)}"]
+    names: list[str] = []
+    for section in ("required", "optional", "hidden"):
+        entries = spec.get(section, {})
+        if not isinstance(entries, dict):
+            errors.append(f"INPUT_TYPES()[{section!r}] must be a dict")
+            continue
+        for name, item in entries.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                errors.append(f"{section}: input name {name!r} is not an identifier")
+            if name in names:
+                errors.append(f"{section}.{name}: input declared twice")
+            names.append(name)
+            errors += _input_errors(section, name, item)
+
+    returns = getattr(cls, "RETURN_TYPES", None)
+    if not isinstance(returns, tuple) or not all(
+        (isinstance(t, str) and TYPE_NAME.match(t)) or isinstance(t, list) for t in returns
+    ):
+        errors.append(f"RETURN_TYPES must be a tuple of type names, got {returns!r}")
+        returns = ()
+    for attr in ("RETURN_NAMES", "OUTPUT_TOOLTIPS", "OUTPUT_IS_LIST"):
+        value = getattr(cls, attr, None)
+        if value is not None and (not isinstance(value, tuple) or len(value) != len(returns)):
+            errors.append(f"{attr} must be a tuple as long as RETURN_TYPES ({len(returns)})")
+    if not returns and not getattr(cls, "OUTPUT_NODE", False):
+        errors.append("a node without outputs must set OUTPUT_NODE = True")
+    for attr in ("OUTPUT_NODE", "INPUT_IS_LIST", "NOT_IDEMPOTENT", "DEPRECATED", "EXPERIMENTAL"):
+        if hasattr(cls, attr) and not isinstance(getattr(cls, attr), bool):
+            errors.append(f"{attr} must be a bool")
+    if hasattr(cls, "DESCRIPTION") and not isinstance(cls.DESCRIPTION, str):
+        errors.append("DESCRIPTION must be a string")
+
+    func_name = getattr(cls, "FUNCTION", None)
+    func = getattr(cls, func_name, None) if isinstance(func_name, str) else None
+    if not callable(func):
+        errors.append(f"FUNCTION {func_name!r} does not name a method")
+    else:
+        params = inspect.signature(func).parameters
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        given = set(names)
+        for name in names:
+            if name not in params and not var_kw:
+                errors.append(f"{func_name}() does not accept input {name!r}")
+        for name in spec.get("optional", {}):
+            if name in params and params[name].default is inspect.Parameter.empty:
+                errors.append(f"{func_name}(): optional input {name!r} needs a default")
+        for pname, p in params.items():
+            if pname in ("self", "cls") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                continue
+            if pname not in given and p.default is inspect.Parameter.empty:
+                errors.append(f"{func_name}() requires {pname!r}, which is not a declared input")
+    for hook in ("VALIDATE_INPUTS", "IS_CHANGED", "preview_trajectory"):
+        if hasattr(cls, hook) and not _is_classmethod(cls, hook):
+            errors.append(f"{hook} must be a classmethod")
+    return errors
+
+
+# --- the checker must be able to fail ------------------------------------------------------
+
+class _GoodNode:
+    CATEGORY = "WorldStereo/test"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"image": ("IMAGE",), "steps": ("INT", {"default": 4, "min": 1, "max": 50}),
+                         "mode": (["a", "b"], {"default": "a"})},
+            "optional": {"strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, steps):
+        return True
+
+    def run(self, image, steps, mode, strength=1.0, unique_id=None):
+        return (image, None)
+
+
+def _broken(**overrides):
+    return type("Broken", (_GoodNode,), overrides)
+
+
+def _inputs(**spec):
+    return classmethod(lambda cls: spec)
+
+
+BROKEN_NODES = {
+    "wrong id prefix": ("SomeNode", _GoodNode),
+    "category": ("WorldStereoX", _broken(CATEGORY="image")),
+    "INPUT_TYPES not classmethod": ("WorldStereoX", _broken(INPUT_TYPES=lambda self: {})),
+    "no required section": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(optional={}))),
+    "unknown section": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(required={}, extra={}))),
+    "bad type name": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(required={"x": ("image",)}))),
+    "combo default": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(required={"m": (["a"], {"default": "z"})}))),
+    "int default range": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(required={"n": ("INT", {"default": 9, "max": 3})}))),
+    "bad hidden": ("WorldStereoX", _broken(INPUT_TYPES=_inputs(required={}, hidden={"h": "NOPE"}))),
+    "RETURN_NAMES length": ("WorldStereoX", _broken(RETURN_NAMES=("only_one",))),
+    "RETURN_TYPES not tuple": ("WorldStereoX", _broken(RETURN_TYPES=["IMAGE"])),
+    "FUNCTION missing": ("WorldStereoX", _broken(FUNCTION="nope")),
+    "function misses an input": ("WorldStereoX", _broken(run=lambda self, image, steps: None)),
+    "optional without default": ("WorldStereoX", _broken(run=lambda self, image, steps, mode, strength: None)),
+    "undeclared required param": ("WorldStereoX", _broken(run=lambda self, image, steps, mode, extra, strength=1.0: None)),
+    "sink without OUTPUT_NODE": ("WorldStereoX", _broken(RETURN_TYPES=(), RETURN_NAMES=())),
+    "VALIDATE_INPUTS not classmethod": ("WorldStereoX", _broken(VALIDATE_INPUTS=lambda self: True)),
+    "no display name": ("WorldStereoNoName", _GoodNode),
+}
+
+
+def test_checker_accepts_a_conforming_node():
+    assert contract_errors("WorldStereoGood", _GoodNode, {"WorldStereoGood": "Good"}) == []
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_NODES))
+def test_checker_rejects_broken_node(case):
+    node_id, cls = BROKEN_NODES[case]
+    names = {"SomeNode": "Some", "WorldStereoX": "X"}
+    assert contract_errors(node_id, cls, names), f"checker missed: {case}"
+
+
+# --- the pack's real nodes -----------------------------------------------------------------
+
+def _pack_nodes() -> list[str]:
+    stub_module.install()
+    return sorted(import_pack().NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("node_id", _pack_nodes())
+def test_node_contract(comfy_stub, node_id):
+    pack = comfy_stub.pack
+    errors = contract_errors(node_id, pack.NODE_CLASS_MAPPINGS[node_id], pack.NODE_DISPLAY_NAME_MAPPINGS)
+    assert errors == [], f"{node_id}: " + "; ".join(errors)
+
+
+def test_mappings_are_consistent(comfy_stub):
+    pack = comfy_stub.pack
+    assert isinstance(pack.NODE_CLASS_MAPPINGS, dict) and isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) <= set(pack.NODE_CLASS_MAPPINGS)
+    assert all(inspect.isclass(c) for c in pack.NODE_CLASS_MAPPINGS.values())
+    assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
+
+
+def _js_trajectory_types() -> list[str]:
+    source = (REPO / "web" / "trajectory_preview.js").read_text(encoding="utf-8")
+    block = re.search(r"const TRAJECTORY_NODE_TYPES = \[(.*?)\];", source, re.S)
+    assert block, "TRAJECTORY_NODE_TYPES constant not found in web/trajectory_preview.js"
+    return re.findall(r'"([^"]+)"', block.group(1))
+
+
+def test_preview_nodes_and_js_list_agree(comfy_stub):
+    """Every node serving live previews is listed in the JS, and every listed id that exists
+    serves them (ids not written yet are allowed)."""
+    mappings = comfy_stub.pack.NODE_CLASS_MAPPINGS
+    listed = _js_trajectory_types()
+    assert listed and all(t.startswith(ID_PREFIX) for t in listed)
+    serving = {nid for nid, cls in mappings.items() if hasattr(cls, "preview_trajectory")}
+    assert serving <= set(listed), f"add {sorted(serving - set(listed))} to TRAJECTORY_NODE_TYPES"
+    missing = [t for t in listed if t in mappings and t not in serving]
+    assert not missing, f"{missing} are listed for preview but have no preview_trajectory classmethod"
+
+
+def test_web_folder_holds_only_extensions():
+    """Every .js under web/ is auto-loaded by the frontend; each must register an extension
+    with a worldstereo.* name and import the app only through the relative scripts path."""
+    files = sorted(Path(REPO, "web").rglob("*.js"))
+    assert files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "app.registerExtension(" in text, path
+        assert re.search(r'name:\s*"worldstereo\.[A-Za-z]+"', text), path
+        assert 'from "../../scripts/app.js"' in text, path
+        assert "/extensions/" not in text, f"{path}: do not hard-code the pack's URL"
