@@ -1,0 +1,453 @@
+"""The sampling core shared by the camera, memory and DMD pipelines.
+
+One run: validate inputs -> conditioning (text, CLIP, I2V condition, render/reference keyframe
+latents) -> denoising loop (optionally with classifier-free guidance on the text only) ->
+keyframe decode. Subclasses choose the schedule, whether CFG applies and which extra inputs the
+transformer takes; the loop itself lives only here.
+
+Components stay where the caller put them ("home"); each is moved to the execution device while
+it is used and moved home afterwards, unless ``keep_on_device=True``. Results come back on the
+CPU. A progress callback may raise to interrupt; the run then stops after the current step,
+components go home and the CUDA cache is emptied.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from ..constants import DEFAULT_SEED, TEXT_SEQ_LEN
+from ..errors import InputError, MissingWeightsError
+from ..progress import ProgressFn, report
+from ..sizes import SIZE_MULTIPLE
+from .conditioning import encode_image, encode_prompt, preprocess_image
+from .schedulers import Sampler, initial_noise, make_generator
+from .vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode_keyframes, encode_keyframes,
+                  encode_video, frames_from_video, i2v_mask, image_condition_latent, latent_frames,
+                  reference_latent_layout)
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES: tuple[str, ...] = ("latent", "pt", "np")
+
+
+@dataclass
+class ModelCall:
+    """One logical transformer call, given to a ``model_call_hook`` (debugging, tests)."""
+
+    step: int
+    branch: str                      # "cond" or "uncond"
+    timestep: torch.Tensor           # [B] as passed to the model
+    latent_model_input: torch.Tensor  # [B,36,F,h,w]
+    noise_pred: torch.Tensor         # [B,16,F,h,w] float32
+
+
+ModelCallHook = Callable[[ModelCall], None]
+
+
+@dataclass
+class GenerationOutput:
+    """Result of a pipeline run (all tensors on the CPU)."""
+
+    latents: torch.Tensor            # normalised keyframe latents [B,16,F,h,w] float32
+    frames: Any = None               # "pt": [B,F,3,H,W] in [0,1]; "np": float32 [B,F,H,W,3]; None for "latent"
+    timesteps: list[float] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conditions:
+    """Everything the loop feeds the transformer besides the noisy latents (on the device)."""
+
+    condition: torch.Tensor          # [B,20,F,h,w]: I2V mask (4) + image-condition latent (16)
+    prompt_embeds: torch.Tensor      # [B,512,text_dim]
+    negative_prompt_embeds: torch.Tensor | None
+    image_embeds: torch.Tensor       # [B,tokens,image_dim]
+    model_kwargs: dict[str, torch.Tensor]  # render_latent, render_mask, camera_embedding, (+ memory inputs)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """Compute dtype of a model (its patch embedding's for Wan transformers, whose norms may stay fp32)."""
+    patch = getattr(module, "patch_embedding", None)
+    if isinstance(patch, torch.nn.Module):
+        return patch.weight.dtype
+    return next(module.parameters()).dtype
+
+
+def _exact_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so device comparisons with parameters' devices hold."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _batched(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise InputError(f"{name} has batch size {x.shape[0]}, expected 1 or {batch} (the batch of render_video)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class KeyframePipeline(abc.ABC):
+    """Shared core of the WorldStereo samplers (see camera/memory/dmd for the concrete ones).
+
+    Constructor: the transformer and Wan VAE; optional UMT5 ``text_encoder`` + ``tokenizer`` (else
+    pass prompt embeddings) and CLIP ``image_encoder`` + ``image_processor`` (else pass
+    ``image_embeds``); ``negative_prompt`` and ``latent_cond_mode`` from the variant config;
+    ``clip_no_rescale`` (default True = the reference's CLIP ``do_rescale=False`` quirk, see
+    :func:`.conditioning.clip_pixel_values`); ``device`` (execution device, default: the
+    transformer's); ``keep_on_device`` (leave components on the execution device after a run).
+    """
+
+    #: Whether the transformer takes reference_latent / ref_index / camera_qt / camera_qt_ref.
+    uses_references: ClassVar[bool] = False
+    #: Whether a render_video of num_frames frames may be encoded as one causal video.
+    allows_causal_render: ClassVar[bool] = True
+    #: Whether classifier-free guidance is available.
+    supports_cfg: ClassVar[bool] = True
+
+    def __init__(self, transformer: torch.nn.Module, vae, *, text_encoder=None, tokenizer=None,
+                 image_encoder=None, image_processor=None, negative_prompt: str | None = "",
+                 latent_cond_mode: str = "full_vae", clip_no_rescale: bool = True,
+                 device: torch.device | str | None = None, keep_on_device: bool = False) -> None:
+        if latent_cond_mode not in LATENT_COND_MODES:
+            raise InputError(f"latent_cond_mode must be one of {LATENT_COND_MODES}, got {latent_cond_mode!r}")
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.image_encoder, self.image_processor = image_encoder, image_processor
+        self.negative_prompt = negative_prompt or ""
+        self.latent_cond_mode = latent_cond_mode
+        self.clip_no_rescale = clip_no_rescale
+        self.device = _exact_device(torch.device(device) if device is not None else _device_of(transformer))
+        self.keep_on_device = keep_on_device
+
+    # ----------------------------------------------------------------------------------------
+    # Subclass hooks
+    # ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def make_sampler(self, num_inference_steps: int | None) -> Sampler:
+        """A fresh schedule for one run (``None``: the variant's default length)."""
+
+    def default_guidance_scale(self) -> float:
+        return 1.0
+
+    # ----------------------------------------------------------------------------------------
+    # Placement
+    # ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _placed(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``module`` on the execution device for the block; moved home after unless kept."""
+        home = _device_of(module)
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            if not self.keep_on_device and home != self.device:
+                module.to(home)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Half-precision runs go under autocast, as the reference's run scripts do; fp32 runs do not."""
+        dtype = _dtype_of(self.transformer)
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------------
+    # Public entry point
+    # ----------------------------------------------------------------------------------------
+    def __call__(self, image: Any, render_video: torch.Tensor, render_mask: torch.Tensor,
+                 camera_embedding: torch.Tensor | None = None, *,
+                 prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt: str | list[str] | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 image_embeds: torch.Tensor | None = None,
+                 reference_video: torch.Tensor | None = None, ref_index: torch.Tensor | None = None,
+                 camera_qt: torch.Tensor | None = None, camera_qt_ref: torch.Tensor | None = None,
+                 height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, latent_cond_mode: str | None = None,
+                 output_type: str = "np", batch_cfg: bool = True,
+                 progress: ProgressFn | None = None,
+                 model_call_hook: ModelCallHook | None = None) -> GenerationOutput:
+        """Generate keyframes.
+
+        Args (tensors may live on any device):
+            image: the conditioning image (PIL, uint8 [H,W,3], or float [0,1] [H,W,3]/[3,H,W]/[1,H,W,3]).
+            render_video: point-cloud render [B,3,F,H,W] in [-1,1] (F keyframes; the camera and DMD
+                pipelines also accept num_frames frames, encoded as one causal video).
+            render_mask: visibility [B,1,F,H,W] in {0,1}. camera_embedding: Plücker rays [B,6,F,H,W].
+            prompt / prompt_embeds: text or precomputed UMT5 embeddings [B|1,512,text_dim].
+            negative_prompt / negative_prompt_embeds: used only when CFG is on (default: the
+                pipeline's negative prompt).
+            image_embeds: precomputed CLIP penultimate states [B|1,tokens,dim] (else computed).
+            reference_video [B,3,F_ref,H,W], ref_index [F_ref] (target frame k+1 for value k),
+                camera_qt [B,F,7], camera_qt_ref [B,F_ref,7]: memory pipelines only.
+            height, width: pixel size (default: render_video's). num_frames: nominal frame count
+                (4k+1; default 4(F-1)+1).
+            latents: initial noise [B,16,F,h,w]; else drawn with ``generator`` or ``seed``
+                (default 1024) by a generator on the execution device.
+            num_inference_steps, guidance_scale: schedule length and text CFG scale.
+            latent_cond_mode: "full_vae" or "first_frame_only" (default: the pipeline's).
+            output_type: "latent" (no decode), "pt" or "np".
+            batch_cfg: run the cond and uncond passes as one batch-2 forward.
+            progress: ``callback(step, total)`` after each step; may raise to interrupt.
+            model_call_hook: receives a :class:`ModelCall` for every logical transformer call.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        mode = latent_cond_mode or self.latent_cond_mode
+        if mode not in LATENT_COND_MODES:
+            raise InputError(f"latent_cond_mode must be one of {LATENT_COND_MODES}, got {mode!r}")
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale()
+        if not self.supports_cfg and guidance_scale > 1:
+            raise InputError(f"{type(self).__name__} samples without classifier-free guidance; "
+                             f"guidance_scale must be 1.0 (got {guidance_scale})")
+        do_cfg = guidance_scale > 1
+
+        t_start = time.perf_counter()
+        timings: dict[str, Any] = {}
+        try:
+            with torch.inference_mode(), self._autocast():
+                geom = self._check_inputs(render_video, render_mask, camera_embedding, reference_video, ref_index,
+                                          camera_qt, camera_qt_ref, height, width, num_frames, latents)
+                sampler = self.make_sampler(num_inference_steps)
+                cond = self._prepare(image, geom, render_video, render_mask, camera_embedding, reference_video,
+                                     ref_index, camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt,
+                                     negative_prompt_embeds, image_embeds, mode, do_cfg)
+                x = self._initial_latents(latents, generator, seed, geom)
+                _sync(self.device)
+                timings["prepare_s"] = time.perf_counter() - t_start
+                x = self._denoise(sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress,
+                                  model_call_hook, timings)
+                del cond
+                frames = None
+                if output_type != "latent":
+                    t0 = time.perf_counter()
+                    with self._placed(self.vae):
+                        frames = frames_from_video(decode_keyframes(self.vae, x).cpu(), output_type)
+                    _sync(self.device)
+                    timings["decode_s"] = time.perf_counter() - t0
+                latents_out = x.float().cpu()
+                del x
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        timings["total_s"] = time.perf_counter() - t_start
+        return GenerationOutput(latents=latents_out, frames=frames,
+                                timesteps=[float(t) for t in sampler.timesteps], timings=timings)
+
+    # ----------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------
+    def _check_inputs(self, render_video, render_mask, camera_embedding, reference_video, ref_index,
+                      camera_qt, camera_qt_ref, height, width, num_frames, latents) -> dict[str, int]:
+        if not isinstance(render_video, torch.Tensor) or render_video.dim() != 5 or render_video.shape[1] != 3:
+            raise InputError(f"render_video must be a tensor [B,3,frames,H,W] in [-1,1]; got {_shape(render_video)}")
+        batch, _, render_frames, rh, rw = render_video.shape
+        height, width = height or rh, width or rw
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise InputError(f"height and width must be multiples of {SIZE_MULTIPLE}; got {height}x{width}. "
+                             "Resize the inputs to a bucket of the model's scale_map.")
+        if (rh, rw) != (height, width):
+            raise InputError(f"render_video is {rh}x{rw} but height x width is {height}x{width}; render at the "
+                             "generation size")
+        if num_frames is None:
+            num_frames = TEMPORAL_FACTOR * (render_frames - 1) + 1
+        if num_frames < 1:
+            raise InputError(f"num_frames must be >= 1, got {num_frames}")
+        if num_frames % TEMPORAL_FACTOR != 1:
+            rounded = num_frames // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1
+            logger.warning("num_frames=%d is not of the form 4k+1; using %d", num_frames, rounded)
+            num_frames = rounded
+        frames = latent_frames(num_frames)
+        allowed = {frames} | ({num_frames} if self.allows_causal_render else set())
+        if render_frames not in allowed:
+            raise InputError(f"render_video has {render_frames} frames; expected {frames} keyframes"
+                             + (f" or {num_frames} frames" if self.allows_causal_render else "")
+                             + f" for num_frames={num_frames}")
+        expect = {"render_mask": (1, render_mask), "camera_embedding": (6, camera_embedding)}
+        for name, (channels, value) in expect.items():
+            if value is None and name == "camera_embedding":
+                continue
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[1:]) != (channels, frames, height, width) \
+                    or value.shape[0] not in (1, batch):
+                raise InputError(f"{name} must be [B,{channels},{frames},{height},{width}] (B = {batch} or 1); "
+                                 f"got {_shape(value)}")
+        h, w = height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
+        if latents is not None and (not isinstance(latents, torch.Tensor)
+                                    or tuple(latents.shape) != (batch, 16, frames, h, w)):
+            raise InputError(f"latents must be [{batch},16,{frames},{h},{w}]; got {_shape(latents)}")
+        refs = (reference_video, ref_index, camera_qt, camera_qt_ref)
+        if not self.uses_references:
+            if any(r is not None for r in refs):
+                raise InputError(f"{type(self).__name__} takes no reference_video/ref_index/camera_qt/camera_qt_ref; "
+                                 "use a memory model for reference-conditioned generation")
+            return dict(batch=batch, frames=frames, num_frames=num_frames, height=height, width=width, h=h, w=w)
+        names = ("reference_video", "ref_index", "camera_qt", "camera_qt_ref")
+        for name, value in zip(names, refs):
+            if not isinstance(value, torch.Tensor):
+                raise InputError(f"{type(self).__name__} needs {name} (a tensor); got {_shape(value)}")
+        if reference_video.dim() != 5 or tuple(reference_video.shape[1:2] + reference_video.shape[3:]) != (3, height, width):
+            raise InputError(f"reference_video must be [B,3,F_ref,{height},{width}] in [-1,1]; got {_shape(reference_video)}")
+        n_ref = reference_video.shape[2]
+        if ref_index.dim() != 1 or ref_index.shape[0] != n_ref or ref_index.is_floating_point():
+            raise InputError(f"ref_index must be an integer tensor [F_ref={n_ref}]; got {_shape(ref_index)} "
+                             f"({ref_index.dtype})")
+        if n_ref and (int(ref_index.min()) < 0 or int(ref_index.max()) > frames - 2):
+            raise InputError(f"ref_index values must lie in [0, {frames - 2}] (value k attaches a reference to "
+                             f"target frame k+1); got {ref_index.tolist()}")
+        for name, value, count in (("camera_qt", camera_qt, frames), ("camera_qt_ref", camera_qt_ref, n_ref)):
+            if value.dim() != 3 or tuple(value.shape[1:]) != (count, 7) or value.shape[0] not in (1, batch):
+                raise InputError(f"{name} must be [B,{count},7] (quaternion wxyz + translation); got {_shape(value)}")
+        for name, value in zip(names, refs):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise InputError(f"{name} contains NaN or infinite values")
+        return dict(batch=batch, frames=frames, num_frames=num_frames, height=height, width=width, h=h, w=w)
+
+    # ----------------------------------------------------------------------------------------
+    # Conditioning
+    # ----------------------------------------------------------------------------------------
+    def _text(self, prompt, embeds, name: str, batch: int) -> torch.Tensor:
+        if embeds is None:
+            if prompt is None:
+                raise InputError(f"give {name} (text) or {name}_embeds (a tensor)")
+            if self.text_encoder is None or self.tokenizer is None:
+                raise MissingWeightsError(f"{name} given as text but the pipeline has no UMT5 text encoder/tokenizer; "
+                                          "load the base model's text_encoder/ and tokenizer/ or pass "
+                                          f"{name}_embeds")
+            with self._placed(self.text_encoder) as encoder:
+                embeds = encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN, device=self.device)
+        if embeds.dim() != 3 or embeds.shape[1] != TEXT_SEQ_LEN:
+            raise InputError(f"{name}_embeds must be [B,{TEXT_SEQ_LEN},text_dim]; got {_shape(embeds)}")
+        return _batched(embeds, batch, f"{name}_embeds").to(self.device, _dtype_of(self.transformer))
+
+    def _prepare(self, image, geom, render_video, render_mask, camera_embedding, reference_video, ref_index,
+                 camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                 image_embeds, mode, do_cfg) -> Conditions:
+        batch, tdtype = geom["batch"], _dtype_of(self.transformer)
+        pos = self._text(prompt, prompt_embeds, "prompt", batch)
+        neg = None
+        if do_cfg:
+            if negative_prompt is None and negative_prompt_embeds is None:
+                negative_prompt = self.negative_prompt
+            neg = self._text(negative_prompt, negative_prompt_embeds, "negative_prompt", batch)
+
+        if image_embeds is None:
+            if self.image_encoder is None or self.image_processor is None:
+                raise MissingWeightsError("the pipeline has no CLIP image encoder/processor; load the base model's "
+                                          "image_encoder/ and image_processor/ or pass image_embeds")
+            with self._placed(self.image_encoder) as encoder:
+                image_embeds = encode_image(encoder, self.image_processor, image,
+                                            clip_no_rescale=self.clip_no_rescale, device=self.device)
+        if image_embeds.dim() != 3:
+            raise InputError(f"image_embeds must be [B,tokens,dim]; got {_shape(image_embeds)}")
+        image_embeds = _batched(image_embeds, batch, "image_embeds").to(self.device, tdtype)
+
+        with self._placed(self.vae):
+            pixels = preprocess_image(image, geom["height"], geom["width"]).to(self.device)
+            cond_latent = image_condition_latent(self.vae, pixels, geom["num_frames"], mode)
+            if render_video.shape[2] == geom["frames"]:
+                render_latent = encode_keyframes(self.vae, render_video, name="render_video")
+            else:
+                render_latent = encode_video(self.vae, render_video, name="render_video")
+            reference_latent = None
+            if self.uses_references:
+                reference_latent = reference_latent_layout(
+                    encode_keyframes(self.vae, reference_video, name="reference_video"))
+        mask = i2v_mask(1, geom["frames"], geom["h"], geom["w"], device=self.device)
+        condition = _batched(torch.cat([mask, cond_latent], dim=1), batch, "image")
+
+        kwargs = {
+            "render_latent": render_latent.to(tdtype),
+            "render_mask": _batched(render_mask, batch, "render_mask").to(self.device, torch.float32),
+            "camera_embedding": None if camera_embedding is None else
+            _batched(camera_embedding, batch, "camera_embedding").to(self.device, torch.float32),
+        }
+        if self.uses_references:
+            kwargs.update(
+                reference_latent=_batched(reference_latent, batch, "reference_video").to(tdtype),
+                ref_index=ref_index.to(self.device, torch.long),
+                camera_qt=_batched(camera_qt, batch, "camera_qt").to(self.device, torch.float32),
+                camera_qt_ref=_batched(camera_qt_ref, batch, "camera_qt_ref").to(self.device, torch.float32),
+            )
+        return Conditions(condition=condition, prompt_embeds=pos, negative_prompt_embeds=neg,
+                          image_embeds=image_embeds, model_kwargs=kwargs)
+
+    def _initial_latents(self, latents, generator, seed, geom) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(self.device, torch.float32)
+        if generator is None:
+            generator = make_generator(DEFAULT_SEED if seed is None else seed, self.device)
+        shape = (geom["batch"], 16, geom["frames"], geom["h"], geom["w"])
+        return initial_noise(shape, generator, self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # Denoising loop
+    # ----------------------------------------------------------------------------------------
+    def _denoise(self, sampler: Sampler, x: torch.Tensor, cond: Conditions, guidance_scale: float, do_cfg: bool,
+                 batch_cfg: bool, progress: ProgressFn | None, hook: ModelCallHook | None,
+                 timings: dict[str, Any]) -> torch.Tensor:
+        batch, tdtype = x.shape[0], _dtype_of(self.transformer)
+        static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
+        doubled = None
+        if do_cfg and batch_cfg:
+            doubled = {k: v if k == "ref_index" else torch.cat([v, v]) for k, v in static.items()}
+            doubled["encoder_hidden_states"] = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
+            doubled["encoder_hidden_states_image"] = torch.cat([cond.image_embeds, cond.image_embeds])
+        total = len(sampler.timesteps)
+        step_times: list[float] = []
+        timings["step_s"] = step_times
+        t_loop = time.perf_counter()
+        with self._placed(self.transformer) as model:
+            for i, t in enumerate(sampler.timesteps):
+                t0 = time.perf_counter()
+                model_in = torch.cat([x, cond.condition], dim=1).to(tdtype)
+                timestep = t.to(self.device).expand(batch)
+                if doubled is not None:
+                    out = model(hidden_states=torch.cat([model_in, model_in]), timestep=timestep.repeat(2),
+                                **doubled, return_dict=False)[0].float()
+                    v_cond, v_uncond = out.chunk(2)
+                else:
+                    v_cond = model(hidden_states=model_in, timestep=timestep,
+                                   encoder_hidden_states=cond.prompt_embeds,
+                                   encoder_hidden_states_image=cond.image_embeds, **static,
+                                   return_dict=False)[0].float()
+                    v_uncond = None
+                    if do_cfg:
+                        v_uncond = model(hidden_states=model_in, timestep=timestep,
+                                         encoder_hidden_states=cond.negative_prompt_embeds,
+                                         encoder_hidden_states_image=cond.image_embeds, **static,
+                                         return_dict=False)[0].float()
+                if hook is not None:
+                    hook(ModelCall(i, "cond", timestep, model_in, v_cond))
+                    if v_uncond is not None:
+                        hook(ModelCall(i, "uncond", timestep, model_in, v_uncond))
+                noise_pred = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
+                x = sampler.advance(noise_pred, i, x)
+                del model_in, noise_pred, v_cond, v_uncond
+                _sync(self.device)
+                step_times.append(time.perf_counter() - t0)
+                report(progress, i + 1, total)
+        timings["denoise_s"] = time.perf_counter() - t_loop
+        return x

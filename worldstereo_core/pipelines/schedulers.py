@@ -1,0 +1,165 @@
+"""Sampling schedules: UniPC flow matching (camera, memory) and the 4-step DMD generator schedule.
+
+Both are wrapped as a *sampler*: ``timesteps`` (what the transformer receives at each step) and
+``advance(noise_pred, index, latents) -> latents``. The shared sampling loop only sees that.
+
+UniPC: diffusers' ``UniPCMultistepScheduler`` does the update rule. Its flow-sigma grid changed
+after diffusers 0.36.0, the version the released weights were sampled with, so by default the grid
+is set here to the 0.36.0 one (spec models.md, Clarification 1):
+``sigma_i = shift((1 - 1/T) * (1 - i/N))`` for i < N, then a final 0; model timesteps are
+``int64(sigma_i * T)`` (truncated). ``sigma_grid="installed"`` keeps whatever the installed
+diffusers computes instead.
+
+DMD (spec §7): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
+the flow ODE, the last one landing on sigma = 0.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+
+#: Defaults of the camera and memory variants (the release's run scripts).
+DEFAULT_NUM_STEPS = 40
+DEFAULT_GUIDANCE_SCALE = 5.0
+
+SigmaGrid = Literal["reference", "installed"]
+SIGMA_GRIDS: tuple[str, ...] = ("reference", "installed")
+
+
+class Sampler(Protocol):
+    """What the sampling loop needs from a schedule."""
+
+    timesteps: torch.Tensor
+
+    def advance(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """Latents after step ``index`` given the model's velocity prediction."""
+
+
+def shift_sigmas(sigmas, shift: float):
+    """Flow-matching timestep shift ``k*s / (1 + (k-1)*s)`` (numpy or torch, dtype kept)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def reference_flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The diffusers-0.36.0 UniPC flow grid: (sigmas float32 [N+1] ending in 0, timesteps int64 [N])."""
+    if num_steps < 1:
+        raise InputError(f"num_inference_steps must be >= 1, got {num_steps}")
+    unshifted = 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)  # 0 .. 1-1/T
+    sigmas = np.flip(shift_sigmas(unshifted, shift))[:-1].copy()                  # descending, no 0
+    timesteps = (sigmas * num_train_timesteps).astype(np.int64)                    # truncation
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32), timesteps
+
+
+def _check_flow_config(config: Mapping[str, Any]) -> None:
+    if config.get("prediction_type") != "flow_prediction" or not config.get("use_flow_sigmas", False):
+        raise CheckpointError(
+            "scheduler config must be a flow-matching UniPC config (prediction_type "
+            f"'flow_prediction', use_flow_sigmas true); got prediction_type={config.get('prediction_type')!r}, "
+            f"use_flow_sigmas={config.get('use_flow_sigmas')!r}. Use the scheduler/ folder of a "
+            "Wan2.1-I2V Diffusers repo (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)."
+        )
+
+
+class UniPCFlowSampler:
+    """A fresh UniPC flow-matching schedule for one run.
+
+    ``config`` is the base model's ``scheduler/scheduler_config.json`` (a dict); ``flow_shift``
+    overrides its shift. ``sigma_grid="reference"`` (default) reproduces diffusers 0.36.0.
+    """
+
+    def __init__(self, config: Mapping[str, Any], num_steps: int = DEFAULT_NUM_STEPS, *,
+                 flow_shift: float | None = None, sigma_grid: SigmaGrid = "reference",
+                 device: torch.device | str | None = None) -> None:
+        from diffusers import UniPCMultistepScheduler
+
+        if sigma_grid not in SIGMA_GRIDS:
+            raise InputError(f"sigma_grid must be one of {SIGMA_GRIDS}, got {sigma_grid!r}")
+        if num_steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {num_steps}")
+        config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        _check_flow_config(config)
+        if flow_shift is not None:
+            config["flow_shift"] = float(flow_shift)
+        self.scheduler = UniPCMultistepScheduler.from_config(config)
+        self.scheduler.set_timesteps(num_steps, device=device)
+        if sigma_grid == "reference":
+            sigmas, timesteps = reference_flow_sigmas(
+                num_steps, float(self.scheduler.config.flow_shift), int(self.scheduler.config.num_train_timesteps))
+            self.scheduler.sigmas = torch.from_numpy(sigmas)
+            self.scheduler.timesteps = torch.from_numpy(timesteps).to(device)
+        self.scheduler.set_begin_index(0)
+        self.timesteps: torch.Tensor = self.scheduler.timesteps
+        self.sigmas: torch.Tensor = self.scheduler.sigmas
+        self.flow_shift = float(self.scheduler.config.flow_shift)
+
+    def advance(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        if self.scheduler.step_index is not None and self.scheduler.step_index != index:
+            raise RuntimeError(f"UniPC steps must run in order: expected step {self.scheduler.step_index}, got {index}")
+        return self.scheduler.step(noise_pred, self.timesteps[index], latents, return_dict=False)[0]
+
+
+class DMDScheduler:
+    """The DMD generator schedule of worldstereo-memory-dmd (the reference's FlowGeneratorScheduler).
+
+    Timesteps are float32 and passed to the model unrounded (e.g. 1000, 937.5, 833.33, 625 for
+    s=250, T=1000, k=5, n=4).
+    """
+
+    def __init__(self, start_timesteps: float = 250, num_train_timesteps: float = 1000,
+                 shift: float = 5.0, dmd_steps: int = 4) -> None:
+        if dmd_steps < 1:
+            raise InputError(f"dmd_steps must be >= 1, got {dmd_steps}")
+        if not 0 <= start_timesteps <= num_train_timesteps or num_train_timesteps <= 0:
+            raise InputError(
+                f"DMD schedule needs 0 <= dmd_start_steps <= dmd_end_steps and dmd_end_steps > 0; "
+                f"got {start_timesteps}, {num_train_timesteps}")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = shift
+        u = torch.linspace(start_timesteps, num_train_timesteps, dmd_steps, dtype=torch.float32).flip(0)
+        u = shift_sigmas(u / num_train_timesteps, shift)
+        self.timesteps: torch.Tensor = u * num_train_timesteps
+        self.sigmas: torch.Tensor = self.timesteps / num_train_timesteps
+
+    @classmethod
+    def from_worldstereo_config(cls, cfg: Any) -> "DMDScheduler":
+        """Build from a WorldStereo config (attributes or mapping with dmd_start_steps, dmd_end_steps,
+        gen_shift, dmd_steps)."""
+        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+        return cls(start_timesteps=get("dmd_start_steps", 250), num_train_timesteps=get("dmd_end_steps", 1000),
+                   shift=get("gen_shift", 5.0), dmd_steps=get("dmd_steps", 4))
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor, idx: int
+             ) -> torch.Tensor:
+        """One Euler step from ``timesteps[idx]`` to ``timesteps[idx+1]`` (sigma 0 after the last)."""
+        sigma = timesteps[idx] / self.num_train_timesteps
+        if idx + 1 < len(timesteps):
+            sigma_next = timesteps[idx + 1] / self.num_train_timesteps
+        else:
+            sigma_next = torch.zeros_like(sigma)
+        return sample + (sigma_next - sigma).to(sample.device) * model_output
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(1 - sigma) * x0 + sigma * noise`` with ``sigma = t / T`` per sample (t: [B])."""
+        sigma = (t / self.num_train_timesteps).reshape(-1, *([1] * (x0.dim() - 1))).to(x0.device)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def advance(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.step(noise_pred, latents, self.timesteps, index)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded generator on ``device``. A CPU generator gives the same noise on every machine."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str
+                  ) -> torch.Tensor:
+    """float32 standard normal noise drawn with ``generator`` (on its device), moved to ``device``."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return noise.to(device)
