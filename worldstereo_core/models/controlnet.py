@@ -1,0 +1,131 @@
+"""GGM ControlNet branch: point-cloud render + mask/Plücker condition -> per-block residuals.
+
+Key names follow the reference checkpoints (prefix ``controlnet.``; spec §2.2). The branch sees
+``concat(hidden_states[:, :20], render_latent)`` (noisy latent, I2V mask, render latent), adds the
+mask/camera embedding in ``conv_out_dim`` space, projects to ``dim`` and runs time-modulated
+self-attention blocks; block j's output, projected to the main width D, is added to the main
+stream after main block j.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
+
+from .config import ControlNetConfig
+
+#: Pixel-to-token stride of the mask encoder: VAE factor 8, then the (1, 2, 2) patch.
+MASK_PIXEL_STRIDE = 8
+#: Zero frames padded in front (and behind with ``interp``) when the mask is temporally strided.
+MASK_TEMPORAL_PAD = 3
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero-initialise a layer so a freshly built branch adds nothing (weights are loaded anyway)."""
+    for param in module.parameters():
+        nn.init.zeros_(param)
+    return module
+
+
+class MaskCamEmbed(nn.Module):
+    """Visibility mask (+ Plücker rays) at pixel resolution -> [B, conv_out_dim, F, h', w']."""
+
+    def __init__(self, add_channels: int, mid_channels: int, out_channels: int, patch_size, mask_downsample: int,
+                 interp: bool) -> None:
+        super().__init__()
+        self.mask_downsample = mask_downsample
+        self.interp = interp
+        stride = (mask_downsample, MASK_PIXEL_STRIDE, MASK_PIXEL_STRIDE)
+        self.mask_proj = nn.Sequential(
+            nn.Conv3d(add_channels, mid_channels, kernel_size=stride, stride=stride),
+            nn.GroupNorm(mid_channels // 8, mid_channels, eps=1e-5),
+            nn.SiLU(),
+        )
+        patch = (1, patch_size[1], patch_size[2])
+        self.mask_zero_proj = zero_init(nn.Conv3d(mid_channels, out_channels, kernel_size=patch, stride=patch))
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        if self.mask_downsample > 1:
+            pad_back = MASK_TEMPORAL_PAD if self.interp else 0
+            condition = F.pad(condition, (0, 0, 0, 0, MASK_TEMPORAL_PAD, pad_back))
+        return self.mask_zero_proj(self.mask_proj(condition))
+
+
+class TimeModulatedNorm(nn.Module):
+    """LayerNorm modulated by ``temb`` (LayerNormZero): returns ``(norm(x)*(1+scale)+shift, gate)``."""
+
+    def __init__(self, conditioning_dim: int, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.linear = nn.Linear(conditioning_dim, 3 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale, gate = self.linear(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)
+        return self.norm(x) * (1 + scale) + shift, gate
+
+
+class ControlNetBlock(nn.Module):
+    """Self-attention (RMS-normed q/k, RoPE) + GELU-tanh FFN, both gated by ``temb``; no cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, time_embed_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = TimeModulatedNorm(time_embed_dim, dim)
+        self.self_attn = WanAttention(dim=dim, heads=num_heads, dim_head=dim // num_heads, eps=eps,
+                                      processor=WanAttnProcessor())
+        self.norm2 = TimeModulatedNorm(time_embed_dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, rotary_emb) -> torch.Tensor:
+        n, gate = self.norm1(x, temb)
+        x = x + gate * self.self_attn(n, None, None, rotary_emb)
+        n, gate = self.norm2(x, temb)
+        return x + gate * self.ffn(n)
+
+
+class GGMControlNet(nn.Module):
+    """The global-geometric-memory ControlNet (module ``controlnet`` of the WorldStereo models)."""
+
+    def __init__(self, cfg: ControlNetConfig, *, in_channels: int, latent_channels: int, inner_dim: int,
+                 patch_size, rope_max_seq_len: int) -> None:
+        super().__init__()
+        patch_size = tuple(patch_size)
+        self.cond_channels = in_channels - latent_channels  # noisy latent + I2V mask (the first 20 of 36)
+        self.add_channels = cfg.add_channels
+        self.mask_downsample = cfg.mask_downsample
+        self.controlnet_rope = WanRotaryPosEmbed(cfg.dim // cfg.num_heads, patch_size, rope_max_seq_len)
+        self.controlnet_patch_embedding = nn.Conv3d(
+            self.cond_channels + latent_channels, cfg.conv_out_dim, kernel_size=patch_size, stride=patch_size
+        )
+        self.controlnet_mask_embedding = MaskCamEmbed(
+            cfg.add_channels, cfg.mid_channels, cfg.conv_out_dim, patch_size, cfg.mask_downsample, cfg.interp
+        )
+        self.proj_in = nn.Linear(cfg.conv_out_dim, cfg.dim) if cfg.conv_out_dim != cfg.dim else nn.Identity()
+        self.controlnet_blocks = nn.ModuleList(
+            ControlNetBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.time_embed_dim) for _ in range(cfg.num_layers)
+        )
+        # The reference hardcodes 5120 (= D of Wan-14B); D in general.
+        self.proj_out = nn.ModuleList(zero_init(nn.Linear(cfg.dim, inner_dim)) for _ in range(cfg.num_layers))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.controlnet_blocks)
+
+    def residuals(self, hidden_states: torch.Tensor, render_latent: torch.Tensor, render_mask: torch.Tensor,
+                  camera_embedding: torch.Tensor | None, temb: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield residual j ([B, N, D]) for j = 0..L_c-1, computing each block only when asked.
+
+        Lazy evaluation keeps one residual alive at a time instead of L_c of them."""
+        cn_in = torch.cat([hidden_states[:, : self.cond_channels], render_latent], dim=1)
+        rotary_emb = self.controlnet_rope(cn_in)
+        x = self.controlnet_patch_embedding(cn_in).flatten(2).transpose(1, 2)
+        cond = render_mask if camera_embedding is None else torch.cat([render_mask, camera_embedding], dim=1)
+        cond = cond.to(x.dtype)
+        x = x + self.controlnet_mask_embedding(cond).flatten(2).transpose(1, 2)
+        x = self.proj_in(x)
+        temb = temb.to(x.dtype)
+        for block, proj in zip(self.controlnet_blocks, self.proj_out):
+            x = block(x, temb, rotary_emb)
+            yield proj(x)
