@@ -416,3 +416,21 @@ def unproject_pixels(uv, depth, K, c2w) -> torch.Tensor:
     pix = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)
     cam = pix @ torch.linalg.inv(K).transpose(-1, -2) * depth[..., None]
     return cam @ c2w[..., :3, :3].transpose(-1, -2) + c2w[..., None, :3, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# Re-anchoring a trajectory
+# --------------------------------------------------------------------------------------------
+
+def anchor_w2c(w2c, first_w2c, translation_scale: float = 1.0) -> torch.Tensor:
+    """Move a trajectory so that its first camera becomes ``first_w2c``, keeping every camera's
+    pose relative to the first; relative translations are multiplied by ``translation_scale``.
+
+    ``w2c`` (F, 4, 4), ``first_w2c`` (4, 4). With ``T_i = w2c_i @ inv(w2c_0)`` (camera 0 -> camera
+    i) the result is ``T_i' @ first_w2c``, where ``T_i'`` has its translation scaled.
+    """
+    w2c = as_tensor(w2c)
+    first = as_tensor(first_w2c, dtype=w2c.dtype, device=w2c.device)
+    rel = w2c @ invert_rigid(w2c[0])
+    rel[..., :3, 3] = rel[..., :3, 3] * float(translation_scale)
+    return rel @ first

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..hub import fetch_files
 from ..io.atomic import safe_join
+from ..progress import ProgressFn
 from .depth import image_to_rgb01
 
 #: Known checkpoints (Hugging Face repo id -> MoGe version). WorldStereo uses the first.
@@ -35,7 +37,6 @@ CHECKPOINT_NAME = "model.pt"
 REBUILT_BUFFERS = ("image_mean", "image_std")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,43 +55,17 @@ def moge_checkpoint_path(models_dir: str | os.PathLike, repo_id: str = DEFAULT_M
     return safe_join(models_dir, _check_repo_id(repo_id).split("/")[1], CHECKPOINT_NAME)
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in _TRUE
-
-
-def _missing(path: Path, repo_id: str, reason: str) -> MissingWeightsError:
-    return MissingWeightsError(
-        f"MoGe checkpoint {path.name} not found in {path.parent} ({reason}). Download it with\n"
-        f"  hf download {repo_id} {CHECKPOINT_NAME} --local-dir \"{path.parent}\"\n"
-        f"(older huggingface_hub: huggingface-cli download ...) "
-        f"or fetch https://huggingface.co/{repo_id}/resolve/main/{CHECKPOINT_NAME} into that folder.")
-
-
 def ensure_moge_checkpoint(models_dir: str | os.PathLike, repo_id: str = DEFAULT_MOGE_REPO, *,
-                           download: bool = False) -> Path:
+                           download: bool = False, progress: ProgressFn | None = None) -> Path:
     """Path of the local checkpoint; with ``download`` fetch it from the Hub when absent.
 
     Raises :class:`MissingWeightsError` (naming the file, the folder and the download command)
-    when it is absent and cannot be fetched (download off, ``HF_HUB_OFFLINE`` set, or failure).
+    when it is absent and cannot be fetched (download off, ``HF_HUB_OFFLINE`` set, or failure);
+    see :func:`worldstereo_core.hub.fetch_files`.
     """
     path = moge_checkpoint_path(models_dir, repo_id)
-    if path.is_file():
-        return path
-    if not download:
-        raise _missing(path, repo_id, "automatic download is off")
-    if hub_offline():
-        raise _missing(path, repo_id, "HF_HUB_OFFLINE is set, so nothing is downloaded")
-    from huggingface_hub import hf_hub_download
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        hf_hub_download(repo_id=repo_id, filename=CHECKPOINT_NAME, local_dir=path.parent)
-    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        raise _missing(path, repo_id, f"download failed: {type(exc).__name__}: {exc}") from exc
-    if not path.is_file():
-        raise _missing(path, repo_id, "the download did not produce the file")
+    fetch_files(repo_id, [CHECKPOINT_NAME], path.parent, download=download, what="MoGe checkpoint",
+                progress=progress)
     return path
 
 

@@ -1,0 +1,226 @@
+"""The global 3D cache: alignment of lifted frames (known similarities, outliers), growth and hole
+coverage on a synthetic scene with exact depth, release mode, persistence.
+
+No reference fixture exists (the release has no cache); every expectation is computed
+independently from the synthetic scene (a box room whose exact depth is ray-cast)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from synthetic_scene import BoxRoom, room_for_scale
+from worldstereo_core.cameras import axis_angle_matrix, intrinsics_from_fov, invert_rigid
+from worldstereo_core.errors import CheckpointError, InputError
+from worldstereo_core.geometry.alignment import Similarity
+from worldstereo_core.geometry.depth import keep_mask
+from worldstereo_core.geometry.trajectories import reconstruction_trajectories
+from worldstereo_core.memory.bank import sample_align_nframe
+from worldstereo_core.memory.cache import (CacheSettings, PointCache, align_frame, depth_map,
+                                           nearest_points_per_pixel)
+
+H, W = 72, 108
+M = 2.0
+SETTINGS = CacheSettings(render_radius=0.03, edge_threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    room = room_for_scale(M)
+    K = intrinsics_from_fov(W, H, 60.0)
+    trajs = reconstruction_trajectories(torch.eye(4), K, W, H, M)
+    eye = torch.eye(4, dtype=torch.float64)
+    start = PointCache.from_depth(room.image(K, eye, H, W), room.depth(K, eye, H, W), K, eye, settings=SETTINGS)
+    return room, K, trajs, start
+
+
+def _holes(cache: PointCache, traj) -> float:
+    _, mask = cache.render(traj, torch.zeros(3, H, W), H, W)
+    return float(mask[1:].mean())
+
+
+def _dense_room_points(room: BoxRoom, n: int = 60) -> torch.Tensor:
+    """Points on every face of the room (a grid per face)."""
+    lo, hi = room.lo, room.hi
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    a, b = torch.meshgrid(u, u, indexing="ij")
+    faces = []
+    for axis in range(3):
+        o1, o2 = [i for i in range(3) if i != axis]
+        for bound in (lo[axis], hi[axis]):
+            p = torch.empty(n * n, 3, dtype=torch.float64)
+            p[:, axis] = bound
+            p[:, o1] = lo[o1] + a.flatten() * (hi[o1] - lo[o1])
+            p[:, o2] = lo[o2] + b.flatten() * (hi[o2] - lo[o2])
+            faces.append(p)
+    return torch.cat(faces)
+
+
+# --------------------------------------------------------------------------------------------
+# Alignment
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_alignment_recovers_known_similarity(scene, seed):
+    """Depth off by a scale s (monocular drift) plus noise, seen from a random trajectory camera:
+    the fit must be the similarity that undoes it, scaling by 1/s about the camera centre
+    (rotation I, translation c (1 - 1/s)), found among all 7-DoF similarities."""
+    room, K, trajs, _ = scene
+    rng = np.random.default_rng(seed)
+    cache_xyz = _dense_room_points(room, 150)
+    name = ("traj_right", "traj_left", "traj_up", "traj_eloop")[seed]
+    w2c = trajs[name].w2c[int(rng.integers(2, 19))]
+    s = float(rng.uniform(0.6, 1.6))
+    noise = torch.from_numpy(rng.normal(1.0, 0.002, (H, W))).float()
+    depth = room.depth(K, w2c, H, W) * s * noise
+    keep, d = keep_mask(depth, sobel_threshold=SETTINGS.edge_threshold)
+    T, record = align_frame(cache_xyz, d, keep, K, w2c, SETTINGS)
+    assert T is not None and record.skipped is None and record.inliers >= SETTINGS.min_correspondences
+    centre = invert_rigid(w2c)[:3, 3]
+    assert abs(T.scale * s - 1) < 2e-3
+    assert torch.allclose(T.R, torch.eye(3, dtype=torch.float64), atol=2e-3)
+    assert torch.allclose(T.t, centre * (1 - T.scale), atol=5e-3 * M)
+    assert record.transform == T.matrix.tolist() and record.scale == T.scale
+
+
+def test_alignment_is_robust_to_outlier_depth(scene):
+    room, K, trajs, _ = scene
+    cache_xyz = _dense_room_points(room, 120)
+    w2c = trajs["traj_up"].w2c[10]
+    depth = room.depth(K, w2c, H, W) * 1.3
+    rng = np.random.default_rng(0)
+    bad = torch.from_numpy(rng.random(depth.shape) < 0.3)
+    noisy = torch.where(bad, depth * torch.from_numpy(rng.uniform(0.3, 3.0, depth.shape)).float(), depth)
+    keep = torch.ones_like(depth, dtype=torch.bool)  # keep the outliers in the correspondence set
+    T, record = align_frame(cache_xyz, noisy, keep, K, w2c, SETTINGS)
+    assert T is not None and record.inliers < 0.8 * record.correspondences
+    assert abs(T.scale - 1 / 1.3) < 5e-3
+    assert torch.allclose(T.matrix[:3, :3] / T.scale, torch.eye(3, dtype=torch.float64), atol=5e-3)
+
+
+def test_alignment_skips_frames_without_overlap(scene):
+    room, K, trajs, start = scene
+    behind = trajs["traj_left"].w2c[-1]  # 180 degrees round: looks back at the wall behind the start camera
+    depth = room.depth(K, behind, H, W)
+    keep, d = keep_mask(depth, sobel_threshold=SETTINGS.edge_threshold)
+    T, record = align_frame(start.cloud.xyz, d, keep, K, behind, SETTINGS)
+    assert T is None and "correspondences" in record.skipped
+    assert record.correspondences < SETTINGS.min_correspondences
+
+
+def test_nearest_point_per_pixel_is_the_front_one():
+    K = intrinsics_from_fov(8, 6, 90.0)
+    eye = torch.eye(4, dtype=torch.float64)
+    # three points on the optical ray of pixel (4, 3), plus one behind the camera
+    ray = torch.tensor([0.5 / 4, 0.5 / 4, 1.0], dtype=torch.float64) * 1.0
+    pts = torch.stack([ray * 3, ray * 1.5, ray * 2, -ray])
+    idx, pix, uv = nearest_points_per_pixel(pts, K, eye, 6, 8)
+    assert idx.tolist() == [1] and pix.tolist() == [3 * 8 + 4]
+    assert torch.allclose(uv[0], torch.tensor([4.5, 3.5], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Growth
+# --------------------------------------------------------------------------------------------
+
+def test_cache_grows_onto_the_true_surfaces_and_fills_holes(scene):
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+    keep = sample_align_nframe(21, 8)
+    right = trajs["traj_right"]
+    drift = np.random.default_rng(1).uniform(0.7, 1.4, size=len(keep))
+    frames = [room.image(right.K[i], right.w2c[i], H, W) for i in keep]
+    record = cache.update(frames, right.w2c[keep], right.K[keep], room.depth_fn(lambda call: drift[call]),
+                          label="right")
+    assert record.points_before == len(start) and record.points_after == len(cache) > 2 * len(start)
+    assert sum(f.added for f in record.frames) == len(cache) - len(start)
+    aligned = [(f, d) for f, d in zip(record.frames, drift) if f.skipped is None]
+    assert len(aligned) >= 6
+    for f, d in aligned:  # the per-frame scale undoes the depth drift
+        assert abs(f.scale * d - 1) < 0.02, (f.name, f.scale, d)
+    added = cache.cloud.xyz[len(start):]
+    dist = room.surface_distance(added)
+    assert float(dist.median()) < 0.01 * M and float(torch.quantile(dist.double(), 0.95)) < 0.04 * M
+    # the grown cache covers more of the trajectories than the start cloud alone
+    assert _holes(cache, right) < 0.5 * _holes(start, right)
+    assert _holes(cache, trajs["traj_left"]) < _holes(start, trajs["traj_left"]) - 0.1
+    assert _holes(cache, trajs["traj_eloop"]) <= _holes(start, trajs["traj_eloop"])
+    # the start cloud is kept as it was (new points only fill holes, nothing is thinned or moved)
+    assert torch.equal(cache.cloud.xyz[: len(start)], start.cloud.xyz)
+    assert cache.history == [record]
+
+    # folding the same views in again adds (almost) nothing: their pixels are covered now
+    again = cache.update(frames, right.w2c[keep], right.K[keep], room.depth_fn(lambda call: drift[call]),
+                         label="right again")
+    assert again.points_after - again.points_before < 0.05 * (record.points_after - record.points_before)
+
+
+def test_release_mode_keeps_the_start_cloud(scene):
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, mode="release", settings=SETTINGS)
+    right = trajs["traj_right"]
+    record = cache.update([room.image(K, right.w2c[5], H, W)], right.w2c[5:6], K, None, label="r")
+    assert len(cache) == len(start) and all(f.skipped.startswith("release") for f in record.frames)
+
+
+def test_update_input_errors(scene):
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+    w2c = trajs["traj_up"].w2c[:2]
+    frames = [room.image(K, w, H, W) for w in w2c]
+    with pytest.raises(InputError, match="depth function"):
+        cache.update(frames, w2c, K, None)
+    with pytest.raises(InputError, match="one camera"):
+        cache.update(frames, w2c[:1], K, room.depth_fn())
+    with pytest.raises(InputError, match="one depth per pixel"):
+        cache.update(frames, w2c, K, lambda img, k, w: torch.ones(5, 5))
+    with pytest.raises(InputError, match="'depth'"):
+        depth_map({"mask": torch.ones(2, 2)})
+    # an unusable depth map skips that frame instead of stopping the run
+    record = cache.update(frames, w2c, K, lambda img, k, w: torch.zeros(H, W))
+    assert len(cache) == len(start) and all("unusable depth" in f.skipped for f in record.frames)
+    with pytest.raises(InputError, match="mode"):
+        PointCache(start.cloud, start.scale, mode="paper")
+    with pytest.raises(InputError, match="voxel_fraction"):
+        CacheSettings(voxel_fraction=0)
+
+
+def test_moge_style_depth_output_is_accepted(scene):
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+    w2c = trajs["traj_right"].w2c[6:7]
+    fn = room.depth_fn()
+    record = cache.update([room.image(K, w2c[0], H, W)], w2c, K,
+                          lambda img, k, w: {"depth": fn(img, k, w), "mask": torch.ones(H, W, dtype=torch.bool)})
+    assert record.frames[0].skipped is None and len(cache) > len(start)
+
+
+# --------------------------------------------------------------------------------------------
+# Persistence
+# --------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(scene, tmp_path):
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+    up = trajs["traj_up"]
+    cache.update([room.image(K, up.w2c[i], H, W) for i in (10, 20)], up.w2c[[10, 20]], K, room.depth_fn(),
+                 label="up")
+    path = cache.save(tmp_path / "cache.npz")
+    loaded = PointCache.load(path)
+    assert loaded == cache and loaded.history[0].frames[0].name == "up/0000"
+    assert torch.equal(loaded.cloud.rgb, cache.cloud.rgb) and loaded.settings == SETTINGS
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
+    with pytest.raises(InputError, match=".npz"):
+        cache.save(tmp_path / "cache.ply")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="damaged"):
+        PointCache.load(tmp_path / "broken.npz")
+    with pytest.raises(InputError, match="not found"):
+        PointCache.load(tmp_path / "absent.npz")
+
+
+def test_similarity_helpers_match_alignment_convention():
+    """The transform stored per frame maps lifted points onto the cache: x -> s R x + t."""
+    T = Similarity(axis_angle_matrix([0, 0, 1], 0.3), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 2.0)
+    x = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(T.apply(x), (T.matrix[:3, :3] @ x.T).T + T.matrix[:3, 3])

@@ -1,0 +1,307 @@
+"""Multi-trajectory loops: reconstruction end to end on tiny models (global 3D cache, interrupt and
+resume), release mode with the scene's pre-rendered warps, image-only scenes, panorama order and
+the iterative start image. Scenes come from the examples root (every reconstruction scene found;
+the interrupt/resume run uses the first)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import example_dirs
+from synthetic_scene import room_for_scale
+from tiny_models_root import write_models_root
+from worldstereo_core.cameras import invert_rigid
+from worldstereo_core.errors import InputError, Interrupted
+from worldstereo_core.geometry.trajectories import median_depth, reconstruction_trajectories
+from worldstereo_core.io.camera_json import load_camera_json
+from worldstereo_core.io.images import load_image, resize_bicubic, to_tensor_m11
+from worldstereo_core.io.pointcloud_files import read_glb, read_ply
+from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames
+from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
+from worldstereo_core.memory.cache import CacheSettings, PointCache
+from worldstereo_core.tasks.generate import load_pipeline_generator
+from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
+from worldstereo_core.tasks.ordering import sort_trajs
+
+SIZE = (32, 48)
+MODEL = "worldstereo-memory"
+#: Tiny images: wide splats and a low edge threshold (the reference's 0.35 flags any depth ramp
+#: narrower than ~76 px as an edge, i.e. almost everything at 32x48).
+CACHE = CacheSettings(render_radius=0.08, edge_threshold=0.01, min_correspondences=16)
+RECON_SCENES = example_dirs("reconstruction")
+PANO_SCENES = example_dirs("panorama")
+
+
+def _scene_scale(scene: Path) -> float:
+    """Scene scale for the synthetic room: the eloop radius implies m (spec §3.3)."""
+    traj = load_camera_json(scene / "renders" / "traj_eloop" / "camera.json")
+    centres = invert_rigid(traj.w2c)[:, :3, 3]
+    return float((centres[:, 1].max() - centres[:, 1].min()) / 0.8)
+
+
+def _copy_scene(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory):
+    root = write_models_root(tmp_path_factory.mktemp("models"), (MODEL,))
+    generator, _ = load_pipeline_generator(root, MODEL, num_inference_steps=2)
+    return generator
+
+
+class StopAt:
+    """Progress callback raising Interrupted at a given tick; records every tick."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at, self.ticks = at, []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.ticks.append((done, total))
+        if self.at is not None and done == self.at:
+            raise Interrupted(f"stop at {done}/{total}")
+
+
+def _fake_generator(req, progress):
+    """A deterministic stand-in: the render with holes filled by a seed-dependent grey."""
+    for step in (1, 2):
+        if progress:
+            progress(step, 2)
+    rgb = (req.render + 1) / 2
+    fill = (req.seed % 7) / 7.0
+    return torch.where(req.render_mask > 0.5, torch.full_like(rgb, fill), rgb).permute(0, 2, 3, 1).numpy()
+
+
+_fake_generator.steps = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction end to end (issue 5 "Done means")
+# --------------------------------------------------------------------------------------------
+
+def _state(out: Path) -> dict:
+    return json.loads((out / f"{MODEL}_state" / "state.json").read_text())
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_reconstruction_global_cache_interrupt_and_resume(tmp_path, tiny_generator):
+    src = RECON_SCENES[0]
+    scene = _copy_scene(src, tmp_path / "in" / src.name)
+    room = room_for_scale(_scene_scale(scene))
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, cache_mode="global", scale_map=(SIZE,), cache=CACHE)
+
+    ticks = StopAt()
+    full = run_multi_trajectory(scene, tmp_path / "a", tiny_generator, options=opts, depth_fn=room.depth_fn(),
+                                progress=ticks)
+    steps = tiny_generator.steps
+    assert ticks.ticks[-1] == (4 * steps, 4 * steps) and all(t == 4 * steps for _, t in ticks.ticks)
+    assert [d for d, _ in ticks.ticks] == sorted(d for d, _ in ticks.ticks)
+
+    # four trajectories in the release order, each generated from a cache render
+    order = [t.traj_id for t in full.trajectories]
+    assert order == ["traj_eloop", "traj_up", "traj_right", "traj_left"]
+    assert all(t.status == "generated" and t.render_source == "global cache" for t in full.trajectories)
+    # memory grows as specified: 1 input frame, then align_nframe frames per trajectory
+    keep = sample_align_nframe(21, 8)
+    assert [t.bank_size for t in full.trajectories] == [1 + 8 * (i + 1) for i in range(4)]
+    assert all(t.kept == keep for t in full.trajectories)
+    assert full.bank.fnames[0] == "renders/pano_bank/image.png"
+    assert full.bank.fnames[1:] == [f"renders/{t}/{k:04d}" for t in order for k in keep]
+
+    # the cache grows, and its render of the last trajectory has fewer holes than the start cloud's
+    points = [t.cache_points for t in full.trajectories]
+    image = resize_bicubic(load_image(scene / "image.png"), SIZE)
+    eloop = load_camera_json(scene / "renders" / "traj_eloop" / "camera.json")
+    start = PointCache.from_depth(image, room.depth_fn()(image, eloop.resized(*SIZE).K[0], eloop.w2c[0]),
+                                  eloop.resized(*SIZE).K[0], eloop.w2c[0], settings=CACHE)
+    assert points[-1] > points[0] > len(start) and points == sorted(points)
+    left = load_camera_json(scene / "renders" / "traj_left" / "camera.json").resized(*SIZE)
+    _, start_holes = start.render(left, to_tensor_m11(image), *SIZE)
+    cache_holes = read_mask_video(full.scene_out / "renders" / "traj_left" / "render_mask.mp4")
+    assert cache_holes[1:].mean() < start_holes[1:].mean() - 0.05
+    for t in full.trajectories:  # every trajectory was re-rendered from the cache at the working size
+        assert read_video(full.scene_out / t.view_id / t.traj_id / "render.mp4").shape == (21, *SIZE, 3)
+
+    # results: playable 16 fps 21-frame MP4s; memory inputs saved next to them
+    for t in full.trajectories:
+        assert read_video(t.result).shape == (21, *SIZE, 3)
+        inputs = t.result.parent / "memory_inputs"
+        ref = json.loads((inputs / f"{MODEL}_ref_index.json").read_text())
+        w2cs = json.loads((inputs / f"{MODEL}_ref_w2cs.json").read_text())
+        assert len(ref["ref_index"]) == len(w2cs) <= 8 and len(ref["retrieved"]) == 20
+        assert read_video(inputs / f"{MODEL}.mp4").shape == (20, *SIZE, 3)
+
+    # exports: WorldMirror folder, PLY and GLB, read back
+    wm = json.loads((full.worldmirror / "cameras.json").read_text())
+    assert wm["num_cameras"] == len(full.bank) == len(list((full.worldmirror / "images").glob("*.png")))
+    for i, e in enumerate(wm["extrinsics"]):
+        assert np.allclose(np.asarray(e["matrix"]) @ full.bank.w2c[i].numpy(), np.eye(4), atol=1e-6)
+    ply = read_ply(full.cloud_ply)
+    assert torch.equal(ply.xyz, full.cache.cloud.xyz)
+    assert (ply.rgb - full.cache.cloud.rgb).abs().max() <= 0.5 / 255 + 1e-6
+    glb = read_glb(full.cloud_glb, world_up="-y")
+    assert torch.allclose(glb.xyz, full.cache.cloud.xyz, atol=1e-4 * room.hi.abs().max().item())
+
+    # interrupt in the middle of trajectory 3, then resume
+    stop = StopAt(at=2 * steps + 1)
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, tmp_path / "b", tiny_generator, options=opts, depth_fn=room.depth_fn(),
+                             progress=stop)
+    out_b = tmp_path / "b" / scene.name
+    assert _state(out_b)["done"] == [["renders", "traj_eloop"], ["renders", "traj_up"]]
+    assert not (out_b / "renders" / "traj_right" / f"{MODEL}_result.mp4").exists()
+    resumed = run_multi_trajectory(scene, tmp_path / "b", tiny_generator, options=opts, depth_fn=room.depth_fn())
+    assert [t.status for t in resumed.trajectories] == ["skipped", "skipped", "generated", "generated"]
+
+    for a, b in zip(full.trajectories, resumed.trajectories):
+        assert np.array_equal(read_video(a.result), read_video(b.result)), a.traj_id
+    assert resumed.bank == full.bank
+    assert MemoryBank.load(out_b / f"{MODEL}_state" / "step-0004" / "memory_bank") == full.bank
+    assert resumed.cache == full.cache
+    assert torch.equal(read_ply(resumed.cloud_ply).xyz, ply.xyz)
+    for name in ("cameras.json", "name_map.json"):
+        assert (resumed.worldmirror / name).read_text() == (full.worldmirror / name).read_text()
+
+    # a rerun of a finished scene changes nothing
+    again = run_multi_trajectory(scene, tmp_path / "b", tiny_generator, options=opts, depth_fn=room.depth_fn())
+    assert all(t.status == "skipped" for t in again.trajectories) and again.bank == full.bank
+
+
+@pytest.mark.parametrize("scene_dir", RECON_SCENES, ids=lambda p: p.name)
+def test_reconstruction_release_mode_uses_scene_renders(scene_dir, tmp_path):
+    scene = _copy_scene(scene_dir, tmp_path / "in" / scene_dir.name)
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,))
+    seen = []
+
+    def gen(req, progress):
+        seen.append(req)
+        return _fake_generator(req, progress)
+
+    res = run_multi_trajectory(scene, tmp_path / "out", gen, options=opts)  # no depth needed
+    assert res.cache is None and res.cloud_ply is None
+    assert all(t.render_source == "scene renders" for t in res.trajectories)
+    for req, t in zip(seen, res.trajectories):
+        traj = load_camera_json(scene / "renders" / t.traj_id / "camera.json")
+        assert torch.allclose(req.trajectory.w2c, traj.w2c)
+        assert req.render_mask[0].sum() == 0 and req.ref_index.max() <= 19
+        assert req.references.shape[1:] == (*SIZE, 3) and len(req.references) == len(req.ref_index) <= 8
+        assert req.seed == opts.seed + res.trajectories.index(t)
+        mask = read_mask_video(scene / "renders" / t.traj_id / "render_mask.mp4")
+        assert mask[1:].mean() > 0 and req.render_mask[1:].mean() > 0  # holes survive the resize
+    # results read back into memory exactly: bank frames are the kept result frames
+    last = res.trajectories[-1]
+    frames = read_video(last.result)
+    assert all(np.array_equal(res.bank.frames[-8 + j], frames[k]) for j, k in enumerate(last.kept))
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_image_only_scene_builds_trajectories_and_renders_start_cloud(tmp_path):
+    src = RECON_SCENES[0]
+    scene = tmp_path / "in" / src.name
+    scene.mkdir(parents=True)
+    for name in ("image.png", "prompt.json"):
+        shutil.copy(src / name, scene / name)
+    m = _scene_scale(src)
+    room = room_for_scale(m)
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), cache=CACHE)
+    with pytest.raises(InputError, match="depth"):
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts)
+    res = run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, depth_fn=room.depth_fn())
+    assert [t.render_source for t in res.trajectories] == ["start-view cloud"] * 4
+    h0, w0 = load_image(scene / "image.png").shape[:2]
+    from worldstereo_core.cameras import intrinsics_from_fov, scale_intrinsics
+
+    K0 = intrinsics_from_fov(w0, h0, opts.fov_deg)
+    depth = room.depth(scale_intrinsics(K0, (h0, w0), SIZE), torch.eye(4), *SIZE)
+    expected = reconstruction_trajectories(torch.eye(4), K0, w0, h0, median_depth(depth))
+    for t in res.trajectories:
+        saved = load_camera_json(res.scene_out / t.view_id / t.traj_id / "camera.json")
+        assert torch.allclose(saved.w2c, expected[t.traj_id].w2c, atol=1e-9)
+        assert torch.allclose(saved.K, expected[t.traj_id].resized(*SIZE).K, atol=1e-9)
+    assert res.cache is not None and res.cloud_glb.is_file()  # the start-view cloud is exported
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_resume_checks(tmp_path):
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,))
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, progress=StopAt(at=3))
+    other = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), align_nframe=4)
+    with pytest.raises(InputError, match="align_nframe"):
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=other)
+    out = tmp_path / "out" / scene.name
+    result = out / "renders" / "traj_eloop" / f"{MODEL}_result.mp4"
+    shutil.move(result, tmp_path / "kept.mp4")
+    with pytest.raises(InputError, match="missing"):
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts)
+    shutil.move(tmp_path / "kept.mp4", result)
+    # without a state, existing results are read back into memory instead of regenerated (release behaviour)
+    shutil.rmtree(out / f"{MODEL}_state")
+    calls = []
+    res = run_multi_trajectory(scene, tmp_path / "out", lambda r, p: calls.append(r.name) or _fake_generator(r, p),
+                               options=opts)
+    assert [t.status for t in res.trajectories] == ["read back", "generated", "generated", "generated"]
+    assert calls == ["renders/traj_up", "renders/traj_right", "renders/traj_left"]
+    assert len(res.bank) == 33 and res.bank.fnames[1] == "renders/traj_eloop/0003"
+    with pytest.raises(InputError, match="panorama"):
+        run_multi_trajectory(scene, tmp_path / "x", _fake_generator,
+                             options=LoopOptions(task="panorama", cache_mode="global"))
+
+
+# --------------------------------------------------------------------------------------------
+# Panorama
+# --------------------------------------------------------------------------------------------
+
+def _panorama_scene(src: Path, dst: Path) -> Path:
+    """The example scene with every bank image present and an extra iterative reconstruct group."""
+    scene = _copy_scene(src, dst)
+    images = scene / "pano_bank" / "images"
+    keys = sorted(json.loads((scene / "pano_bank" / "cameras.json").read_text()))
+    present = sorted(images.glob("*.png"))
+    for i, key in enumerate(keys):
+        if not (images / f"{key}.png").exists():
+            shutil.copy(present[i % len(present)], images / f"{key}.png")
+    view = next(p for p in sorted(scene.iterdir()) if p.name.startswith("view"))
+    group = scene / "reconstruct-extra"
+    group.mkdir()
+    shutil.copy(view / "start_frame.png", group / "start_frame.png")
+    trajs = sorted(p for p in view.iterdir() if p.name.startswith("traj"))
+    for k, traj in enumerate(trajs[:2]):
+        shutil.copytree(traj, group / f"traj{k}")
+    return scene
+
+
+@pytest.mark.parametrize("scene_dir", PANO_SCENES, ids=lambda p: p.name)
+def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
+    scene = _panorama_scene(scene_dir, tmp_path / "in" / scene_dir.name)
+    opts = LoopOptions(task="panorama", model_name=MODEL, scale_map=(SIZE,))
+    seen = {}
+
+    def gen(req, progress):
+        seen[req.name] = req
+        return _fake_generator(req, progress)
+
+    res = run_multi_trajectory(scene, tmp_path / "out", gen, options=opts)
+    expected = [(j.view_id, j.traj_id) for j in sort_trajs(scene)]
+    assert [(t.view_id, t.traj_id) for t in res.trajectories] == expected
+    assert ("reconstruct_extra", "traj1") == expected[-1]  # hyphen renamed, iterative trajectory last
+    assert (res.scene_out / "reconstruct_extra" / "traj1" / f"{MODEL}_result.mp4").is_file()
+    n_bank = len(json.loads((scene / "pano_bank" / "cameras.json").read_text()))
+    assert len(res.bank) == n_bank + 8 * len(expected)
+    assert res.bank.fnames[:n_bank] == [f"{scene.name}/pano_bank/{i:04d}" for i in range(n_bank)]
+    # the iterative trajectory starts from the last generated frame of its traj0, mask frame 0 covered
+    last = read_video_frames(res.scene_out / "reconstruct_extra" / "traj0" / f"{MODEL}_result.mp4", [-1])[0]
+    req = seen["reconstruct_extra/traj1"]
+    assert np.array_equal(req.image, resize_bicubic(last, SIZE))
+    assert req.render_mask[0].sum() == 0
+    assert torch.allclose(req.render[0], to_tensor_m11(req.image))
+    # WorldMirror export names bank views pano-<key>
+    names = sorted(p.stem for p in (res.worldmirror / "images").glob("*.png"))
+    assert f"pano-{0:04d}" in names and "reconstruct_extra-traj1-0020" in names

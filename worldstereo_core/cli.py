@@ -1,0 +1,256 @@
+"""Command line: ``python -m worldstereo_core <command> ...`` over the functions the nodes call.
+
+* ``camera-control <scene>``: the release's run_camera_control.py (image.png + prompt.json +
+  camera.json -> ``<out>/<scene>/<model>_result.mp4`` and frames).
+* ``multi-traj <scene> --task reconstruction|panorama``: the release's run_multi_traj.py, with
+  ``--cache global`` for the paper's growing 3D cache; rerun the same command to resume.
+* ``download {worldstereo,wan-base,moge,dinov2,all}``: fetch weights into the models folder.
+
+Models come from a ComfyUI-style models folder (``--models``, default ``$WORLDSTEREO_MODELS`` or
+``./models``; layout in :mod:`worldstereo_core.hub`), downloaded on first use with ``--download``.
+Ctrl-C stops cleanly (exit code 130); finished trajectories are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import hub
+from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
+from .errors import WorldStereoError
+from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
+from .io.atomic import safe_join
+from .progress import TqdmProgress
+
+log = logging.getLogger("worldstereo_core.cli")
+
+MEMORY_TYPES = tuple(t for t in MODEL_TYPES if t != "worldstereo-camera")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_size_list(text: str) -> tuple[tuple[int, int], ...]:
+    """``"480x832,512x720"`` -> ((480, 832), (512, 720)) (height x width)."""
+    out = []
+    for item in text.split(","):
+        try:
+            h, w = (int(v) for v in item.lower().strip().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not HEIGHTxWIDTH (e.g. 480x832)") from None
+        out.append((h, w))
+    return tuple(out)
+
+
+def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: Sequence[str]) -> None:
+    p.add_argument("--models", type=Path, default=None,
+                   help="models folder (default: $WORLDSTEREO_MODELS or ./models)")
+    p.add_argument("--model-type", default=default_type, choices=choices, help="WorldStereo variant")
+    p.add_argument("--base", default=None,
+                   help="Wan2.1-I2V diffusers base: folder, repo id or folder name under <models>/diffusers "
+                        "(default: the variant's base_model)")
+    p.add_argument("--moge", default=DEFAULT_MOGE_REPO,
+                   help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
+    p.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 40, or the DMD schedule)")
+    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default 5.0; DMD: none)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="transformer/VAE dtype (auto: bf16 on recent CUDA, fp16 on older, fp32 on CPU)")
+    p.add_argument("--scale-map", type=parse_size_list, default=None,
+                   help="working-size buckets HxW[,HxW...] (default: the variant config's scale_map)")
+    p.add_argument("--size", type=parse_size_list, default=None, help="one working size HxW (overrides --scale-map)")
+    p.add_argument("--nframe", type=int, default=None, help=f"frames per clip (default: the config's, {NFRAME})")
+    p.add_argument("--render-radius", type=float, default=RENDER_RADIUS_NDC, help="point radius (NDC) of warp renders")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worldstereo_core", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cc = sub.add_parser("camera-control", help="one camera-controlled clip from image + prompt + camera.json")
+    cc.add_argument("scene", type=Path, help="folder with image.png, prompt.json, camera.json")
+    _add_model_options(cc, "worldstereo-camera", MODEL_TYPES)
+    cc.add_argument("--depth", type=Path, default=None,
+                    help="use this depth map (.npy/.npz/16-bit .png) of image.png instead of MoGe")
+
+    mt = sub.add_parser("multi-traj", help="memory-consistent multi-trajectory generation")
+    mt.add_argument("scene", type=Path, help="reconstruction or panorama scene folder")
+    mt.add_argument("--task", required=True, choices=("reconstruction", "panorama"))
+    _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
+    mt.add_argument("--align-nframe", type=int, default=8, help="frames kept in memory per trajectory")
+    mt.add_argument("--cache", default="release", choices=("release", "global"),
+                    help="release: pre-rendered warps / start-view cloud; global: the paper's growing 3D cache")
+    mt.add_argument("--dinov2", default=None,
+                    help="DINOv2 folder for reference selection (default <models>/dinov2/dinov2-base if present)")
+    mt.add_argument("--no-scene-renders", action="store_true",
+                    help="render warps from the start-view cloud even where the scene has render.mp4")
+    mt.add_argument("--run-worldmirror", action="store_true", help="also run HY-World 2.0 WorldMirror if installed")
+
+    dl = sub.add_parser("download", help="download weights into the models folder")
+    dl.add_argument("what", choices=("worldstereo", "wan-base", "moge", "dinov2", "all"))
+    dl.add_argument("--models", type=Path, default=None)
+    dl.add_argument("--model-type", default="worldstereo-memory", choices=MODEL_TYPES)
+    dl.add_argument("--base", default=hub.WAN_BASE_REPO, help="Wan2.1-I2V diffusers repo id (default %(default)s)")
+    dl.add_argument("--moge", default=DEFAULT_MOGE_REPO)
+    dl.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction
+# --------------------------------------------------------------------------------------------
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    from .pipelines import default_dtype
+
+    return default_dtype(device) if name == "auto" else DTYPES[name]
+
+
+def _moge_path(models: Path, moge: str, download: bool) -> Path:
+    """A MoGe checkpoint file given directly, or ``<models>/moge/<repo-name>/model.pt``."""
+    if Path(moge).is_file():
+        return Path(moge)
+    return ensure_moge_checkpoint(safe_join(models, hub.MOGE_FOLDER), moge, download=download)
+
+
+class LazyMoGeDepth:
+    """A DepthFn that loads MoGe on its first call (runs that never need depth never load it)."""
+
+    def __init__(self, models: Path, moge: str, download: bool, device: torch.device) -> None:
+        self.models, self.moge, self.download, self.device = models, moge, download, device
+        self._fn = None
+
+    def __call__(self, image, K, w2c):
+        if self._fn is None:
+            from .memory.cache import moge_depth_fn
+
+            path = _moge_path(self.models, self.moge, self.download)
+            log.info("loading MoGe from %s", path)
+            self._fn = moge_depth_fn(load_moge(path, device=self.device))
+        return self._fn(image, K, w2c)
+
+
+def _file_depth(path: Path):
+    """A DepthFn returning a depth map file resized (nearest) to the image it is asked about."""
+    from .geometry.depth import load_depth_map, resize_depth
+
+    depth = load_depth_map(path)
+
+    def fn(image, K, w2c):
+        h, w = image.shape[:2]
+        return depth if tuple(depth.shape) == (h, w) else resize_depth(depth, h, w)
+
+    return fn
+
+
+def _generator(args, models: Path, device: torch.device):
+    from .tasks.generate import load_pipeline_generator
+
+    generator, config = load_pipeline_generator(
+        models, args.model_type, base=args.base, device=device, dtype=_dtype(args.dtype, device),
+        download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    scale_map = args.size or args.scale_map or config.scale_map
+    return generator, config, scale_map, args.nframe or config.nframe
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+def cmd_camera_control(args) -> int:
+    from .tasks.camera_control import run_camera_control
+
+    models, device = hub.resolve_models_root(args.models), _device(args.device)
+    generator, _, scale_map, nframe = _generator(args, models, device)
+    depth_fn = _file_depth(args.depth) if args.depth else LazyMoGeDepth(models, args.moge, args.download, device)
+    bar = TqdmProgress(desc=f"{args.scene.name} sampling")
+    try:
+        out = run_camera_control(args.scene, args.out, generator, depth_fn, model_name=args.model_type,
+                                 scale_map=scale_map, nframe=nframe, seed=args.seed, render_radius=args.render_radius,
+                                 points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
+    finally:
+        bar.close()
+    print(f"wrote {out.result} ({out.num_frames} frames, {out.size[0]}x{out.size[1]}) and {out.frames_dir}")
+    return 0
+
+
+def cmd_multi_traj(args) -> int:
+    from .memory.cache import CacheSettings
+    from .memory.selector import CameraSelector
+    from .tasks.loop import LoopOptions, run_multi_trajectory
+
+    models, device = hub.resolve_models_root(args.models), _device(args.device)
+    generator, _, scale_map, nframe = _generator(args, models, device)
+    dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
+    if args.download and not args.dinov2:
+        dinov2 = hub.ensure_dinov2(models, download=True)
+    options = LoopOptions(task=args.task, model_name=args.model_type, cache_mode=args.cache,
+                          align_nframe=args.align_nframe, nframe=nframe, scale_map=tuple(scale_map), seed=args.seed,
+                          scene_renders=not args.no_scene_renders, run_worldmirror=args.run_worldmirror,
+                          cache=CacheSettings(render_radius=args.render_radius))
+    bar = TqdmProgress(desc=f"{args.scene.name} trajectories x steps")
+    try:
+        result = run_multi_trajectory(args.scene, args.out, generator, options=options,
+                                      depth_fn=LazyMoGeDepth(models, args.moge, args.download, device),
+                                      selector=CameraSelector(dinov2_path=dinov2, device=device), progress=bar)
+    finally:
+        bar.close()
+    for t in result.trajectories:
+        print(f"{t.view_id}/{t.traj_id}: {t.status}{' from ' + t.render_source if t.render_source else ''} -> {t.result}")
+    if result.worldmirror:
+        print(f"WorldMirror folder: {result.worldmirror}")
+    if result.cloud_ply:
+        print(f"point cloud: {result.cloud_ply}, {result.cloud_glb}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    models = hub.resolve_models_root(args.models)
+    todo = ("worldstereo", "wan-base", "moge", "dinov2") if args.what == "all" else (args.what,)
+    bar = TqdmProgress(desc="files", unit="file")
+    try:
+        for what in todo:
+            if what == "worldstereo":
+                print(hub.ensure_worldstereo(models, args.model_type, download=True, progress=bar))
+            elif what == "wan-base":
+                print(hub.ensure_wan_base(models, args.base, download=True, progress=bar))
+            elif what == "moge":
+                print(_moge_path(models, args.moge, download=True))
+            else:
+                print(hub.ensure_dinov2(models, download=True, progress=bar))
+    finally:
+        bar.close()
+    return 0
+
+
+COMMANDS = {"camera-control": cmd_camera_control, "multi-traj": cmd_multi_traj, "download": cmd_download}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "size", None) is not None and len(args.size) != 1:
+        print("error: --size takes one HxW; use --scale-map for several", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished trajectories are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except WorldStereoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,442 @@
+"""The paper's global 3D cache (GGM memory), which the release leaves out (spec/geometry.md §12.3).
+
+The cache is a coloured point cloud in the world frame of the scene. It starts as the point cloud
+of the start view (``lift_depth``) and, in ``"global"`` mode, grows after every trajectory:
+
+1. each kept frame of the generated clip (the frames the memory bank keeps) gets a depth map from
+   a depth function (MoGe in real runs, a deterministic synthetic one in tests);
+2. correspondences: the cache points are projected into the frame's camera; the nearest cache
+   point of every pixel is paired with the point lifted from the new depth at that point's pixel
+   position (same camera, same ray), so no feature matching is involved;
+3. a similarity (rotation, translation and **scale**, since monocular metric depth drifts from frame
+   to frame) is fitted with RANSAC + Umeyama (:func:`geometry.alignment.umeyama_ransac`) and applied
+   to the new points;
+4. only new points that fill holes are added: pixels where the cache, rendered into the frame's
+   camera with the warp renderer, shows a hole; statistical outlier removal cleans them; a voxel
+   test drops points whose voxel the cache (or an earlier new point) already occupies, so existing
+   geometry is never thinned or shifted;
+5. the next trajectory's render and mask come from the merged cloud (:meth:`PointCache.render`).
+
+``"release"`` mode keeps the start-view cloud unchanged (the released code never updates it; its
+multi-trajectory runs take pre-rendered warps from render folders as they are).
+
+Frames whose alignment fails (too few correspondences, no RANSAC consensus, a degenerate fit) are
+skipped and recorded, never merged unaligned. Everything is deterministic (seeded RANSAC), and
+:meth:`PointCache.save` / :meth:`PointCache.load` round-trip exactly, so a resumed loop reproduces an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cameras import CameraTrajectory, as_tensor, invert_rigid, project_points, unproject_depth, unproject_pixels
+from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
+from ..errors import CheckpointError, InputError
+from ..geometry.alignment import Similarity, umeyama_ransac
+from ..geometry.depth import MIN_POINTS, image_to_rgb01, keep_mask, lift_depth
+from ..geometry.pointcloud import PointCloud, concatenate, statistical_outlier_removal, voxel_keys
+from ..geometry.renderer import render_point_cloud, render_warps
+from ..geometry.trajectories import median_depth
+from ..io.atomic import atomic_path
+from ..io.images import load_image
+from ..progress import ProgressFn, report
+
+CACHE_MODES = ("release", "global")
+CACHE_FILE_VERSION = 1
+
+#: ``depth_fn(image uint8 (H,W,3), K (3,3) for that image, w2c (4,4)) -> depth (H,W)`` (0 = invalid),
+#: or a dict with a ``"depth"`` entry (what :func:`geometry.moge.estimate_depth` returns).
+DepthFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor], Any]
+
+
+def depth_map(output: Any) -> torch.Tensor:
+    """The (H, W) depth of a depth function's output (a tensor/array or a dict with ``"depth"``)."""
+    if isinstance(output, dict):
+        if "depth" not in output:
+            raise InputError(f"depth function returned a dict without 'depth' (keys {sorted(output)})")
+        output = output["depth"]
+    d = output if isinstance(output, torch.Tensor) else torch.as_tensor(np.asarray(output))
+    return d.detach().to("cpu", torch.float32)
+
+
+def moge_depth_fn(model: torch.nn.Module, **estimate_kwargs: Any) -> DepthFn:
+    """A :data:`DepthFn` running MoGe (:func:`geometry.moge.estimate_depth`); cameras are ignored."""
+    from ..geometry.moge import estimate_depth
+
+    def fn(image: np.ndarray, K: torch.Tensor, w2c: torch.Tensor) -> dict:
+        return estimate_depth(model, image, **estimate_kwargs)
+
+    return fn
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Tuning of the cache update. Lengths are fractions of the scene scale (start-view median depth)
+    or of the camera-to-cache distance, so they do not depend on the scene's units."""
+
+    #: Depth-edge threshold of the lifting (:func:`geometry.depth.keep_mask`; the reference's 0.35).
+    #: The test is relative to the image's disparity range per pixel, so tiny images need a lower value.
+    edge_threshold: float = SOBEL_EDGE_THRESHOLD
+    #: Voxel edge used to refuse new points in occupied voxels, as a fraction of the scene scale.
+    voxel_fraction: float = 0.002
+    #: RANSAC inlier distance, as a fraction of the median camera-to-cache distance of the correspondences.
+    align_threshold: float = 0.03
+    ransac_iterations: int = 256
+    #: Fewest correspondences (and fewest RANSAC inliers) for a frame to be merged.
+    min_correspondences: int = 64
+    #: Correspondences used per frame (a seeded random subset when there are more).
+    max_correspondences: int = 8000
+    #: Fewest inliers as a fraction of the correspondences.
+    min_inlier_ratio: float = 0.25
+    sor_neighbours: int = 20
+    sor_std_ratio: float = 2.0
+    #: When the cache grows beyond this many points it is voxel-thinned to about this many (None: never).
+    max_points: int | None = 4_000_000
+    #: Warp renderer settings (cache renders and the hole test of new points).
+    render_radius: float = RENDER_RADIUS_NDC
+    points_per_pixel: int = RENDER_POINTS_PER_PIXEL
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("edge_threshold", "voxel_fraction", "align_threshold", "render_radius")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InputError(f"CacheSettings.{name} must be a positive number, got {value!r}")
+        if not 0 < self.min_inlier_ratio <= 1:
+            raise InputError(f"CacheSettings.min_inlier_ratio must be in (0, 1], got {self.min_inlier_ratio}")
+        if self.ransac_iterations < 1:
+            raise InputError(f"CacheSettings.ransac_iterations must be >= 1, got {self.ransac_iterations}")
+        if self.min_correspondences < 3 or self.max_correspondences < self.min_correspondences:
+            raise InputError("CacheSettings: need 3 <= min_correspondences <= max_correspondences")
+        if self.max_points is not None and self.max_points < 1:
+            raise InputError(f"CacheSettings.max_points must be >= 1 or None, got {self.max_points}")
+
+
+@dataclass
+class FrameUpdate:
+    """What happened to one frame of an update."""
+
+    name: str
+    correspondences: int = 0
+    inliers: int = 0
+    #: The similarity applied to the frame's points (4x4, [sR | t]); None when the frame was skipped.
+    transform: list | None = None
+    scale: float | None = None
+    #: Points added to the cache.
+    added: int = 0
+    skipped: str | None = None
+
+
+@dataclass
+class CacheUpdate:
+    """Record of one :meth:`PointCache.update` (kept in :attr:`PointCache.history`)."""
+
+    label: str
+    points_before: int
+    points_after: int
+    frames: list[FrameUpdate] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheUpdate":
+        return cls(d["label"], d["points_before"], d["points_after"], [FrameUpdate(**f) for f in d["frames"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Correspondences and alignment of one frame
+# --------------------------------------------------------------------------------------------
+
+def _cameras(K, w2c) -> tuple[torch.Tensor, torch.Tensor]:
+    K = as_tensor(K, dtype=torch.float64)
+    w2c = as_tensor(w2c, dtype=torch.float64)
+    if tuple(K.shape) != (3, 3) or tuple(w2c.shape) != (4, 4):
+        raise InputError(f"a frame camera needs K (3,3) and w2c (4,4); got {tuple(K.shape)} and {tuple(w2c.shape)}")
+    return K, w2c
+
+
+def nearest_points_per_pixel(xyz, K, w2c, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every pixel hit by a point in front of the camera, the point nearest in view depth.
+
+    Returns ``(point index (M,), pixel index v * width + u (M,), projected position uv (M, 2))``
+    with one entry per covered pixel (exact depth ties: the lower point index).
+    """
+    K, w2c = _cameras(K, w2c)
+    pts = as_tensor(xyz, dtype=torch.float64)
+    if len(pts) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0, 2, dtype=torch.float64)
+    uv, z = project_points(pts, K, w2c)
+    u, v = torch.floor(uv[:, 0]), torch.floor(uv[:, 1])
+    ok = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    idx = ok.nonzero().squeeze(1)
+    pix = (v[idx] * width + u[idx]).long()
+    zbuf = torch.full((height * width,), math.inf, dtype=torch.float64).scatter_reduce(
+        0, pix, z[idx], reduce="amin")
+    front = z[idx] == zbuf[pix]
+    idx, pix = idx[front], pix[front]
+    # one point per pixel: the lowest index among exact depth ties
+    best = torch.full((height * width,), len(pts), dtype=torch.long).scatter_reduce(0, pix, idx, reduce="amin")
+    pix = (best < len(pts)).nonzero().squeeze(1)
+    idx = best[pix]
+    return idx, pix, uv[idx]
+
+
+def frame_correspondences(xyz, depth: torch.Tensor, keep: torch.Tensor, K, w2c, *,
+                          max_count: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (new point (M,3), cache point (M,3)) for one frame, float64.
+
+    Cache points are projected into the camera; the nearest cache point of each covered pixel is
+    paired with the point lifted on the same ray, at the new depth bilinearly sampled at the
+    cache point's sub-pixel position. Only positions whose four neighbouring pixels are all in
+    ``keep`` (valid, not a depth edge) are used. At most ``max_count`` pairs (a seeded subset).
+    """
+    K, w2c = _cameras(K, w2c)
+    H, W = depth.shape
+    pts = as_tensor(xyz, dtype=torch.float64)
+    idx, _, uv = nearest_points_per_pixel(pts, K, w2c, H, W)
+    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], dim=-1)[None, None]
+    maps = torch.stack([depth.to(torch.float64), keep.to(torch.float64)])[None]
+    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
+    d, inside = sampled[0], sampled[1] > 1 - 1e-9
+    idx, uv, d = idx[inside], uv[inside], d[inside]
+    if max_count is not None and len(idx) > max_count:
+        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:max_count].sort().values
+        idx, uv, d = idx[pick], uv[pick], d[pick]
+    src = unproject_pixels(uv, d, K, invert_rigid(w2c))
+    return src, pts[idx]
+
+
+def align_frame(xyz, depth: torch.Tensor, keep: torch.Tensor, K, w2c, settings: CacheSettings,
+                name: str = "frame") -> tuple[Similarity | None, FrameUpdate]:
+    """Similarity taking the frame's lifted depth onto the cache, or None with the reason.
+
+    Projective correspondences (:func:`frame_correspondences`) and a RANSAC + Umeyama fit with
+    scale (:func:`geometry.alignment.umeyama_ransac`, inlier distance ``align_threshold`` times
+    the median camera-to-cache distance). The correspondences pair points on the same camera ray,
+    so the fit recovers what monocular depth gets wrong, the scale (a similarity centred on the
+    camera), and rejects outlier depths; it does not correct errors of the camera pose itself.
+    """
+    K, w2c = _cameras(K, w2c)
+    record = FrameUpdate(name)
+    src, dst = frame_correspondences(xyz, depth, keep, K, w2c, max_count=settings.max_correspondences,
+                                     seed=settings.seed)
+    record.correspondences = len(src)
+    if len(src) < settings.min_correspondences:
+        record.skipped = (f"{len(src)} correspondences with the cache (need {settings.min_correspondences}); "
+                          "the frame barely overlaps the cache")
+        return None, record
+    distance = float(torch.median((dst - invert_rigid(w2c)[:3, 3]).norm(dim=1)))
+    try:
+        T, inliers = umeyama_ransac(src, dst, threshold=settings.align_threshold * distance,
+                                    iterations=settings.ransac_iterations,
+                                    min_inlier_ratio=settings.min_inlier_ratio, seed=settings.seed)
+    except InputError as exc:  # no consensus / degenerate geometry: skip the frame, keep the run going
+        record.skipped = f"alignment failed: {exc}"
+        return None, record
+    record.inliers = int(inliers.sum())
+    if record.inliers < settings.min_correspondences:
+        record.skipped = f"only {record.inliers} RANSAC inliers (need {settings.min_correspondences})"
+        return None, record
+    record.transform, record.scale = T.matrix.tolist(), float(T.scale)
+    return T, record
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+class PointCache:
+    """The global point cache of a multi-trajectory run (see the module docstring)."""
+
+    def __init__(self, cloud: PointCloud, scale: float, *, mode: str = "global",
+                 settings: CacheSettings | None = None, history: Sequence[CacheUpdate] = ()) -> None:
+        if mode not in CACHE_MODES:
+            raise InputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise InputError(f"cache scene scale must be a positive number, got {scale!r}")
+        self.cloud = cloud
+        self.scale = float(scale)
+        self.mode = mode
+        self.settings = settings or CacheSettings()
+        self.history: list[CacheUpdate] = list(history)
+
+    @property
+    def cloud(self) -> PointCloud:
+        """The cached points (xyz float32, rgb in [0, 1])."""
+        return self._cloud
+
+    @cloud.setter
+    def cloud(self, cloud: PointCloud) -> None:
+        self._cloud = PointCloud(cloud.xyz, cloud.rgb)  # xyz + rgb only
+        self._keys: np.ndarray | None = None  # sorted voxel keys of the cloud, see _occupied
+
+    def __len__(self) -> int:
+        return len(self.cloud)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PointCache):
+            return NotImplemented
+        return (self.mode == other.mode and self.scale == other.scale and self.settings == other.settings
+                and torch.equal(self.cloud.xyz, other.cloud.xyz) and torch.equal(self.cloud.rgb, other.cloud.rgb)
+                and [asdict(h) for h in self.history] == [asdict(h) for h in other.history])
+
+    __hash__ = None  # mutable
+
+    @property
+    def voxel_size(self) -> float:
+        return self.settings.voxel_fraction * self.scale
+
+    @classmethod
+    def from_depth(cls, image, depth, K, w2c, *, mode: str = "global", settings: CacheSettings | None = None,
+                   mask=None) -> "PointCache":
+        """The start-view cloud (:func:`geometry.depth.lift_depth`, reference behaviour) as a cache;
+        the scene scale is the start view's median depth."""
+        d = depth_map(depth)
+        settings = settings or CacheSettings()
+        cloud = lift_depth(d, image, K, w2c, mask=mask, sobel_threshold=settings.edge_threshold)
+        return cls(cloud, median_depth(d, mask), mode=mode, settings=settings)
+
+    # ------------------------------------------------------------------------------ rendering
+    def _render_kwargs(self) -> dict:
+        return {"radius": self.settings.render_radius, "points_per_pixel": self.settings.points_per_pixel}
+
+    def render(self, trajectory: CameraTrajectory, image, height: int, width: int,
+               progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warp renders (F,3,H,W) in [-1,1] and hole masks (F,1,H,W) of the cache along ``trajectory``;
+        frame 0 is ``image`` (3,H,W) in [-1,1] with mask 0 (:func:`geometry.renderer.render_warps`)."""
+        return render_warps(self.cloud.xyz, self.cloud.rgb_signed, trajectory, image, height, width,
+                            progress=progress, **self._render_kwargs())
+
+    def hole_mask(self, K, w2c, height: int, width: int) -> torch.Tensor:
+        """(H, W) bool: pixels of the camera (K for that size, w2c) the cache leaves uncovered."""
+        K, w2c = _cameras(K, w2c)
+        if len(self.cloud) == 0:
+            return torch.ones(height, width, dtype=torch.bool)
+        _, mask = render_point_cloud(self.cloud.xyz, self.cloud.rgb_signed, K[None], w2c[None], height, width,
+                                     **self._render_kwargs())
+        return mask[0, 0] > 0.5
+
+    # ------------------------------------------------------------------------------ growing
+    def update(self, frames: Sequence, w2c, K, depth_fn: DepthFn | None, *, label: str = "update",
+               names: Sequence[str] | None = None, progress: ProgressFn | None = None) -> CacheUpdate:
+        """Fold generated frames into the cache (``"global"`` mode; ``"release"`` records and returns).
+
+        ``frames``: RGB images (uint8 (H,W,3) or anything :func:`io.images.load_image` takes); ``w2c`` (n,4,4) and ``K`` (n,3,3 or 3,3) their cameras, K in pixels
+        of the frame size. ``depth_fn`` (see :data:`DepthFn`) is required in global mode.
+        ``progress(done, n)`` after each frame; it may raise to stop (the cache then holds the
+        frames folded in so far; the loop persists the cache only between trajectories).
+        """
+        n = len(frames)
+        w2c_t = as_tensor(w2c, dtype=torch.float64).reshape(-1, 4, 4)
+        K_t = as_tensor(K, dtype=torch.float64)
+        K_t = K_t.expand(w2c_t.shape[0], 3, 3) if K_t.dim() == 2 else K_t.reshape(-1, 3, 3)
+        names = list(names) if names is not None else [f"{label}/{i:04d}" for i in range(n)]
+        if w2c_t.shape[0] != n or K_t.shape[0] != n or len(names) != n:
+            raise InputError(f"cache update {label}: {n} frames but {w2c_t.shape[0]} w2c, {K_t.shape[0]} K and "
+                             f"{len(names)} names; give one camera and name per frame")
+        record = CacheUpdate(label, len(self), len(self))
+        if self.mode == "release":
+            record.frames = [FrameUpdate(nm, skipped="release mode: the cache is not updated") for nm in names]
+            self.history.append(record)
+            return record
+        if depth_fn is None:
+            raise InputError("the global cache needs a depth function (MoGe, or depth_fn=...) to lift new frames")
+        for i, (frame, name) in enumerate(zip(frames, names)):
+            record.frames.append(self._add_frame(frame, K_t[i], w2c_t[i], depth_fn, name))
+            report(progress, i + 1, n)
+        if self.settings.max_points is not None and len(self) > self.settings.max_points:
+            self.cloud = self.cloud.adaptive_downsample(self.settings.max_points)[0]
+        record.points_after = len(self)
+        self.history.append(record)
+        return record
+
+    def _add_frame(self, frame, K: torch.Tensor, w2c: torch.Tensor, depth_fn: DepthFn, name: str) -> FrameUpdate:
+        frame = load_image(frame, name=f"cache frame {name}")
+        rgb = image_to_rgb01(frame)
+        H, W = rgb.shape[:2]
+        depth = depth_map(depth_fn(frame, K, w2c))
+        if tuple(depth.shape) != (H, W):
+            raise InputError(f"depth function returned a {tuple(depth.shape)} map for a {H}x{W} frame ({name}); "
+                             "it must return one depth per pixel")
+        try:
+            keep, d = keep_mask(depth, sobel_threshold=self.settings.edge_threshold)
+        except InputError as exc:  # empty / broken depth for this frame: skip it
+            return FrameUpdate(name, skipped=f"unusable depth: {exc}")
+        T, record = align_frame(self.cloud.xyz, d, keep, K, w2c, self.settings, name)
+        if T is None:
+            return record
+        new = keep & self.hole_mask(K, w2c, H, W)
+        if int(new.sum()) < MIN_POINTS:
+            return record  # aligned, but the cache already covers this view
+        world = unproject_depth(d.to(torch.float64), K, invert_rigid(w2c))[new]
+        cloud = PointCloud(T.apply(world).float(), rgb[new])
+        if len(cloud) > self.settings.sor_neighbours:
+            cloud = cloud.select(statistical_outlier_removal(cloud.xyz, self.settings.sor_neighbours,
+                                                             self.settings.sor_std_ratio))
+        cloud = cloud.select(self._unoccupied(cloud.xyz))
+        record.added = len(cloud)
+        if len(cloud):
+            keys = self._keys  # already extended by _unoccupied
+            self.cloud = concatenate([self.cloud, cloud])
+            self._keys = keys
+        return record
+
+    def _occupied(self) -> np.ndarray:
+        """Sorted voxel keys of the cache (computed once, then extended as points are added)."""
+        if self._keys is None:
+            self._keys = np.sort(voxel_keys(self.cloud.xyz, self.voxel_size)) if len(self.cloud) else np.zeros(0, np.int64)
+        return self._keys
+
+    def _unoccupied(self, xyz: torch.Tensor) -> np.ndarray:
+        """Indices of the points of ``xyz`` whose voxel is free: not in the cache, first of their voxel."""
+        new_keys = voxel_keys(xyz, self.voxel_size)
+        keys, first = np.unique(new_keys, return_index=True)
+        occupied = self._occupied()
+        pos = np.searchsorted(occupied, keys).clip(max=max(len(occupied) - 1, 0))
+        free = occupied[pos] != keys if len(occupied) else np.ones(len(keys), bool)
+        self._keys = np.sort(np.concatenate([occupied, keys[free]]), kind="stable")
+        return np.sort(first[free])
+
+    # ------------------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        return {"version": CACHE_FILE_VERSION, "mode": self.mode, "scale": self.scale,
+                "settings": asdict(self.settings), "history": [asdict(h) for h in self.history]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the cache atomically as ``.npz`` (xyz float32, rgb float32 in [0,1], JSON state)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise InputError(f"cache file must end in .npz, got {path.name}")
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, xyz=self.cloud.xyz.cpu().numpy(), rgb=self.cloud.rgb.cpu().numpy(),
+                     state=np.asarray(json.dumps(self.state())))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PointCache":
+        """Read a cache written by :meth:`save` (equal to the saved one)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"point cache file {path} not found; start a new run or point to a saved cache")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                xyz, rgb, state = z["xyz"], z["rgb"], json.loads(str(z["state"]))
+            if state.get("version") != CACHE_FILE_VERSION:
+                raise CheckpointError(f"{path}: unsupported cache version {state.get('version')!r} "
+                                      f"(this build reads {CACHE_FILE_VERSION}); start a new run")
+            settings = CacheSettings(**state["settings"])
+            history = [CacheUpdate.from_dict(h) for h in state["history"]]
+            return cls(PointCloud(xyz, rgb), state["scale"], mode=state["mode"], settings=settings, history=history)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise CheckpointError(f"{path}: point cache file is damaged ({exc!r}); delete it to start over") from exc

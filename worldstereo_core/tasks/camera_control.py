@@ -1,0 +1,108 @@
+"""Single-view camera control: the release's ``run_camera_control`` (spec/geometry.md §4, §5, §11).
+
+Scene folder (``examples/images/<scene>``): ``image.png``, ``prompt.json`` (its ``"long caption"``)
+and ``camera.json`` (w2c + K in pixels of image.png, usually 81 frames, subsampled to ``nframe``).
+Steps: working size (``assign_scale``) -> bicubic resize -> depth of the working image (MoGe) ->
+start-view point cloud (:func:`geometry.depth.lift_depth`) -> warp renders along the trajectory,
+written as ``render.mp4`` / ``render_mask.mp4`` / ``camera.json`` and read back as the reference
+does -> generation -> ``<out>/<scene>/<model>_result.mp4`` (16 fps) and its frames as PNG in
+``<model>_frames/``. Memory models get the input frame as their only reference (``ref_index = [0]``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..constants import DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
+from ..errors import InputError
+from ..geometry.depth import lift_depth
+from ..geometry.renderer import render_warps
+from ..io.atomic import atomic_path, safe_join
+from ..io.camera_json import load_camera_json
+from ..io.images import load_image, resize_bicubic, to_tensor_m11
+from ..io.render_folder import load_render_folder, save_render_folder
+from ..io.video import read_video, write_video
+from ..memory.cache import DepthFn, depth_map
+from ..progress import ProgressFn
+from ..sizes import assign_scale
+from .generate import GenerationRequest, Generator
+
+PROMPT_KEY = "long caption"
+
+
+@dataclass
+class CameraControlResult:
+    """Files written by :func:`run_camera_control`."""
+
+    scene_out: Path
+    result: Path
+    frames_dir: Path
+    size: tuple[int, int]
+    num_frames: int
+
+
+def read_caption(path: Path, key: str = PROMPT_KEY) -> str:
+    """The ``key`` caption of a single-view ``prompt.json``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path} not found; a camera-control scene needs prompt.json with {key!r}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc}); fix the file") from exc
+    if not isinstance(data, dict) or not isinstance(data.get(key), str):
+        raise InputError(f"{path}: needs a string field {key!r} (the release uses the long caption)")
+    return data[key]
+
+
+def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator,
+                       depth_fn: DepthFn, *, model_name: str = "worldstereo-camera",
+                       scale_map=DEFAULT_SCALE_MAP, nframe: int = NFRAME, seed: int = DEFAULT_SEED,
+                       render_radius: float = RENDER_RADIUS_NDC, points_per_pixel: int = RENDER_POINTS_PER_PIXEL,
+                       progress: ProgressFn | None = None) -> CameraControlResult:
+    """Generate one camera-controlled clip from a scene folder (see the module docstring).
+
+    ``generator``: a :data:`.generate.Generator`; ``depth_fn``: see :data:`memory.cache.DepthFn`
+    (called once, on the working-size image with its K and frame-0 w2c). ``progress`` is passed
+    to the generator (one tick per sampling step).
+    """
+    scene_dir = Path(scene_dir)
+    if not scene_dir.is_dir():
+        raise InputError(f"scene folder {scene_dir} not found; check the path")
+    if any(c in model_name for c in "/\\") or not model_name:
+        raise InputError(f"model_name must be a plain file-name prefix, got {model_name!r}")
+    image = load_image(scene_dir / "image.png")
+    h0, w0 = image.shape[:2]
+    prompt = read_caption(scene_dir / "prompt.json")
+    traj = load_camera_json(scene_dir / "camera.json", width=w0, height=h0).subsample(nframe)
+    size = assign_scale(h0, w0, scale_map)
+    H, W = size
+    traj_w = traj.resized(H, W)
+    start = resize_bicubic(image, size)
+    image_t = to_tensor_m11(start)
+
+    depth = depth_map(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
+    cloud = lift_depth(depth, start, traj_w.K[0], traj_w.w2c[0])
+    rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_w, image_t, H, W, radius=render_radius,
+                             points_per_pixel=points_per_pixel)
+    scene_out = safe_join(out_dir, scene_dir.name)
+    save_render_folder(scene_out, rgb, mask, traj_w)
+    render, render_mask, _ = load_render_folder(scene_out, H, W, image_t)
+
+    request = GenerationRequest(image=start, prompt=prompt, render=render, render_mask=render_mask, trajectory=traj_w,
+                                seed=seed, references=start[None], ref_index=torch.zeros(1, dtype=torch.long),
+                                ref_w2cs=traj_w.w2c[:1], name=scene_dir.name)
+    frames = np.asarray(generator(request, progress))
+    if frames.shape != (len(traj_w), H, W, 3):
+        raise InputError(f"generator returned frames of shape {frames.shape}; expected ({len(traj_w)}, {H}, {W}, 3)")
+    result = write_video(safe_join(scene_out, f"{model_name}_result.mp4"), frames, FPS)
+    frames_dir = safe_join(scene_out, f"{model_name}_frames")
+    for i, frame in enumerate(read_video(result)):
+        with atomic_path(frames_dir / f"{i:04d}.png") as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG")
+    return CameraControlResult(scene_out, result, frames_dir, size, len(traj_w))

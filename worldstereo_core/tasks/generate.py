@@ -1,0 +1,168 @@
+"""One clip's prepared conditioning, and the generator that turns it into frames.
+
+The task loops never call a pipeline directly: they build a :class:`GenerationRequest` and hand it
+to a :data:`Generator` (any callable), which keeps them testable with a stand-in generator.
+:class:`PipelineGenerator` wraps a WorldStereo sampler (camera, memory or DMD) and derives the
+model's camera inputs from the request: the Plücker ray map of the target cameras
+(:func:`cameras.plucker_embedding`), and for memory models the pose tokens of targets and
+references normalised together (:func:`cameras.unified_camera_normalization` + :func:`cameras.camera_qt`).
+:func:`load_pipeline_generator` builds one from a ComfyUI-style models folder (see :mod:`..hub`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..cameras import CameraTrajectory, camera_qt, plucker_embedding, unified_camera_normalization
+from ..errors import InputError
+from ..io.images import to_tensor_m11
+from ..progress import ProgressFn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one clip is generated from (all at the working size H x W).
+
+    ``render``/``render_mask``: (F,3,H,W) in [-1,1] / (F,1,H,W) in {0,1} (1 = hole), frame 0 the
+    start image. ``trajectory``: the F target cameras, K in pixels of (H, W). ``references``
+    (R,H,W,3) uint8, ``ref_index`` (R,) (reference r belongs to target frame ``ref_index[r] + 1``)
+    and ``ref_w2cs`` (R,4,4): the retrieved memory (memory models only; None for the camera model).
+    """
+
+    image: np.ndarray
+    prompt: str
+    render: torch.Tensor
+    render_mask: torch.Tensor
+    trajectory: CameraTrajectory
+    seed: int
+    references: np.ndarray | None = None
+    ref_index: torch.Tensor | None = None
+    ref_w2cs: torch.Tensor | None = None
+    name: str = "clip"
+
+    @property
+    def height(self) -> int:
+        return int(self.render.shape[-2])
+
+    @property
+    def width(self) -> int:
+        return int(self.render.shape[-1])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.render.shape[0])
+
+    def check(self) -> None:
+        """Raise InputError when the parts do not fit together."""
+        F, H, W = self.num_frames, self.height, self.width
+        if self.render.shape != (F, 3, H, W) or self.render_mask.shape != (F, 1, H, W):
+            raise InputError(f"{self.name}: render {tuple(self.render.shape)} and mask {tuple(self.render_mask.shape)} "
+                             "must be (F,3,H,W) and (F,1,H,W)")
+        if tuple(np.asarray(self.image).shape) != (H, W, 3):
+            raise InputError(f"{self.name}: start image {np.asarray(self.image).shape} is not ({H}, {W}, 3)")
+        if len(self.trajectory) != F or (self.trajectory.height, self.trajectory.width) != (H, W):
+            raise InputError(f"{self.name}: trajectory has {len(self.trajectory)} cameras for "
+                             f"{self.trajectory.height}x{self.trajectory.width}; need {F} for {H}x{W}")
+        refs = (self.references, self.ref_index, self.ref_w2cs)
+        if any(r is not None for r in refs):
+            if any(r is None for r in refs):
+                raise InputError(f"{self.name}: give references, ref_index and ref_w2cs together")
+            R = len(self.ref_index)
+            if np.asarray(self.references).shape != (R, H, W, 3) or tuple(self.ref_w2cs.shape) != (R, 4, 4):
+                raise InputError(f"{self.name}: {R} reference indices but references "
+                                 f"{np.asarray(self.references).shape} and ref_w2cs {tuple(self.ref_w2cs.shape)}")
+
+
+#: ``generator(request, progress) -> frames`` (F, H, W, 3), uint8 or float in [0, 1].
+Generator = Callable[[GenerationRequest, ProgressFn | None], Any]
+
+
+def model_inputs(request: GenerationRequest, *, memory: bool) -> dict[str, torch.Tensor]:
+    """Pipeline tensors of a request: render_video, render_mask, camera_embedding and, for memory
+    models, reference_video, ref_index, camera_qt and camera_qt_ref (batch 1, float32)."""
+    request.check()
+    traj = request.trajectory
+    out = {
+        "render_video": request.render.permute(1, 0, 2, 3)[None].float(),
+        "render_mask": request.render_mask.permute(1, 0, 2, 3)[None].float(),
+        "camera_embedding": plucker_embedding(traj.K, traj.w2c, request.height, request.width).float(),
+    }
+    if not memory:
+        return out
+    if request.references is None:
+        raise InputError(f"{request.name}: a memory model needs reference frames (retrieved from the memory bank, "
+                         "or the start image with ref_index [0] for a single clip)")
+    targets, refs = unified_camera_normalization(traj.w2c, request.ref_w2cs)
+    out.update(
+        reference_video=torch.stack([to_tensor_m11(f) for f in request.references], dim=1)[None],
+        ref_index=torch.as_tensor(request.ref_index, dtype=torch.long),
+        camera_qt=camera_qt(targets)[None].float(),
+        camera_qt_ref=camera_qt(refs)[None].float(),
+    )
+    return out
+
+
+class PipelineGenerator:
+    """A :data:`Generator` over a WorldStereo sampler (:mod:`worldstereo_core.pipelines`).
+
+    ``num_inference_steps`` / ``guidance_scale`` default to the sampler's own defaults (40 UniPC
+    steps and CFG 5.0, or the DMD schedule without CFG). :attr:`steps` is the number of progress
+    ticks one clip makes.
+    """
+
+    def __init__(self, pipeline, *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 **call_kwargs: Any) -> None:
+        self.pipeline = pipeline
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.call_kwargs = call_kwargs
+
+    @property
+    def memory(self) -> bool:
+        return bool(getattr(self.pipeline, "uses_references", False))
+
+    @property
+    def steps(self) -> int:
+        return len(self.pipeline.make_sampler(self.num_inference_steps).timesteps)
+
+    def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> np.ndarray:
+        inputs = model_inputs(request, memory=self.memory)
+        out = self.pipeline(request.image, prompt=request.prompt, seed=request.seed,
+                            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                            output_type="np", progress=progress, **inputs, **self.call_kwargs)
+        return np.asarray(out.frames[0])
+
+
+def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, base: str | None = None,
+                            device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                            download: bool = False, num_inference_steps: int | None = None,
+                            guidance_scale: float | None = None,
+                            progress: ProgressFn | None = None) -> tuple[PipelineGenerator, Any]:
+    """(generator, WorldStereoConfig) for a variant in a models folder (downloaded on first use
+    with ``download``). ``base``: a Wan2.1-I2V diffusers folder, repo id or folder name under
+    ``<models>/diffusers`` (default: the variant config's ``base_model``)."""
+    from .. import hub
+    from ..models import load_worldstereo_config, load_worldstereo_transformer
+    from ..pipelines import build_pipeline, default_dtype, load_base_components
+
+    variant = hub.ensure_worldstereo(models_root, model_type, download=download)
+    config = load_worldstereo_config(variant)
+    base_name = base or config.base_model or hub.WAN_BASE_REPO
+    parts = [p for p in hub.WAN_BASE_PARTS if not (config.is_dmd and p == "scheduler")]
+    base_folder = hub.ensure_wan_base(models_root, base_name, parts=parts, download=download)
+    dtype = dtype or default_dtype(device)
+    log.info("loading %s from %s on the Wan base %s (%s, %s)", model_type, variant, base_folder, device, dtype)
+    transformer = load_worldstereo_transformer(variant, base=base_folder, dtype=dtype, device=device,
+                                               progress=progress)
+    components = load_base_components(base_folder, device=device, vae_dtype=dtype, scheduler=not config.is_dmd)
+    pipeline = build_pipeline(config, transformer, components, device=device)
+    return PipelineGenerator(pipeline, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale), config
+
