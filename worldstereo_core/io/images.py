@@ -180,4 +180,4 @@ def resize_bicubic(img: ImageLike, size_hw: tuple[int, int]) -> np.ndarray:
     arr = load_image(img)
     if arr.shape[:2] == (h, w):
         return arr.copy()
-    return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))

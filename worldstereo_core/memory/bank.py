@@ -295,7 +295,7 @@ class MemoryBank:
         path = safe_join(folder, rel)
         if not path.is_file():
             with atomic_path(path) as tmp:
-                Image.fromarray(frame).save(tmp, format="PNG")
+                Image.fromarray(frame).save(tmp, format="PNG", compress_level=1)
         return rel
 
     @staticmethod
