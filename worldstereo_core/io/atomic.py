@@ -16,6 +16,13 @@ from typing import Iterator
 from ..errors import InputError
 
 
+def _default_file_mode() -> int:
+    """The mode ``open(..., "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds."""
@@ -26,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _default_file_mode())  # mkstemp makes 0600; give the usual umask mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
