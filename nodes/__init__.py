@@ -6,11 +6,11 @@ folders and the trajectory-preview route.
 """
 from __future__ import annotations
 
-from . import loaders
+from . import export, geometry, loaders, loop, memory, render, sampling, trajectory
 from ._comfy import in_comfyui
 from .trajectory_preview import register_routes
 
-_STAGES = (loaders,)
+_STAGES = (loaders, geometry, trajectory, render, memory, sampling, loop, export)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

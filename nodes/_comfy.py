@@ -100,6 +100,33 @@ def big_load(num_bytes: Optional[int] = None, device: Optional[torch.device] = N
         soft_empty_cache()
 
 
+def module_bytes(*modules: Optional[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (None entries ignored)."""
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for t in list(module.parameters()) + list(module.buffers()):
+            total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def on_compute_device(module: torch.nn.Module) -> Iterator[torch.device]:
+    """Run ``module`` on ComfyUI's compute device: make room for it, move it there, and move it
+    back to where it was (and empty the cache) afterwards, also on errors and interrupts."""
+    device = torch_device()
+    home = next(iter(module.parameters()), torch.empty(0)).device
+    if torch.device(device).type != "cpu" and home != torch.device(device):
+        free_memory(module_bytes(module), device)
+    module.to(device)
+    try:
+        yield device
+    finally:
+        module.to(home)
+        soft_empty_cache()
+
+
 # --- errors --------------------------------------------------------------------------------
 
 @contextlib.contextmanager

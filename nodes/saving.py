@@ -55,6 +55,28 @@ def next_paths(filename_prefix: str, kind: Kind, count: int, ext: str, width: in
     return [safe_join(folder, f"{name}_{counter + i:05}_.{ext}") for i in range(count)]
 
 
+def next_folder(filename_prefix: str, kind: Kind = "output") -> Path:
+    """A fresh folder path ``<prefix>_<NNNNN>`` (not created); counts like image files do."""
+    import folder_paths
+
+    root = str(base_dir(kind))
+    try:
+        folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(filename_prefix, root)
+    except Exception as err:  # ComfyUI raises a bare Exception for prefixes escaping the folder
+        raise InputError(f"filename_prefix {filename_prefix!r}: {err}") from err
+    while True:
+        path = safe_join(folder, f"{name}_{counter:05}")
+        if not path.exists():
+            return path
+        counter += 1
+
+
+def relative_to_base(path: str | Path, kind: Kind = "output") -> str:
+    """``path`` relative to the temp/output folder with '/' separators (what Preview3D expects)."""
+    entry = file_entry(path, kind)
+    return f"{entry['subfolder']}/{entry['filename']}" if entry["subfolder"] else entry["filename"]
+
+
 def save_images(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp") -> list[dict]:
     """Write an IMAGE batch as PNG files; return their ``ui`` entries (one per frame)."""
     from PIL import Image

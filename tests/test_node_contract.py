@@ -7,6 +7,7 @@ to fail on deliberately broken dummy nodes defined below.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -258,3 +259,152 @@ def test_web_folder_holds_only_extensions():
         assert re.search(r'name:\s*"worldstereo\.[A-Za-z]+"', text), path
         assert 'from "../../scripts/app.js"' in text, path
         assert "/extensions/" not in text, f"{path}: do not hard-code the pack's URL"
+
+
+# --- example workflows and their API twins ---------------------------------------------------
+
+WORKFLOWS = REPO / "example_workflows"
+API_PROMPTS = REPO / "tests" / "api_prompts"
+#: Core ComfyUI nodes the examples use, with the frontend's widget names (None = frontend-only widget).
+CORE_WIDGETS = {"LoadImage": ["image", None], "PreviewImage": [], "Preview3D": ["model_file", "image"]}
+#: Frontend-only widget added after an INT input named like this.
+SEED_NAMES = ("seed", "noise_seed")
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+def _workflows() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.json")) if WORKFLOWS.is_dir() else []
+
+
+def _widget_specs(cls) -> list[tuple[str, object]]:
+    """(name, spec) of every widget the frontend creates for a V1 node, in order; the seed's
+    control_after_generate widget is ("control_after_generate", None)."""
+    spec = cls.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, item in spec.get(section, {}).items():
+            kind, options = item[0], (item[1] if len(item) > 1 else {})
+            if options.get("forceInput") or not (isinstance(kind, list) or kind in PRIMITIVES):
+                continue
+            out.append((name, item))
+            if kind == "INT" and (name in SEED_NAMES or options.get("control_after_generate")):
+                out.append(("control_after_generate", None))
+    return out
+
+
+def _value_errors(cls, name, item, value) -> list[str]:
+    kind, options = item[0], (item[1] if len(item) > 1 else {})
+    if isinstance(kind, list):
+        if value in kind:
+            return []
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        exempt = validate is not None and name in inspect.signature(validate).parameters
+        return [] if exempt and isinstance(value, str) else [f"{name}: {value!r} is not a choice"]
+    if kind == "BOOLEAN":
+        return [] if isinstance(value, bool) else [f"{name}: {value!r} is not a boolean"]
+    if kind == "STRING":
+        return [] if isinstance(value, str) else [f"{name}: {value!r} is not a string"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
+        return [f"{name}: {value!r} is not a number of type {kind}"]
+    lo, hi = options.get("min"), options.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        return [f"{name}: {value} outside [{lo}, {hi}]"]
+    return []
+
+
+def workflow_errors(workflow: dict, mappings: dict) -> list[str]:
+    """Node types unknown to the pack (or to the core list above) and widget values that do not fit
+    the node's INPUT_TYPES (count, order, types, ranges, combo choices)."""
+    errors = []
+    for node in workflow.get("nodes", []):
+        where = f"node {node['id']} ({node['type']})"
+        values = node.get("widgets_values") or []
+        if node["type"] in CORE_WIDGETS:
+            if len(values) != len(CORE_WIDGETS[node["type"]]):
+                errors.append(f"{where}: {len(values)} widget values for {CORE_WIDGETS[node['type']]}")
+            continue
+        cls = mappings.get(node["type"])
+        if cls is None:
+            errors.append(f"{where}: unknown node type")
+            continue
+        specs = _widget_specs(cls)
+        if len(values) != len(specs):
+            errors.append(f"{where}: {len(values)} widget values for widgets {[n for n, _ in specs]}")
+            continue
+        for (name, item), value in zip(specs, values):
+            if item is None:
+                errors += [] if value in CONTROL_VALUES else [f"{where}: control_after_generate {value!r}"]
+            else:
+                errors += [f"{where}: {e}" for e in _value_errors(cls, name, item, value)]
+    return errors
+
+
+def twin_errors(workflow: dict, api: dict) -> list[str]:
+    """Differences between a UI workflow and its API twin: node ids and types, widget values by
+    name, and every link as ``[source id, output slot]``."""
+    errors = []
+    nodes = {str(n["id"]): n for n in workflow["nodes"] if n.get("mode", 0) == 0}
+    if set(nodes) != set(api):
+        return [f"node ids differ: UI {sorted(nodes)} vs API {sorted(api)}"]
+    links = {link[0]: link for link in workflow.get("links", [])}
+    pack = import_pack()
+    for nid, node in nodes.items():
+        entry = api[nid]
+        if entry["class_type"] != node["type"]:
+            errors.append(f"node {nid}: class_type {entry['class_type']} vs {node['type']}")
+            continue
+        cls = pack.NODE_CLASS_MAPPINGS.get(node["type"])
+        names = ([n for n, _ in _widget_specs(cls)] if cls is not None else CORE_WIDGETS[node["type"]])
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, value in zip(names, node.get("widgets_values") or []):
+            if name in (None, "control_after_generate") or name in linked:
+                continue
+            if entry["inputs"].get(name) != value:
+                errors.append(f"node {nid}: {name} = {entry['inputs'].get(name)!r} in the API, {value!r} in the UI")
+        for inp in node.get("inputs", []):
+            if inp.get("link") is None:
+                continue
+            _lid, src, slot, _dst, _dslot, _type = links[inp["link"]]
+            if entry["inputs"].get(inp["name"]) != [str(src), slot]:
+                errors.append(f"node {nid}: input {inp['name']} = {entry['inputs'].get(inp['name'])} vs link "
+                              f"[{src}, {slot}]")
+    return errors
+
+
+def test_every_use_case_has_a_workflow_thumbnail_and_twin():
+    names = {p.stem for p in _workflows()}
+    assert len(names) >= 4, names
+    for name in names:
+        thumb = WORKFLOWS / f"{name}.jpg"
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
+        assert (API_PROMPTS / f"{name}.api.json").is_file(), f"no API twin for {name}"
+
+
+@pytest.mark.parametrize("path", _workflows(), ids=lambda p: p.name)
+def test_example_workflow_matches_node_definitions(comfy_stub, path):
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    errors = workflow_errors(workflow, comfy_stub.pack.NODE_CLASS_MAPPINGS)
+    assert errors == [], "\n".join(errors)
+    twin = json.loads((API_PROMPTS / f"{path.stem}.api.json").read_text(encoding="utf-8"))
+    errors = twin_errors(workflow, twin)
+    assert errors == [], "\n".join(errors)
+
+
+def test_workflow_checkers_can_fail(comfy_stub):
+    path = _workflows()[0]
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    twin = json.loads((API_PROMPTS / f"{path.stem}.api.json").read_text(encoding="utf-8"))
+    mappings = comfy_stub.pack.NODE_CLASS_MAPPINGS
+    ours = next(n for n in workflow["nodes"] if n["type"] in mappings and n.get("widgets_values"))
+    shifted = json.loads(json.dumps(workflow))
+    node = next(n for n in shifted["nodes"] if n["id"] == ours["id"])
+    node["widgets_values"] = node["widgets_values"][1:]  # a removed widget shifts every value
+    assert workflow_errors(shifted, mappings)
+    unknown = json.loads(json.dumps(workflow))
+    unknown["nodes"][0]["type"] = "WorldStereoNoSuchNode"
+    assert workflow_errors(unknown, mappings)
+    other = json.loads(json.dumps(twin))
+    entry = other[str(ours["id"])]
+    first = next(k for k, v in entry["inputs"].items() if not isinstance(v, list))
+    entry["inputs"][first] = "changed"
+    assert twin_errors(workflow, other)

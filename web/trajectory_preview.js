@@ -13,6 +13,7 @@ const TRAJECTORY_NODE_TYPES = [
   "WorldStereoTrajectoryPreset",
   "WorldStereoTrajectoryFromJSON",
   "WorldStereoCameraJSONLoad",
+  "WorldStereoReconstructionTrajectories",
 ];
 const PAYLOAD_KEY = "worldstereo_trajectory";
 const PREVIEW_ROUTE = "/worldstereo/trajectory_preview";

@@ -31,6 +31,24 @@ from comfyui_harness import HOST, PACK_FOLDER, REPO, ComfyUIServer, WebSocket, f
 
 EXTENSION_NAME = "worldstereo.trajectoryPreview"
 PAYLOAD_KEY = "worldstereo_trajectory"
+#: A trajectory file put into input/ so the camera.json node has something to preview.
+CAMERA_JSON = "worldstereo_example_camera.json"
+
+
+def write_camera_json(path: Path, frames: int = 21) -> Path:
+    """A camera.json (reference schema) of a camera sliding right while turning left, 512x320."""
+    import math
+
+    extrinsic, intrinsic = [], []
+    for i in range(frames):
+        a = math.radians(-20.0 * i / (frames - 1))
+        c, s = math.cos(a), math.sin(a)
+        extrinsic.append([[c, 0.0, -s, -0.3 * i / (frames - 1)], [0.0, 1.0, 0.0, 0.0], [s, 0.0, c, 0.0],
+                          [0.0, 0.0, 0.0, 1.0]])
+        intrinsic.append([[400.0, 0.0, 256.0], [0.0, 400.0, 160.0], [0.0, 0.0, 1.0]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"extrinsic": extrinsic, "intrinsic": intrinsic, "width": 512, "height": 320}))
+    return path
 
 
 def trajectory_node_types(pack_dir: Path) -> list[str]:
@@ -272,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = server.base_dir / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-        browser = Browser(args.chromium)
+        write_camera_json(server.base_dir / "input" / CAMERA_JSON)
+        browser = Browser(args.chromium, width=1800, height=1100)
         try:
             t0 = time.monotonic()
             browser.call("Page.navigate", {"url": server.base_url})

@@ -32,3 +32,19 @@ def test_extension_loads_and_previews(tmp_path):
     assert code == 0, json.dumps(report["errors"], indent=2)
     for node in report["nodes"]:  # trajectory nodes that exist get a live, updating preview
         assert node["live"]["cams"] > 0 and node["after_change"]["cams"] > 0, node
+
+
+def test_example_workflows_load_without_missing_nodes(tmp_path):
+    """Each example workflow loads in the real frontend with every node type known, and the
+    frontend still converts it into exactly the shipped API twin (export_workflows.py check mode)."""
+    import export_workflows
+
+    args = ["--comfyui-dir", COMFYUI_DIR, "--chromium", CHROMIUM, "--out", str(tmp_path)]
+    if os.environ.get("COMFYUI_PYTHON"):
+        args += ["--python", os.environ["COMFYUI_PYTHON"]]
+    code = export_workflows.main(args)
+    report = json.loads((tmp_path / "workflows.json").read_text())
+    assert len(report["workflows"]) >= 4
+    for entry in report["workflows"]:
+        assert entry["missing_types"] == [] and entry["errors"] == [], entry
+    assert code == 0, report["errors"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,15 @@ API_PROMPTS = REPO / "tests" / "api_prompts"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=os.environ.get("COMFYUI_PYTHON"))
+    """A headless ComfyUI whose models/ holds tiny checkpoints under the real file names and whose
+    input/ holds what the example workflows load (example.png, a small panorama scene)."""
+    from comfy_stub.tiny_models import write_example_inputs, write_tiny_models
+
+    python = os.environ.get("COMFYUI_PYTHON")
+    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=python)
+    srv.prepare()
+    write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
+    write_example_inputs(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
     srv.start()
     try:
         yield srv
@@ -63,12 +72,12 @@ def test_object_info_lists_every_node(server, pack_node_ids):
 def test_model_folders_registered(server):
     status, folders = server.get("/models")
     assert status == 200 and {"worldstereo", "moge", "dinov2", "diffusion_models", "vae"} <= set(folders)
-    variant = server.base_dir / "models" / "worldstereo" / "worldstereo-camera"
-    variant.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        (variant / name).write_bytes(b"{}")
     status, files = server.get("/models/worldstereo")
     assert status == 200 and {"worldstereo-camera/config.json", "worldstereo-camera/model.safetensors"} <= set(files)
+    status, files = server.get("/models/moge")
+    assert status == 200 and "moge-2-vitl-normal/model.pt" in files
+    info = server.object_info()
+    assert "wan_2.1_vae.safetensors" in info["WorldStereoVAELoader"]["input"]["required"]["vae"][0]
 
 
 def test_web_extension_served(server):
@@ -142,9 +151,102 @@ def _api_prompts() -> list[Path]:
     return sorted(API_PROMPTS.glob("*.api.json")) if API_PROMPTS.is_dir() else []
 
 
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_api_prompts_reference_known_nodes(server):
+    info = server.object_info()
+    assert _api_prompts(), "no API prompts in tests/api_prompts"
+    for path in _api_prompts():
+        unknown = {n["class_type"] for n in _load(path).values()} - set(info)
+        assert not unknown, f"{path.name}: unknown node types {unknown}"
+
+
+def _progress_nodes(run: PromptRun) -> set[str]:
+    return {d["node"] for d in run.data("progress")}
+
+
 @pytest.mark.parametrize("path", _api_prompts(), ids=lambda p: p.name)
 def test_api_prompt_runs(server, path):
-    """Every API-format twin of an example workflow completes (prompts added in phase 2)."""
-    run = server.run_prompt(json.loads(path.read_text(encoding="utf-8")), timeout=600)
+    """Every API twin of an example workflow validates and runs to success on the tiny models, with
+    progress over the websocket and its outputs (videos, folders) in /history and on disk."""
+    prompt = _load(path)
+    run = server.run_prompt(prompt, timeout=900)
     assert run.status == "success", json.dumps(run.data("execution_error"))[:3000]
-    assert run.outputs
+    assert run.history["status"]["status_str"] == "success"
+    heavy = {nid for nid, n in prompt.items() if n["class_type"] in ("WorldStereoSampler", "WorldStereoMultiTrajectoryLoop")}
+    assert heavy and heavy <= _progress_nodes(run), "sampler / loop sent no progress"
+    videos = [(nid, o) for nid, o in run.outputs.items() if prompt[nid]["class_type"] == "WorldStereoSaveVideo"]
+    assert videos, f"no video output in {sorted(run.outputs)}"
+    for _nid, out in videos:
+        (entry,) = out["images"]
+        assert out["animated"] == [True] and entry["type"] == "output" and entry["filename"].endswith(".mp4")
+        file = server.output_dir / entry["subfolder"] / entry["filename"]
+        assert file.is_file() and file.stat().st_size > 0
+    for nid, node in prompt.items():
+        if node["class_type"] == "WorldStereoExportWorldMirror":
+            (text,) = run.outputs[nid]["text"]
+            folder = server.output_dir / text.split(":")[0].removeprefix("output/")
+            assert (folder / "cameras.json").is_file() and any((folder / "images").iterdir())
+
+
+def test_rerun_is_cached(server):
+    """Re-queueing an unchanged example executes nothing (loaders and samplers come from the cache)."""
+    path = API_PROMPTS / "worldstereo_fast_dmd.api.json"
+    first = server.run_prompt(_load(path), timeout=900)
+    again = server.run_prompt(_load(path), timeout=300)
+    assert first.status == again.status == "success"
+    assert set(again.data("execution_cached")[0]["nodes"]) == set(_load(path))
+    assert not again.data("progress")
+
+
+def test_interrupted_loop_resumes(server):
+    """Cancel the panorama loop during its second trajectory, then queue it again: it finishes and
+    reports the trajectories completed before the cancel as skipped (resumed from the saved state)."""
+    prompt = _load(API_PROMPTS / "worldstereo_panorama.api.json")
+    loop_id = next(nid for nid, n in prompt.items() if n["class_type"] == "WorldStereoMultiTrajectoryLoop")
+    prompt[loop_id]["inputs"]["output_folder"] = "WorldStereo/panorama_interrupted"
+    prompt[loop_id]["inputs"]["steps"] = 3
+    sent = []
+
+    def interrupt_in_second_trajectory(message, srv, prompt_id):
+        data = message.get("data") or {}
+        if message["type"] == "progress" and data.get("node") == loop_id and data["value"] > 3 and not sent:
+            sent.append(srv.interrupt(prompt_id))
+
+    run = server.run_prompt(prompt, timeout=900, on_message=interrupt_in_second_trajectory)
+    assert sent == [200] and run.status == "interrupted", [m["type"] for m in run.messages]
+    state = server.output_dir / "WorldStereo" / "panorama_interrupted"
+    assert list(state.rglob("state.json")), "no run state saved before the interrupt"
+    resumed = server.run_prompt(prompt, timeout=900)
+    assert resumed.status == "success", json.dumps(resumed.data("execution_error"))[:3000]
+    (summary,) = resumed.outputs[loop_id]["text"]
+    statuses = json.loads(summary.split(": ", 1)[1])
+    assert "skipped" in statuses.values() and "generated" in statuses.values(), statuses
+
+
+def test_missing_model_is_a_readable_400(server):
+    """Every output of the camera example needs the MoGe loader; a missing checkpoint there rejects the
+    prompt at queue time with our message (folder and file named) instead of failing mid-run."""
+    prompt = _load(API_PROMPTS / "worldstereo_single_image_camera_control.api.json")
+    moge_id = next(nid for nid, n in prompt.items() if n["class_type"] == "WorldStereoMoGeLoader")
+    prompt[moge_id]["inputs"]["checkpoint"] = "not_there/model.pt"
+    status, body = server.queue(prompt, "x")
+    assert status == 400, body
+    errors = body["node_errors"][moge_id]["errors"]  # ComfyUI files the message under every validated input
+    assert errors and all(e["type"] == "custom_validation_failed" for e in errors)
+    assert any("'moge' model folder" in e["details"] and "not_there/model.pt" in e["details"] for e in errors)
+
+
+def test_runtime_error_is_reported_not_crashing(server):
+    """A bad value found only at run time becomes an execution_error naming the node; the server
+    keeps serving."""
+    prompt = _load(API_PROMPTS / "worldstereo_fast_dmd.api.json")
+    traj_id = next(nid for nid, n in prompt.items() if n["class_type"] == "WorldStereoTrajectoryFromJSON")
+    prompt[traj_id]["inputs"]["json_text"] = '[{"type": "spiral"}]'
+    run = server.run_prompt(prompt, timeout=600)
+    assert run.status == "error"
+    (error,) = run.data("execution_error")
+    assert error["node_id"] == traj_id and "WorldStereo Trajectory From JSON" in error["exception_message"]
+    assert server.get("/system_stats")[0] == 200

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from ..constants import HF_REPO_ID
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..progress import ProgressFn, report
+from ..runtime.fp8 import convert_worldstereo_fp8, quantize_stream
 from .config import (BASE_CONFIG_FILES, WorldStereoConfig, clean_transformer_config, load_worldstereo_config,
                      read_json_object, shipped_base_config, shipped_config_for_base_model)
 from .transformer import WorldStereoTransformer, build_transformer
@@ -293,6 +294,7 @@ def load_worldstereo_transformer(
     device: str | torch.device = "cpu",
     attention_scope: str = "full",
     attention_backend: str | None = None,
+    fp8: str | None = None,
     progress: ProgressFn | None = None,
 ) -> WorldStereoTransformer:
     """Load a WorldStereo variant folder (``config.json`` + ``model.safetensors``).
@@ -304,7 +306,9 @@ def load_worldstereo_transformer(
     the shipped one matching the tensor shapes). ``dtype`` is the compute dtype (bf16/fp16/fp32; in
     half precision the backbone's norms, modulation tables and time embedder stay fp32, as diffusers
     loads Wan). ``attention_scope``: ``"full"`` (released) or ``"pairs"`` (memory models, see
-    ``ssm.py``); ``attention_backend``: a diffusers backend name (default torch SDPA).
+    ``ssm.py``); ``attention_backend``: a diffusers backend name (default torch SDPA). ``fp8``:
+    ``"channel"`` or ``"tensor"`` stores the block Linear weights as float8 e4m3 with per-channel /
+    per-tensor scales, quantised tensor by tensor while reading (:mod:`..runtime.fp8`).
     ``progress(done, total)`` is called per tensor and may raise to abort.
     Returns the model in eval mode on ``device``, with ``model.load_report`` (a :class:`LoadReport`)."""
     variant_dir = Path(variant_dir)
@@ -317,6 +321,8 @@ def load_worldstereo_transformer(
 
     model = build_transformer(transformer_config, cfg.controlnet_cfg, memory=cfg.is_memory, device="meta",
                               dtype=dtype, attention_scope=attention_scope, attention_backend=attention_backend)
+    if fp8 is not None:
+        convert_worldstereo_fp8(model, fp8)
     expected = _expected_shapes(model)
 
     # The variant file may hold any subset of the model's keys, nothing else.
@@ -340,6 +346,8 @@ def load_worldstereo_transformer(
     overridden = sum(1 for k in from_variant if not k.startswith(WORLDSTEREO_PREFIXES)) if base_ckpt else 0
     items = itertools.chain(base_ckpt.files.iter_tensors(from_base) if base_ckpt is not None else (),
                             variant.iter_tensors(from_variant))
+    if fp8 is not None:
+        items = quantize_stream(model, items)
     _assign(model, items, device, progress, total=len(expected))
     model.eval()
 
@@ -348,6 +356,8 @@ def load_worldstereo_transformer(
         n_from_base=len(from_base), n_from_variant=len(from_variant), backbone_overridden=overridden,
         dtype=str(dtype).replace("torch.", ""), notes=[f"transformer config: {config_source}"],
     )
+    if fp8 is not None:
+        summary.notes.append(f"block Linear weights stored in float8 e4m3 with per-{fp8} scales")
     model.load_report = summary
     logger.info("loaded %s (%s): %d tensors, %d from the base, %d from the variant file, of which %d override "
                 "backbone weights; %s", cfg.model_type, summary.dtype, summary.n_keys, summary.n_from_base,

@@ -100,7 +100,8 @@ class PairGroups:
 class JointReferenceAttnProcessor:
     """Self-attention over [reference tokens; target tokens] with the block's own projections.
 
-    ``_attention_backend`` follows diffusers' ``set_attention_backend`` (torch SDPA by default)."""
+    ``_attention_backend`` follows diffusers' ``set_attention_backend`` (torch SDPA by default);
+    ``_parallel_config`` (set by :mod:`worldstereo_core.distributed`) runs it sequence-parallel."""
 
     _attention_backend = None
     _parallel_config = None
@@ -118,7 +119,8 @@ class JointReferenceAttnProcessor:
         q, k = apply_rotary(q, rotary_emb), apply_rotary(k, rotary_emb)
 
         if pair_groups is None:
-            out = dispatch_attention_fn(q, k, v, backend=self._attention_backend)
+            out = dispatch_attention_fn(q, k, v, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
         else:
             out = self._pairs(q, k, v, pair_groups)
         out = out.flatten(2, 3).type_as(q)

@@ -107,6 +107,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _mark(device: torch.device):
+    """A point in time on ``device``'s stream: a recorded CUDA event (no host sync) or perf_counter."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _intervals(marks: list) -> list[float]:
+    """Seconds between consecutive marks (waits once for the last CUDA event)."""
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 class KeyframePipeline(abc.ABC):
     """Shared core of the WorldStereo samplers (see camera/memory/dmd for the concrete ones).
 
@@ -155,7 +172,14 @@ class KeyframePipeline(abc.ABC):
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _placed(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """``module`` on the execution device for the block; moved home after unless kept."""
+        """``module`` on the execution device for the block; moved home after unless kept.
+
+        A module with a ``placement`` (e.g. ``runtime.block_swap.BlockSwap``) places itself."""
+        placement = getattr(module, "placement", None)
+        if placement is not None:
+            with placement(self.device, keep=self.keep_on_device):
+                yield module
+            return
         home = _device_of(module)
         module.to(self.device)
         try:
@@ -387,7 +411,7 @@ class KeyframePipeline(abc.ABC):
         if self.uses_references:
             kwargs.update(
                 reference_latent=_batched(reference_latent, batch, "reference_video").to(tdtype),
-                ref_index=ref_index.to(self.device, torch.long),
+                ref_index=ref_index.to("cpu", torch.long),  # validated on the host at every call: no GPU sync
                 camera_qt=_batched(camera_qt, batch, "camera_qt").to(self.device, torch.float32),
                 camera_qt_ref=_batched(camera_qt_ref, batch, "camera_qt_ref").to(self.device, torch.float32),
             )
@@ -419,9 +443,10 @@ class KeyframePipeline(abc.ABC):
         step_times: list[float] = []
         timings["step_s"] = step_times
         t_loop = time.perf_counter()
+        marks = []  # per-step times are read after the loop: no host sync per step
         with self._placed(self.transformer) as model:
+            marks.append(_mark(self.device))
             for i, t in enumerate(sampler.timesteps):
-                t0 = time.perf_counter()
                 model_in = torch.cat([x, cond.condition], dim=1).to(tdtype)
                 timestep = t.to(self.device).expand(batch)
                 if doubled is not None:
@@ -446,8 +471,8 @@ class KeyframePipeline(abc.ABC):
                 noise_pred = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
                 x = sampler.advance(noise_pred, i, x)
                 del model_in, noise_pred, v_cond, v_uncond
-                _sync(self.device)
-                step_times.append(time.perf_counter() - t0)
+                marks.append(_mark(self.device))
                 report(progress, i + 1, total)
+            step_times.extend(_intervals(marks))
         timings["denoise_s"] = time.perf_counter() - t_loop
         return x

@@ -1,0 +1,331 @@
+"""Depth and point-cloud nodes: working size, MoGe depth, bring-your-own depth / point maps, lifting.
+
+A start image becomes a ``POINT_CLOUD`` (:class:`types.Scene`): the lifted cloud plus the start
+camera (identity pose, pixel K) and the scene scale m (median depth) that trajectory moves are
+measured in. Everything is computed by ``worldstereo_core``; these nodes only convert ComfyUI
+tensors and report errors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..worldstereo_core.cameras import intrinsics_from_fov, invert_rigid, scale_intrinsics
+from ..worldstereo_core.constants import DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, SOBEL_EDGE_THRESHOLD
+from ..worldstereo_core.errors import InputError
+from ..worldstereo_core.geometry.depth import (PNG_DEPTH_SCALE, lift_depth, load_depth_map, load_point_map,
+                                               points_from_pointmap, resize_depth)
+from ..worldstereo_core.geometry.trajectories import median_depth
+from ..worldstereo_core.io.images import load_image, resize_bicubic
+from ..worldstereo_core.sizes import assign_scale
+from . import files, types
+from ._comfy import node_errors, on_compute_device
+from .images import image_to_frames, image_to_uint8, mask_from_comfy
+from .saving import file_entry, next_paths
+
+CATEGORY = "WorldStereo/geometry"
+DEPTH_ENCODINGS = ("depth = value x scale", "bright = near (near..far)", "bright = far (near..far)")
+DEPTH_FILE_EXTENSIONS = (".npy", ".npz", ".png")
+POINT_MAP_EXTENSIONS = (".npy", ".npz")
+DEFAULT_FOV = 60.0
+
+
+def first_image_uint8(image: torch.Tensor, name: str) -> np.ndarray:
+    """The first frame of an IMAGE batch as RGB uint8 (H, W, 3) (validated like core images)."""
+    return load_image(image_to_uint8(image, name)[0].numpy(), name=name)
+
+
+def uint8_to_image(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) or (B, H, W, 3) -> IMAGE [B, H, W, 3] float32 0..1."""
+    arr = np.array(frames, dtype=np.uint8)  # a writable copy
+    if arr.ndim == 3:
+        arr = arr[None]
+    return torch.from_numpy(arr).float().div(255.0)
+
+
+def depth_preview(depth: torch.Tensor) -> torch.Tensor:
+    """Grey IMAGE [1, H, W, 3] of a depth map: near = bright (normalised disparity), invalid = black."""
+    d = depth.detach().float().cpu()
+    valid = torch.isfinite(d) & (d > 0)
+    out = torch.zeros_like(d)
+    if bool(valid.any()):
+        disp = 1.0 / d[valid]
+        lo, hi = disp.min(), disp.max()
+        out[valid] = (disp - lo) / (hi - lo) if float(hi - lo) > 0 else torch.ones_like(disp)
+    return out[None, :, :, None].expand(1, *out.shape, 3).contiguous()
+
+
+def save_preview_cloud(scene: types.Scene, prefix: str = "WorldStereo/cloud") -> dict:
+    """Write the scene's cloud as a GLB into ComfyUI's temp folder; its ``ui`` entry."""
+    from ..worldstereo_core.io.pointcloud_files import camera_frustum_segments, write_glb
+
+    (path,) = next_paths(prefix, "temp", 1, "glb")
+    c2w = invert_rigid(scene.w2c)[None]
+    segments = camera_frustum_segments(c2w, scene.K[None], scene.width, scene.height, 0.1 * scene.median_depth)
+    write_glb(path, scene.cloud, frustum_segments=segments)
+    return file_entry(path, "temp")
+
+
+def make_scene(image: np.ndarray, depth: types.Depth, fov_deg: float, sobel_threshold: float, contract: float,
+               label: str = "") -> types.Scene:
+    """Lift ``depth`` seen from the start camera (identity pose) with ``image``'s colours."""
+    height, width = image.shape[:2]
+    d, mask, K = depth.depth, depth.mask, depth.K
+    if (depth.height, depth.width) != (height, width):
+        if K is not None:
+            K = scale_intrinsics(K, (depth.height, depth.width), (height, width))
+        d = resize_depth(d, height, width)
+        if mask is not None:
+            mask = resize_depth(mask.float(), height, width) > 0.5
+    if K is None:
+        if not 1.0 < fov_deg < 179.0:
+            raise InputError(f"fov_deg must be between 1 and 179 degrees, got {fov_deg}")
+        K = intrinsics_from_fov(width, height, fov_deg)
+    w2c = torch.eye(4, dtype=torch.float64)
+    cloud = lift_depth(d, image, K, w2c, mask=mask, sobel_threshold=sobel_threshold,
+                       contract=contract if contract > 0 else None)
+    return types.Scene(cloud=cloud, K=torch.as_tensor(K, dtype=torch.float64), w2c=w2c, width=width, height=height,
+                       median_depth=median_depth(d, mask), image=image, label=label or depth.source)
+
+
+class ResizeToBucket:
+    DESCRIPTION = ("Resize an image to the working size the model was trained on: the bucket of the "
+                   "variant's scale_map (default 480x768 family) closest in aspect ratio.")
+    CATEGORY = CATEGORY
+    FUNCTION = "resize"
+    RETURN_TYPES = ("IMAGE", "INT", "INT")
+    RETURN_NAMES = ("image", "width", "height")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE", {"tooltip": "Start image (the first frame of a batch is used)."})},
+                "optional": {"model": (types.MODEL, {"tooltip": "Use this variant's scale_map buckets."})}}
+
+    @node_errors("WorldStereo Resize To Bucket")
+    def resize(self, image, model=None):
+        rgb = first_image_uint8(image, "image")
+        scale_map = getattr(getattr(model, "config", None), "scale_map", None) or DEFAULT_SCALE_MAP
+        height, width = assign_scale(rgb.shape[0], rgb.shape[1], scale_map)
+        return (uint8_to_image(resize_bicubic(rgb, (height, width))), width, height)
+
+
+class MoGeDepth:
+    DESCRIPTION = "Metric depth, validity mask and camera intrinsics of one image with MoGe-2."
+    CATEGORY = CATEGORY
+    FUNCTION = "estimate"
+    RETURN_TYPES = (types.DEPTH, "IMAGE", "MASK")
+    RETURN_NAMES = ("depth", "depth_preview", "valid_mask")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "moge": (types.MOGE,),
+            "image": ("IMAGE", {"tooltip": "Start image at the working size (first frame of a batch)."}),
+            "resolution_level": ("INT", {"default": 9, "min": 0, "max": 9,
+                                         "tooltip": "MoGe token budget: 9 = finest (reference setting)."}),
+        }}
+
+    @node_errors("WorldStereo MoGe Depth")
+    def estimate(self, moge, image, resolution_level):
+        from ..worldstereo_core.geometry.moge import estimate_depth
+
+        rgb = first_image_uint8(image, "image")
+        with on_compute_device(moge):
+            out = estimate_depth(moge, rgb, resolution_level=resolution_level)
+        h, w = rgb.shape[:2]
+        K = scale_intrinsics(out["intrinsics_normalised"].double(), (1, 1), (h, w))
+        depth = types.Depth(out["depth"].cpu(), out["mask"].cpu(), K, source="MoGe")
+        return (depth, depth_preview(depth.depth), out["mask"].float().cpu()[None])
+
+
+class DepthFromImage:
+    DESCRIPTION = ("Bring your own depth: turn a depth IMAGE (e.g. from another depth model) or a MASK "
+                   "holding depth values into a WorldStereo depth map.")
+    CATEGORY = CATEGORY
+    FUNCTION = "convert"
+    RETURN_TYPES = (types.DEPTH, "IMAGE")
+    RETURN_NAMES = ("depth", "depth_preview")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoding": (list(DEPTH_ENCODINGS), {"default": DEPTH_ENCODINGS[0], "tooltip":
+                             "How pixel values (0..1) map to depth. 'value x scale' keeps 0 as invalid."}),
+                "scale": ("FLOAT", {"default": 1.0, "min": 1e-6, "max": 1e6, "step": 0.01,
+                                    "tooltip": "Depth per unit value (encoding 'depth = value x scale')."}),
+                "near": ("FLOAT", {"default": 0.5, "min": 1e-6, "max": 1e6, "step": 0.01}),
+                "far": ("FLOAT", {"default": 10.0, "min": 1e-6, "max": 1e6, "step": 0.01}),
+            },
+            "optional": {
+                "depth_image": ("IMAGE", {"tooltip": "Depth as an image (its first channel is used)."}),
+                "depth_mask": ("MASK", {"tooltip": "Depth values as a MASK (used when no depth_image)."}),
+                "valid_mask": ("MASK", {"tooltip": "1 = keep the pixel, 0 = no depth there."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, encoding, near, far):
+        if encoding != DEPTH_ENCODINGS[0] and not near < far:
+            return f"near ({near}) must be smaller than far ({far})"
+        return True
+
+    @node_errors("WorldStereo Depth From Image")
+    def convert(self, encoding, scale, near, far, depth_image=None, depth_mask=None, valid_mask=None):
+        if depth_image is not None:
+            values = image_to_frames(depth_image, "depth_image")[0, 0].add(1.0).mul(0.5)
+        elif depth_mask is not None:
+            values = mask_from_comfy(depth_mask, "depth_mask")[0, 0]
+        else:
+            raise InputError("connect depth_image or depth_mask (the depth to convert)")
+        depth = depth_from_values(values, encoding, scale, near, far)
+        mask = None
+        if valid_mask is not None:
+            mask = mask_from_comfy(valid_mask, "valid_mask")[0, 0] > 0.5
+            if tuple(mask.shape) != tuple(depth.shape):
+                raise InputError(f"valid_mask is {tuple(mask.shape)} but the depth is {tuple(depth.shape)}")
+            depth = torch.where(mask, depth, torch.zeros_like(depth))
+        out = types.Depth(depth, mask, None, source="depth image")
+        return (out, depth_preview(depth))
+
+
+def depth_from_values(values: torch.Tensor, encoding: str, scale: float, near: float, far: float) -> torch.Tensor:
+    """Depth (H, W) float32 from values in 0..1 according to ``encoding`` (see DEPTH_ENCODINGS)."""
+    v = values.float()
+    if encoding == DEPTH_ENCODINGS[0]:
+        return v * float(scale)
+    if not 0 < near < far:
+        raise InputError(f"need 0 < near < far, got near={near}, far={far}")
+    if encoding == DEPTH_ENCODINGS[1]:  # bright = near: linear in disparity
+        return 1.0 / (1.0 / far + v * (1.0 / near - 1.0 / far))
+    if encoding == DEPTH_ENCODINGS[2]:
+        return near + v * (far - near)
+    raise InputError(f"encoding must be one of {DEPTH_ENCODINGS}, got {encoding!r}")
+
+
+class LoadDepthFile:
+    DESCRIPTION = "Load a depth map from input/: .npy / .npz (key 'depth') or a 16-bit PNG (millimetres)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (types.DEPTH, "IMAGE")
+    RETURN_NAMES = ("depth", "depth_preview")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "depth_file": (files.input_files(DEPTH_FILE_EXTENSIONS), {"tooltip": "A file in ComfyUI's input folder."}),
+            "png_scale": ("FLOAT", {"default": PNG_DEPTH_SCALE, "min": 1e-6, "max": 1e9,
+                                    "tooltip": "PNG value / png_scale = depth (1000: millimetres)."}),
+            "npz_key": ("STRING", {"default": "", "tooltip": "Array name in an .npz (empty: 'depth' or the only one)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, depth_file, **_):
+        try:
+            return files.fingerprint(files.input_path(depth_file, "depth_file"))
+        except InputError:
+            return ""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, depth_file):
+        return files.validation_message(files.input_path, depth_file, "depth_file")
+
+    @node_errors("WorldStereo Load Depth File")
+    def load(self, depth_file, png_scale, npz_key):
+        path = files.input_path(depth_file, "depth_file")
+        depth = load_depth_map(path, key=npz_key or None, png_scale=png_scale)
+        depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
+        return (types.Depth(depth, None, None, source=path.name), depth_preview(depth))
+
+
+class LiftDepth:
+    DESCRIPTION = ("Lift a depth map to a coloured point cloud seen from the start camera (identity pose): "
+                   "far depths contracted, depth edges dropped, as the reference does.")
+    CATEGORY = CATEGORY
+    FUNCTION = "lift"
+    RETURN_TYPES = (types.POINT_CLOUD,)
+    RETURN_NAMES = ("point_cloud",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Start image at the working size; gives the colours."}),
+            "depth": (types.DEPTH,),
+            "fov_deg": ("FLOAT", {"default": DEFAULT_FOV, "min": 1.0, "max": 179.0, "step": 0.5, "tooltip":
+                                  "Horizontal field of view, used only when the depth has no intrinsics (MoGe has)."}),
+            "sobel_threshold": ("FLOAT", {"default": SOBEL_EDGE_THRESHOLD, "min": 0.0, "max": 10.0, "step": 0.01,
+                                          "tooltip": "Depth-edge threshold on the disparity gradient."}),
+            "contract": ("FLOAT", {"default": DEPTH_CONTRACT_FACTOR, "min": 0.0, "max": 1000.0, "step": 0.5,
+                                   "tooltip": "Contract depths beyond this multiple of the median (0 = off)."}),
+        }}
+
+    @node_errors("WorldStereo Lift Depth")
+    def lift(self, image, depth, fov_deg, sobel_threshold, contract):
+        rgb = first_image_uint8(image, "image")
+        scene = make_scene(rgb, depth, fov_deg, sobel_threshold, contract)
+        ui = {"3d": [save_preview_cloud(scene)],
+              "text": [f"{len(scene.cloud)} points, scene scale m = {scene.median_depth:.3f}"]}
+        return {"ui": ui, "result": (scene,)}
+
+
+class LoadPointMap:
+    DESCRIPTION = ("Bring your own geometry: a per-pixel point map (H, W, 3) from input/ (.npy / .npz) in "
+                   "the start camera's frame (OpenCV axes) or in world coordinates.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (types.POINT_CLOUD,)
+    RETURN_NAMES = ("point_cloud",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Start image; gives the colours (resized to the map when needed)."}),
+            "point_map_file": (files.input_files(POINT_MAP_EXTENSIONS),),
+            "fov_deg": ("FLOAT", {"default": DEFAULT_FOV, "min": 1.0, "max": 179.0, "step": 0.5,
+                                  "tooltip": "Horizontal field of view of the start camera."}),
+            "npz_key": ("STRING", {"default": ""}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, point_map_file, **_):
+        try:
+            return files.fingerprint(files.input_path(point_map_file, "point_map_file"))
+        except InputError:
+            return ""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, point_map_file):
+        return files.validation_message(files.input_path, point_map_file, "point_map_file")
+
+    @node_errors("WorldStereo Load Point Map")
+    def load(self, image, point_map_file, fov_deg, npz_key):
+        points = load_point_map(files.input_path(point_map_file, "point_map_file"), key=npz_key or None)
+        height, width = points.shape[:2]
+        rgb = first_image_uint8(image, "image")
+        if rgb.shape[:2] != (height, width):
+            rgb = resize_bicubic(rgb, (height, width))
+        cloud = points_from_pointmap(points, rgb)
+        z = points[..., 2]
+        m = median_depth(torch.where(torch.isfinite(z), z, torch.zeros_like(z)))
+        scene = types.Scene(cloud=cloud, K=intrinsics_from_fov(width, height, fov_deg),
+                            w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
+                            median_depth=m, image=rgb, label=point_map_file)
+        return (scene,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WorldStereoResizeToBucket": ResizeToBucket,
+    "WorldStereoMoGeDepth": MoGeDepth,
+    "WorldStereoDepthFromImage": DepthFromImage,
+    "WorldStereoLoadDepthFile": LoadDepthFile,
+    "WorldStereoLiftDepth": LiftDepth,
+    "WorldStereoLoadPointMap": LoadPointMap,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WorldStereoResizeToBucket": "WorldStereo Resize To Bucket",
+    "WorldStereoMoGeDepth": "WorldStereo MoGe Depth",
+    "WorldStereoDepthFromImage": "WorldStereo Depth From Image",
+    "WorldStereoLoadDepthFile": "WorldStereo Load Depth File",
+    "WorldStereoLiftDepth": "WorldStereo Lift Depth To Point Cloud",
+    "WorldStereoLoadPointMap": "WorldStereo Load Point Map",
+}

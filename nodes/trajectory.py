@@ -1,0 +1,318 @@
+"""Camera-trajectory nodes: presets, an editable JSON string, camera.json import, and the four
+reconstruction trajectories. Output type ``CAMERA_TRAJECTORY`` (a core ``CameraTrajectory`` in the
+scene's world, K in pixels of the scene's image size).
+
+Every node implements ``preview_trajectory`` (a classmethod over its widget values) so the web
+extension draws the trajectory while it is edited; without a connected scene that preview uses a
+stand-in start camera (:func:`default_scene`). After execution the node's ``ui`` carries the real
+trajectory over a sample of the scene's points.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import torch
+
+from ..worldstereo_core.cameras import CameraTrajectory, anchor_w2c, intrinsics_from_fov
+from ..worldstereo_core.constants import NFRAME
+from ..worldstereo_core.errors import InputError
+from ..worldstereo_core.geometry.pointcloud import PointCloud
+from ..worldstereo_core.geometry.presets import PRESETS, preset_moves
+from ..worldstereo_core.geometry.trajectories import reconstruction_trajectories, trajectory_from_moves
+from ..worldstereo_core.io.camera_json import camera_trajectory_from_dict, load_camera_json
+from . import files, types
+from ._comfy import node_errors
+from .trajectory_preview import preview_ui, trajectory_entry
+
+CATEGORY = "WorldStereo/trajectory"
+MAX_FRAMES = 1024
+PRESET_NAMES = sorted(PRESETS)
+DEFAULT_PRESET = "orbit_left" if "orbit_left" in PRESETS else PRESET_NAMES[0]
+RECONSTRUCTION_NAMES = ("traj_eloop", "traj_up", "traj_left", "traj_right")
+EXAMPLE_MOVES = json.dumps([{"type": "normal", "rotation": [30.0, 0.0], "frames": 10},
+                            {"type": "normal", "backward-forward": 0.3, "frames": 10}], indent=1)
+
+#: Stand-in start view for previews without a scene: 768x480, 60 deg horizontal FoV, m = 2.
+PREVIEW_SIZE = (480, 768)
+PREVIEW_FOV = 60.0
+PREVIEW_DEPTH = 2.0
+
+
+def default_scene() -> types.Scene:
+    """The stand-in start camera used when no ``POINT_CLOUD`` is connected (identity pose)."""
+    height, width = PREVIEW_SIZE
+    return types.Scene(cloud=PointCloud.empty(), K=intrinsics_from_fov(width, height, PREVIEW_FOV),
+                       w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
+                       median_depth=PREVIEW_DEPTH, label="no scene connected")
+
+
+def _frames(frames: int) -> int:
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 2 <= frames <= MAX_FRAMES:
+        raise InputError(f"frames must be a whole number in 2..{MAX_FRAMES}, got {frames!r}")
+    return frames
+
+
+def _scale(scale: float) -> float:
+    if not isinstance(scale, (int, float)) or not 0 < float(scale) < 1e6:
+        raise InputError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def entry(traj: CameraTrajectory, scene: types.Scene, label: str) -> dict:
+    """Preview entry: the cameras over the scene's points (or its depth range when it has none)."""
+    if len(scene.cloud):
+        return trajectory_entry(traj, label=label, points=scene.cloud.xyz, colors=scene.cloud.rgb)
+    m = scene.median_depth
+    return trajectory_entry(traj, label=label, depth_range=(0.25 * m, 2.0 * m))
+
+
+def result(trajs: list[tuple[str, CameraTrajectory]], scene: types.Scene) -> dict:
+    """A node's return value: the trajectories as outputs, their preview as ``ui``."""
+    return {"ui": preview_ui(*(entry(t, scene, name) for name, t in trajs)), "result": tuple(t for _, t in trajs)}
+
+
+def from_moves(moves: list, scene: types.Scene, frames: int, scale: float) -> CameraTrajectory:
+    return trajectory_from_moves(scene.w2c, scene.K, moves, scene.median_depth * _scale(scale),
+                                 width=scene.width, height=scene.height, nframe=_frames(frames))
+
+
+def fit_to_scene(traj: CameraTrajectory, scene: Optional[types.Scene], *, frames: int, anchor: bool,
+                 scale: float, file_size: tuple[int, int] = (0, 0)) -> CameraTrajectory:
+    """A loaded trajectory subsampled to ``frames`` (0 = all), K in pixels of the scene's image and,
+    with ``anchor``, moved so its first camera is the scene's start camera (relative translations
+    times ``scale``)."""
+    if frames:
+        traj = traj.subsample(_frames(frames))
+    width, height = file_size
+    if traj.width is None or traj.height is None:
+        if width and height:
+            traj.width, traj.height = int(width), int(height)
+        elif scene is not None:
+            traj.width, traj.height = scene.width, scene.height
+    if scene is None:
+        return traj
+    if traj.width is None or traj.height is None:
+        raise InputError("the camera file states no image size; set file_width/file_height to the size its "
+                         "intrinsics refer to")
+    if (traj.height, traj.width) != (scene.height, scene.width):
+        traj = traj.resized(scene.height, scene.width)
+    if anchor:
+        traj = CameraTrajectory(w2c=anchor_w2c(traj.w2c, scene.w2c, _scale(scale)), K=traj.K, width=traj.width,
+                                height=traj.height, meta=dict(traj.meta))
+    return traj
+
+
+def parse_json_text(text: str) -> Any:
+    """The value of the JSON widget: a moves list, ``{"moves": [...]}`` or a camera.json dict."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("json_text is empty; give a list of moves or a camera.json object")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"json_text is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    if isinstance(value, dict) and "moves" in value and "extrinsic" not in value:
+        value = value["moves"]
+    if isinstance(value, dict):
+        if "extrinsic" not in value:
+            raise InputError("json_text object must be a camera.json ({\"extrinsic\": [...], \"intrinsic\": [...]}) "
+                             "or {\"moves\": [...]}")
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError("json_text must be a non-empty list of move objects like {\"type\": \"normal\", "
+                         "\"rotation\": [30, 0]}, or a camera.json object")
+    return value
+
+
+class TrajectoryPreset:
+    DESCRIPTION = "A named camera move (orbit, dolly, truck, pan, eloop, aerial ...) from the scene's start view."
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (types.TRAJECTORY,)
+    RETURN_NAMES = ("trajectory",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "preset": (PRESET_NAMES, {"default": DEFAULT_PRESET,
+                                          "tooltip": " | ".join(f"{k}: {PRESETS[k].doc}" for k in PRESET_NAMES)}),
+                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES,
+                                   "tooltip": "Cameras in the trajectory (the released models take 21 keyframes)."}),
+                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
+                                    "tooltip": "Multiplies the scene scale m (median depth) the move sizes refer to."}),
+            },
+            "optional": {"point_cloud": (types.POINT_CLOUD, {"tooltip": "Start camera, size and scale m of the scene."})},
+        }
+
+    @classmethod
+    def build_trajectory(cls, preset, frames, scale, point_cloud=None):
+        scene = point_cloud or default_scene()
+        return from_moves(preset_moves(preset), scene, frames, scale), scene
+
+    @classmethod
+    def preview_trajectory(cls, preset, frames, scale, point_cloud=None):
+        traj, scene = cls.build_trajectory(preset, frames, scale)
+        return preview_ui(entry(traj, scene, preset))
+
+    @node_errors("WorldStereo Trajectory Preset")
+    def build(self, preset, frames, scale, point_cloud=None):
+        traj, scene = self.build_trajectory(preset, frames, scale, point_cloud)
+        return result([(preset, traj)], scene)
+
+
+class TrajectoryFromJSON:
+    DESCRIPTION = ("An editable trajectory: a JSON list of get_c2w moves (chained; optional 'frames' and "
+                   "'pivot' per move), {\"moves\": [...]}, or a whole camera.json object. No browser needed.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (types.TRAJECTORY,)
+    RETURN_NAMES = ("trajectory",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "json_text": ("STRING", {"default": EXAMPLE_MOVES, "multiline": True, "tooltip":
+                              "Moves: {\"type\": \"normal\", \"rotation\": [phi, theta], \"backward-forward\": s, "
+                              "\"left-right\": s} | {\"type\": \"eloop\", \"radius_x\", \"radius_y\"} | "
+                              "{\"type\": \"aerial\", \"rotation\": [phi, theta]}; or a camera.json object."}),
+                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES}),
+                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
+                                    "tooltip": "Moves: multiplies the scene scale m. camera.json: multiplies "
+                                               "its translations relative to the first camera."}),
+            },
+            "optional": {"point_cloud": (types.POINT_CLOUD,)},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, json_text):
+        return files.validation_message(parse_json_text, json_text)
+
+    @classmethod
+    def build_trajectory(cls, json_text, frames, scale, point_cloud=None):
+        value = parse_json_text(json_text)
+        scene = point_cloud or default_scene()
+        if isinstance(value, dict):
+            traj = camera_trajectory_from_dict(value, source="json_text")
+            return fit_to_scene(traj, scene, frames=frames, anchor=True, scale=scale), scene
+        return from_moves(value, scene, frames, scale), scene
+
+    @classmethod
+    def preview_trajectory(cls, json_text, frames, scale, point_cloud=None):
+        traj, scene = cls.build_trajectory(json_text, frames, scale)
+        return preview_ui(entry(traj, scene, "json"))
+
+    @node_errors("WorldStereo Trajectory From JSON")
+    def build(self, json_text, frames, scale, point_cloud=None):
+        traj, scene = self.build_trajectory(json_text, frames, scale, point_cloud)
+        return result([("json", traj)], scene)
+
+
+class CameraJSONLoad:
+    DESCRIPTION = ("Import a camera.json (reference format: 'extrinsic' w2c 4x4 and 'intrinsic' 3x3 per frame) "
+                   "from input/. With a scene connected its K is rescaled to the scene size and, with anchor, "
+                   "its first camera is placed on the scene's start camera.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (types.TRAJECTORY,)
+    RETURN_NAMES = ("trajectory",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "camera_json": (files.input_files((".json",)), {"tooltip": "A camera.json in ComfyUI's input folder."}),
+                "frames": ("INT", {"default": NFRAME, "min": 0, "max": MAX_FRAMES,
+                                   "tooltip": "Keep this many cameras, evenly spaced (0 = all)."}),
+                "anchor": ("BOOLEAN", {"default": True, "tooltip": "Start at the scene's start camera."}),
+                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
+                                    "tooltip": "Multiplies translations relative to the first camera (with anchor)."}),
+                "file_width": ("INT", {"default": 0, "min": 0, "max": 16384,
+                                       "tooltip": "Image width the file's K refers to, if the file does not "
+                                                  "say (0: scene)."}),
+                "file_height": ("INT", {"default": 0, "min": 0, "max": 16384}),
+            },
+            "optional": {"point_cloud": (types.POINT_CLOUD,)},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, camera_json, **_):
+        try:
+            return files.fingerprint(files.input_path(camera_json, "camera_json"))
+        except InputError:
+            return ""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, camera_json):
+        return files.validation_message(lambda: load_camera_json(files.input_path(camera_json, "camera_json")))
+
+    @classmethod
+    def build_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
+        traj = load_camera_json(files.input_path(camera_json, "camera_json"))
+        scene = point_cloud or default_scene()
+        return fit_to_scene(traj, scene, frames=frames, anchor=anchor, scale=scale,
+                            file_size=(file_width, file_height)), scene
+
+    @classmethod
+    def preview_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
+        traj, scene = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height)
+        return preview_ui(entry(traj, scene, camera_json))
+
+    @node_errors("WorldStereo Load camera.json")
+    def load(self, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
+        traj, scene = self.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height, point_cloud)
+        return result([(camera_json, traj)], scene)
+
+
+class ReconstructionTrajectories:
+    DESCRIPTION = ("The four trajectories of the reconstruction task from the start view: an ellipse loop, "
+                   "a 45 deg rise, and 180 deg orbits to the left and to the right.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (types.TRAJECTORY,) * 4
+    RETURN_NAMES = RECONSTRUCTION_NAMES
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES}),
+                "up_distance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.05,
+                                          "tooltip": "Pivot distance of the rise, in units of m (0 = m)."}),
+            },
+            "optional": {"point_cloud": (types.POINT_CLOUD,)},
+        }
+
+    @classmethod
+    def build_trajectories(cls, frames, up_distance, point_cloud=None):
+        scene = point_cloud or default_scene()
+        m = scene.median_depth
+        trajs = reconstruction_trajectories(scene.w2c, scene.K, scene.width, scene.height, m,
+                                            up_distance=(up_distance * m) if up_distance > 0 else None,
+                                            nframe=_frames(frames))
+        return [(name, trajs[name]) for name in RECONSTRUCTION_NAMES], scene
+
+    @classmethod
+    def preview_trajectory(cls, frames, up_distance, point_cloud=None):
+        trajs, scene = cls.build_trajectories(frames, up_distance)
+        return preview_ui(*(entry(t, scene, name) for name, t in trajs))
+
+    @node_errors("WorldStereo Reconstruction Trajectories")
+    def build(self, frames, up_distance, point_cloud=None):
+        trajs, scene = self.build_trajectories(frames, up_distance, point_cloud)
+        return result(trajs, scene)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WorldStereoTrajectoryPreset": TrajectoryPreset,
+    "WorldStereoTrajectoryFromJSON": TrajectoryFromJSON,
+    "WorldStereoCameraJSONLoad": CameraJSONLoad,
+    "WorldStereoReconstructionTrajectories": ReconstructionTrajectories,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WorldStereoTrajectoryPreset": "WorldStereo Trajectory Preset",
+    "WorldStereoTrajectoryFromJSON": "WorldStereo Trajectory From JSON",
+    "WorldStereoCameraJSONLoad": "WorldStereo Load camera.json",
+    "WorldStereoReconstructionTrajectories": "WorldStereo Reconstruction Trajectories",
+}

@@ -1,0 +1,131 @@
+"""Socket type names of the pack and the small containers that travel along those links.
+
+ComfyUI never looks inside a custom-typed object; these dataclasses only bundle what the next
+node needs. Core objects (``CameraTrajectory``, ``PointCloud``, ``MemoryBank``) are used as they
+are wherever they suffice. Nodes never modify an object they received: they build a new one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..worldstereo_core.cameras import CameraTrajectory
+from ..worldstereo_core.geometry.pointcloud import PointCloud
+
+# Socket types (upper-case strings; a link joins only identical names).
+MODEL = "WORLDSTEREO_MODEL"
+VAE = "WORLDSTEREO_VAE"
+TEXT_ENCODER = "WORLDSTEREO_TEXT_ENCODER"
+CLIP_VISION = "WORLDSTEREO_CLIP_VISION"
+MOGE = "MOGE_MODEL"
+DINOV2 = "DINOV2_MODEL"
+DEPTH = "WORLDSTEREO_DEPTH"
+POINT_CLOUD = "POINT_CLOUD"
+TRAJECTORY = "CAMERA_TRAJECTORY"
+MEMORY_BANK = "MEMORY_BANK"
+MEMORY = "WORLDSTEREO_MEMORY"
+LATENT = "WORLDSTEREO_LATENT"
+
+
+@dataclass(frozen=True)
+class Depth:
+    """A z-depth map of one view: ``depth`` (H, W) float32 (0 = invalid), optional ``mask``
+    (H, W) bool, and pixel intrinsics ``K`` (3, 3) for that grid when the source estimated them."""
+
+    depth: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    K: Optional[torch.Tensor] = None
+    source: str = ""
+
+    @property
+    def height(self) -> int:
+        return int(self.depth.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.depth.shape[1])
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A lifted view: the point ``cloud`` (world = OpenCV axes) and the start camera that saw it.
+
+    ``K`` (3, 3) pixel intrinsics for ``width`` x ``height``, ``w2c`` (4, 4) the start camera,
+    ``median_depth`` the scene scale m that trajectory moves are measured in, ``image`` the start
+    view as uint8 (H, W, 3) when known.
+    """
+
+    cloud: PointCloud
+    K: torch.Tensor
+    w2c: torch.Tensor
+    width: int
+    height: int
+    median_depth: float
+    image: Optional[np.ndarray] = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded WorldStereo transformer with its variant config and where it came from."""
+
+    transformer: torch.nn.Module
+    config: Any  # worldstereo_core.models.WorldStereoConfig
+    variant_dir: str
+    base: str
+    scheduler_config: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """UMT5 encoder + tokenizer (the pipeline encodes prompts itself)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ClipVision:
+    """CLIP vision encoder + its image processor."""
+
+    model: torch.nn.Module
+    processor: Any
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class VaeModel:
+    """The Wan VAE (keyframe encode/decode) and, from a diffusers folder, the UniPC scheduler config."""
+
+    vae: torch.nn.Module
+    source: str = ""
+    scheduler_config: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Retrieved references for one target trajectory (what a memory model is conditioned on).
+
+    ``frames`` (R, H, W, 3) uint8 at the generation size, ``ref_index`` (R,) long (reference r
+    attaches to target frame ``ref_index[r] + 1``), ``w2c`` (R, 4, 4) their cameras.
+    """
+
+    frames: np.ndarray
+    ref_index: torch.Tensor
+    w2c: torch.Tensor
+    retrieved: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Keyframes:
+    """Sampler output: normalised keyframe latents [B, 16, F, h, w] and the generation size."""
+
+    samples: torch.Tensor
+    height: int
+    width: int
+    model_type: str = ""
+    trajectory: Optional[CameraTrajectory] = None

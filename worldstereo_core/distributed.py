@@ -1,0 +1,315 @@
+"""Multi-process runs (torchrun): sequence parallelism, sharded weights, scenes spread over ranks.
+
+Launch any CLI command under torchrun through :func:`main`::
+
+    torchrun --nproc-per-node 8 -m worldstereo_core.distributed --sp 8 multi-traj <scene> --task reconstruction ...
+
+``--sp S`` groups the ranks into sequence-parallel groups of S processes (default: all of them):
+the S ranks of a group generate the same clip together, each holding 1/S of the token sequence
+of the main transformer and of the ControlNet (and of the memory references); ranks of different
+groups take different scenes (:func:`split_work`). On CUDA the backend is NCCL with one GPU per
+local rank, on CPU gloo.
+
+How the sequence is split (no communication layer of our own; torch.distributed and diffusers):
+
+* token tensors are cut into S contiguous chunks by forward hooks at the model's seams (RoPE
+  tables, the input of the first block, the ControlNet's projected tokens) and gathered again at
+  the output projection with ``all_gather_single``;
+* every self-attention (Wan blocks, SSM joint attention, ControlNet) runs diffusers' Ulysses
+  context parallelism: its processors get a diffusers ``ParallelConfig`` and
+  ``dispatch_attention_fn`` exchanges heads for tokens with ``all_to_all`` and back. The SSM
+  attention is over [references; targets] without a mask, which is order-free, so the local
+  [ref chunk; target chunk] layout needs no reordering. Cross-attention to text/image stays local.
+* :func:`shard_weights` applies FSDP2 ``fully_shard`` per block over the group, so each rank
+  holds 1/S of the weights and gathers one block at a time.
+
+Requirements: S divides the token count (latent frames x h/2 x w/2), the reference token count,
+and the head counts of the main model and the ControlNet; the attention scope is ``full``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Device-mesh dimension names: data-parallel groups x diffusers' (ring, ulysses) context parallelism.
+MESH_DIMS = ("dp", "ring", "ulysses")
+
+
+@dataclass
+class DistContext:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    sp_size: int = 1
+    mesh: Any = None                 # torch DeviceMesh over MESH_DIMS (None when single-process)
+    parallel_config: Any = None      # diffusers ParallelConfig (None without sequence parallelism)
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes its group's outputs (the first rank of each group)."""
+        return self.sp_rank == 0
+
+    @property
+    def sp_group(self):
+        return None if self.mesh is None else self.mesh["ulysses"].get_group()
+
+
+_CURRENT: DistContext | None = None
+
+
+def current() -> DistContext | None:
+    """The context :func:`init_distributed` set up in this process, or None."""
+    return _CURRENT
+
+
+def init_distributed(sp_size: int | None = None, *, backend: str | None = None,
+                     device_type: str | None = None) -> DistContext:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without those variables (or with WORLD_SIZE 1) this is a single-process context. ``sp_size``:
+    ranks per sequence-parallel group (default: all); it must divide the world size."""
+    global _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise InputError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); start at "
+                             "most one process per GPU (torchrun --nproc-per-node)")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    sp = world if sp_size is None else sp_size
+    if sp < 1 or world % sp:
+        raise InputError(f"--sp {sp} must divide the number of processes ({world})")
+    ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, sp_size=sp)
+    if world > 1:
+        ctx.backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(ctx.backend, rank=rank, world_size=world)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ctx.mesh = init_device_mesh(device.type, (world // sp, 1, sp), mesh_dim_names=MESH_DIMS)
+        if sp > 1:
+            from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+            # Set up by hand: diffusers' enable_parallelism would also install its Wan split plan,
+            # which does not fit the WorldStereo forward (ControlNet residuals, reference tokens).
+            config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=sp, mesh=ctx.mesh))
+            config.setup(rank, world, device, mesh=ctx.mesh)
+            ctx.parallel_config = config
+    _CURRENT = ctx
+    return ctx
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) and forget the context."""
+    global _CURRENT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = None
+
+
+def split_work(items: Sequence[Any], ctx: DistContext | None = None) -> list[Any]:
+    """The items (e.g. scenes) this rank's group handles: every ``dp_size``-th, from ``dp_rank``."""
+    ctx = ctx or current() or DistContext()
+    return list(items)[ctx.dp_rank::ctx.dp_size]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequence parallelism
+# ------------------------------------------------------------------------------------------------
+
+class SequenceSharding:
+    """The forward hooks that cut token sequences into this rank's chunk and gather the output."""
+
+    def __init__(self, model: nn.Module, ctx: DistContext) -> None:
+        self.model, self.ctx = model, ctx
+        self.size, self.index = ctx.sp_size, ctx.sp_rank
+        self.memory = hasattr(model, "attention_scope")
+        self.full_tokens: dict[str, int] = {}
+        self.handles: list = []
+
+    def local(self, t: torch.Tensor, what: str, dim: int = 1) -> torch.Tensor:
+        n = t.shape[dim]
+        if n % self.size:
+            raise InputError(f"sequence parallel over {self.size} processes needs the {what} token count ({n}) to "
+                             f"be divisible by {self.size}; change the resolution/number of references or --sp")
+        step = n // self.size
+        return t.narrow(dim, self.index * step, step)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, n, C] chunks of all ranks -> [B, size*n, C] (rank order)."""
+        t = t.contiguous()
+        out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
+        dist.all_gather_single(out, t, group=self.ctx.sp_group)
+        out = out.unflatten(0, (self.size, t.shape[0]))
+        return out.transpose(0, 1).flatten(1, 2)
+
+    # hooks ------------------------------------------------------------------------------------
+    def _rotary_out(self, module, args, output):
+        return tuple(self.local(t, "video") for t in output)
+
+    def _tokens_out(self, module, args, output):
+        return self.local(output, "ControlNet")
+
+    def _gather_out(self, module, args, output):
+        return self.gather(output)
+
+    def _camera_block_in(self, module, args, kwargs):
+        return (self.local(args[0], "video"), *args[1:]), kwargs
+
+    def _memory_block_in(self, index: int):
+        def hook(module, args, kwargs):
+            x, r, ctx_states, temb, rotary, groups = (list(args) + [None] * 6)[:6]
+            groups = kwargs.get("pair_groups", groups)
+            if groups is not None:
+                raise InputError("sequence parallelism supports the released 'full' attention scope only, not 'pairs'")
+            if index == 0:
+                self.full_tokens = {"video": x.shape[1], "reference": r.shape[1]}
+            n_vid, n_ref = self.full_tokens["video"], self.full_tokens["reference"]
+            if x.shape[1] == n_vid:
+                x = self.local(x, "video")
+            if r.shape[1] == n_ref:  # the original references (every block when update_ref is false)
+                r = self.local(r, "reference")
+            rotary = tuple(torch.cat([self.local(t[:, :n_ref], "reference"), self.local(t[:, n_ref:], "video")], 1)
+                           for t in rotary)
+            return (x, r, ctx_states, temb, rotary, *args[5:]), kwargs
+
+        return hook
+
+    def attach(self) -> None:
+        m = self.model
+        if self.memory:
+            for i, block in enumerate(m.blocks):
+                self.handles.append(block.register_forward_pre_hook(self._memory_block_in(i), with_kwargs=True))
+        else:
+            self.handles.append(m.rope.register_forward_hook(self._rotary_out))
+            self.handles.append(m.blocks[0].register_forward_pre_hook(self._camera_block_in, with_kwargs=True))
+        self.handles.append(m.proj_out.register_forward_hook(self._gather_out))
+        cn = m.controlnet
+        self.handles.append(cn.controlnet_rope.register_forward_hook(self._rotary_out))
+        self.handles.append(cn.proj_in.register_forward_hook(self._tokens_out))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _attention_processors(model: nn.Module):
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            yield processor
+
+
+def enable_sequence_parallel(model: nn.Module, ctx: DistContext | None = None) -> SequenceSharding:
+    """Split a WorldStereo transformer's token sequence over ``ctx``'s sequence-parallel group."""
+    ctx = ctx or current()
+    if ctx is None or ctx.parallel_config is None:
+        raise InputError("sequence parallelism needs init_distributed() with more than one process per group "
+                         "(run under torchrun with --sp > 1)")
+    if getattr(model, "_sequence_sharding", None) is not None:
+        raise InputError("sequence parallelism is already enabled on this model")
+    heads = {"main": model.config.num_attention_heads, "ControlNet": model.controlnet_cfg.num_heads}
+    for what, count in heads.items():
+        if count % ctx.sp_size:
+            raise InputError(f"--sp {ctx.sp_size} must divide the {what} attention heads ({count})")
+    if getattr(model, "attention_scope", "full") != "full":
+        raise InputError("sequence parallelism supports the released 'full' attention scope only, not 'pairs'")
+    from .runtime.attention import attention_backend_of, check_backend
+
+    check_backend(attention_backend_of(model) or "sdpa", ctx.device, context_parallel=True)
+    for processor in _attention_processors(model):
+        processor._parallel_config = ctx.parallel_config
+    sharding = SequenceSharding(model, ctx)
+    sharding.attach()
+    model._sequence_sharding = sharding
+    return sharding
+
+
+def disable_sequence_parallel(model: nn.Module) -> None:
+    sharding = getattr(model, "_sequence_sharding", None)
+    if sharding is not None:
+        sharding.detach()
+        for processor in _attention_processors(model):
+            processor._parallel_config = None
+        model._sequence_sharding = None
+
+
+def shard_weights(model: nn.Module, ctx: DistContext | None = None) -> int:
+    """FSDP2 ``fully_shard`` every block (main, ControlNet) and then the whole model over the
+    sequence-parallel group: each rank keeps 1/S of the weights, on its device (load the model on
+    the CPU first: only one block is whole on the device at a time). Returns the number of units."""
+    ctx = ctx or current()
+    if ctx is None or ctx.mesh is None or ctx.sp_size == 1:
+        raise InputError("sharded weights need init_distributed() with more than one process per group")
+    if getattr(model, "placement", None) is not None:
+        raise InputError("sharded weights and block swap do not combine; use one of them")
+    from .runtime.fp8 import FP8Linear
+
+    if any(isinstance(m, FP8Linear) for m in model.modules()):
+        raise InputError("sharded weights and fp8 storage do not combine; drop --fp8 or --shard-weights")
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = ctx.mesh["ulysses"]
+    units = list(model.blocks) + list(model.controlnet.controlnet_blocks)
+    for unit in units:  # each moves its block to the device, keeps its shard and frees the rest
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return len(units) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun entry point
+# ------------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``torchrun ... -m worldstereo_core.distributed [--sp S] <cli command> ...``: join the process
+    group, then run :func:`worldstereo_core.cli.main` with the context available via :func:`current`."""
+    parser = argparse.ArgumentParser(prog="torchrun ... -m worldstereo_core.distributed", add_help=False)
+    parser.add_argument("--sp", type=int, default=None, help="processes per sequence-parallel group (default: all)")
+    known, rest = parser.parse_known_args(argv)
+    ctx = init_distributed(known.sp)
+    log.info("rank %d/%d on %s, sequence-parallel groups of %d", ctx.rank, ctx.world_size, ctx.device, ctx.sp_size)
+    from .cli import main as cli_main
+
+    try:
+        return cli_main(rest)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

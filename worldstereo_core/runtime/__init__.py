@@ -1,0 +1,14 @@
+"""Runtime options for running the WorldStereo transformers on small or many accelerators.
+
+* :mod:`.block_swap`: only N transformer blocks resident on the accelerator, the rest streamed from
+  (pinned) CPU memory with the next block prefetched on a side CUDA stream.
+* :mod:`.fp8`: weight-only float8 (e4m3) storage of the blocks' Linear layers, dequantised on the fly.
+* :mod:`.attention`: attention backend selection (torch SDPA, flash-attn, SageAttention).
+* :mod:`.compile`: regional ``torch.compile`` of the repeated blocks.
+* :mod:`.offload`: VAE tiling and offloading of the text/image encoders.
+* :mod:`.flops`: the arithmetic cost of a transformer forward (the compute floor).
+* :mod:`.options`: one :class:`~.options.RuntimeOptions` bundle, its CLI flags, and applying it.
+
+Multi-process (torchrun) sequence parallelism lives in :mod:`worldstereo_core.distributed`.
+This package imports nothing heavy at import time; the submodules are imported where used.
+"""
