@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from hardware import cpu_name  # noqa: E402
 from synthetic_scene import room_for_scale  # noqa: E402
 from worldstereo_core.cameras import intrinsics_from_fov  # noqa: E402
 from worldstereo_core.geometry.pointcloud import PointCloud  # noqa: E402
@@ -55,16 +56,6 @@ def wall_points(room, n: int, seed: int = 0) -> PointCloud:
         parts.append(p)
     xyz = torch.from_numpy(np.concatenate(parts))
     return PointCloud(xyz.float(), room.colour(xyz).float())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -7,8 +7,6 @@ here: dim 1024, 16 heads, FFN 4096, 20 blocks); ``mid`` fits a CPU; ``tiny`` is 
 from __future__ import annotations
 
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ for extra in (REPO, REPO / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
+from hardware import cpu_name, environment  # noqa: E402,F401  (re-exported for the scripts)
 from worldstereo_core.models import build_transformer, shipped_base_config  # noqa: E402
 from worldstereo_core.runtime.fp8 import FP8Linear, convert_worldstereo_fp8  # noqa: E402
 
@@ -112,25 +111,6 @@ def forward_inputs(model_type: str, tcfg: dict, ccfg: dict, grid, *, refs: int, 
     for k, v in inputs.items():
         out[k] = v.to(device) if k == "ref_index" or not v.is_floating_point() else v.to(device, dtype)
     return out, ref_index
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    cuda = torch.cuda.is_available()
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-            "load_average": os.getloadavg()}
 
 
 def nominal_tflops(device: torch.device) -> float | None:

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from hardware import cpu_name  # noqa: E402
 from render_reference import render_brute_force  # noqa: E402
 from worldstereo_core.cameras import (invert_rigid, look_at_rotation, make_pose,  # noqa: E402
                                       project_points, unproject_depth)
@@ -123,16 +124,6 @@ def single_thread_cpu(backend, points, colors, K, w2c) -> float:
         torch.set_num_threads(threads)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -199,7 +190,7 @@ def main() -> None:
         "backend_agreement": agreement,
         "brute_force": brute,
         "speed_ratio_vs_brute_force": ratios,
-        "hardware": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "hardware": {"cpu_model": cpu_name(), "cpu_count": os.cpu_count(),
                      "threads": torch.get_num_threads(),  # torch's, also the numba thread pool
                      "torch_version": torch.__version__, "numba_version": _numba_version(),
                      "python": platform.python_version(),

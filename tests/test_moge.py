@@ -10,20 +10,9 @@ pytest.importorskip("moge", reason="dlr-moge is not installed (pip install --no-
 
 from worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError  # noqa: E402
 from worldstereo_core.geometry import moge as wm  # noqa: E402
+from tiny_moge import TINY_MOGE_CONFIGS  # noqa: E402
 
-_STACK = dict(dim_res_blocks=[64, 32, 16, 16, 8], num_res_blocks=[0, 1, 1, 1, 0], res_block_in_norm="none",
-              res_block_hidden_norm="none", resamplers=["conv_transpose", "conv_transpose", "conv_transpose", "bilinear"])
-TINY_V2 = dict(
-    encoder=dict(backbone="dinov2_vits14", intermediate_layers=[2, 5, 8, 11], dim_out=64),
-    neck=dict(dim_in=[66, 2, 2, 2, 2], dim_out=None, **_STACK),
-    points_head=dict(dim_in=[64, 32, 16, 16, 8], dim_out=[None, None, None, None, 3], **_STACK),
-    mask_head=dict(dim_in=[64, 32, 16, 16, 8], dim_out=[None, None, None, None, 1], **_STACK),
-    scale_head=dict(dims=[384, 64, 1]),
-    remap_output="exp", num_tokens_range=[12, 24],
-)
-TINY_V1 = dict(encoder="dinov2_vits14", intermediate_layers=4, dim_proj=64, dim_upsample=[64, 32, 32],
-               last_conv_channels=32, remap_output="exp", num_tokens_range=[12, 24])
-CONFIGS = {"v2": TINY_V2, "v1": TINY_V1}
+CONFIGS = TINY_MOGE_CONFIGS
 
 
 class NotAWeight:  # an arbitrary picklable object: weights_only must refuse it

@@ -60,19 +60,6 @@ VAE_BASE_DIM = 4
 SPM_CORPUS = ("a photo of a quiet street with old houses and trees", "the quick brown fox jumps over the lazy dog",
               "a stone bridge over a river in the mountains", "sunlight on a wooden table in a small room")
 
-_MOGE_STACK = dict(dim_res_blocks=[64, 32, 16, 16, 8], num_res_blocks=[0, 1, 1, 1, 0], res_block_in_norm="none",
-                   res_block_hidden_norm="none",
-                   resamplers=["conv_transpose", "conv_transpose", "conv_transpose", "bilinear"])
-TINY_MOGE = dict(
-    encoder=dict(backbone="dinov2_vits14", intermediate_layers=[2, 5, 8, 11], dim_out=64),
-    neck=dict(dim_in=[66, 2, 2, 2, 2], dim_out=None, **_MOGE_STACK),
-    points_head=dict(dim_in=[64, 32, 16, 16, 8], dim_out=[None, None, None, None, 3], **_MOGE_STACK),
-    mask_head=dict(dim_in=[64, 32, 16, 16, 8], dim_out=[None, None, None, None, 1], **_MOGE_STACK),
-    scale_head=dict(dims=[384, 64, 1]),
-    remap_output="exp", num_tokens_range=[12, 24],
-)
-
-
 def _save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
@@ -209,18 +196,9 @@ def write_clip_vision_file(models: Path, image_dim: int) -> Path:
 
 def write_moge(models: Path) -> Path:
     """A tiny MoGe-2 ``model.pt`` whose mask head calls every pixel valid (so lifting has points)."""
-    from worldstereo_core.geometry.moge import build_moge
+    from tiny_moge import write_tiny_moge
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = build_moge(TINY_MOGE, "v2").eval()
-    conv = [m for m in model.mask_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    with torch.no_grad():
-        conv.bias.fill_(20.0)
-    path = models / "moge" / FILES["moge"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model_config": TINY_MOGE, "model": model.state_dict()}, path)
-    return path
+    return write_tiny_moge(models / "moge" / FILES["moge"], seed=3)
 
 
 def write_dinov2(models: Path) -> Path:
