@@ -1,6 +1,14 @@
 """``python -m worldstereo_core``: camera-control and multi-traj end to end on tiny checkpoints written
 in the real models-folder layout, from example scenes copied to a temporary folder (working size
-overridden to 32x48, 2 steps); missing weights, offline mode and Ctrl-C."""
+overridden to 32x48, 2 steps); missing weights, offline mode and Ctrl-C; several scenes per run;
+the runtime flags (block swap, fp8, VAE tiling, offload, text-encoder dtype, attention) reaching
+the loaded model.
+
+Tolerances: block swap only moves weights, so its frames equal the plain run's exactly (the
+generator's float frames and the decoded MP4). fp8 changes the weights; its exact reference is the
+plain run of a model whose fp8-stored layers were replaced by their fp8 round trip
+(``fp8_roundtrip``, the weights an FP8Linear computes with): equal float frames and MP4.
+(How far fp8 moves a model from full precision is bounded per layer in test_runtime.py.)"""
 from __future__ import annotations
 
 import json
@@ -10,12 +18,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, example_dirs
 from tiny_models_root import write_models_root
 from worldstereo_core import cli
 from worldstereo_core.io.video import read_mask_video, read_video
+from worldstereo_core.runtime.options import RuntimeOptions, runtime_options_from_args
+from worldstereo_core.tasks import generate
+
+REAL_LOAD = generate.load_pipeline_generator
+REAL_CALL = generate.PipelineGenerator.__call__
 
 SIZE = "32x48"
 IMAGE_SCENES = example_dirs("images")
@@ -114,3 +128,162 @@ def test_module_entry_point():
     assert proc.returncode == 0
     for command in ("camera-control", "multi-traj", "download"):
         assert command in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Several scenes per run, runtime flags
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def image_inputs(tmp_path):
+    """Copies of every example image scene and a depth file for each (skip when there are none)."""
+    if not IMAGE_SCENES:
+        pytest.skip("no example image scenes (set WORLDSTEREO_EXAMPLES)")
+    scenes, depths = [], []
+    for src in IMAGE_SCENES:
+        scene = shutil.copytree(src, tmp_path / "in" / src.name)
+        h, w = np.asarray(Image.open(scene / "image.png")).shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        depths.append(tmp_path / f"{src.name}_depth.npy")
+        np.save(depths[-1], (2.0 + xx / w + 0.5 * yy / h).astype(np.float32))
+        scenes.append(scene)
+    return scenes, depths
+
+
+class Run:
+    """One in-process camera-control run over several scenes, recording the loaded generator, the
+    runtime options it got and the frames it returned (before MP4 encoding)."""
+
+    def __init__(self, monkeypatch, on_load=None) -> None:
+        self.generator, self.runtime, self.frames = None, None, []
+
+        def load(*args, **kwargs):
+            self.generator, config = REAL_LOAD(*args, **kwargs)
+            self.runtime = kwargs.get("runtime")
+            if on_load is not None:
+                on_load(self.generator)
+            return self.generator, config
+
+        def call(gen, request, progress=None):
+            out = REAL_CALL(gen, request, progress)
+            self.frames.append(out)
+            return out
+
+        monkeypatch.setattr(generate, "load_pipeline_generator", load)
+        monkeypatch.setattr(generate.PipelineGenerator, "__call__", call)
+
+    def __call__(self, models, scenes, depths, out, *flags) -> dict[str, np.ndarray]:
+        assert _run("camera-control", *scenes, "--out", out, "--models", models, "--size", SIZE, "--steps", 2,
+                    "--depth", *depths, *flags) == 0
+        assert len(self.frames) == len(scenes)  # one clip per scene, in order
+        return {s.name: read_video(out / s.name / "worldstereo-camera_result.mp4") for s in scenes}
+
+
+def test_runtime_flags_parse_for_both_commands():
+    parser = cli.build_parser()
+    flags = ["--block-swap", "3", "--prefetch", "2", "--fp8", "tensor", "--compile", "--attention", "sdpa",
+             "--vae-tiling", "--offload", "--text-encoder-dtype", "bf16"]
+    expected = RuntimeOptions(block_swap=3, prefetch=2, fp8="tensor", compile=True, attention="sdpa",
+                              vae_tiling=True, offload=True, text_encoder_dtype="bf16")
+    for command in (["camera-control", "a", "b"], ["multi-traj", "a", "b", "--task", "panorama"]):
+        args = parser.parse_args([*command, "--out", "o", *flags])
+        assert [p.name for p in args.scene] == ["a", "b"]
+        assert runtime_options_from_args(args) == expected
+        plain = parser.parse_args([*command, "--out", "o"])
+        assert runtime_options_from_args(plain) == RuntimeOptions()
+        assert runtime_options_from_args(parser.parse_args([*command, "--out", "o", "--fp8"])).fp8 == "channel"
+        assert runtime_options_from_args(parser.parse_args([*command, "--out", "o", "--shard-weights"])).shard_weights
+
+
+def test_block_swap_and_fp8_runs_match_their_references(models, image_inputs, tmp_path, monkeypatch):
+    from worldstereo_core import models as model_module
+    from worldstereo_core.runtime.block_swap import BlockSwap
+    from worldstereo_core.runtime.fp8 import FP8_DTYPE, FP8Linear, fp8_roundtrip
+
+    scenes, depths = image_inputs
+    plain = Run(monkeypatch)
+    plain_mp4 = plain(models, scenes, depths, tmp_path / "plain")
+    assert plain.runtime == RuntimeOptions() and getattr(plain.generator.pipeline.transformer, "placement", None) is None
+
+    trace: list = []
+    swap = Run(monkeypatch, on_load=lambda g: setattr(g.pipeline.transformer.placement, "trace", trace))
+    swap_mp4 = swap(models, scenes, depths, tmp_path / "swap", "--block-swap", "1")
+    placement = swap.generator.pipeline.transformer.placement
+    assert isinstance(placement, BlockSwap) and placement.resident == 1 and placement.streamed
+    assert ("release", placement.streamed[-1]) in trace  # the blocks really streamed during sampling
+    for a, b in zip(swap.frames, plain.frames):
+        assert np.array_equal(a, b)
+    for name in plain_mp4:
+        assert np.array_equal(swap_mp4[name], plain_mp4[name])
+
+    quant = Run(monkeypatch)
+    fp8_mp4 = quant(models, scenes, depths, tmp_path / "fp8", "--fp8")
+    stored = {n: m.mode for n, m in quant.generator.pipeline.transformer.named_modules() if isinstance(m, FP8Linear)}
+    assert stored and all(mode == "channel" for mode in stored.values())
+    assert all(quant.generator.pipeline.transformer.get_submodule(n).weight.dtype == FP8_DTYPE for n in stored)
+
+    real_loader = model_module.load_worldstereo_transformer
+
+    def roundtripped(*args, **kwargs):  # the plain model with the fp8-stored layers' weights round-tripped
+        model = real_loader(*args, **kwargs)
+        with torch.no_grad():
+            for name, mode in stored.items():
+                layer = model.get_submodule(name)
+                layer.weight.copy_(fp8_roundtrip(layer.weight, mode))
+        return model
+
+    monkeypatch.setattr(model_module, "load_worldstereo_transformer", roundtripped)
+    reference = Run(monkeypatch)
+    ref_mp4 = reference(models, scenes, depths, tmp_path / "fp8_reference")
+    for a, b, c in zip(quant.frames, reference.frames, plain.frames):
+        assert np.array_equal(a, b)
+        assert not np.array_equal(a, c)  # fp8 did change the weights
+    for name in ref_mp4:
+        assert np.array_equal(fp8_mp4[name], ref_mp4[name])
+
+
+def test_other_runtime_flags_reach_the_pipeline(models, image_inputs, tmp_path, monkeypatch, capsys):
+    from worldstereo_core.runtime.attention import attention_backend_of
+
+    scenes, depths = image_inputs
+    run = Run(monkeypatch)
+    frames = run(models, scenes, depths, tmp_path / "out", "--vae-tiling", "--offload", "--text-encoder-dtype", "bf16",
+                 "--attention", "sdpa-math")
+    pipe = run.generator.pipeline
+    assert run.runtime == RuntimeOptions(vae_tiling=True, offload=True, text_encoder_dtype="bf16", attention="sdpa-math")
+    assert pipe.vae.use_tiling
+    assert next(pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    assert attention_backend_of(pipe.transformer) == "sdpa-math"
+    assert all(f.shape == (21, 32, 48, 3) for f in frames.values())
+    # sharded weights need torchrun: a clear error, not a crash
+    assert _run("camera-control", scenes[0], "--out", tmp_path / "o", "--models", models, "--size", SIZE,
+                "--depth", depths[0], "--shard-weights") == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+def test_several_scenes_checks(models, image_inputs, tmp_path, capsys):
+    scenes, depths = image_inputs
+    assert _run("camera-control", *scenes, "--out", tmp_path / "o", "--models", models,
+                "--depth", *depths, depths[0]) == 2
+    assert "one depth file per scene" in capsys.readouterr().err
+    twin = shutil.copytree(scenes[0], tmp_path / "other" / scenes[0].name)
+    assert _run("camera-control", scenes[0], twin, "--out", tmp_path / "o", "--models", models) == 2
+    assert "distinct name" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_scenes_under_a_torchrun_context(models, image_inputs, tmp_path, monkeypatch, capsys):
+    """The scene split and the torchrun-only checks, with a 2-process context faked for this process."""
+    from worldstereo_core import distributed
+
+    scenes, depths = image_inputs
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistContext(rank=1, world_size=2))
+    assert _run("camera-control", scenes[0], "--out", tmp_path / "o", "--models", models, "--depth", depths[0]) == 0
+    assert "[rank 1/2] group 2 of 2: no scenes" in capsys.readouterr().out  # more groups than scenes: nothing to do
+    assert not (tmp_path / "o").exists()
+    assert _run("camera-control", scenes[0], "--out", tmp_path / "o", "--models", models, "--download") == 2
+    assert "not available under torchrun" in capsys.readouterr().err
+    twice = [scenes[0], shutil.copytree(scenes[0], tmp_path / "second")]
+    assert _run("camera-control", *twice, "--out", tmp_path / "o", "--models", models, "--device", "meta") == 2
+    out, err = capsys.readouterr()
+    assert "[rank 1/2] group 2 of 2: second" in out and "drop --device" in err

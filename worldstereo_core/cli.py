@@ -1,13 +1,18 @@
 """Command line: ``python -m worldstereo_core <command> ...`` over the functions the nodes call.
 
-* ``camera-control <scene>``: the release's run_camera_control.py (image.png + prompt.json +
-  camera.json -> ``<out>/<scene>/<model>_result.mp4`` and frames).
-* ``multi-traj <scene> --task reconstruction|panorama``: the release's run_multi_traj.py, with
-  ``--cache global`` for the paper's growing 3D cache; rerun the same command to resume.
+* ``camera-control <scene> [<scene> ...]``: the release's run_camera_control.py (image.png +
+  prompt.json + camera.json -> ``<out>/<scene>/<model>_result.mp4`` and frames).
+* ``multi-traj <scene> [<scene> ...] --task reconstruction|panorama``: the release's
+  run_multi_traj.py, with ``--cache global`` for the paper's growing 3D cache; rerun the same
+  command to resume.
 * ``download {worldstereo,wan-base,moge,dinov2,all}``: fetch weights into the models folder.
 
 Models come from a ComfyUI-style models folder (``--models``, default ``$WORLDSTEREO_MODELS`` or
 ``./models``; layout in :mod:`worldstereo_core.hub`), downloaded on first use with ``--download``.
+The memory/speed flags (``--block-swap``, ``--fp8``, ``--offload``, ...) are those of
+:mod:`worldstereo_core.runtime.options`. Scenes are processed in turn; under torchrun
+(:mod:`worldstereo_core.distributed`) they are spread over the data-parallel groups, the ranks of
+a sequence-parallel group run each scene together and only the group's first rank writes.
 Ctrl-C stops cleanly (exit code 130); finished trajectories are kept.
 """
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Sequence
 
 import torch
 
-from . import hub
+from . import distributed, hub
 from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
-from .errors import WorldStereoError
+from .errors import InputError, WorldStereoError
 from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
 from .io.atomic import safe_join
 from .progress import TqdmProgress
+from .runtime.options import add_runtime_arguments, runtime_options_from_args
 
 log = logging.getLogger("worldstereo_core.cli")
 
@@ -68,6 +74,7 @@ def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: S
     p.add_argument("--render-radius", type=float, default=RENDER_RADIUS_NDC, help="point radius (NDC) of warp renders")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_runtime_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,13 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     cc = sub.add_parser("camera-control", help="one camera-controlled clip from image + prompt + camera.json")
-    cc.add_argument("scene", type=Path, help="folder with image.png, prompt.json, camera.json")
+    cc.add_argument("scene", type=Path, nargs="+", help="folder(s) with image.png, prompt.json, camera.json")
     _add_model_options(cc, "worldstereo-camera", MODEL_TYPES)
-    cc.add_argument("--depth", type=Path, default=None,
-                    help="use this depth map (.npy/.npz/16-bit .png) of image.png instead of MoGe")
+    cc.add_argument("--depth", type=Path, nargs="+", default=None,
+                    help="depth maps (.npy/.npz/16-bit .png) of the scenes' image.png, one per scene in the "
+                         "same order, used instead of MoGe")
 
     mt = sub.add_parser("multi-traj", help="memory-consistent multi-trajectory generation")
-    mt.add_argument("scene", type=Path, help="reconstruction or panorama scene folder")
+    mt.add_argument("scene", type=Path, nargs="+", help="reconstruction or panorama scene folder(s)")
     mt.add_argument("--task", required=True, choices=("reconstruction", "panorama"))
     _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
     mt.add_argument("--align-nframe", type=int, default=8, help="frames kept in memory per trajectory")
@@ -107,7 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
 # Model construction
 # --------------------------------------------------------------------------------------------
 
-def _device(name: str | None) -> torch.device:
+def _context() -> distributed.DistContext:
+    """This process's place in a torchrun run (a single-process context outside torchrun)."""
+    return distributed.current() or distributed.DistContext()
+
+
+def _device(name: str | None, ctx: distributed.DistContext) -> torch.device:
+    if ctx.world_size > 1:  # under torchrun each process has its own device (its local GPU)
+        if name and torch.device(name).type != ctx.device.type:
+            raise InputError(f"--device {name}: under torchrun every process uses its own {ctx.device.type} "
+                             f"device (this one {ctx.device}); drop --device")
+        return ctx.device
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +179,8 @@ def _generator(args, models: Path, device: torch.device):
 
     generator, config = load_pipeline_generator(
         models, args.model_type, base=args.base, device=device, dtype=_dtype(args.dtype, device),
-        download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance)
+        download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        runtime=runtime_options_from_args(args))
     scale_map = args.size or args.scale_map or config.scale_map
     return generator, config, scale_map, args.nframe or config.nframe
 
@@ -170,50 +189,115 @@ def _generator(args, models: Path, device: torch.device):
 # Commands
 # --------------------------------------------------------------------------------------------
 
+def _tag(ctx: distributed.DistContext) -> str:
+    return f"[rank {ctx.rank}/{ctx.world_size}] " if ctx.world_size > 1 else ""
+
+
+def _say_layout(ctx: distributed.DistContext, generator) -> None:
+    """Under torchrun, print on every rank how its model runs (read from the model itself)."""
+    if ctx.world_size > 1:
+        model = getattr(getattr(generator, "pipeline", None), "transformer", None)
+        split = getattr(model, "_sequence_sharding", None) is not None
+        how = f"sequence parallel over {ctx.sp_size} processes" if split else "whole sequence"
+        if isinstance(getattr(model, "placement", None), distributed.ShardedPlacement):
+            how += ", weights sharded"
+        print(f"{_tag(ctx)}{how} on {ctx.device}, {'writer' if ctx.is_writer else 'scratch outputs'}", flush=True)
+
+
+def _my_scenes(args, ctx: distributed.DistContext, *per_scene: Sequence) -> list[tuple]:
+    """(scene, *per-scene values) this process's group handles (all of them outside torchrun)."""
+    names = [scene.name for scene in args.scene]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"several scenes are named {', '.join(twice)}; outputs go to <out>/<scene name>, so give "
+                         "each scene folder a distinct name")
+    if ctx.world_size > 1 and args.download:
+        raise InputError("--download is not available under torchrun (every process would download the same "
+                         "files); run `python -m worldstereo_core download ...` first")
+    mine = distributed.split_work(list(zip(args.scene, *per_scene)), ctx)
+    if ctx.world_size > 1 and ctx.is_writer:
+        print(f"{_tag(ctx)}group {ctx.dp_rank + 1} of {ctx.dp_size}: "
+              f"{', '.join(item[0].name for item in mine) or 'no scenes'}", flush=True)
+    return mine
+
+
 def cmd_camera_control(args) -> int:
+    """Each scene in turn (see :func:`distributed.rank_output_dir` for which rank writes)."""
     from .tasks.camera_control import run_camera_control
 
-    models, device = hub.resolve_models_root(args.models), _device(args.device)
+    ctx = _context()
+    depths = args.depth or [None] * len(args.scene)
+    if len(depths) != len(args.scene):
+        raise InputError(f"--depth: give one depth file per scene ({len(args.scene)} scenes, {len(depths)} files)")
+    work = _my_scenes(args, ctx, depths)
+    if not work:
+        return 0
+    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
     generator, _, scale_map, nframe = _generator(args, models, device)
-    depth_fn = _file_depth(args.depth) if args.depth else LazyMoGeDepth(models, args.moge, args.download, device)
-    bar = TqdmProgress(desc=f"{args.scene.name} sampling")
-    try:
-        out = run_camera_control(args.scene, args.out, generator, depth_fn, model_name=args.model_type,
-                                 scale_map=scale_map, nframe=nframe, seed=args.seed, render_radius=args.render_radius,
-                                 points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
-    finally:
-        bar.close()
-    print(f"wrote {out.result} ({out.num_frames} frames, {out.size[0]}x{out.size[1]}) and {out.frames_dir}")
+    _say_layout(ctx, generator)
+    moge = LazyMoGeDepth(models, args.moge, args.download, device)
+    for scene, depth in work:
+        bar = TqdmProgress(desc=f"{scene.name} sampling") if ctx.is_writer else None
+        try:
+            with distributed.rank_output_dir(args.out, scene.name, ctx) as out_dir:
+                out = run_camera_control(scene, out_dir, generator, _file_depth(depth) if depth else moge,
+                                         model_name=args.model_type, scale_map=scale_map, nframe=nframe,
+                                         seed=args.seed, render_radius=args.render_radius,
+                                         points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if ctx.is_writer:
+            print(f"{_tag(ctx)}wrote {out.result} ({out.num_frames} frames, {out.size[0]}x{out.size[1]}) and "
+                  f"{out.frames_dir}", flush=True)
     return 0
 
 
 def cmd_multi_traj(args) -> int:
+    """Each scene in turn; ranks of a sequence-parallel group resume from the writer's folder
+    (:func:`distributed.rank_output_dir` with ``mirror``)."""
     from .memory.cache import CacheSettings
     from .memory.selector import CameraSelector
     from .tasks.loop import LoopOptions, run_multi_trajectory
 
-    models, device = hub.resolve_models_root(args.models), _device(args.device)
+    ctx = _context()
+    work = _my_scenes(args, ctx)
+    if not work:
+        return 0
+    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
     generator, _, scale_map, nframe = _generator(args, models, device)
+    _say_layout(ctx, generator)
     dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
     if args.download and not args.dinov2:
         dinov2 = hub.ensure_dinov2(models, download=True)
+    # exports (WorldMirror folder, cloud files) and the WorldMirror run only where they are kept
     options = LoopOptions(task=args.task, model_name=args.model_type, cache_mode=args.cache,
                           align_nframe=args.align_nframe, nframe=nframe, scale_map=tuple(scale_map), seed=args.seed,
-                          scene_renders=not args.no_scene_renders, run_worldmirror=args.run_worldmirror,
+                          scene_renders=not args.no_scene_renders, exports=ctx.is_writer,
+                          run_worldmirror=args.run_worldmirror and ctx.is_writer,
                           cache=CacheSettings(render_radius=args.render_radius))
-    bar = TqdmProgress(desc=f"{args.scene.name} trajectories x steps")
-    try:
-        result = run_multi_trajectory(args.scene, args.out, generator, options=options,
-                                      depth_fn=LazyMoGeDepth(models, args.moge, args.download, device),
-                                      selector=CameraSelector(dinov2_path=dinov2, device=device), progress=bar)
-    finally:
-        bar.close()
-    for t in result.trajectories:
-        print(f"{t.view_id}/{t.traj_id}: {t.status}{' from ' + t.render_source if t.render_source else ''} -> {t.result}")
-    if result.worldmirror:
-        print(f"WorldMirror folder: {result.worldmirror}")
-    if result.cloud_ply:
-        print(f"point cloud: {result.cloud_ply}, {result.cloud_glb}")
+    depth_fn = LazyMoGeDepth(models, args.moge, args.download, device)
+    selector = CameraSelector(dinov2_path=dinov2, device=device)
+    tag = _tag(ctx)
+    for (scene,) in work:
+        bar = TqdmProgress(desc=f"{scene.name} trajectories x steps") if ctx.is_writer else None
+        try:
+            with distributed.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
+                result = run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
+                                              selector=selector, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not ctx.is_writer:
+            continue
+        for t in result.trajectories:
+            print(f"{tag}{t.view_id}/{t.traj_id}: {t.status}{' from ' + t.render_source if t.render_source else ''}"
+                  f" -> {t.result}")
+        if result.worldmirror:
+            print(f"{tag}WorldMirror folder: {result.worldmirror}")
+        if result.cloud_ply:
+            print(f"{tag}point cloud: {result.cloud_ply}, {result.cloud_glb}")
+        sys.stdout.flush()
     return 0
 
 

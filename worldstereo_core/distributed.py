@@ -23,16 +23,24 @@ How the sequence is split (no communication layer of our own; torch.distributed 
 * :func:`shard_weights` applies FSDP2 ``fully_shard`` per block over the group, so each rank
   holds 1/S of the weights and gathers one block at a time.
 
+Outputs: only the first rank of each group writes to the output folder; the others run the same
+task into a scratch folder (:func:`rank_output_dir`). Weights are not downloaded under torchrun
+(run ``python -m worldstereo_core download ...`` first).
+
 Requirements: S divides the token count (latent frames x h/2 x w/2), the reference token count,
 and the head counts of the main model and the ControlNet; the attention scope is ``full``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -144,6 +152,73 @@ def split_work(items: Sequence[Any], ctx: DistContext | None = None) -> list[Any
     """The items (e.g. scenes) this rank's group handles: every ``dp_size``-th, from ``dp_rank``."""
     ctx = ctx or current() or DistContext()
     return list(items)[ctx.dp_rank::ctx.dp_size]
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs of a sequence-parallel group
+# ------------------------------------------------------------------------------------------------
+
+def _manifest(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``folder`` ({} when it does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _mirror_writer_folder(src: Path, dst: Path | None, ctx: DistContext) -> None:
+    """Give every rank of the group a copy of the writer's ``src`` at ``dst`` (non-writers) and
+    make sure all of them got it: the writer broadcasts its file list, the others copy and compare,
+    and one all-reduce tells every rank whether any copy failed (so all raise, or none does). The
+    all-reduce is also the barrier that keeps the writer from writing before the copies are made."""
+    listing = [_manifest(src) if ctx.is_writer else None]
+    dist.broadcast_object_list(listing, group=ctx.sp_group, group_src=0, device=ctx.device)
+    failed = 0
+    if not ctx.is_writer and listing[0]:
+        try:
+            shutil.copytree(src, dst)
+            failed = int(_manifest(dst) != listing[0])
+        except OSError as exc:
+            log.warning("rank %d cannot copy %s: %s", ctx.rank, src, exc)
+            failed = 1
+    flag = torch.tensor([failed], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.sp_group)
+    if flag.item():
+        raise InputError(f"the processes of a sequence-parallel group could not all read {src} (the writer's "
+                         "outputs, needed to resume in step); put --out on a filesystem every process sees")
+
+
+@contextlib.contextmanager
+def rank_output_dir(out_dir: str | os.PathLike, scene: str, ctx: DistContext | None = None, *,
+                    mirror: bool = False) -> Iterator[Path]:
+    """The output folder this rank hands to a task for scene ``scene`` (written to ``<folder>/<scene>``).
+
+    The ranks of a sequence-parallel group compute the same clip together, so every rank must run
+    the whole task (each forward needs all of them), but only the group's writer
+    (:attr:`DistContext.is_writer`) may write to ``out_dir``. The writer gets ``out_dir`` itself;
+    the other ranks get a private scratch folder under the system temp dir, deleted afterwards, so
+    their identical outputs never touch the real one. The tasks stay unaware of ranks.
+
+    ``mirror``: the task reads what is already in ``<out_dir>/<scene>`` (a multi-trajectory run
+    resumes from it), and all ranks must take the same skip/resume decisions or one would wait
+    forever in a collective. Before the task, the writer's scene folder is copied into each
+    scratch folder and checked (:func:`_mirror_writer_folder`): every rank then starts from the
+    same files, and runs that start alike stay alike (the generated frames are the same on every
+    rank of a group). A failure of any rank mid-run ends that process, and torchrun then stops
+    the others.
+    """
+    ctx = ctx or current() or DistContext()
+    out_dir = Path(out_dir)
+    if ctx.sp_size == 1:
+        yield out_dir
+        return
+    scratch = None if ctx.is_writer else Path(tempfile.mkdtemp(prefix=f"worldstereo-rank{ctx.rank}-"))
+    try:
+        if mirror:
+            _mirror_writer_folder(out_dir / scene, None if scratch is None else scratch / scene, ctx)
+        yield out_dir if scratch is None else scratch
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,10 +343,27 @@ def disable_sequence_parallel(model: nn.Module) -> None:
         model._sequence_sharding = None
 
 
+class ShardedPlacement:
+    """The pipelines' ``placement`` hook of a sharded model: FSDP2 already keeps the shards on the
+    group's device and gathers each block itself, so the model is never moved as a whole (a
+    ``.to()`` of sharded parameters fails under inference mode)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device | str, keep: bool = False) -> Iterator[None]:
+        if torch.device(device).type != self.device.type:
+            raise InputError(f"the transformer is sharded over {self.device.type} devices; run the pipeline on "
+                             f"{self.device}, not {device}")
+        yield
+
+
 def shard_weights(model: nn.Module, ctx: DistContext | None = None) -> int:
     """FSDP2 ``fully_shard`` every block (main, ControlNet) and then the whole model over the
     sequence-parallel group: each rank keeps 1/S of the weights, on its device (load the model on
-    the CPU first: only one block is whole on the device at a time). Returns the number of units."""
+    the CPU first: only one block is whole on the device at a time). Sets ``model.placement`` to a
+    :class:`ShardedPlacement`. Returns the number of units."""
     ctx = ctx or current()
     if ctx is None or ctx.mesh is None or ctx.sp_size == 1:
         raise InputError("sharded weights need init_distributed() with more than one process per group")
@@ -288,6 +380,7 @@ def shard_weights(model: nn.Module, ctx: DistContext | None = None) -> int:
     for unit in units:  # each moves its block to the device, keeps its shard and frees the rest
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    model.placement = ShardedPlacement(ctx.device)
     return len(units) + 1
 
 
@@ -312,4 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # ``-m`` runs this file as __main__, a second copy of the module: use the package's copy, whose
+    # context the CLI and the runtime read through ``current()``.
+    from worldstereo_core.distributed import main as _package_main
+
+    raise SystemExit(_package_main())

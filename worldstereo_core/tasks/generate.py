@@ -22,6 +22,7 @@ from ..cameras import CameraTrajectory, camera_qt, plucker_embedding, unified_ca
 from ..errors import InputError
 from ..io.images import to_tensor_m11
 from ..progress import ProgressFn
+from ..runtime.options import RuntimeOptions, apply_runtime, load_device, load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -143,26 +144,36 @@ class PipelineGenerator:
 def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, base: str | None = None,
                             device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                             download: bool = False, num_inference_steps: int | None = None,
-                            guidance_scale: float | None = None,
+                            guidance_scale: float | None = None, runtime: RuntimeOptions | None = None,
                             progress: ProgressFn | None = None) -> tuple[PipelineGenerator, Any]:
     """(generator, WorldStereoConfig) for a variant in a models folder (downloaded on first use
     with ``download``). ``base``: a Wan2.1-I2V diffusers folder, repo id or folder name under
-    ``<models>/diffusers`` (default: the variant config's ``base_model``)."""
+    ``<models>/diffusers`` (default: the variant config's ``base_model``).
+
+    ``runtime`` (default: the plain model) is applied in the order of :mod:`..runtime.options`:
+    the transformer loads with :func:`~..runtime.options.load_kwargs` (fp8 while reading, on the
+    CPU when its blocks are streamed or sharded), the base components on
+    :func:`~..runtime.options.load_device`, then :func:`~..runtime.options.apply_runtime` (sequence
+    parallel under torchrun, attention, compile, sharding, block swap, VAE tiling, offload) gives
+    the pipeline's keyword arguments."""
     from .. import hub
     from ..models import load_worldstereo_config, load_worldstereo_transformer
     from ..pipelines import build_pipeline, default_dtype, load_base_components
 
+    runtime = runtime or RuntimeOptions()
     variant = hub.ensure_worldstereo(models_root, model_type, download=download)
     config = load_worldstereo_config(variant)
     base_name = base or config.base_model or hub.WAN_BASE_REPO
     parts = [p for p in hub.WAN_BASE_PARTS if not (config.is_dmd and p == "scheduler")]
     base_folder = hub.ensure_wan_base(models_root, base_name, parts=parts, download=download)
     dtype = dtype or default_dtype(device)
-    log.info("loading %s from %s on the Wan base %s (%s, %s)", model_type, variant, base_folder, device, dtype)
-    transformer = load_worldstereo_transformer(variant, base=base_folder, dtype=dtype, device=device,
-                                               progress=progress)
-    components = load_base_components(base_folder, device=device, vae_dtype=dtype, scheduler=not config.is_dmd)
-    pipeline = build_pipeline(config, transformer, components, device=device)
+    log.info("loading %s from %s on the Wan base %s (%s, %s, %s)", model_type, variant, base_folder, device, dtype,
+             runtime)
+    transformer = load_worldstereo_transformer(variant, base=base_folder, dtype=dtype, progress=progress,
+                                               **load_kwargs(runtime, device))
+    components = load_base_components(base_folder, device=load_device(runtime, device), vae_dtype=dtype,
+                                      scheduler=not config.is_dmd)
+    pipeline_kwargs = apply_runtime(transformer, runtime, device, components=components)
+    pipeline = build_pipeline(config, transformer, components, **pipeline_kwargs)
     return PipelineGenerator(pipeline, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale), config
-
