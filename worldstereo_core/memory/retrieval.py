@@ -55,12 +55,14 @@ def frustum_corners(w2c, K, width: int, height: int, near: float = FRUSTUM_NEAR,
     rays = pix @ torch.linalg.inv(K).transpose(-1, -2)  # (..., 4, 3)
     rays = rays / rays.norm(dim=-1, keepdim=True)
     pts = torch.cat([rays * near, rays * far], dim=-2)
+    # A general float32 inverse, not cameras.invert_rigid: the reference scores in float32 this way,
+    # and exact score ties (argmax / top-k order) depend on that rounding (fixture-checked).
     c2w = torch.linalg.inv(w2c)
     return pts @ c2w[..., :3, :3].transpose(-1, -2) + c2w[..., None, :3, 3]
 
 
 def view_directions(w2c) -> torch.Tensor:
-    """Unit viewing directions (c2w z axes) of w2c (..., 4, 4), float32."""
+    """Unit viewing directions (c2w z axes) of w2c (..., 4, 4), float32 (general inverse, see above)."""
     return torch.linalg.inv(as_tensor(w2c, dtype=SCORE_DTYPE))[..., :3, 2]
 
 
