@@ -28,6 +28,7 @@ from ..cameras import CameraTrajectory, rigidity_error
 from ..errors import InputError
 from ..sizes import check_image_size
 from .atomic import write_json_atomic
+from .json_files import read_json as _read_json
 
 #: Largest accepted deviation of an extrinsic from a rigid transform (see cameras.rigidity_error).
 RIGIDITY_TOLERANCE = 1e-3
@@ -40,21 +41,8 @@ _CORE_FIELDS = ("extrinsic", "intrinsic", "width", "height")
 # --------------------------------------------------------------------------------------------
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file; errors name the file (and the line for syntax errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"camera file {path} not found; check the path")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; fix the file "
-            "syntax (e.g. trailing commas, missing brackets)"
-        ) from exc
+    """Parse a camera JSON file; errors name the file (and the line for syntax errors)."""
+    return _read_json(path, "camera file")
 
 
 def _resolve(path: str | os.PathLike, default_name: str) -> Path:

@@ -7,13 +7,13 @@ defaults of the reference code (see shared/spec/models.md §1.2-1.3).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..constants import DEFAULT_SCALE_MAP, HF_REPO_ID, MODEL_TYPES, NFRAME
 from ..errors import InputError, MissingWeightsError
+from ..io.json_files import read_json_object as _read_json_object
 
 CAMERA_MODEL_TYPE = "worldstereo-camera"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -31,16 +31,8 @@ WAN_CONFIG_FIELDS = (
 
 
 def read_json_object(path: Path, what: str) -> dict:
-    """Read a JSON object, failing with the file's name (MissingWeightsError / InputError)."""
-    if not path.is_file():
-        raise MissingWeightsError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{what} {path} is not valid JSON ({exc}); re-download or fix the file") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    """Read a JSON object; a missing file is a MissingWeightsError naming it."""
+    return _read_json_object(path, what, missing=MissingWeightsError)
 
 
 @dataclass(frozen=True)

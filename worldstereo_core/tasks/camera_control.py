@@ -10,7 +10,6 @@ does -> generation -> ``<out>/<scene>/<model>_result.mp4`` (16 fps) and its fram
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..memory.cache import DepthFn, depth_map
 from ..progress import ProgressFn
 from ..sizes import assign_scale
 from .generate import GenerationRequest, Generator
+from .ordering import read_prompt
 
 PROMPT_KEY = "long caption"
 
@@ -48,16 +48,8 @@ class CameraControlResult:
 
 
 def read_caption(path: Path, key: str = PROMPT_KEY) -> str:
-    """The ``key`` caption of a single-view ``prompt.json``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path} not found; a camera-control scene needs prompt.json with {key!r}") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc}); fix the file") from exc
-    if not isinstance(data, dict) or not isinstance(data.get(key), str):
-        raise InputError(f"{path}: needs a string field {key!r} (the release uses the long caption)")
-    return data[key]
+    """The ``key`` caption of a single-view ``prompt.json`` (the release uses the long caption)."""
+    return read_prompt(path, "camera-control scene", key)
 
 
 def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator,

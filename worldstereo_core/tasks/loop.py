@@ -55,7 +55,8 @@ from ..memory.retrieval import RetrievalResult, retrieve
 from ..progress import ProgressFn, report
 from ..sizes import assign_scale, validate_scale_map
 from .generate import GenerationRequest, Generator
-from .ordering import RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, TASK_TYPES, recon_sort_trajs, sort_trajs
+from .ordering import (RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, TASK_TYPES, read_prompt, recon_sort_trajs,
+                       sort_trajs)
 
 log = logging.getLogger(__name__)
 
@@ -182,18 +183,6 @@ def _has_renders(folder: Path) -> bool:
     return (folder / RENDER_VIDEO).is_file() and (folder / MASK_VIDEO).is_file()
 
 
-def _read_prompt(path: Path) -> str:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))["prompt"]
-    except FileNotFoundError:
-        raise InputError(f"{path} not found; a reconstruction scene needs prompt.json with {{\"prompt\": ...}}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: cannot read the 'prompt' field ({exc!r}); fix the file") from exc
-    if not isinstance(value, str):
-        raise InputError(f"{path}: 'prompt' must be a string")
-    return value
-
-
 def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthFn | None) -> _Scene:
     image = load_image(scene_dir / "image.png")
     h0, w0 = image.shape[:2]
@@ -222,7 +211,7 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
         K0 = scale_intrinsics(first.K[0], (first.height, first.width), (h0, w0))
         w2c0 = first.w2c[0]
     else:
-        prompt = _read_prompt(scene_dir / "prompt.json")
+        prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
         K_guess = intrinsics_from_fov(w0, h0, opts.fov_deg)
         depth, raw = depth_of_start(scale_intrinsics(K_guess, (h0, w0), size), identity)
         K0 = K_guess

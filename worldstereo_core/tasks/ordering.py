@@ -13,13 +13,13 @@ Input folders are only read; the renamed group id is used for everything the run
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.json_files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +72,14 @@ def group_id(name: str) -> str:
     return name.replace("-", "_")
 
 
-def _read_field(path: Path, key: str, what: str):
+def read_prompt(path: str | os.PathLike, what: str, key: str = "prompt") -> str:
+    """The string field ``key`` of a caption file (prompt.json, traj_caption.json)."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} not found; every {what} needs it ({{\"{key}\": ...}})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc}); fix the file") from exc
-    if not isinstance(data, dict) or key not in data:
-        raise InputError(f"{path}: missing field {key!r}")
-    return data[key]
-
-
-def _prompt(path: Path, what: str) -> str:
-    value = _read_field(path, "prompt", what)
+    value = read_json_object(path, what).get(key)
     if not isinstance(value, str):
-        raise InputError(f"{path}: 'prompt' must be a string, got {type(value).__name__}")
+        raise InputError(f"{path}: needs a string field {key!r}, got {type(value).__name__}")
     return value
 
 
@@ -104,7 +96,7 @@ def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
     image = scene_dir / "image.png"
     if not image.is_file():
         raise InputError(f"{image} not found; a reconstruction scene needs its input image.png")
-    prompt = _prompt(scene_dir / "prompt.json", "reconstruction scene")
+    prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
     group = scene_dir / RECONSTRUCTION_VIEW
     jobs = [TrajectoryJob(RECONSTRUCTION_VIEW, t, group, group / t / "camera.json", image, None, prompt)
             for t in RECONSTRUCTION_ORDER if (group / t / "camera.json").is_file()]
@@ -117,7 +109,12 @@ def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
 def is_valid_view(group: Path) -> bool:
     """False only when ``valid_analysis.json`` exists and its "valid" is not "yes"."""
     path = group / "valid_analysis.json"
-    return not path.is_file() or _read_field(path, "valid", "view analysis") == "yes"
+    if not path.is_file():
+        return True
+    data = read_json_object(path, "view analysis")
+    if "valid" not in data:
+        raise InputError(f"{path}: missing field 'valid'")
+    return data["valid"] == "yes"
 
 
 def _trajs(group: Path) -> list[str]:
@@ -143,7 +140,7 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
         if start is not None and not start.is_file():
             raise InputError(f"{start} not found; every panorama group needs its start_frame.png")
         return TrajectoryJob(gid, traj, group, group / traj / "camera.json", start, start_from,
-                             _prompt(group / traj / "traj_caption.json", "panorama trajectory"),
+                             read_prompt(group / traj / "traj_caption.json", "panorama trajectory"),
                              is_iterative=start_from is not None)
 
     def of(prefix: str) -> list[str]:
