@@ -52,6 +52,19 @@ def test_folder_path_and_size_arguments(tmp_path):
         load_camera_json(tmp_path, width=800)
 
 
+@pytest.mark.parametrize("field", ["width", "height"])
+def test_size_range_errors_name_the_field(tmp_path, field):
+    """Issue 10 item 8: a camera.json width out of range was called "height" in the error."""
+    _write(tmp_path, _traj_dict(**{"width": 640, "height": 480, field: 20000}))
+    with pytest.raises(InputError) as err:
+        load_camera_json(tmp_path)
+    other = "height" if field == "width" else "width"
+    assert f"field '{field}' 20000 px is outside" in str(err.value) and other not in str(err.value)
+    _write(tmp_path, _traj_dict())
+    with pytest.raises(InputError, match=f"{field} argument 5 px is outside"):
+        load_camera_json(tmp_path, **{"width": 640, "height": 480, field: 5})
+
+
 def test_invalid_json_names_file_and_line(tmp_path):
     path = _write(tmp_path, '{\n  "extrinsic": [],\n  "intrinsic": [,]\n}')
     with pytest.raises(InputError, match=r"camera\.json: invalid JSON at line 3"):

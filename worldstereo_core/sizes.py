@@ -13,6 +13,8 @@ from .errors import InputError
 #: Smallest and largest accepted image side in pixels (inputs outside are rejected as absurd).
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 16384
+#: Largest accepted image area: 2**26 pixels (8192 x 8192, 67.1 megapixels; 201 MB as RGB uint8).
+MAX_IMAGE_PIXELS = 2**26
 
 #: Working sizes must be multiples of this (VAE stride 8 x patch 2 of the video model).
 SIZE_MULTIPLE = 16
@@ -22,19 +24,30 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def check_image_side(value, what: str = "image", name: str = "side") -> int:
+    """One image side (``name`` = "width", "height" ...) as an int in the supported range."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise InputError(f"{what}: {name} must be a whole number of pixels, got {value!r}")
+    if not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE:
+        raise InputError(
+            f"{what}: {name} {value} px is outside the supported range "
+            f"[{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]; resize or crop the input to a sensible size"
+        )
+    return int(value)
+
+
 def check_image_size(height, width, what: str = "image") -> tuple[int, int]:
-    """Return ``(height, width)`` as ints, or raise InputError naming ``what`` when absurd."""
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if not _is_int(v):
-            raise InputError(f"{what}: {name} must be a whole number of pixels, got {v!r}")
-        if not MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE:
-            raise InputError(
-                f"{what}: {name} {v} px is outside the supported range "
-                f"[{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]; resize or crop the input to a sensible size"
-            )
-    return int(height), int(width)
+    """Return ``(height, width)`` as ints, or raise InputError naming ``what`` when absurd
+    (a side outside [16, 16384] px or more than :data:`MAX_IMAGE_PIXELS` pixels)."""
+    height, width = check_image_side(height, what, "height"), check_image_side(width, what, "width")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{what}: {width}x{height} is {height * width / 1e6:.1f} megapixels, more than the supported "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} (e.g. 8192x8192); downscale it (WorldStereo works at about 480x832)"
+        )
+    return height, width
 
 
 def validate_scale_map(scale_map: Iterable[Sequence[int]]) -> tuple[tuple[int, int], ...]:

@@ -26,7 +26,7 @@ import torch
 
 from ..cameras import CameraTrajectory, rigidity_error
 from ..errors import InputError
-from ..sizes import check_image_size
+from ..sizes import check_image_side, check_image_size
 from .atomic import write_json_atomic
 from .json_files import read_json as _read_json
 
@@ -66,7 +66,7 @@ def load_camera_json(path: str | os.PathLike, *, width: int | None = None,
     for name, given in (("width", width), ("height", height)):
         if given is None:
             continue
-        given = _check_side(given, f"{path}: {name} argument")
+        given = check_image_side(given, str(path), f"{name} argument")
         stated = getattr(traj, name)
         if stated is not None and stated != given:
             raise InputError(
@@ -107,12 +107,7 @@ def _size_field(d: dict, key: str, source: str) -> int | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or (isinstance(value, float) and not value.is_integer()):
         raise InputError(f"{source}: field '{key}' must be a whole number of pixels, got {value!r}")
-    return _check_side(int(value), f"{source}: field '{key}'")
-
-
-def _check_side(value, what: str) -> int:
-    """One image side through :func:`sizes.check_image_size` (same limits as images)."""
-    return check_image_size(value, value, what)[0]
+    return check_image_side(int(value), source, f"field '{key}'")
 
 
 def _matrix_stack(value: Any, n: int, field: str, source: str) -> torch.Tensor:
