@@ -308,6 +308,64 @@ def test_interrupted_save_keeps_previous_index(tmp_path, monkeypatch):
     assert len(list((folder / "frames").iterdir())) == len(index["entries"])  # stale files pruned
 
 
+def test_save_refuses_a_folder_that_is_not_a_bank(tmp_path):
+    """Issue 10 item 1: a save into a user's folder deleted its frames/*.png and extras/notes.txt."""
+    folder = tmp_path / "mine"
+    (folder / "frames").mkdir(parents=True)
+    (folder / "extras").mkdir()
+    (folder / "frames" / "holiday.png").write_bytes(b"user data")
+    (folder / "extras" / "notes.txt").write_text("user notes")
+    with pytest.raises(InputError, match="not empty and holds no memory bank"):
+        _small_bank().save(folder)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+        ["extras/notes.txt", "frames/holiday.png"]
+    _small_bank().save(tmp_path / "empty")  # a new folder is fine
+    (tmp_path / "made").mkdir()
+    _small_bank().save(tmp_path / "made")  # and so is an empty one
+
+
+def test_save_removes_only_its_own_files_and_never_through_a_link(tmp_path):
+    """Issue 10 item 1: files a user added to a bank folder stay, files an earlier save wrote and the
+    new index no longer names go, and nothing is deleted through a symlink out of the folder."""
+    folder = tmp_path / "bank"
+    first = _small_bank(with_extras=True)
+    first.save(folder)
+    old = json.loads((folder / "memory_bank.json").read_text())["entries"]
+    (folder / "frames" / "holiday.png").write_bytes(b"user data")
+    (folder / "notes.txt").write_text("user notes")
+    outside = tmp_path / "outside"  # extras/ now links out; it holds files named like the bank's own
+    (folder / "extras").rename(outside)
+    (folder / "extras").symlink_to(outside, target_is_directory=True)
+    (outside / "keep.txt").write_text("outside data")
+    outside_before = sorted(p.name for p in outside.iterdir())
+
+    second = _small_bank(seed=7)  # other frames, no extras: every old file is stale
+    second.save(folder)
+    assert MemoryBank.load(folder) == second
+    assert sorted(p.name for p in outside.iterdir()) == outside_before  # nothing deleted through the link
+    assert (folder / "frames" / "holiday.png").read_bytes() == b"user data"
+    assert (folder / "notes.txt").read_text() == "user notes"
+    assert not any((folder / e["frame"]).exists() for e in old)  # the first save's frames were its own: pruned
+    new = {e["frame"] for e in json.loads((folder / "memory_bank.json").read_text())["entries"]}
+    assert {f"frames/{p.name}" for p in (folder / "frames").iterdir()} == new | {"frames/holiday.png"}
+    assert not (folder / bank_module.JOURNAL_NAME).exists()
+
+
+def test_damaged_bank_files_are_named_errors(tmp_path):
+    """Issue 10 item 5: a garbage bank PNG or a truncated .npy in a saved bank."""
+    bank = _small_bank(with_extras=True)
+    bank.save(tmp_path)
+    entries = json.loads((tmp_path / "memory_bank.json").read_text())["entries"]
+    (tmp_path / entries[3]["frame"]).write_bytes(b"\x89PNG garbage")
+    with pytest.raises(CheckpointError, match=entries[3]["frame"]):
+        MemoryBank.load(tmp_path)
+    bank.save(tmp_path / "other")
+    npy = tmp_path / "other" / entries[3]["depth"]
+    npy.write_bytes(npy.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=entries[3]["depth"]):
+        MemoryBank.load(tmp_path / "other")
+
+
 def test_load_reports_missing_or_damaged_folder(tmp_path):
     with pytest.raises(InputError, match="no memory bank"):
         MemoryBank.load(tmp_path)

@@ -11,7 +11,11 @@ scores a whole trajectory against the whole bank in one tensor operation.
 Persistence (:meth:`MemoryBank.save` / :meth:`MemoryBank.load`): ``<folder>/frames/*.png``
 (content-addressed names), optional ``<folder>/extras/*.npy`` and the index
 ``<folder>/memory_bank.json``, written last and atomically, so an interrupted save leaves the
-previous index, and every file it names, intact.
+previous index, and every file it names, intact. A save deletes only files that a save of this
+bank wrote: those the previous index names, and those listed in ``.memory_bank.pending.json``,
+the journal a save writes before its data files (so files of an interrupted save are found too).
+It never deletes through a symbolic link or outside ``folder``, and refuses a non-empty folder
+that holds no bank.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from ..progress import ProgressFn, report
 from .retrieval import FrustumSet
 
 INDEX_NAME = "memory_bank.json"
+#: Files a save is about to write (removed when the save is complete).
+JOURNAL_NAME = ".memory_bank.pending.json"
 INDEX_VERSION = 1
 #: fname of the single reconstruction bank entry (the reference's spelling).
 RECONSTRUCTION_INPUT_FNAME = "renders/pano_bank/image.png"
@@ -275,47 +281,80 @@ class MemoryBank:
     def save(self, folder: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
         """Write the bank to ``folder`` (resumable; see the module docstring). Returns the index path."""
         folder = Path(folder)
-        entries = []
-        total = len(self)
-        for i in range(total):
-            entry = {"fname": self.fnames[i], "w2c": self._w2c[i].tolist(), "K": self._K[i].tolist(),
-                     "frame": self._write_png(folder, i, self.frames[i])}
+        owned = self._owned_files(folder)
+        entries = [{"fname": self.fnames[i], "w2c": self._w2c[i].tolist(), "K": self._K[i].tolist(),
+                    "frame": self._png_name(i, self.frames[i]),
+                    **{key: None if arr is None else self._npy_name(i, key, arr)
+                       for key, arr in (("depth", self.depths[i]), ("points", self.points[i]))}}
+                   for i in range(len(self))]
+        wanted = {e[k] for e in entries for k in ("frame", "depth", "points") if e[k]}
+        journal = safe_join(folder, JOURNAL_NAME)
+        write_json_atomic(journal, sorted(owned | wanted))
+        for i, entry in enumerate(entries):
+            self._write_png(folder, entry["frame"], self.frames[i])
             for key, arr in (("depth", self.depths[i]), ("points", self.points[i])):
-                entry[key] = None if arr is None else self._write_npy(folder, i, key, arr)
-            entries.append(entry)
-            report(progress, i + 1, total)
+                if arr is not None:
+                    self._write_npy(folder, entry[key], arr)
+            report(progress, i + 1, len(entries))
         index = {"version": INDEX_VERSION, **self.config(), "entries": entries}
         path = write_json_atomic(safe_join(folder, INDEX_NAME), index, indent=None)
-        self._prune(folder, {e[k] for e in entries for k in ("frame", "depth", "points") if e[k]})
+        self._remove_own(folder, owned - wanted)
+        journal.unlink()
         return path
 
     @staticmethod
-    def _write_png(folder: Path, i: int, frame: np.ndarray) -> str:
-        rel = f"frames/{i:06d}-{_digest(frame)}.png"
+    def _owned_files(folder: Path) -> set[str]:
+        """Data files earlier saves of a bank wrote into ``folder`` (named by its index or journal).
+
+        Refuses a folder that holds other things and no bank, so a save never mixes with them."""
+        index, journal = folder / INDEX_NAME, folder / JOURNAL_NAME
+        if folder.is_dir() and not index.is_file() and not journal.is_file() and any(folder.iterdir()):
+            raise InputError(f"{folder} is not empty and holds no memory bank ({INDEX_NAME} missing); save the bank "
+                             "into a new or empty folder")
+        owned: set[str] = set()
+        try:
+            if index.is_file():
+                entries = json.loads(index.read_text(encoding="utf-8"))["entries"]
+                owned |= {e[k] for e in entries for k in ("frame", "depth", "points") if e.get(k)}
+            if journal.is_file():
+                owned |= set(json.loads(journal.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder}: the saved memory bank's {index.name} or {journal.name} is damaged "
+                                  f"({exc!r}); save into a new folder, or delete this one first") from exc
+        return {name for name in owned if isinstance(name, str)}
+
+    @staticmethod
+    def _png_name(i: int, frame: np.ndarray) -> str:
+        return f"frames/{i:06d}-{_digest(frame)}.png"
+
+    @staticmethod
+    def _npy_name(i: int, key: str, arr: np.ndarray) -> str:
+        return f"extras/{i:06d}-{key}-{_digest(arr)}.npy"
+
+    @staticmethod
+    def _write_png(folder: Path, rel: str, frame: np.ndarray) -> None:
         path = safe_join(folder, rel)
         if not path.is_file():
             with atomic_path(path) as tmp:
                 Image.fromarray(frame).save(tmp, format="PNG", compress_level=1)
-        return rel
 
     @staticmethod
-    def _write_npy(folder: Path, i: int, key: str, arr: np.ndarray) -> str:
-        rel = f"extras/{i:06d}-{key}-{_digest(arr)}.npy"
+    def _write_npy(folder: Path, rel: str, arr: np.ndarray) -> None:
         path = safe_join(folder, rel)
         if not path.is_file():
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
-        return rel
 
     @staticmethod
-    def _prune(folder: Path, referenced: set[str]) -> None:
-        """Delete data files the index no longer names (left over by an interrupted save)."""
-        for sub in ("frames", "extras"):
-            d = folder / sub
-            if d.is_dir():
-                for p in d.iterdir():
-                    if p.is_file() and f"{sub}/{p.name}" not in referenced:
-                        p.unlink()
+    def _remove_own(folder: Path, names: set[str]) -> None:
+        """Delete files a save of this bank wrote and the index no longer names: plain files only,
+        never through a symbolic link, never outside ``folder``."""
+        root = folder.resolve()
+        for name in sorted(names):
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or path.parent.resolve() != (root / name).parent:
+                continue
+            path.unlink()
 
     @classmethod
     def exists(cls, folder: str | os.PathLike) -> bool:
@@ -357,8 +396,12 @@ class MemoryBank:
         if not path.is_file():
             raise CheckpointError(f"{folder}: frame file {rel} named by {INDEX_NAME} is missing; the "
                                   "bank folder was modified, delete it to start over")
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB")).copy()
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB")).copy()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise CheckpointError(f"{folder}: frame file {rel} is not a readable PNG ({exc}); the bank folder is "
+                                  "damaged, delete it to start over") from exc
 
     @staticmethod
     def _read_npy(folder: Path, rel: str | None) -> np.ndarray | None:
@@ -368,4 +411,8 @@ class MemoryBank:
         if not path.is_file():
             raise CheckpointError(f"{folder}: data file {rel} named by {INDEX_NAME} is missing; delete "
                                   "the folder to start over")
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise CheckpointError(f"{folder}: data file {rel} is damaged ({exc}); delete the folder to "
+                                  "start over") from exc
