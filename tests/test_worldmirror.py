@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import fixture_file
-from worldstereo_core.errors import InputError
+from worldstereo_core.errors import InputError, ToolError
 from worldstereo_core.io import worldmirror as wm
 from worldstereo_core.io.worldmirror import (
     camera_id, export_worldmirror, name_map_key, run_worldmirror, worldmirror_command,
@@ -69,21 +69,53 @@ def test_default_export_has_intrinsics_of_the_saved_image(tmp_path):
             assert K[0, 2] == pytest.approx(w / 2) and K[1, 2] == pytest.approx(h / 2)
 
 
-def test_mixed_sizes_and_c2w(tmp_path):
+def _pixel_K(K: np.ndarray, size_wh: tuple[int, int], bank_wh: tuple[int, int]) -> np.ndarray:
+    """Independent rescale: row 0 scales with the width, row 1 with the height."""
+    out = K.copy()
+    out[0] *= size_wh[0] / bank_wh[0]
+    out[1] *= size_wh[1] / bank_wh[1]
+    return out
+
+
+def test_mixed_sizes_are_exported_at_one_size_with_matching_K(tmp_path):
+    """Issue 10 item 9(a): bank views at their own size and generated frames at the working size
+    go out at one size (HY-World refuses mixed sizes), each K in pixels of its saved image."""
     bank = MemoryBank(64, 32)
     K = torch.tensor([[32.0, 0, 32], [0, 32, 16], [0, 0, 1]], dtype=torch.float64)
-    w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    w2c = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
     w2c[1, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    frames = [np.zeros((32, 64, 3), np.uint8), np.zeros((16, 48, 3), np.uint8)]
-    bank.add(frames, w2c, K, ["scene/pano_bank/0000", "view0/traj2/0003"])
-    export_worldmirror(bank, tmp_path, "scene")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (32, 64, 3), dtype=np.uint8), rng.integers(0, 255, (16, 48, 3), dtype=np.uint8),
+              rng.integers(0, 255, (16, 48, 3), dtype=np.uint8)]
+    bank.add(frames, w2c, K, ["scene/pano_bank/0000", "view0/traj2/0003", "view0/traj2/0007"])
+    for folder, size in ((tmp_path / "default", None), (tmp_path / "given", (24, 40))):
+        export_worldmirror(bank, folder, "scene", size=size)
+        h, w = size or (16, 48)  # default: the newest frame's size
+        cams = json.loads((folder / "cameras.json").read_text())
+        assert [e["camera_id"] for e in cams["extrinsics"]] == ["pano-0000", "view0-traj2-0003", "view0-traj2-0007"]
+        assert np.allclose(cams["extrinsics"][1]["matrix"], np.linalg.inv(w2c[1].numpy()))
+        for i, e in enumerate(cams["intrinsics"]):
+            saved = Image.open(folder / "images" / f"{e['camera_id']}.png")
+            assert saved.size == (w, h)
+            np.testing.assert_allclose(e["matrix"], _pixel_K(K.numpy(), (w, h), (64, 32)), rtol=1e-12)
+            expected = frames[i] if frames[i].shape[:2] == (h, w) else \
+                np.asarray(Image.fromarray(frames[i]).resize((w, h), Image.Resampling.BICUBIC))
+            assert np.array_equal(np.asarray(saved), expected)
+    assert json.loads((tmp_path / "default" / "name_map.json").read_text()) == {
+        "scene/pano_bank/0000": "0000", "view0/traj2/0003": "0001", "view0/traj2/0007": "0002"}
+
+
+def test_pose_override_replaces_only_the_named_entry(tmp_path):
+    bank = MemoryBank(32, 16)
+    bank.add([np.zeros((16, 32, 3), np.uint8)] * 2, torch.eye(4).repeat(2, 1, 1), torch.eye(3),
+             ["renders/pano_bank/image.png", "renders/traj_up/0003"])
+    pitch = torch.tensor([[1.0, 0, 0, 0], [0, 0.96, -0.28, 0.1], [0, 0.28, 0.96, 0.2], [0, 0, 0, 1]], dtype=torch.float64)
+    export_worldmirror(bank, tmp_path, "s", poses={"renders/pano_bank/image.png": pitch})
     cams = json.loads((tmp_path / "cameras.json").read_text())
-    assert [e["camera_id"] for e in cams["extrinsics"]] == ["pano-0000", "view0-traj2-0003"]
-    assert np.allclose(cams["extrinsics"][1]["matrix"], np.linalg.inv(w2c[1].numpy()))
-    assert cams["intrinsics"][0]["matrix"] == K.tolist()
-    assert cams["intrinsics"][1]["matrix"] == [[24.0, 0, 24], [0, 16, 8], [0, 0, 1]]
-    assert json.loads((tmp_path / "name_map.json").read_text()) == {"scene/pano_bank/0000": "0000",
-                                                                   "view0/traj2/0003": "0001"}
+    np.testing.assert_allclose(cams["extrinsics"][0]["matrix"], np.linalg.inv(pitch.numpy()), atol=1e-12)
+    np.testing.assert_allclose(cams["extrinsics"][1]["matrix"], np.eye(4))
+    with pytest.raises(InputError, match="not in the memory bank"):
+        export_worldmirror(bank, tmp_path / "x", "s", poses={"view/traj/0001": pitch})
 
 
 def test_existing_export_is_skipped(tmp_path):
@@ -138,7 +170,14 @@ def test_run_builds_documented_command(tmp_path, monkeypatch):
         seen["cmd"] = cmd
         return subprocess.CompletedProcess(cmd, 0, stdout="done\n")
 
-    result = run_worldmirror(tmp_path, runner=runner)
+    def runner_writing(cmd, **kwargs):
+        for name in wm.WORLDMIRROR_OUTPUTS:
+            (tmp_path / "results" / name).write_text("x")
+        return runner(cmd, **kwargs)
+
+    result = run_worldmirror(tmp_path, runner=runner_writing)
+    for name in wm.WORLDMIRROR_OUTPUTS:
+        (tmp_path / "results" / name).unlink()
     cmd = seen["cmd"]
     assert result.ran and result.returncode == 0 and (tmp_path / "results" / "worldmirror.log").read_text() == "done\n"
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=1"]
@@ -160,3 +199,37 @@ def test_run_builds_documented_command(tmp_path, monkeypatch):
         run_worldmirror(tmp_path, runner=failing)
     (tmp_path / "results" / "points.ply").write_text("ply")
     assert not run_worldmirror(tmp_path, runner=failing).ran  # already reconstructed
+
+
+def test_run_that_makes_nothing_is_an_error_quoting_the_tool(tmp_path, monkeypatch):
+    """Issue 10 item 9(b): HY-World prints "Skipping", writes nothing and exits 0; that is not success."""
+    monkeypatch.setattr(wm, "worldmirror_available", lambda: True)
+    bank = MemoryBank(32, 16)
+    bank.add([np.zeros((16, 32, 3), np.uint8)], torch.eye(4)[None], torch.eye(3)[None], ["s/pano_bank/0000"])
+    export_worldmirror(bank, tmp_path, "s")
+    lines = [f"loading {i}" for i in range(30)] + ["Inconsistent resolutions after preprocessing", "Skipping"]
+
+    def skipping(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, stdout="\n".join(lines))
+
+    with pytest.raises(ToolError) as err:
+        run_worldmirror(tmp_path, runner=skipping)
+    message = str(err.value)
+    assert "points.ply" in message and "Inconsistent resolutions" in message and "Skipping" in message
+    assert "loading 0" not in message  # only the last lines are quoted
+    assert isinstance(err.value, RuntimeError)
+
+    def partial(cmd, **kwargs):  # points written, cameras missing
+        (tmp_path / "results" / "points.ply").write_text("ply")
+        return subprocess.CompletedProcess(cmd, 0, stdout="done")
+
+    with pytest.raises(ToolError, match="camera_params.json"):
+        run_worldmirror(tmp_path, runner=partial)
+    (tmp_path / "results" / "points.ply").unlink()
+
+    def complete(cmd, **kwargs):
+        for name in wm.WORLDMIRROR_OUTPUTS:
+            (tmp_path / "results" / name).write_text("x")
+        return subprocess.CompletedProcess(cmd, 0, stdout="done")
+
+    assert run_worldmirror(tmp_path, runner=complete).ran

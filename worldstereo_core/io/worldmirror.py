@@ -2,16 +2,26 @@
 
 Export layout (spec/geometry.md §9.1), in ``folder``:
 
-* ``images/<camera_id>.png`` for every bank entry; ``camera_id`` is ``pano-<frame>`` for
+* ``images/<camera_id>.png`` for every bank entry, all of one size (HY-World refuses a folder
+  whose images preprocess to different sizes); ``camera_id`` is ``pano-<frame>`` for
   ``pano_bank`` entries and ``<view>-<traj>-<frame>`` otherwise;
 * ``cameras.json`` = ``{"num_cameras", "extrinsics": [{"camera_id", "matrix": c2w}],
   "intrinsics": [{"camera_id", "matrix": K}]}`` in bank order;
 * ``name_map.json`` = ``{"<view>/<traj>/<frame>" (bank views: "<scene>/pano_bank/<frame>"):
   "0000", ...}`` numbered in the sorted order of camera ids.
 
-K is rescaled to each saved image's size, so K and image always agree (the reference writes the
-bank K unchanged, which disagrees for frames saved at the working size; ``reference_compatible``
-reproduces that). The export is skipped when ``cameras.json`` exists; it is written last.
+Images are resized (bicubic) to one size, by default that of the bank's newest frame (in a loop
+run: the working size of the generated clips), and each K is in pixels of its saved image. The
+reference instead saves every frame at its own size with the bank K unchanged, which disagrees
+for frames saved at the working size and mixes sizes in panorama exports;
+``reference_compatible`` reproduces that. ``poses`` replaces the camera of named entries: a
+reconstruction's start image is held in the bank at the identity (as in the reference, for
+retrieval) but is exported at the scene's true frame-0 pose. The export is skipped when
+``cameras.json`` exists; it is written last.
+
+:func:`run_worldmirror` runs HY-World 2.0 on an export when it is installed and checks that it
+made its outputs (``results/points.ply``, ``results/camera_params.json``), quoting its last
+output lines when not.
 """
 from __future__ import annotations
 
@@ -22,14 +32,17 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
+import torch
 from PIL import Image
 
-from ..cameras import invert_rigid, scale_intrinsics
-from ..errors import InputError
+from ..cameras import as_tensor, invert_rigid, scale_intrinsics
+from ..errors import InputError, ToolError
 from ..progress import ProgressFn, report
-from .atomic import atomic_path, safe_join, write_json_atomic
+from ..sizes import check_image_size
+from .atomic import atomic_path, safe_join, write_json_atomic, write_text_atomic
+from .images import resize_bicubic
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..memory.bank import MemoryBank
@@ -43,6 +56,10 @@ WORLDMIRROR_FLAGS = (
     "--apply_edge_mask", "--apply_confidence_mask", "--confidence_percentile", "15.0",
     "--compress_pts", "--no_interactive", "--disable_heads", "gs", "points",
 )
+#: What a successful reconstruction leaves in ``results/`` (spec §9.2).
+WORLDMIRROR_OUTPUTS = ("points.ply", "camera_params.json")
+#: Output lines quoted in the error when WorldMirror fails or makes nothing.
+QUOTED_LINES = 15
 
 
 def _split(fname: str) -> tuple[str, str, str]:
@@ -86,24 +103,38 @@ class WorldMirrorExport:
 
 
 def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str, *,
+                       size: tuple[int, int] | None = None, poses: Mapping[str, torch.Tensor] | None = None,
                        reference_compatible: bool = False, progress: ProgressFn | None = None) -> WorldMirrorExport:
-    """Write the WorldMirror input folder for ``bank`` (see the module docstring)."""
+    """Write the WorldMirror input folder for ``bank`` (see the module docstring).
+
+    ``size`` (height, width) of every saved image (default: the newest frame's); ``poses``: w2c
+    to export instead of the bank's, by entry name."""
     folder = Path(folder)
     if (folder / "cameras.json").is_file():
         log.info("WorldMirror export: %s already has cameras.json; skipping", folder)
         return WorldMirrorExport(folder, skipped=True)
+    if len(bank) == 0:
+        raise InputError("WorldMirror export: the memory bank is empty; add generated clips first")
     ids = [camera_id(f) for f in bank.fnames]
     if len(set(ids)) != len(ids):
         dup = sorted({c for c in ids if ids.count(c) > 1})
         raise InputError(f"WorldMirror export: duplicate camera ids {dup[:5]}; every memory entry needs a unique name")
-    c2w = invert_rigid(bank.w2c)
+    unknown = sorted(set(poses or {}) - set(bank.fnames))
+    if unknown:
+        raise InputError(f"WorldMirror export: poses given for {unknown[:3]}, which are not in the memory bank")
+    size = check_image_size(*(size or bank.frames[-1].shape[:2]), "WorldMirror image size")
+    w2c = bank.w2c.clone()
+    for name, pose in (poses or {}).items():
+        w2c[bank.fnames.index(name)] = as_tensor(pose, dtype=torch.float64).reshape(4, 4)
+    c2w = invert_rigid(w2c)
     extrinsics, intrinsics = [], []
     for i, (cid, frame) in enumerate(zip(ids, bank.frames)):
-        with atomic_path(safe_join(folder, "images", cid + ".png")) as tmp:
-            Image.fromarray(frame).save(tmp, format="PNG")
         K = bank.K[i]
         if not reference_compatible:
-            K = scale_intrinsics(K, (bank.height, bank.width), frame.shape[:2])
+            frame = frame if frame.shape[:2] == size else resize_bicubic(frame, size)
+            K = scale_intrinsics(K, (bank.height, bank.width), size)
+        with atomic_path(safe_join(folder, "images", cid + ".png")) as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG")
         extrinsics.append({"camera_id": cid, "matrix": c2w[i].tolist()})
         intrinsics.append({"camera_id": cid, "matrix": K.tolist()})
         report(progress, i + 1, len(ids))
@@ -157,8 +188,10 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
                     runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> WorldMirrorRun:
     """Run WorldMirror on an export when ``hyworld2`` is installed; skip with a message otherwise.
 
-    Also skipped when ``results/points.ply`` already exists. Raises InputError when the export
-    is incomplete and RuntimeError when the command fails (its output is in ``results/worldmirror.log``).
+    Also skipped when ``results/points.ply`` already exists. Raises InputError when the export is
+    incomplete, and ToolError (a RuntimeError) quoting the tool's last output lines when it fails
+    or exits without writing :data:`WORLDMIRROR_OUTPUTS` (its whole output is in
+    ``results/worldmirror.log``).
     """
     folder = Path(folder)
     results = folder / "results"
@@ -175,7 +208,13 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
     cmd = worldmirror_command(folder, target_size=target_size, nproc=nproc, extra_args=extra_args)
     results.mkdir(parents=True, exist_ok=True)
     proc = runner(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-    (results / "worldmirror.log").write_text(proc.stdout or "", encoding="utf-8")
-    if proc.returncode != 0:
-        raise RuntimeError(f"WorldMirror failed with exit code {proc.returncode}; see {results / 'worldmirror.log'}")
+    log_path = write_text_atomic(results / "worldmirror.log", proc.stdout or "")
+    missing = [name for name in WORLDMIRROR_OUTPUTS if not (results / name).is_file()]
+    if proc.returncode != 0 or missing:
+        tail = "\n".join((proc.stdout or "").strip().splitlines()[-QUOTED_LINES:]) or "(no output)"
+        what = (f"failed with exit code {proc.returncode}" if proc.returncode != 0
+                else f"exited without writing {', '.join(missing)}")
+        raise ToolError(f"WorldMirror {what} for {folder}; its last lines:\n{tail}\n(full output in {log_path}; "
+                        "check the export's images and cameras.json, or run the command by hand: "
+                        f"{' '.join(cmd)})")
     return WorldMirrorRun(True, "WorldMirror finished", cmd, results, proc.returncode)
