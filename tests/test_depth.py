@@ -214,6 +214,29 @@ def test_depth_files(tmp_path):
     assert torch.equal(load_point_map(tmp_path / "pm.npz"), torch.from_numpy(pm))
 
 
+def test_damaged_depth_files_are_named_errors(tmp_path):
+    """Issue 10 item 5: truncated, empty or object-dtype .npy files and a corrupt .npz raised raw
+    numpy/zipfile errors."""
+    depth = np.ones((8, 8), np.float32)
+    np.save(tmp_path / "good.npy", depth)
+    data = (tmp_path / "good.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "objects.npy", np.array([{"depth": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "no_values.npy", np.zeros((0,), np.float32))
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    np.savez(tmp_path / "good.npz", depth=depth)
+    zdata = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "corrupt.npz").write_bytes(zdata[:40] + b"\0" * 64 + zdata[104:])
+    (tmp_path / "cut.npz").write_bytes(zdata[: len(zdata) // 2])
+    for name in ("truncated.npy", "empty.npy", "objects.npy", "no_values.npy", "text.npy", "corrupt.npz", "cut.npz"):
+        with pytest.raises(InputError) as err:
+            load_depth_map(tmp_path / name)
+        assert name in str(err.value), name
+    with pytest.raises(InputError, match="objects"):
+        load_depth_map(tmp_path / "objects.npy")
+
+
 def test_resize_depth_keeps_values():
     depth = torch.tensor([[0.0, 2.0], [3.0, 4.0]])
     out = resize_depth(depth, 4, 6)

@@ -263,6 +263,11 @@ def test_variant_config_defaults_and_validation(tmp_path):
         "missing_dim": {"base_model": "x", "controlnet_cfg": {k: v for k, v in cn.items() if k != "dim"}},
         "bad_mode": {"base_model": "x", "controlnet_cfg": cn, "latent_cond_mode": "half_vae"},
     }
+    for nframe, match in (("abc", "'nframe' must be a number"), (0, "'nframe' must be a whole number >= 2"),
+                          (7.5, "'nframe' must be a whole number >= 2")):  # issue 10 item 5: raw ValueError before
+        (folder / "config.json").write_text(json.dumps({"base_model": "x", "controlnet_cfg": cn, "nframe": nframe}))
+        with pytest.raises(InputError, match=match):
+            load_worldstereo_config(folder)
     for name, data in bad.items():
         (folder / "config.json").write_text(json.dumps(data))
         with pytest.raises(InputError):

@@ -14,6 +14,7 @@ and 16-bit PNG) or a point map (:func:`points_from_pointmap`, :func:`load_point_
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -231,18 +232,30 @@ def _load_array(path: str | os.PathLike, key: str | None, preferred: tuple[str, 
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if key is None:
-                key = next((k for k in preferred if k in names), names[0] if len(names) == 1 else None)
-            if key not in names:
-                raise InputError(f"{path.name} holds arrays {names}; pass key= to choose the {what}")
-            return z[key]
-    raise InputError(f"unsupported {what} file type {suffix!r} ({path.name}); use .npy or .npz"
-                     + (" or a 16-bit .png" if what == "depth" else ""))
+    if suffix not in (".npy", ".npz"):
+        raise InputError(f"unsupported {what} file type {suffix!r} ({path.name}); use .npy or .npz"
+                         + (" or a 16-bit .png" if what == "depth" else ""))
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                if key is None:
+                    key = next((k for k in preferred if k in names), names[0] if len(names) == 1 else None)
+                if key not in names:
+                    raise InputError(f"{path.name} holds arrays {names}; pass key= to choose the {what}")
+                arr = z[key]
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable {what} file ({exc}); it may be empty, truncated or hold Python "
+                         f"objects. Save the {what} as a float array, e.g. numpy.save(path, "
+                         f"{what.replace(' ', '_')}.astype('float32'))") from exc
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.number) or arr.size == 0:
+        raise InputError(f"{path}: the {what} must be a non-empty numeric array, got "
+                         f"{getattr(arr, 'dtype', type(arr).__name__)} of shape {getattr(arr, 'shape', '?')}")
+    return arr
 
 
 def load_depth_map(path: str | os.PathLike, *, key: str | None = None,
@@ -266,9 +279,7 @@ def load_depth_map(path: str | os.PathLike, *, key: str | None = None,
             raise InputError(f"png_scale must be > 0; got {png_scale}")
         return torch.from_numpy(raw.astype(np.float32) / np.float32(png_scale))
     arr = _load_array(path, key, ("depth",), "depth")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise InputError(f"{path.name}: depth array has non-numeric dtype {arr.dtype}")
-    return _depth_tensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
+    return _depth_tensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), f"depth map {path}")
 
 
 def load_point_map(path: str | os.PathLike, *, key: str | None = None) -> torch.Tensor:

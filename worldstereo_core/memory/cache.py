@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -438,5 +439,5 @@ class PointCache:
             return cls(PointCloud(xyz, rgb), state["scale"], mode=state["mode"], settings=settings, history=history)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, OSError) as exc:
+        except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise CheckpointError(f"{path}: point cache file is damaged ({exc!r}); delete it to start over") from exc

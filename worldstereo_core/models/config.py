@@ -155,15 +155,24 @@ class WorldStereoConfig:
 
         def pick(name, default, cast):
             value = data.get(name)
-            return default if value is None else cast(value)
+            if value is None:
+                return default
+            if isinstance(value, bool) or (cast in (int, float) and not isinstance(value, (int, float))):
+                raise InputError(f"WorldStereo config.json: {name!r} must be a number, got {value!r}; fix the "
+                                 f"field or re-download {HF_REPO_ID}/{model_type}/config.json")
+            return cast(value)
 
+        nframe = pick("nframe", NFRAME, int)
+        if nframe < 2 or data.get("nframe") not in (None, nframe):
+            raise InputError(f"WorldStereo config.json: 'nframe' must be a whole number >= 2 (frames per clip), got "
+                             f"{data.get('nframe')!r}; fix the field or re-download {HF_REPO_ID}/{model_type}/config.json")
         return cls(
             model_type=model_type,
             base_model=str(data["base_model"] or ""),
             controlnet_cfg=cn,
             latent_cond_mode=mode,
             negative_prompt=pick("negative_prompt", "", str),
-            nframe=pick("nframe", NFRAME, int),
+            nframe=nframe,
             scale_map=scale_map,
             freeze_backbone=data.get("freeze_backbone"),
             dmd_start_steps=pick("dmd_start_steps", 250, int),
