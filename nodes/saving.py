@@ -3,11 +3,13 @@
 Previews go to ComfyUI's temp folder (wiped at start-up), kept results to the output folder.
 File names follow ComfyUI's ``<prefix>_<counter:05>_.<ext>`` scheme via
 ``folder_paths.get_save_image_path``; every file is written atomically and never outside its
-base folder. The returned entries ``{"filename", "subfolder", "type"}`` are what the frontend
+base folder: paths are checked on their resolved real paths (a sub-folder that links elsewhere
+is refused) before anything is written. The returned entries ``{"filename", "subfolder", "type"}`` are what the frontend
 fetches through ``GET /view``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -42,30 +44,38 @@ def file_entry(path: str | Path, kind: Kind) -> dict:
     return {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": kind}
 
 
-def next_paths(filename_prefix: str, kind: Kind, count: int, ext: str, width: int = 0, height: int = 0
-               ) -> list[Path]:
-    """``count`` fresh file paths ``<prefix>_<NNNNN>_.<ext>`` (sub-folders in the prefix allowed)."""
+def _save_location(filename_prefix: str, kind: Kind, width: int = 0, height: int = 0) -> tuple[str, str, str, int]:
+    """(root, folder, name, counter) from ``folder_paths.get_save_image_path``, with the prefix's
+    sub-folder checked against the root's real path first (ComfyUI creates a missing folder and
+    its own check does not follow links)."""
     import folder_paths
 
     root = str(base_dir(kind))
     try:
+        safe_join(root, os.path.dirname(os.path.normpath(filename_prefix)))
         folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(filename_prefix, root, width, height)
     except Exception as err:  # ComfyUI raises a bare Exception for prefixes escaping the folder
         raise InputError(f"filename_prefix {filename_prefix!r}: {err}") from err
-    return [safe_join(folder, f"{name}_{counter + i:05}_.{ext}") for i in range(count)]
+    return root, folder, name, counter
+
+
+def _inside(root: str, folder: str, name: str) -> Path:
+    """``folder/name``, refused unless its real path is inside ``root``'s."""
+    return safe_join(root, os.path.relpath(folder, root), name)
+
+
+def next_paths(filename_prefix: str, kind: Kind, count: int, ext: str, width: int = 0, height: int = 0
+               ) -> list[Path]:
+    """``count`` fresh file paths ``<prefix>_<NNNNN>_.<ext>`` (sub-folders in the prefix allowed)."""
+    root, folder, name, counter = _save_location(filename_prefix, kind, width, height)
+    return [_inside(root, folder, f"{name}_{counter + i:05}_.{ext}") for i in range(count)]
 
 
 def next_folder(filename_prefix: str, kind: Kind = "output") -> Path:
     """A fresh folder path ``<prefix>_<NNNNN>`` (not created); counts like image files do."""
-    import folder_paths
-
-    root = str(base_dir(kind))
-    try:
-        folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(filename_prefix, root)
-    except Exception as err:  # ComfyUI raises a bare Exception for prefixes escaping the folder
-        raise InputError(f"filename_prefix {filename_prefix!r}: {err}") from err
+    root, folder, name, counter = _save_location(filename_prefix, kind)
     while True:
-        path = safe_join(folder, f"{name}_{counter:05}")
+        path = _inside(root, folder, f"{name}_{counter:05}")
         if not path.exists():
             return path
         counter += 1
