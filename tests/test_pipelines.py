@@ -186,7 +186,7 @@ def test_interrupt_stops_cleanly_and_frees_memory(memory_case, common):
     seen: list[tuple[int, int]] = []
     assert _interrupted_run(pipe, {**kw, "model_call_hook": calls.append}, seen)
     total = len(full.timesteps)
-    assert seen == [(1, total)]                               # stopped right after step 1 of total
+    assert [s for s in seen if s[0]] == [(1, total)]          # stopped right after step 1 of total
     assert {c.step for c in calls} == {0}
     calls.clear()
     assert _live_tensor_bytes() <= baseline                  # nothing of the aborted run is kept alive
@@ -334,7 +334,8 @@ def test_real_layout_end_to_end(model_type, tiny_base, tmp_path):
     out = pipe(image, **inputs, prompt="a stone bridge", num_inference_steps=steps, output_type="np",
                progress=lambda d, t: ticks.append((d, t)))
     n = 4 if config.is_dmd else 2
-    assert ticks == [(i + 1, n) for i in range(n)]
+    assert [t for t in ticks if t[0]] == [(i + 1, n) for i in range(n)]
+    assert ticks[0] == (0, n)  # a chance to interrupt before the encoders run
     assert out.frames.shape == (1, F, H, W, 3) and np.isfinite(out.frames).all()
     assert out.latents.shape == (1, 16, F, H // 8, W // 8)
 

@@ -7,8 +7,9 @@ transformer takes; the loop itself lives only here.
 
 Components stay where the caller put them ("home"); each is moved to the execution device while
 it is used and moved home afterwards, unless ``keep_on_device=True``. Results come back on the
-CPU. A progress callback may raise to interrupt; the run then stops after the current step,
-components go home and the CUDA cache is emptied.
+CPU. A progress callback may raise to interrupt; the run then stops after the current step (or
+conditioning stage: the callback is also called with 0 steps done between the text, CLIP and VAE
+encodings), components go home and the CUDA cache is emptied.
 """
 from __future__ import annotations
 
@@ -256,9 +257,14 @@ class KeyframePipeline(abc.ABC):
                 geom = self._check_inputs(render_video, render_mask, camera_embedding, reference_video, ref_index,
                                           camera_qt, camera_qt_ref, height, width, num_frames, latents)
                 sampler = self.make_sampler(num_inference_steps)
+
+                def beat() -> None:  # a chance to interrupt while preparing (0 steps done)
+                    report(progress, 0, len(sampler.timesteps))
+
+                beat()
                 cond = self._prepare(image, geom, render_video, render_mask, camera_embedding, reference_video,
                                      ref_index, camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt,
-                                     negative_prompt_embeds, image_embeds, mode, do_cfg)
+                                     negative_prompt_embeds, image_embeds, mode, do_cfg, beat)
                 x = self._initial_latents(latents, generator, seed, geom)
                 _sync(self.device)
                 timings["prepare_s"] = time.perf_counter() - t_start
@@ -368,7 +374,7 @@ class KeyframePipeline(abc.ABC):
 
     def _prepare(self, image, geom, render_video, render_mask, camera_embedding, reference_video, ref_index,
                  camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                 image_embeds, mode, do_cfg) -> Conditions:
+                 image_embeds, mode, do_cfg, beat: Callable[[], None]) -> Conditions:
         batch, tdtype = geom["batch"], _dtype_of(self.transformer)
         pos = self._text(prompt, prompt_embeds, "prompt", batch)
         neg = None
@@ -376,6 +382,7 @@ class KeyframePipeline(abc.ABC):
             if negative_prompt is None and negative_prompt_embeds is None:
                 negative_prompt = self.negative_prompt
             neg = self._text(negative_prompt, negative_prompt_embeds, "negative_prompt", batch)
+        beat()
 
         if image_embeds is None:
             if self.image_encoder is None or self.image_processor is None:
@@ -387,16 +394,19 @@ class KeyframePipeline(abc.ABC):
         if image_embeds.dim() != 3:
             raise InputError(f"image_embeds must be [B,tokens,dim]; got {_shape(image_embeds)}")
         image_embeds = _batched(image_embeds, batch, "image_embeds").to(self.device, tdtype)
+        beat()
 
         with self._placed(self.vae):
             pixels = preprocess_image(image, geom["height"], geom["width"]).to(self.device)
             cond_latent = image_condition_latent(self.vae, pixels, geom["num_frames"], mode)
+            beat()
             if render_video.shape[2] == geom["frames"]:
                 render_latent = encode_keyframes(self.vae, render_video, name="render_video")
             else:
                 render_latent = encode_video(self.vae, render_video, name="render_video")
             reference_latent = None
             if self.uses_references:
+                beat()
                 reference_latent = reference_latent_layout(
                     encode_keyframes(self.vae, reference_video, name="reference_video"))
         mask = i2v_mask(1, geom["frames"], geom["h"], geom["w"], device=self.device)
