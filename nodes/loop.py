@@ -9,13 +9,13 @@ Progress runs over trajectories x denoising steps.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 
 from ..worldstereo_core.constants import DEFAULT_SEED
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.io.atomic import atomic_path, safe_join, write_json_atomic
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
 from ..worldstereo_core.tasks.ordering import TASK_TYPES
@@ -37,24 +37,15 @@ def scene_choices() -> list[str]:
 
 
 def resolve_task(task: str, scene_dir) -> str:
+    """The task for a scene folder (``None``: the image input, always a reconstruction)."""
     if task not in TASKS:
         raise InputError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if scene_dir is None and task == "panorama":
+        raise InputError("a panorama needs a scene folder with pano_bank/; the image input makes a "
+                         "reconstruction scene")
     if task != "auto":
         return task
-    return "panorama" if (scene_dir / "pano_bank").is_dir() else "reconstruction"
-
-
-def write_image_scene(folder, image, prompt: str):
-    """A reconstruction scene folder (image.png + prompt.json) for an image from the graph."""
-    from PIL import Image
-
-    if not prompt.strip():
-        raise InputError("prompt is empty; a reconstruction from the image input needs a prompt describing the scene")
-    rgb = first_image_uint8(image, "image")
-    with atomic_path(safe_join(folder, "image.png")) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-    write_json_atomic(safe_join(folder, "prompt.json"), {"prompt": prompt})
-    return folder
+    return "panorama" if scene_dir is not None and (scene_dir / "pano_bank").is_dir() else "reconstruction"
 
 
 class MultiTrajectoryLoop:
@@ -102,17 +93,19 @@ class MultiTrajectoryLoop:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, scene, task, output_folder):
+    def VALIDATE_INPUTS(cls, scene, task, cache_mode, output_folder):
+        """Checks the scene folder (cameras, prompts, renders, bank) at queue time, before any weights load."""
+        from ..worldstereo_core.tasks.loop import LoopOptions, validate_scene
+
         def check():
             files.output_folder(output_folder, "output_folder")
-            if scene != FROM_IMAGE:
-                folder = files.input_path(scene, "scene", folder=True)
-                if not any((folder / m).exists() for m in SCENE_MARKERS):
-                    raise InputError(f"scene folder {scene!r} has neither image.png nor pano_bank/")
-                resolve_task(task, folder)
-            elif task == "panorama":
-                raise InputError("a panorama needs a scene folder with pano_bank/; the image input makes a "
-                                 "reconstruction scene")
+            if scene == FROM_IMAGE:
+                resolve_task(task, None)
+                return
+            folder = files.input_path(scene, "scene", folder=True)
+            if not any((folder / m).exists() for m in SCENE_MARKERS):
+                raise InputError(f"scene folder {scene!r} has neither image.png nor pano_bank/")
+            validate_scene(folder, LoopOptions(task=resolve_task(task, folder), cache_mode=cache_mode))
         return files.validation_message(check)
 
     @classmethod
@@ -130,34 +123,36 @@ class MultiTrajectoryLoop:
         from ..worldstereo_core.memory.cache import moge_depth_fn
         from ..worldstereo_core.memory.selector import CameraSelector
         from ..worldstereo_core.tasks.generate import PipelineGenerator
-        from ..worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
+        from ..worldstereo_core.tasks.loop import LoopOptions, run_image_scene, run_multi_trajectory
 
         out_root = files.output_folder(output_folder, "output_folder")
         if scene == FROM_IMAGE:
             if image is None:
                 raise InputError("scene is '(the image input)' but no image is connected")
-            scene_dir = write_image_scene(safe_join(out_root, "inputs", "scene"), image, prompt)
+            task = resolve_task("reconstruction" if task == "auto" else task, None)
         else:
             scene_dir = files.input_path(scene, "scene", folder=True)
-        task = resolve_task(task, scene_dir)
+            task = resolve_task(task, scene_dir)
         config = model.config
         if not config.is_memory:
             raise InputError("the multi-trajectory loop conditions on the memory bank; load worldstereo-memory or "
                              "worldstereo-memory-dmd")
         pipeline = build_sampler_pipeline(model, vae, text_encoder, clip_vision, shift)
         generator = PipelineGenerator(pipeline, num_inference_steps=None if config.is_dmd else steps,
-                                      guidance_scale=None if config.is_dmd else cfg)
+                                      guidance_scale=None if config.is_dmd else cfg,
+                                      weights=[model.variant_dir, model.base, vae.source, text_encoder.source,
+                                               clip_vision.source])
         options = LoopOptions(task=task, model_name=config.model_type, cache_mode=cache_mode, seed=int(seed),
                               nframe=config.nframe, scale_map=config.scale_map)
-        selector = CameraSelector(feature_fn=dinov2) if dinov2 is not None else None
-        progress = comfy_progress(1)
-        if moge is not None:
-            with on_compute_device(moge):
-                result = run_multi_trajectory(scene_dir, out_root, generator, options=options,
-                                              depth_fn=moge_depth_fn(moge), selector=selector, progress=progress)
-        else:
-            result = run_multi_trajectory(scene_dir, out_root, generator, options=options, selector=selector,
-                                          progress=progress)
+        kwargs = dict(options=options, selector=CameraSelector(feature_fn=dinov2) if dinov2 is not None else None,
+                      progress=comfy_progress(1))
+        with on_compute_device(moge) if moge is not None else contextlib.nullcontext():
+            if moge is not None:
+                kwargs["depth_fn"] = moge_depth_fn(moge)
+            if scene == FROM_IMAGE:
+                result = run_image_scene(first_image_uint8(image, "image"), prompt, out_root, generator, **kwargs)
+            else:
+                result = run_multi_trajectory(scene_dir, out_root, generator, **kwargs)
         if not result.trajectories:
             raise InputError(f"scene {scene!r} has no trajectories to generate")
         frames = uint8_to_image(np.concatenate([read_video(o.result) for o in result.trajectories]))

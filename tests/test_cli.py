@@ -12,7 +12,9 @@ plain run of a model whose fp8-stored layers were replaced by their fp8 round tr
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -115,6 +117,7 @@ def test_bad_scene_and_ctrl_c(models, tmp_path, monkeypatch, capsys):
 
     import worldstereo_core.tasks.camera_control as cc
 
+    monkeypatch.setattr(cc, "validate_camera_scene", lambda *a, **k: None)
     monkeypatch.setattr(cc, "run_camera_control", interrupted)
     assert _run("camera-control", tmp_path, "--out", tmp_path / "o", "--models", models, "--size", SIZE) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -287,3 +290,65 @@ def test_scenes_under_a_torchrun_context(models, image_inputs, tmp_path, monkeyp
     assert _run("camera-control", *twice, "--out", tmp_path / "o", "--models", models, "--device", "meta") == 2
     out, err = capsys.readouterr()
     assert "[rank 1/2] group 2 of 2: second" in out and "drop --device" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, batches and locked folders (issue 10 items 3, 5, 6)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, named", [
+    (["--nframe", "-5"], "--nframe: -5 is outside 2.."),
+    (["--seed", "1e23"], "--seed: '1e23' is not a whole number"),
+    (["--seed", str(2**64)], "--seed: 18446744073709551616 is outside 0..18446744073709551615"),
+    (["--steps", "0"], "--steps: 0 is outside 1.."),
+    (["--render-radius", "nan"], "--render-radius: nan must be a positive finite number"),
+])
+def test_bad_flags_are_named_errors(tmp_path, capsys, flags, named):
+    with pytest.raises(SystemExit) as exit_:
+        _run("camera-control", tmp_path, "--out", tmp_path / "o", *flags)
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused_before_loading(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "load_pipeline_generator", lambda *a, **k: pytest.fail("loaded weights"))
+    (tmp_path / "out.txt").write_text("a file")
+    assert _run("multi-traj", tmp_path, "--task", "reconstruction", "--out", tmp_path / "out.txt",
+                "--models", models) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("scene_dir", RECON_SCENES[:1], ids=lambda p: p.name)
+def test_batch_checks_every_scene_first_and_runs_the_good_ones(scene_dir, models, tmp_path, capsys, monkeypatch):
+    """Item 6: scenes were checked only after the weights loaded, and one bad scene stopped the
+    batch; item 3 through the CLI: a scene whose output folder another run holds is refused."""
+    from worldstereo_core.io.run_lock import LOCK_NAME
+    from worldstereo_core.tasks import loop
+
+    good = shutil.copytree(scene_dir, tmp_path / "in" / "good")
+    typo = shutil.copytree(scene_dir, tmp_path / "in" / "typo")
+    (typo / "renders" / "traj_up" / "camera.json").write_text('{"extrinsic": [[1, 0]], "intrinsic": []}')
+    busy = shutil.copytree(scene_dir, tmp_path / "in" / "busy")
+    missing = tmp_path / "in" / "missing"
+    out = tmp_path / "out"
+    (out / "busy").mkdir(parents=True)
+    (out / "busy" / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                      "started": "2026-01-01T00:00:00+00:00"}))
+    order = []
+
+    def stand_in(request, progress):  # the model is not what is tested here: grey frames of the right shape
+        return np.full((request.num_frames, request.height, request.width, 3), 0.5, np.float32)
+
+    real_validate = loop.validate_scene
+    monkeypatch.setattr(loop, "validate_scene", lambda scene, *a: order.append(scene.name) or real_validate(scene, *a))
+    monkeypatch.setattr(generate, "load_pipeline_generator", lambda *a, **k: order.append("load") or (stand_in, None))
+    code = _run("multi-traj", typo, good, missing, busy, "--task", "reconstruction", "--out", out,
+                "--models", models, "--size", SIZE, "--steps", 2)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert order[:5] == ["typo", "good", "missing", "busy", "load"]  # every scene checked before any weights
+    assert "error: scene" in err and "traj_up/camera.json" in err and "missing" in err
+    assert f"pid {os.getppid()}" in err and "in use by another run" in err
+    assert "3 of 4 scene(s) failed" in err
+    for traj in ("traj_eloop", "traj_up", "traj_right", "traj_left"):
+        assert read_video(out / "good" / "renders" / traj / "worldstereo-memory_result.mp4").shape == (21, 32, 48, 3)
+    assert not (out / "typo").exists() and sorted(p.name for p in (out / "busy").iterdir()) == [LOCK_NAME]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import example_dirs
 from synthetic_scene import room_for_scale
@@ -25,7 +26,8 @@ from worldstereo_core.io.video import read_mask_video, read_video, read_video_fr
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
 from worldstereo_core.tasks.generate import load_pipeline_generator
-from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
+from worldstereo_core.tasks.loop import (PREPARE_TICKS, TRAJECTORY_TICKS, LoopOptions, progress_total,
+                                         run_multi_trajectory)
 from worldstereo_core.tasks.ordering import sort_trajs
 
 SIZE = (32, 48)
@@ -100,7 +102,9 @@ def test_reconstruction_global_cache_interrupt_and_resume(tmp_path, tiny_generat
     full = run_multi_trajectory(scene, tmp_path / "a", tiny_generator, options=opts, depth_fn=room.depth_fn(),
                                 progress=ticks)
     steps = tiny_generator.steps
-    assert ticks.ticks[-1] == (4 * steps, 4 * steps) and all(t == 4 * steps for _, t in ticks.ticks)
+    total = progress_total(4, steps)
+    assert ticks.ticks[0] == (0, total) and ticks.ticks[-1] == (total, total)
+    assert all(t == total for _, t in ticks.ticks)
     assert [d for d, _ in ticks.ticks] == sorted(d for d, _ in ticks.ticks)
 
     # four trajectories in the release order, each generated from a cache render
@@ -148,8 +152,8 @@ def test_reconstruction_global_cache_interrupt_and_resume(tmp_path, tiny_generat
     glb = read_glb(full.cloud_glb, world_up="-y")
     assert torch.allclose(glb.xyz, full.cache.cloud.xyz, atol=1e-4 * room.hi.abs().max().item())
 
-    # interrupt in the middle of trajectory 3, then resume
-    stop = StopAt(at=2 * steps + 1)
+    # interrupt in the middle of trajectory 3 (after its conditioning and retrieval), then resume
+    stop = StopAt(at=PREPARE_TICKS + 2 * (steps + TRAJECTORY_TICKS) + 2)
     with pytest.raises(Interrupted):
         run_multi_trajectory(scene, tmp_path / "b", tiny_generator, options=opts, depth_fn=room.depth_fn(),
                              progress=stop)
@@ -232,7 +236,8 @@ def test_resume_checks(tmp_path):
     scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
     opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,))
     with pytest.raises(Interrupted):
-        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, progress=StopAt(at=3))
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts,
+                             progress=StopAt(at=PREPARE_TICKS + _fake_generator.steps + TRAJECTORY_TICKS + 1))
     other = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), align_nframe=4)
     with pytest.raises(InputError, match="align_nframe"):
         run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=other)
@@ -305,3 +310,317 @@ def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
     # WorldMirror export names bank views pano-<key>
     names = sorted(p.stem for p in (res.worldmirror / "images").glob("*.png"))
     assert f"pano-{0:04d}" in names and "reconstruct_extra-traj1-0020" in names
+
+
+# --------------------------------------------------------------------------------------------
+# Trust (issue 10): resume keys, results checked on resume, the run-folder lock, temporaries,
+# the WorldMirror export, interruption between units of work
+# --------------------------------------------------------------------------------------------
+
+def _release_run(scene: Path, out: Path, generator=_fake_generator, **options):
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), **options)
+    return run_multi_trajectory(scene, out, generator, options=opts)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_changed_inputs_settings_or_models_are_refused_by_name(tmp_path):
+    """Item 2: a rerun into the same folder with another image, prompt, camera file, seed or model
+    returned the old results as "skipped"; now it is refused, naming what changed, and the folder
+    is left as it was."""
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    out = tmp_path / "out"
+    _release_run(scene, out)
+    before = _tree(out)
+
+    def refused(match: str, generator=_fake_generator, **options) -> None:
+        with pytest.raises(InputError, match=match) as err:
+            _release_run(scene, out, generator, **options)
+        assert "another output folder" in str(err.value) and str(out / scene.name) in str(err.value)
+        assert _tree(out) == before
+
+    original = (scene / "image.png").read_bytes()
+    image = np.asarray(Image.open(scene / "image.png").convert("RGB")).copy()
+    image[:8] = 255 - image[:8]
+    Image.fromarray(image).save(scene / "image.png")
+    refused(r"inputs \(image\.png\)")
+    (scene / "image.png").write_bytes(original)
+
+    prompt = json.loads((scene / "prompt.json").read_text())
+    (scene / "prompt.json").write_text(json.dumps({**prompt, "prompt": prompt["prompt"] + " At night."}))
+    refused(r"inputs \(prompt\)")
+    (scene / "prompt.json").write_text(json.dumps(prompt))
+
+    camera = scene / "renders" / "traj_up" / "camera.json"
+    cams = json.loads(camera.read_text())
+    cams["intrinsic"][5][0][0] *= 1.01
+    original_camera = camera.read_text()
+    camera.write_text(json.dumps(cams))
+    refused("renders/traj_up/camera.json")
+    camera.write_text(original_camera)
+
+    refused(r"settings \(seed\)", seed=7)
+
+    def other_model(req, progress):
+        return _fake_generator(req, progress)
+
+    other_model.steps = _fake_generator.steps
+    other_model.resume_key = lambda: {"weights": "other"}
+    refused(r"models \(generator\)", other_model)
+
+    # the same inputs again: everything is skipped, nothing rewritten
+    again = _release_run(scene, out)
+    assert all(t.status == "skipped" for t in again.trajectories)
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_truncated_result_is_found_on_resume(tmp_path):
+    """Item 2: a truncated result of a finished trajectory was silently "skipped"."""
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    out = tmp_path / "out"
+    full = _release_run(scene, out)
+    result = full.trajectories[1].result
+    data = result.read_bytes()
+    result.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated") as err:
+        _release_run(scene, out)
+    assert str(result) in str(err.value) and f"{MODEL}_state" in str(err.value)
+    # the fix the message gives: delete the result and the state; the others are read back
+    result.unlink()
+    shutil.rmtree(out / scene.name / f"{MODEL}_state")
+    again = _release_run(scene, out)
+    assert [t.status for t in again.trajectories] == ["read back", "generated", "read back", "read back"]
+    assert read_video(result).shape == (21, *SIZE, 3) and again.bank == full.bank
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_image_scene_never_overwrites_the_inputs_of_a_run(tmp_path):
+    """Item 2: re-queueing the loop node with a new image and prompt overwrote the saved inputs and
+    returned the old results."""
+    from worldstereo_core.tasks.loop import run_image_scene
+
+    src = RECON_SCENES[0]
+    room = room_for_scale(_scene_scale(src))
+    image = load_image(src / "image.png")
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), cache=CACHE)
+    out = tmp_path / "out"
+    first = run_image_scene(image, "a room", out, _fake_generator, options=opts, depth_fn=room.depth_fn())
+    assert [t.status for t in first.trajectories] == ["generated"] * 4
+    inputs = out / "inputs" / "scene"
+    saved = _tree(inputs)
+    with pytest.raises(InputError, match="another image and prompt"):
+        run_image_scene(255 - image, "a garden", out, _fake_generator, options=opts, depth_fn=room.depth_fn())
+    with pytest.raises(InputError, match="another prompt"):
+        run_image_scene(image, "a garden", out, _fake_generator, options=opts, depth_fn=room.depth_fn())
+    assert _tree(inputs) == saved
+    again = run_image_scene(image, "a room", out, _fake_generator, options=opts, depth_fn=room.depth_fn())
+    assert all(t.status == "skipped" for t in again.trajectories)
+    other = run_image_scene(255 - image, "a garden", tmp_path / "new", _fake_generator, options=opts,
+                            depth_fn=room.depth_fn())
+    assert [t.status for t in other.trajectories] == ["generated"] * 4
+
+
+_HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from worldstereo_core.io.run_lock import acquire
+acquire({folder!r})
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_a_second_run_is_refused_at_once_and_a_dead_holder_recovered(tmp_path):
+    """Item 3: two runs in one folder mixed their outputs; now the second is refused at once,
+    naming the holder, and touches nothing; once the holder is killed the next run proceeds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from worldstereo_core.errors import RunFolderLocked
+
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    out = tmp_path / "out"
+    run_folder = out / scene.name
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK.format(repo=str(REPO), folder=str(run_folder))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        calls = []
+        start = time.monotonic()
+        with pytest.raises(RunFolderLocked) as err:
+            _release_run(scene, out, lambda r, p: calls.append(r) or _fake_generator(r, p))
+        assert time.monotonic() - start < 30  # at once: no waiting for the holder
+        message = str(err.value)
+        assert f"pid {holder.pid}" in message and "host" in message and "started" in message
+        assert calls == [] and sorted(p.name for p in run_folder.iterdir()) == [".worldstereo.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = _release_run(scene, out)  # the dead holder's lock is recovered
+    assert [t.status for t in res.trajectories] == ["generated"] * 4
+    assert not (run_folder / ".worldstereo.lock").exists()  # released at the end
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from worldstereo_core.io.atomic import atomic_path
+with atomic_path({path!r}) as tmp:
+    tmp.write_bytes(b"half a video")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_temporaries_of_killed_writes_are_removed_at_the_next_start(tmp_path):
+    """Item 7: SIGKILL during a write leaves a hidden .tmp file that no rerun removed."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, out, _fake_generator, progress=StopAt(at=PREPARE_TICKS + 1),
+                             options=LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,)))
+    run_folder = out / scene.name
+    targets = [run_folder / "renders" / "traj_eloop" / f"{MODEL}_result.mp4",
+               run_folder / f"{MODEL}_state" / "step-0000" / "memory_bank" / "frames" / "000009-x.png"]
+    for target in targets:
+        proc = subprocess.run([sys.executable, "-c", _KILLED_WRITE.format(repo=str(REPO), path=str(target))])
+        assert proc.returncode == -9
+    leftovers = [p for p in run_folder.rglob("*") if p.name.endswith(".tmp")]
+    assert len(leftovers) == 2 and not any(t.exists() for t in targets)
+    (run_folder / "notes.tmp").write_text("a user's file")  # not a name atomic writes use: kept
+    _release_run(scene, out)
+    assert [p.name for p in run_folder.rglob("*") if p.name.endswith(".tmp")] == ["notes.tmp"]
+
+
+def _pitched_scene(src: Path, dst: Path, degrees: float = 17.0) -> Path:
+    """The scene with its whole world turned about x, so that every camera (frame 0 included) is
+    pitched; relative poses, and so the pre-rendered warps, are unchanged."""
+    scene = _copy_scene(src, dst)
+    a = np.radians(degrees)
+    T = np.array([[1, 0, 0, 0], [0, np.cos(a), -np.sin(a), 0.3], [0, np.sin(a), np.cos(a), -0.2], [0, 0, 0, 1]])
+    for camera in (scene / "renders").glob("traj_*/camera.json"):
+        data = json.loads(camera.read_text())
+        data["extrinsic"] = [(np.asarray(m) @ np.linalg.inv(T)).tolist() for m in data["extrinsic"]]
+        camera.write_text(json.dumps(data))
+    return scene
+
+
+@pytest.mark.parametrize("scene_dir", RECON_SCENES, ids=lambda p: p.name)
+def test_reconstruction_export_places_the_start_image_at_its_true_pose(scene_dir, tmp_path):
+    """Item 9(c) and (a): the start image was exported at the identity while the scene's frame 0 is
+    pitched; every exported image has one size and K in its pixels."""
+    scene = _pitched_scene(scene_dir, tmp_path / "in" / scene_dir.name)
+    res = _release_run(scene, tmp_path / "out")
+    eloop = load_camera_json(scene / "renders" / "traj_eloop" / "camera.json")
+    assert not torch.allclose(eloop.w2c[0], torch.eye(4, dtype=torch.float64), atol=1e-3)
+    cams = json.loads((res.worldmirror / "cameras.json").read_text())
+    c2w = {e["camera_id"]: np.asarray(e["matrix"]) for e in cams["extrinsics"]}
+    np.testing.assert_allclose(c2w["pano-image.png"] @ eloop.w2c[0].numpy(), np.eye(4), atol=1e-6)
+    for i, name in enumerate(res.bank.fnames[1:], 1):  # the generated frames keep the bank's poses
+        np.testing.assert_allclose(c2w[name.replace("/", "-")] @ res.bank.w2c[i].numpy(), np.eye(4), atol=1e-6)
+    _assert_one_size_with_pixel_K(res.worldmirror, res.bank)
+
+
+def _assert_one_size_with_pixel_K(folder: Path, bank: MemoryBank) -> None:
+    cams = json.loads((folder / "cameras.json").read_text())
+    for e, K_bank in zip(cams["intrinsics"], bank.K.numpy()):
+        w, h = Image.open(folder / "images" / f"{e['camera_id']}.png").size
+        assert (h, w) == SIZE, e["camera_id"]
+        np.testing.assert_allclose(e["matrix"][0], K_bank[0] * w / bank.width, rtol=1e-12)
+        np.testing.assert_allclose(e["matrix"][1], K_bank[1] * h / bank.height, rtol=1e-12)
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_cancel_acts_within_one_unit_of_work(tmp_path, monkeypatch):
+    """Item 10: preparation (start depth, renders, retrieval), the cache update between
+    trajectories and the export ran without a progress call, so Cancel waited for all of it. Now
+    the callback runs before any work and after every unit (a depth map, a generator step, a
+    written result), so a cancel request stops the run after at most one more unit."""
+    from worldstereo_core.tasks import loop as loop_module
+
+    src = RECON_SCENES[0]
+    scene = tmp_path / "in" / src.name
+    scene.mkdir(parents=True)
+    for name in ("image.png", "prompt.json"):  # image only: trajectories from the start depth, cache renders
+        shutil.copy(src / name, scene / name)
+    room = room_for_scale(_scene_scale(src))
+    exact = room.depth_fn()
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, cache_mode="global", scale_map=(SIZE,), cache=CACHE,
+                       nframe=5, align_nframe=2)  # short clips: the order of calls is what is checked
+    events: list[str] = []
+
+    def depth(image, K, w2c):
+        events.append("depth")
+        return exact(image, K, w2c)
+
+    def generator(req, progress):
+        for step in (1, 2):
+            events.append("step")
+            progress(step, 2)
+        return _fake_generator(req, None)
+
+    generator.steps = 2
+    real_write = loop_module.write_video
+    monkeypatch.setattr(loop_module, "write_video",
+                        lambda path, *a, **k: events.append("write") or real_write(path, *a, **k))
+
+    class Cancel:
+        """Records calls; once ``at`` calls were made it is "pressed" and the next call raises."""
+
+        def __init__(self, at=None):
+            self.at, self.calls, self.work_after_press = at, 0, None
+
+        def __call__(self, done, total):
+            events.append("tick")
+            self.calls += 1
+            if self.at is not None and self.calls > self.at:
+                self.work_after_press = sum(e != "tick" for e in events[self.press:])
+                raise Interrupted("cancel")
+            if self.calls == self.at:
+                self.press = len(events)
+
+    run_multi_trajectory(scene, tmp_path / "all", generator, options=opts, depth_fn=depth, progress=Cancel())
+    assert events[0] == "tick"  # before the start depth
+    runs, work = [], 0
+    for e in events:
+        if e == "tick":
+            runs.append(work)
+            work = 0
+        else:
+            work += 1
+    assert max(runs) <= 1 and work == 0, events  # at most one unit between two calls; none after the last
+    assert events.count("depth") == 1 + 4 * 2 and events.count("step") == 8
+
+    n_calls = events.count("tick")
+    for at in (1, n_calls // 2, n_calls - 2):  # press Cancel at several points
+        events.clear()
+        cancel = Cancel(at)
+        with pytest.raises(Interrupted):
+            run_multi_trajectory(scene, tmp_path / f"cancel{at}", generator, options=opts, depth_fn=depth,
+                                 progress=cancel)
+        assert cancel.work_after_press <= 1
+
+
+def test_pipeline_checks_for_cancel_before_its_first_step(tiny_generator):
+    """Item 10: the text, CLIP and VAE encodings ran before the first progress call."""
+    calls: list[int] = []
+    with pytest.raises(Interrupted):
+        tiny_generator.pipeline(np.zeros((*SIZE, 3), np.uint8), render_video=torch.zeros(1, 3, 3, *SIZE),
+                                render_mask=torch.zeros(1, 1, 3, *SIZE), camera_embedding=torch.zeros(1, 6, 3, *SIZE),
+                                reference_video=torch.zeros(1, 3, 1, *SIZE), ref_index=torch.tensor([0]),
+                                camera_qt=torch.zeros(1, 3, 7), camera_qt_ref=torch.zeros(1, 1, 7), prompt="x",
+                                num_inference_steps=2, progress=StopAt(at=0),
+                                model_call_hook=lambda call: calls.append(1))
+    assert calls == []  # stopped before the transformer ran

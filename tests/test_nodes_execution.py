@@ -355,6 +355,43 @@ def test_export_nodes(ws):
     assert cams["num_cameras"] == 1 and len(os.listdir(os.path.join(out_dir, folder, "images"))) == 1
 
 
+def test_exports_refuse_a_symlinked_subfolder_before_writing(ws, tmp_path):
+    """Issue 10 item 4: with output/<link> pointing outside, Save Video, Save Point Cloud and Export
+    WorldMirror wrote there first and failed afterwards; now nothing is written outside."""
+    image, scene = _plane_scene(ws)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.makedirs(ws.stub.folder_paths.get_output_directory(), exist_ok=True)
+    os.symlink(outside, os.path.join(ws.stub.folder_paths.get_output_directory(), "link"), target_is_directory=True)
+    (bank,) = ws.run("WorldStereoMemoryBankCreate", source="start image", folder="", max_reference=8, align_nframe=8,
+                     point_cloud=scene)
+    frames = torch.rand(3, 32, 48, 3, generator=torch.Generator().manual_seed(9))
+    for node, inputs in (("WorldStereoSaveVideo", dict(images=frames, filename_prefix="link/clip", fps=16)),
+                         ("WorldStereoSavePointCloud", dict(point_cloud=scene, filename_prefix="link/sub/cloud",
+                                                            format="ply", world_up="-y")),
+                         ("WorldStereoExportWorldMirror", dict(memory_bank=bank, folder_prefix="link/wm", scene="s"))):
+        with pytest.raises(ws.errors.InputError, match="escape the output folder"):
+            ws.run(node, **inputs)
+        assert list(outside.iterdir()) == [], node
+
+
+def test_bank_save_keeps_a_users_folder(ws):
+    """Issue 10 item 1: Add Clip's save_folder deleted the files of an existing folder and reported success."""
+    image, scene = _plane_scene(ws)
+    (bank,) = ws.run("WorldStereoMemoryBankCreate", source="start image", folder="", max_reference=8, align_nframe=2,
+                     point_cloud=scene)
+    trajs = ws.run("WorldStereoReconstructionTrajectories", frames=5, up_distance=0.0, point_cloud=scene)
+    mine = os.path.join(ws.stub.folder_paths.get_output_directory(), "mine")
+    os.makedirs(os.path.join(mine, "frames"))
+    with open(os.path.join(mine, "frames", "holiday.png"), "wb") as fh:
+        fh.write(b"user data")
+    clip = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ws.errors.InputError, match="holds no memory bank"):
+        ws.run("WorldStereoMemoryBankAddClip", memory_bank=bank, frames=clip, trajectory=trajs[0], view_id="comfy",
+               traj_id="", save_folder="mine")
+    assert os.listdir(mine) == ["frames"] and os.listdir(os.path.join(mine, "frames")) == ["holiday.png"]
+
+
 # --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
@@ -421,7 +458,7 @@ def test_camera_sampler_and_decode(ws):
     common = dict(prompt="a bridge", negative_prompt="", steps=2, cfg=5.0, shift=0.0, **parts, **cond)
     (keyframes,) = ws.run("WorldStereoSampler", seed=7, **common)
     assert keyframes.samples.shape == (1, 16, 5, 4, 6) and keyframes.model_type == "worldstereo-camera"
-    assert [u[:2] for u in ws.stub.utils.updates] == [(1, 2), (2, 2)]
+    assert [u[:2] for u in ws.stub.utils.updates if u[0]] == [(1, 2), (2, 2)]
     (same,) = ws.run("WorldStereoSampler", seed=7, **common)
     (other,) = ws.run("WorldStereoSampler", seed=8, **common)
     assert torch.equal(same.samples, keyframes.samples) and not torch.equal(other.samples, keyframes.samples)
@@ -446,7 +483,8 @@ def test_dmd_sampler_with_memory_ignores_steps_and_cfg(ws):
     ws.stub.utils.updates.clear()
     (keyframes,) = ws.run("WorldStereoSampler", prompt="a bridge", negative_prompt="", steps=40, cfg=7.0, shift=0.0,
                           seed=1, memory=memory, **parts, **cond)
-    assert [u[:2] for u in ws.stub.utils.updates] == [(i, 4) for i in range(1, 5)]
+    assert [u[:2] for u in ws.stub.utils.updates if u[0]] == [(i, 4) for i in range(1, 5)]
+    assert ws.stub.utils.updates[0][:2] == (0, 4)  # checked for Cancel before the first step
     assert keyframes.samples.shape == (1, 16, 5, 4, 6) and bool(torch.isfinite(keyframes.samples).all())
 
 
@@ -470,10 +508,13 @@ def test_loop_node_resumes_after_interrupt(ws):
                 seed=3, output_folder="ws/loop", **parts)
     utils, mm = ws.stub.utils, ws.stub.model_management
     record = utils.PROGRESS_BAR_HOOK
+    loop_module = ws.core("tasks.loop")
+
+    first_done = loop_module.PREPARE_TICKS + 1 + loop_module.TRAJECTORY_TICKS  # steps=1
 
     def interrupt_after_first_trajectory(value, total, preview, prompt_id=None, node_id=None):
         record(value, total, preview, prompt_id, node_id)
-        if value == 1:
+        if value == first_done:
             mm.interrupt_current_processing(True)
 
     utils.set_progress_bar_global_hook(interrupt_after_first_trajectory)
@@ -486,9 +527,13 @@ def test_loop_node_resumes_after_interrupt(ws):
     assert frames.shape == (63, 32, 48, 3) and len(bank) == 27 + 3 * 8 and cloud == ""
     scene_out = os.path.join(ws.stub.folder_paths.get_output_directory(), folder)
     assert os.path.isfile(os.path.join(scene_out, "world_mirror_data", "worldstereo-memory", "cameras.json"))
-    message = ws.mappings["WorldStereoMultiTrajectoryLoop"].VALIDATE_INPUTS(scene="(the image input)", task="panorama",
-                                                                           output_folder="x")
+    validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].VALIDATE_INPUTS
+    message = validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x")
     assert isinstance(message, str) and "pano_bank" in message
+    # the scene folder is checked at queue time (before any weights load): a panorama in global mode
+    message = validate(scene=PANORAMA_SCENE, task="auto", cache_mode="global", output_folder="x")
+    assert isinstance(message, str) and "release" in message
+    assert validate(scene=PANORAMA_SCENE, task="auto", cache_mode="release", output_folder="x") is True
     shutil.rmtree(scene_out)
 
 

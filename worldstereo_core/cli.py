@@ -13,7 +13,9 @@ The memory/speed flags (``--block-swap``, ``--fp8``, ``--offload``, ...) are tho
 :mod:`worldstereo_core.runtime.options`. Scenes are processed in turn; under torchrun
 (:mod:`worldstereo_core.distributed`) they are spread over the data-parallel groups, the ranks of
 a sequence-parallel group run each scene together and only the group's first rank writes.
-Ctrl-C stops cleanly (exit code 130); finished trajectories are kept.
+Every scene is checked (and ``--out``) before any weights load; a bad scene is reported and the
+others run, and the command then exits with code 2 and a summary. Ctrl-C stops cleanly (exit
+code 130); finished trajectories are kept.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from . import distributed, hub
 from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from .errors import InputError, WorldStereoError
 from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
-from .io.atomic import safe_join
+from .io.atomic import output_folder, safe_join
+from .io.fingerprint import file_stamps
 from .progress import TqdmProgress
 from .runtime.options import add_runtime_arguments, runtime_options_from_args
 
@@ -37,6 +40,33 @@ log = logging.getLogger("worldstereo_core.cli")
 
 MEMORY_TYPES = tuple(t for t in MODEL_TYPES if t != "worldstereo-camera")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+#: Seeds are unsigned 64-bit integers (torch.Generator's range; ComfyUI's seed widget).
+MAX_SEED = 2**64 - 1
+
+
+def _int_range(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi if hi is not None else 'inf'}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive finite number")
+    return value
 
 
 def parse_size_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -61,17 +91,21 @@ def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: S
     p.add_argument("--moge", default=DEFAULT_MOGE_REPO,
                    help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
     p.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 40, or the DMD schedule)")
-    p.add_argument("--guidance", type=float, default=None, help="text CFG scale (default 5.0; DMD: none)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--steps", type=_int_range(1, 1000), default=None,
+                   help="sampling steps (default: 40, or the DMD schedule)")
+    p.add_argument("--guidance", type=_positive_float, default=None, help="text CFG scale (default 5.0; DMD: none)")
+    p.add_argument("--seed", type=_int_range(0, MAX_SEED), default=DEFAULT_SEED,
+                   help=f"random seed, a whole number in 0..2^64-1 (default {DEFAULT_SEED})")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="transformer/VAE dtype (auto: bf16 on recent CUDA, fp16 on older, fp32 on CPU)")
     p.add_argument("--scale-map", type=parse_size_list, default=None,
                    help="working-size buckets HxW[,HxW...] (default: the variant config's scale_map)")
     p.add_argument("--size", type=parse_size_list, default=None, help="one working size HxW (overrides --scale-map)")
-    p.add_argument("--nframe", type=int, default=None, help=f"frames per clip (default: the config's, {NFRAME})")
-    p.add_argument("--render-radius", type=float, default=RENDER_RADIUS_NDC, help="point radius (NDC) of warp renders")
+    p.add_argument("--nframe", type=_int_range(2, 1000), default=None,
+                   help=f"frames per clip (default: the config's, {NFRAME})")
+    p.add_argument("--render-radius", type=_positive_float, default=RENDER_RADIUS_NDC,
+                   help="point radius (NDC) of warp renders")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("-v", "--verbose", action="store_true")
     add_runtime_arguments(p)
@@ -92,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("scene", type=Path, nargs="+", help="reconstruction or panorama scene folder(s)")
     mt.add_argument("--task", required=True, choices=("reconstruction", "panorama"))
     _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
-    mt.add_argument("--align-nframe", type=int, default=8, help="frames kept in memory per trajectory")
+    mt.add_argument("--align-nframe", type=_int_range(1), default=8, help="frames kept in memory per trajectory")
     mt.add_argument("--cache", default="release", choices=("release", "global"),
                     help="release: pre-rendered warps / start-view cloud; global: the paper's growing 3D cache")
     mt.add_argument("--dinov2", default=None,
@@ -151,6 +185,14 @@ class LazyMoGeDepth:
         self.models, self.moge, self.download, self.device = models, moge, download, device
         self._fn = None
 
+    def resume_key(self) -> dict:
+        """The checkpoint's name, size and mtime (as far as it is already on disk)."""
+        try:
+            path = _moge_path(self.models, self.moge, download=False)
+        except WorldStereoError:
+            return {"moge": self.moge}
+        return {"moge": self.moge, "file": file_stamps(path)}
+
     def __call__(self, image, K, w2c):
         if self._fn is None:
             from .memory.cache import moge_depth_fn
@@ -174,15 +216,65 @@ def _file_depth(path: Path):
     return fn
 
 
-def _generator(args, models: Path, device: torch.device):
+def _variant_settings(args, models: Path) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(scale_map, nframe) from the flags and the variant's config.json, read without any weights
+    (with --download, only config.json is fetched here)."""
+    from .models import load_worldstereo_config
+
+    config = load_worldstereo_config(hub.ensure_worldstereo(models, args.model_type, download=args.download,
+                                                            files=("config.json",)))
+    return tuple(args.size or args.scale_map or config.scale_map), args.nframe or config.nframe
+
+
+def _generator(args, models: Path, device: torch.device, ctx: distributed.DistContext):
     from .tasks.generate import load_pipeline_generator
 
-    generator, config = load_pipeline_generator(
-        models, args.model_type, base=args.base, device=device, dtype=_dtype(args.dtype, device),
-        download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        runtime=runtime_options_from_args(args))
-    scale_map = args.size or args.scale_map or config.scale_map
-    return generator, config, scale_map, args.nframe or config.nframe
+    bar = TqdmProgress(desc="loading the transformer", unit="tensor") if ctx.is_writer else None
+    try:
+        generator, _ = load_pipeline_generator(
+            models, args.model_type, base=args.base, device=device, dtype=_dtype(args.dtype, device),
+            download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            runtime=runtime_options_from_args(args), progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return generator
+
+
+def _checked(work: list[tuple], check) -> tuple[list[tuple], list[str]]:
+    """The work items whose scene passes ``check(item)``, and a line per failed one."""
+    good, failed = [], []
+    for item in work:
+        try:
+            check(*item)
+        except WorldStereoError as exc:
+            failed.append(f"{item[0]}: {exc}")
+            print(f"error: scene {item[0]}: {exc}", file=sys.stderr)
+        else:
+            good.append(item)
+    return good, failed
+
+
+def _summary(total: int, failed: list[str]) -> int:
+    """Print what failed (if anything); the exit code."""
+    if not failed:
+        return 0
+    print(f"error: {len(failed)} of {total} scene(s) failed, the others ran:\n  " + "\n  ".join(failed),
+          file=sys.stderr)
+    return 2
+
+
+def _run_scene(ctx: distributed.DistContext, scene: Path, run, failed: list[str]):
+    """``run()`` for one scene of a batch; a WorldStereoError is reported and the batch goes on (under
+    torchrun it ends the process, as the ranks of a group must stay in step)."""
+    try:
+        return run()
+    except WorldStereoError as exc:
+        if ctx.world_size > 1:
+            raise
+        failed.append(f"{scene}: {exc}")
+        print(f"error: scene {scene}: {exc}", file=sys.stderr)
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +315,7 @@ def _my_scenes(args, ctx: distributed.DistContext, *per_scene: Sequence) -> list
 
 def cmd_camera_control(args) -> int:
     """Each scene in turn (see :func:`distributed.rank_output_dir` for which rank writes)."""
-    from .tasks.camera_control import run_camera_control
+    from .tasks.camera_control import run_camera_control, validate_camera_scene
 
     ctx = _context()
     depths = args.depth or [None] * len(args.scene)
@@ -232,25 +324,41 @@ def cmd_camera_control(args) -> int:
     work = _my_scenes(args, ctx, depths)
     if not work:
         return 0
-    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
-    generator, _, scale_map, nframe = _generator(args, models, device)
-    _say_layout(ctx, generator)
-    moge = LazyMoGeDepth(models, args.moge, args.download, device)
-    for scene, depth in work:
+    output_folder(args.out, "--out")
+    models = hub.resolve_models_root(args.models)
+    scale_map, nframe = _variant_settings(args, models)
+    depth_fns: dict[Path, object] = {}
+
+    def check(scene: Path, depth: Path | None) -> None:
+        validate_camera_scene(scene, model_name=args.model_type, scale_map=scale_map, nframe=nframe)
+        if depth is not None:
+            depth_fns[scene] = _file_depth(depth)
+
+    total = len(work)
+    work, failed = _checked(work, check)
+    if work:
+        device = _device(args.device, ctx)
+        generator = _generator(args, models, device, ctx)
+        _say_layout(ctx, generator)
+        moge = LazyMoGeDepth(models, args.moge, args.download, device)
+    for scene, _depth in work:
         bar = TqdmProgress(desc=f"{scene.name} sampling") if ctx.is_writer else None
-        try:
+
+        def run(scene=scene, bar=bar):
             with distributed.rank_output_dir(args.out, scene.name, ctx) as out_dir:
-                out = run_camera_control(scene, out_dir, generator, _file_depth(depth) if depth else moge,
-                                         model_name=args.model_type, scale_map=scale_map, nframe=nframe,
-                                         seed=args.seed, render_radius=args.render_radius,
-                                         points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
+                return run_camera_control(scene, out_dir, generator, depth_fns.get(scene, moge),
+                                          model_name=args.model_type, scale_map=scale_map, nframe=nframe,
+                                          seed=args.seed, render_radius=args.render_radius,
+                                          points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
+        try:
+            out = _run_scene(ctx, scene, run, failed)
         finally:
             if bar is not None:
                 bar.close()
-        if ctx.is_writer:
+        if out is not None and ctx.is_writer:
             print(f"{_tag(ctx)}wrote {out.result} ({out.num_frames} frames, {out.size[0]}x{out.size[1]}) and "
                   f"{out.frames_dir}", flush=True)
-    return 0
+    return _summary(total, failed)
 
 
 def cmd_multi_traj(args) -> int:
@@ -258,37 +366,46 @@ def cmd_multi_traj(args) -> int:
     (:func:`distributed.rank_output_dir` with ``mirror``)."""
     from .memory.cache import CacheSettings
     from .memory.selector import CameraSelector
-    from .tasks.loop import LoopOptions, run_multi_trajectory
+    from .tasks.loop import LoopOptions, run_multi_trajectory, validate_scene
 
     ctx = _context()
     work = _my_scenes(args, ctx)
     if not work:
         return 0
-    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
-    generator, _, scale_map, nframe = _generator(args, models, device)
-    _say_layout(ctx, generator)
-    dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
-    if args.download and not args.dinov2:
-        dinov2 = hub.ensure_dinov2(models, download=True)
+    output_folder(args.out, "--out")
+    models = hub.resolve_models_root(args.models)
+    scale_map, nframe = _variant_settings(args, models)
     # exports (WorldMirror folder, cloud files) and the WorldMirror run only where they are kept
     options = LoopOptions(task=args.task, model_name=args.model_type, cache_mode=args.cache,
-                          align_nframe=args.align_nframe, nframe=nframe, scale_map=tuple(scale_map), seed=args.seed,
+                          align_nframe=args.align_nframe, nframe=nframe, scale_map=scale_map, seed=args.seed,
                           scene_renders=not args.no_scene_renders, exports=ctx.is_writer,
                           run_worldmirror=args.run_worldmirror and ctx.is_writer,
                           cache=CacheSettings(render_radius=args.render_radius))
-    depth_fn = LazyMoGeDepth(models, args.moge, args.download, device)
-    selector = CameraSelector(dinov2_path=dinov2, device=device)
+    total = len(work)
+    work, failed = _checked(work, lambda scene: validate_scene(scene, options))
+    if work:
+        device = _device(args.device, ctx)
+        generator = _generator(args, models, device, ctx)
+        _say_layout(ctx, generator)
+        dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
+        if args.download and not args.dinov2:
+            dinov2 = hub.ensure_dinov2(models, download=True)
+        depth_fn = LazyMoGeDepth(models, args.moge, args.download, device)
+        selector = CameraSelector(dinov2_path=dinov2, device=device)
     tag = _tag(ctx)
     for (scene,) in work:
         bar = TqdmProgress(desc=f"{scene.name} trajectories x steps") if ctx.is_writer else None
-        try:
+
+        def run(scene=scene, bar=bar):
             with distributed.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
-                result = run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
-                                              selector=selector, progress=bar)
+                return run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
+                                            selector=selector, progress=bar)
+        try:
+            result = _run_scene(ctx, scene, run, failed)
         finally:
             if bar is not None:
                 bar.close()
-        if not ctx.is_writer:
+        if result is None or not ctx.is_writer:
             continue
         for t in result.trajectories:
             print(f"{tag}{t.view_id}/{t.traj_id}: {t.status}{' from ' + t.render_source if t.render_source else ''}"
@@ -298,7 +415,7 @@ def cmd_multi_traj(args) -> int:
         if result.cloud_ply:
             print(f"{tag}point cloud: {result.cloud_ply}, {result.cloud_glb}")
         sys.stdout.flush()
-    return 0
+    return _summary(total, failed)
 
 
 def cmd_download(args) -> int:

@@ -168,10 +168,11 @@ def dinov2_dir(models_root: str | os.PathLike, repo_id: str = DINOV2_REPO) -> Pa
 
 
 def ensure_worldstereo(models_root: str | os.PathLike, model_type: str, *, download: bool = False,
-                       progress: ProgressFn | None = None) -> Path:
-    """The variant folder ``<models>/worldstereo/<model-type>`` (config.json + model.safetensors)."""
+                       progress: ProgressFn | None = None, files: Sequence[str] = VARIANT_FILES) -> Path:
+    """The variant folder ``<models>/worldstereo/<model-type>`` with ``files`` (default: config.json +
+    model.safetensors)."""
     folder = worldstereo_dir(models_root, model_type)
-    fetch_files(HF_REPO_ID, [f"{model_type}/{name}" for name in VARIANT_FILES], folder.parent,
+    fetch_files(HF_REPO_ID, [f"{model_type}/{name}" for name in files], folder.parent,
                 download=download, what=f"WorldStereo variant {model_type}",
                 command=download_command(HF_REPO_ID, folder.parent, include=[f"{model_type}/*"]),
                 progress=progress)

@@ -209,15 +209,18 @@ def test_interrupted_loop_resumes(server):
     prompt[loop_id]["inputs"]["output_folder"] = "WorldStereo/panorama_interrupted"
     prompt[loop_id]["inputs"]["steps"] = 3
     sent = []
+    state = server.output_dir / "WorldStereo" / "panorama_interrupted"
+
+    def done_trajectories() -> int:
+        return sum(len(json.loads(p.read_text())["done"]) for p in state.rglob("state.json"))
 
     def interrupt_in_second_trajectory(message, srv, prompt_id):
         data = message.get("data") or {}
-        if message["type"] == "progress" and data.get("node") == loop_id and data["value"] > 3 and not sent:
+        if message["type"] == "progress" and data.get("node") == loop_id and not sent and done_trajectories():
             sent.append(srv.interrupt(prompt_id))
 
     run = server.run_prompt(prompt, timeout=900, on_message=interrupt_in_second_trajectory)
     assert sent == [200] and run.status == "interrupted", [m["type"] for m in run.messages]
-    state = server.output_dir / "WorldStereo" / "panorama_interrupted"
     assert list(state.rglob("state.json")), "no run state saved before the interrupt"
     resumed = server.run_prompt(prompt, timeout=900)
     assert resumed.status == "success", json.dumps(resumed.data("execution_error"))[:3000]

@@ -7,6 +7,8 @@ start-view point cloud (:func:`geometry.depth.lift_depth`) -> warp renders along
 written as ``render.mp4`` / ``render_mask.mp4`` / ``camera.json`` and read back as the reference
 does -> generation -> ``<out>/<scene>/<model>_result.mp4`` (16 fps) and its frames as PNG in
 ``<model>_frames/``. Memory models get the input frame as their only reference (``ref_index = [0]``).
+:func:`validate_camera_scene` checks a scene folder without any model. The output folder
+``<out>/<scene>/`` is held by one run at a time (:mod:`..io.run_lock`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cameras import CameraTrajectory
 from ..constants import DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from ..errors import InputError
 from ..geometry.depth import lift_depth
@@ -26,6 +29,7 @@ from ..io.atomic import atomic_path, safe_join
 from ..io.camera_json import load_camera_json
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.render_folder import load_render_folder, save_render_folder
+from ..io.run_lock import locked_run_folder
 from ..io.video import read_video, write_video
 from ..memory.cache import DepthFn, depth_map
 from ..progress import ProgressFn
@@ -52,6 +56,29 @@ def read_caption(path: Path, key: str = PROMPT_KEY) -> str:
     return read_prompt(path, "camera-control scene", key)
 
 
+def _read_scene(scene_dir: Path, model_name: str, scale_map, nframe: int
+                ) -> tuple[np.ndarray, str, CameraTrajectory, tuple[int, int]]:
+    """(image, prompt, trajectory subsampled to ``nframe``, working size) of a scene folder."""
+    if not scene_dir.is_dir():
+        raise InputError(f"scene folder {scene_dir} not found; check the path")
+    if any(c in model_name for c in "/\\") or not model_name:
+        raise InputError(f"model_name must be a plain file-name prefix, got {model_name!r}")
+    if not (isinstance(nframe, int) and nframe >= 2):
+        raise InputError(f"nframe must be a whole number >= 2, got {nframe!r}")
+    image = load_image(scene_dir / "image.png")
+    h0, w0 = image.shape[:2]
+    prompt = read_caption(scene_dir / "prompt.json")
+    traj = load_camera_json(scene_dir / "camera.json", width=w0, height=h0).subsample(nframe)
+    return image, prompt, traj, assign_scale(h0, w0, scale_map)
+
+
+def validate_camera_scene(scene_dir: str | os.PathLike, *, model_name: str = "worldstereo-camera",
+                          scale_map=DEFAULT_SCALE_MAP, nframe: int = NFRAME) -> None:
+    """Check a camera-control scene folder (image.png, prompt.json, camera.json) without any model;
+    raises InputError naming the problem and the fix."""
+    _read_scene(Path(scene_dir), model_name, scale_map, nframe)
+
+
 def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator,
                        depth_fn: DepthFn, *, model_name: str = "worldstereo-camera",
                        scale_map=DEFAULT_SCALE_MAP, nframe: int = NFRAME, seed: int = DEFAULT_SEED,
@@ -61,40 +88,33 @@ def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     ``generator``: a :data:`.generate.Generator`; ``depth_fn``: see :data:`memory.cache.DepthFn`
     (called once, on the working-size image with its K and frame-0 w2c). ``progress`` is passed
-    to the generator (one tick per sampling step).
+    to the generator (one tick per sampling step). Raises RunFolderLocked when another run holds
+    the output folder.
     """
     scene_dir = Path(scene_dir)
-    if not scene_dir.is_dir():
-        raise InputError(f"scene folder {scene_dir} not found; check the path")
-    if any(c in model_name for c in "/\\") or not model_name:
-        raise InputError(f"model_name must be a plain file-name prefix, got {model_name!r}")
-    image = load_image(scene_dir / "image.png")
-    h0, w0 = image.shape[:2]
-    prompt = read_caption(scene_dir / "prompt.json")
-    traj = load_camera_json(scene_dir / "camera.json", width=w0, height=h0).subsample(nframe)
-    size = assign_scale(h0, w0, scale_map)
+    image, prompt, traj, size = _read_scene(scene_dir, model_name, scale_map, nframe)
     H, W = size
     traj_w = traj.resized(H, W)
     start = resize_bicubic(image, size)
     image_t = to_tensor_m11(start)
+    with locked_run_folder(safe_join(out_dir, scene_dir.name)) as scene_out:
+        depth = depth_map(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
+        cloud = lift_depth(depth, start, traj_w.K[0], traj_w.w2c[0])
+        rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_w, image_t, H, W, radius=render_radius,
+                                 points_per_pixel=points_per_pixel)
+        save_render_folder(scene_out, rgb, mask, traj_w)
+        render, render_mask, _ = load_render_folder(scene_out, H, W, image_t)
 
-    depth = depth_map(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
-    cloud = lift_depth(depth, start, traj_w.K[0], traj_w.w2c[0])
-    rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_w, image_t, H, W, radius=render_radius,
-                             points_per_pixel=points_per_pixel)
-    scene_out = safe_join(out_dir, scene_dir.name)
-    save_render_folder(scene_out, rgb, mask, traj_w)
-    render, render_mask, _ = load_render_folder(scene_out, H, W, image_t)
-
-    request = GenerationRequest(image=start, prompt=prompt, render=render, render_mask=render_mask, trajectory=traj_w,
-                                seed=seed, references=start[None], ref_index=torch.zeros(1, dtype=torch.long),
-                                ref_w2cs=traj_w.w2c[:1], name=scene_dir.name)
-    frames = np.asarray(generator(request, progress))
-    if frames.shape != (len(traj_w), H, W, 3):
-        raise InputError(f"generator returned frames of shape {frames.shape}; expected ({len(traj_w)}, {H}, {W}, 3)")
-    result = write_video(safe_join(scene_out, f"{model_name}_result.mp4"), frames, FPS)
-    frames_dir = safe_join(scene_out, f"{model_name}_frames")
-    for i, frame in enumerate(read_video(result)):
-        with atomic_path(frames_dir / f"{i:04d}.png") as tmp:
-            Image.fromarray(frame).save(tmp, format="PNG")
+        request = GenerationRequest(image=start, prompt=prompt, render=render, render_mask=render_mask,
+                                    trajectory=traj_w, seed=seed, references=start[None],
+                                    ref_index=torch.zeros(1, dtype=torch.long), ref_w2cs=traj_w.w2c[:1],
+                                    name=scene_dir.name)
+        frames = np.asarray(generator(request, progress))
+        if frames.shape != (len(traj_w), H, W, 3):
+            raise InputError(f"generator returned frames of shape {frames.shape}; expected ({len(traj_w)}, {H}, {W}, 3)")
+        result = write_video(safe_join(scene_out, f"{model_name}_result.mp4"), frames, FPS)
+        frames_dir = safe_join(scene_out, f"{model_name}_frames")
+        for i, frame in enumerate(read_video(result)):
+            with atomic_path(frames_dir / f"{i:04d}.png") as tmp:
+                Image.fromarray(frame).save(tmp, format="PNG")
     return CameraControlResult(scene_out, result, frames_dir, size, len(traj_w))

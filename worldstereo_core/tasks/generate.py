@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..cameras import CameraTrajectory, camera_qt, plucker_embedding, unified_camera_normalization
 from ..errors import InputError
+from ..io.fingerprint import file_stamps
 from ..io.images import to_tensor_m11
 from ..progress import ProgressFn
 from ..runtime.options import RuntimeOptions, apply_runtime, load_device, load_kwargs
@@ -115,15 +117,33 @@ class PipelineGenerator:
 
     ``num_inference_steps`` / ``guidance_scale`` default to the sampler's own defaults (40 UniPC
     steps and CFG 5.0, or the DMD schedule without CFG). :attr:`steps` is the number of progress
-    ticks one clip makes.
+    ticks one clip makes. ``weights``: the files and folders the models were loaded from (for
+    :meth:`resume_key`).
     """
 
     def __init__(self, pipeline, *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 **call_kwargs: Any) -> None:
+                 weights: Sequence[str | os.PathLike] = (), **call_kwargs: Any) -> None:
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        self.weights = [Path(w) for w in weights if w]
         self.call_kwargs = call_kwargs
+
+    def resume_key(self) -> dict:
+        """What about this generator shapes its clips (a multi-trajectory run's key records it): the
+        weight files by name, size and mtime, the transformer's dtypes, the sampler's timesteps
+        (steps and shift), the guidance scale, the negative prompt and the other call options."""
+        sampler = self.pipeline.make_sampler(self.num_inference_steps)
+        guidance = self.guidance_scale
+        return {
+            "pipeline": type(self.pipeline).__name__,
+            "weights": {str(w): file_stamps(w) for w in self.weights},
+            "dtypes": sorted({str(p.dtype) for p in self.pipeline.transformer.parameters()}),
+            "timesteps": [round(float(t), 6) for t in sampler.timesteps],
+            "guidance_scale": self.pipeline.default_guidance_scale() if guidance is None else float(guidance),
+            "negative_prompt": self.pipeline.negative_prompt,
+            "options": {k: repr(v) for k, v in sorted(self.call_kwargs.items())},
+        }
 
     @property
     def memory(self) -> bool:
@@ -175,5 +195,5 @@ def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, 
                                       scheduler=not config.is_dmd)
     pipeline_kwargs = apply_runtime(transformer, runtime, device, components=components)
     pipeline = build_pipeline(config, transformer, components, **pipeline_kwargs)
-    return PipelineGenerator(pipeline, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale), config
+    return PipelineGenerator(pipeline, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             weights=[variant, base_folder]), config

@@ -18,11 +18,27 @@ iterative ones starting from the last frame of another generated clip). Per traj
 5. the run state (memory bank, cache, finished trajectories) is saved in ``<model>_state/``.
 
 Outputs go to ``<out>/<scene>/<view>/<traj>/``; at the end the WorldMirror folder
-(``world_mirror_data/<model>/``), the cache as ``<model>_cloud.ply`` / ``.glb`` and one MP4 per
-trajectory. Resume: a rerun skips finished trajectories; a result without a saved state (an
-interrupted save, or results of another run) is read back and folded into memory without
+(``world_mirror_data/<model>/``, every image at the working size, the start image at the scene's
+frame-0 pose), the cache as ``<model>_cloud.ply`` / ``.glb`` and one MP4 per trajectory.
+
+The run folder ``<out>/<scene>/`` is held by one run at a time (:mod:`..io.run_lock`; a second run
+is refused at once, naming the holder) and temporaries of killed writes are removed when it is
+opened. Resume: the state, saved when the run starts and after every trajectory, records the
+run's key: every setting, a digest of every input file and prompt, and what identifies the models
+(:meth:`.generate.PipelineGenerator.resume_key`: weights by name, size and mtime, sampler
+settings). A rerun with the same key skips finished trajectories, after checking that each
+result file is still the one saved; a rerun with another key is refused with the changed items
+named (the folder's results belong to the old inputs). A result without a saved state (results
+of the release, or a state folder deleted by hand) is read back and folded into memory without
 generating again, as the release does. Every write is atomic and the state is committed in one
-atomic step after each trajectory, so a resumed run gives the same outputs as an uninterrupted one.
+atomic step, so a resumed run gives the same outputs as an uninterrupted one.
+
+:func:`validate_scene` checks a scene folder without loading any model (the CLI checks every scene
+before loading weights). Progress runs over :func:`progress_total` ticks: one for preparing the
+scene, per trajectory one each for conditioning, retrieval and the memory update besides the
+generator's steps, and one for the exports; between ticks, sub-steps (render chunks, cache
+frames, bank files, export images) re-report the count, so an interrupting callback acts within
+one unit of work.
 """
 from __future__ import annotations
 
@@ -36,20 +52,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, scale_intrinsics,
                        subsample_indices)
 from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, MAX_REFERENCE, NFRAME
-from ..errors import InputError
+from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.trajectories import median_depth, reconstruction_trajectories
-from ..io.atomic import safe_join, write_json_atomic
-from ..io.camera_json import load_camera_json
+from ..io.atomic import atomic_path, safe_join, write_json_atomic
+from ..io.camera_json import load_bank_cameras, load_camera_json
+from ..io.fingerprint import file_digest, text_digest
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
 from ..io.render_folder import MASK_VIDEO, RENDER_VIDEO, load_render_folder, save_render_folder
+from ..io.run_lock import locked_run_folder
 from ..io.video import read_video, read_video_frames, write_video
 from ..io.worldmirror import export_worldmirror, run_worldmirror
-from ..memory.bank import MemoryBank
+from ..memory.bank import RECONSTRUCTION_INPUT_FNAME, MemoryBank
 from ..memory.cache import CACHE_MODES, CacheSettings, DepthFn, PointCache, depth_map
 from ..memory.retrieval import RetrievalResult, retrieve
 from ..progress import ProgressFn, report
@@ -60,9 +79,14 @@ from .ordering import (RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, TASK_TYPES, re
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STATE_FILE = "state.json"
 WORLD_UP = {"reconstruction": "-y", "panorama": "+z"}
+#: Progress ticks besides the generator's steps: preparing the scene; per trajectory conditioning,
+#: retrieval and memory update + saved state; the exports.
+PREPARE_TICKS, TRAJECTORY_TICKS, EXPORT_TICKS = 1, 3, 1
+#: Folder and scene name of a reconstruction made from an image given directly (:func:`run_image_scene`).
+IMAGE_SCENE_INPUTS, IMAGE_SCENE = "inputs", "scene"
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,10 @@ class _Job:
     def name(self) -> str:
         return f"{self.view_id}/{self.traj_id}"
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.view_id, self.traj_id
+
 
 @dataclass
 class _Scene:
@@ -170,6 +198,19 @@ class _Scene:
     jobs: list[_Job]
     bank_factory: Any                       # () -> MemoryBank
     cache_factory: Any = None               # () -> PointCache (start-view cloud), or None
+    #: What the outputs are made from: input files (relative name -> path) and prompts (name -> text).
+    files: dict[str, Path] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    #: Whether the depth function shapes the outputs (start depth or global cache).
+    uses_depth: bool = False
+    #: w2c exported instead of the bank's, by entry name (the reconstruction start image's true pose).
+    export_poses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def inputs_key(self) -> dict[str, str]:
+        """Digest of every input file and prompt (part of the run's resume key)."""
+        key = {name: file_digest(path) for name, path in self.files.items()}
+        key.update({name: text_digest(text) for name, text in self.texts.items()})
+        return key
 
 
 def _trajectory(path: Path, nframe: int, size_hw: tuple[int, int]) -> CameraTrajectory:
@@ -183,6 +224,10 @@ def _has_renders(folder: Path) -> bool:
     return (folder / RENDER_VIDEO).is_file() and (folder / MASK_VIDEO).is_file()
 
 
+def _relative(scene_dir: Path, path: Path) -> str:
+    return path.relative_to(scene_dir).as_posix()
+
+
 def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthFn | None) -> _Scene:
     image = load_image(scene_dir / "image.png")
     h0, w0 = image.shape[:2]
@@ -190,6 +235,7 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
     image_w = resize_bicubic(image, size)
     identity = torch.eye(4, dtype=torch.float64)
     start_depth: dict[str, torch.Tensor] = {}
+    files, texts = {"image.png": scene_dir / "image.png"}, {}
 
     def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor):
         if "depth" not in start_depth:
@@ -204,14 +250,21 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
     if any((scene_dir / RECONSTRUCTION_VIEW / t / "camera.json").is_file() for t in RECONSTRUCTION_ORDER):
         jobs = []
         for tj in recon_sort_trajs(scene_dir):
+            render_dir = tj.traj_dir if opts.scene_renders and _has_renders(tj.traj_dir) else None
             jobs.append(_Job(tj.view_id, tj.traj_id, tj.prompt, _trajectory(tj.camera_path, opts.nframe, (h0, w0)),
-                             start_image=tj.start_image,
-                             render_dir=tj.traj_dir if opts.scene_renders and _has_renders(tj.traj_dir) else None))
+                             start_image=tj.start_image, render_dir=render_dir))
+            files[_relative(scene_dir, tj.camera_path)] = tj.camera_path
+            if render_dir is not None:
+                for name in (RENDER_VIDEO, MASK_VIDEO):
+                    files[_relative(scene_dir, render_dir / name)] = render_dir / name
+            texts["prompt"] = tj.prompt
         first = next((j for j in jobs if j.traj_id == "traj_eloop"), jobs[0]).trajectory
         K0 = scale_intrinsics(first.K[0], (first.height, first.width), (h0, w0))
         w2c0 = first.w2c[0]
+        uses_depth = opts.cache_mode == "global" or any(j.render_dir is None for j in jobs)
     else:
         prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
+        texts["prompt"] = prompt
         K_guess = intrinsics_from_fov(w0, h0, opts.fov_deg)
         depth, raw = depth_of_start(scale_intrinsics(K_guess, (h0, w0), size), identity)
         K0 = K_guess
@@ -221,6 +274,7 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
         jobs = [_Job(RECONSTRUCTION_VIEW, t, prompt, trajs[t], start_image=scene_dir / "image.png")
                 for t in RECONSTRUCTION_ORDER]
         w2c0 = identity
+        uses_depth = True
 
     def bank() -> MemoryBank:
         return MemoryBank.reconstruction(image_w, K0, w0, h0, max_reference=opts.max_reference,
@@ -231,7 +285,8 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
         depth, _ = depth_of_start(K_w, w2c0)
         return PointCache.from_depth(image_w, depth, K_w, w2c0, mode=opts.cache_mode, settings=opts.cache)
 
-    return _Scene(scene_dir.name, "reconstruction", size, jobs, bank, cache)
+    return _Scene(scene_dir.name, "reconstruction", size, jobs, bank, cache, files, texts, uses_depth,
+                  {RECONSTRUCTION_INPUT_FNAME: w2c0})
 
 
 def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
@@ -242,55 +297,125 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
     first = next(j.start_image for j in tjobs if j.start_image is not None)
     h0, w0 = load_image(first).shape[:2]
     size = assign_scale(h0, w0, opts.scale_map)
-    jobs = []
+    jobs, texts = [], {}
+    bank_dir = scene_dir / "pano_bank"
+    keys, _ = load_bank_cameras(bank_dir / "cameras.json")
+    files = {_relative(scene_dir, p): p for p in [bank_dir / "cameras.json", *(bank_dir / "images" / f"{k}.png"
+                                                                              for k in keys)] if p.is_file()}
     for tj in tjobs:
         if not (opts.scene_renders and _has_renders(tj.traj_dir)):
             raise InputError(f"{tj.traj_dir}: panorama trajectories need pre-rendered {RENDER_VIDEO} and "
                              f"{MASK_VIDEO} (the release's input layout)")
         jobs.append(_Job(tj.view_id, tj.traj_id, tj.prompt, _trajectory(tj.camera_path, opts.nframe, (h0, w0)),
                          start_image=tj.start_image, start_from=tj.start_from, render_dir=tj.traj_dir))
+        for path in (tj.camera_path, tj.traj_dir / RENDER_VIDEO, tj.traj_dir / MASK_VIDEO, tj.start_image):
+            if path is not None:
+                files[_relative(scene_dir, path)] = path
+        texts[f"prompt of {tj.view_id}/{tj.traj_id}"] = tj.prompt
 
     def bank() -> MemoryBank:
         return MemoryBank.from_panorama_folder(scene_dir, max_reference=opts.max_reference,
                                                align_nframe=opts.align_nframe, nframe=opts.nframe)
 
-    return _Scene(scene_dir.name, "panorama", size, jobs, bank, None)
+    return _Scene(scene_dir.name, "panorama", size, jobs, bank, None, files, texts)
+
+
+def _prepare(scene_dir: Path, opts: LoopOptions, depth_fn: DepthFn | None) -> _Scene:
+    return (_prepare_reconstruction(scene_dir, opts, depth_fn) if opts.task == "reconstruction"
+            else _prepare_panorama(scene_dir, opts))
+
+
+class _DepthDeferred(Exception):
+    """Raised by :func:`validate_scene`'s stand-in depth function: what remains needs a depth model."""
+
+
+def _deferred_depth(image, K, w2c):
+    raise _DepthDeferred
+
+
+def validate_scene(scene_dir: str | os.PathLike, options: LoopOptions | None = None) -> int:
+    """Check a scene folder without any model: settings, image, prompts, camera files, pre-rendered
+    warps present, panorama bank complete. Returns the number of trajectories; raises InputError
+    naming the problem and the fix.
+
+    (An image-only reconstruction scene's trajectories come from the depth of its image; for it
+    the image and prompt are checked.)"""
+    opts = options or LoopOptions()
+    opts.check()
+    scene_dir = Path(scene_dir)
+    if not scene_dir.is_dir():
+        raise InputError(f"scene folder {scene_dir} not found; check the path")
+    try:
+        scene = _prepare(scene_dir, opts, _deferred_depth)
+    except _DepthDeferred:
+        return len(RECONSTRUCTION_ORDER)
+    scene.bank_factory()
+    return len(scene.jobs)
 
 
 # --------------------------------------------------------------------------------------------
 # Run state (resume)
 # --------------------------------------------------------------------------------------------
 
-class _State:
-    """``<model>_state/state.json`` naming the committed ``step-NNNN/`` folder (bank + cache)."""
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
-    def __init__(self, folder: Path, signature: dict) -> None:
-        self.folder, self.signature = folder, signature
+
+class _State:
+    """``<model>_state/state.json``: the run's key, the finished trajectories with the digest of
+    each result, and the committed ``step-NNNN/`` folder (bank + cache)."""
+
+    def __init__(self, folder: Path, key: dict) -> None:
+        self.folder, self.key = folder, key
         self.done: list[tuple[str, str]] = []
+        self.results: dict[str, str] = {}
 
     def load(self) -> tuple[MemoryBank, PointCache | None] | None:
+        """The saved bank and cache, or None when there is no state; refuses another run's state."""
         path = self.folder / STATE_FILE
         if not path.is_file():
             return None
+        run = self.folder.parent
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise InputError(f"{path} is damaged ({exc}); delete {self.folder} to start the run over") from exc
+            raise InputError(f"{path} is damaged ({exc}); delete {self.folder} to rebuild the memory from the "
+                             "finished results (they are read back, not generated again)") from exc
         if data.get("version") != STATE_VERSION:
             raise InputError(f"{path}: state version {data.get('version')!r} is not {STATE_VERSION}; delete "
-                             f"{self.folder} to start over")
-        if data.get("signature") != self.signature:
-            diff = sorted(k for k in set(data.get("signature", {})) | set(self.signature)
-                          if data.get("signature", {}).get(k) != self.signature.get(k))
-            raise InputError(f"{self.folder} belongs to a run with other settings ({', '.join(diff)}); use the same "
-                             "settings to resume, another output folder, or delete the state folder to start over")
-        step = safe_join(self.folder, data["folder"])
+                             f"{self.folder} to rebuild the memory from the finished results (they are read back, "
+                             "not generated again)")
+        saved = data.get("key", {})
+        changes = [f"{part} ({', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})"
+                   for part in ("settings", "inputs", "models")
+                   if (diff := _changed(saved.get(part, {}), self.key.get(part, {})))]
+        if changes:
+            raise InputError(f"{run} holds a run made with other {'; '.join(changes)}. Its results belong to "
+                             "those and are kept as they are: to resume it, run it as before; to run the changed "
+                             f"one, choose another output folder, or delete {run} to start over")
         self.done = [tuple(d) for d in data["done"]]
-        bank = MemoryBank.load(step / "memory_bank")
-        cache = PointCache.load(step / "cache.npz") if (step / "cache.npz").is_file() else None
+        self.results = dict(data.get("results", {}))
+        step = safe_join(self.folder, data["folder"])
+        try:
+            bank = MemoryBank.load(step / "memory_bank")
+            cache = PointCache.load(step / "cache.npz") if (step / "cache.npz").is_file() else None
+        except WorldStereoError as exc:
+            raise CheckpointError(f"the saved run state in {self.folder} is damaged ({exc}); delete {self.folder} "
+                                  "to rebuild the memory from the finished results (they are read back, not "
+                                  "generated again)") from exc
         return bank, cache
 
-    def commit(self, bank: MemoryBank, cache: PointCache | None) -> None:
+    def check_result(self, name: str, result: Path) -> None:
+        """Refuse a finished result that is missing or not the file this run saved (truncated, replaced)."""
+        fix = (f"delete it (if present) and {self.folder} to generate it again from the other results, or delete "
+               f"{self.folder.parent} to start over")
+        if not result.is_file():
+            raise InputError(f"{self.folder} lists {name} as done but {result} is missing; {fix}")
+        if file_digest(result) != self.results.get(name):
+            raise InputError(f"{result} is not the result this run saved for {name} (it was changed, truncated or "
+                             f"damaged since); {fix}")
+
+    def commit(self, bank: MemoryBank, cache: PointCache | None, progress: ProgressFn | None = None) -> None:
         """Write bank + cache to a new step folder, then switch state.json to it (atomic), then prune."""
         name = f"step-{len(self.done):04d}"
         step = safe_join(self.folder, name)
@@ -299,13 +424,13 @@ class _State:
             shutil.rmtree(step)
         if previous:  # hard links: unchanged bank frames are not written again
             shutil.copytree(previous[-1], step, copy_function=_link_or_copy)
-        bank.save(step / "memory_bank")
+        bank.save(step / "memory_bank", progress=progress)
         if cache is not None:
             cache.save(step / "cache.npz")
         elif (step / "cache.npz").exists():
             (step / "cache.npz").unlink()
-        write_json_atomic(self.folder / STATE_FILE, {"version": STATE_VERSION, "signature": self.signature,
-                                                     "folder": name, "done": [list(d) for d in self.done]})
+        write_json_atomic(self.folder / STATE_FILE, {"version": STATE_VERSION, "key": self.key, "folder": name,
+                                                     "done": [list(d) for d in self.done], "results": self.results})
         for old in previous:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -343,29 +468,41 @@ def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, bank: 
     write_json_atomic(safe_join(folder, f"{model}_ref_w2cs.json"), found.ref_w2cs.tolist())
 
 
-def _scaled_progress(progress: ProgressFn | None, offset: int, steps: int, total: int) -> ProgressFn | None:
-    if progress is None:
-        return None
+class _Ticks:
+    """The run's progress over :func:`progress_total` ticks (see the module docstring)."""
 
-    def inner(done: int, sub_total: int) -> None:
-        progress(offset + min(steps, done * steps // max(sub_total, 1)), total)
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
 
-    return inner
+    def add(self, n: int = 1) -> None:
+        self.done += n
+        report(self.progress, self.done, self.total)
+
+    def beat(self, *_: int) -> None:
+        """Re-report the current count (a :data:`ProgressFn` for sub-steps: the callback may interrupt)."""
+        report(self.progress, self.done, self.total)
+
+    def steps(self, steps: int) -> ProgressFn | None:
+        """The generator's ``(step, steps)`` mapped onto the next ``steps`` ticks."""
+        if self.progress is None:
+            return None
+        offset = self.done
+
+        def inner(done: int, sub_total: int) -> None:
+            report(self.progress, offset + min(steps, done * steps // max(sub_total, 1)), self.total)
+
+        return inner
 
 
-def _deduplicated(progress: ProgressFn | None) -> ProgressFn | None:
-    """``progress`` without repeated identical calls (a generator's last step and the loop's
-    end-of-trajectory report coincide)."""
-    if progress is None:
-        return None
-    last: list = [None]
+def progress_total(trajectories: int, steps: int, exports: bool = True) -> int:
+    """Progress ticks of a run of ``trajectories`` trajectories with a ``steps``-tick generator."""
+    return PREPARE_TICKS + trajectories * (steps + TRAJECTORY_TICKS) + (EXPORT_TICKS if exports else 0)
 
-    def inner(done: int, total: int) -> None:
-        if last[0] != (done, total):
-            last[0] = (done, total)
-            progress(done, total)
 
-    return inner
+def _resume_key(source: Any) -> Any:
+    """``source.resume_key()`` when it has one (a PipelineGenerator, the CLI's MoGe ...), else None."""
+    key = getattr(source, "resume_key", None)
+    return key() if callable(key) else None
 
 
 def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator, *,
@@ -374,94 +511,129 @@ def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLik
     """Generate every trajectory of a scene folder in order (see the module docstring).
 
     ``generator``: a :data:`.generate.Generator` (its ``steps`` attribute, if any, is the number of
-    progress ticks per trajectory). ``depth_fn``: depth of the start image and, in global mode, of
-    the kept frames (see :data:`memory.cache.DepthFn`). ``selector``: a CameraSelector for retrievals
-    over more than ``max_reference`` entries (default: camera features only). ``progress(done,
-    total)`` runs over trajectories x generator steps and may raise to interrupt; a rerun resumes.
+    progress ticks per trajectory; its ``resume_key()``, if any, joins the run's key). ``depth_fn``:
+    depth of the start image and, in global mode, of the kept frames (see
+    :data:`memory.cache.DepthFn`). ``selector``: a CameraSelector for retrievals over more than
+    ``max_reference`` entries (default: camera features only). ``progress(done, total)`` may raise
+    to interrupt; a rerun resumes. Raises RunFolderLocked when another run holds the run folder.
     """
     opts = options or LoopOptions()
-    opts.check()
-    progress = _deduplicated(progress)
+    count = validate_scene(scene_dir, opts)
     scene_dir = Path(scene_dir)
-    if not scene_dir.is_dir():
-        raise InputError(f"scene folder {scene_dir} not found; check the path")
-    scene = (_prepare_reconstruction(scene_dir, opts, depth_fn) if opts.task == "reconstruction"
-             else _prepare_panorama(scene_dir, opts))
-    out_scene = safe_join(out_dir, scene.name)
-    H, W = scene.size
-    needs_cache = opts.cache_mode == "global" or any(j.render_dir is None for j in scene.jobs)
     if opts.cache_mode == "global" and depth_fn is None:
         raise InputError("the global cache lifts every kept frame with a depth model; give depth_fn (MoGe)")
-
-    state = _State(safe_join(out_scene, f"{opts.model_name}_state"), opts.signature(scene.size))
-    loaded = state.load()
-    if loaded is not None:
-        bank, cache = loaded
-        log.info("resuming %s: %d trajectories already done", scene.name, len(state.done))
-    else:
-        bank = scene.bank_factory()
-        cache = scene.cache_factory() if needs_cache and scene.cache_factory is not None else None
-    if needs_cache and cache is None:
-        raise InputError(f"{scene.name}: some trajectories have no pre-rendered warps and there is no start-view "
-                         "cloud to render them from")
-
     steps = max(1, int(getattr(generator, "steps", 1) or 1))
-    total = len(scene.jobs) * steps
-    outcomes: list[TrajectoryOutcome] = []
-    results: dict[tuple[str, str], Path] = {}
-    for index, job in enumerate(scene.jobs):
-        traj_out = safe_join(out_scene, job.view_id, job.traj_id)
-        result = safe_join(traj_out, f"{opts.model_name}_result.mp4")
-        results[(job.view_id, job.traj_id)] = result
-        key = (job.view_id, job.traj_id)
-        if key in state.done:
-            if not result.is_file():
-                raise InputError(f"{state.folder} lists {job.name} as done but {result} is missing; delete the "
-                                 "state folder to rebuild the memory from the existing results")
-            outcomes.append(TrajectoryOutcome(job.view_id, job.traj_id, result, "skipped"))
-            report(progress, (index + 1) * steps, total)
-            continue
-        traj = job.trajectory
-        traj_w = traj.resized(H, W)
-        if result.is_file():
-            status, source = "read back", ""
-            log.info("%s: %s exists; reading it back into memory", job.name, result.name)
+    with locked_run_folder(safe_join(out_dir, scene_dir.name)) as out_scene:
+        ticks = _Ticks(progress, progress_total(count, steps, opts.exports))
+        ticks.beat()
+        scene = _prepare(scene_dir, opts, depth_fn)
+        models = {name: key for name, key in (("generator", _resume_key(generator)), ("selector", _resume_key(selector)),
+                                              ("depth", _resume_key(depth_fn) if scene.uses_depth else None))
+                  if key is not None}
+        key = {"settings": opts.signature(scene.size), "inputs": scene.inputs_key(), "models": models}
+        state = _State(safe_join(out_scene, f"{opts.model_name}_state"), key)
+        loaded = state.load()
+        needs_cache = opts.cache_mode == "global" or any(j.render_dir is None for j in scene.jobs)
+        if loaded is not None:
+            bank, cache = loaded
+            log.info("resuming %s: %d trajectories already done", scene.name, len(state.done))
         else:
-            status = "generated"
-            source = _generate(job, index, traj_out, result, scene, opts, generator, bank, cache, results,
-                               selector, _scaled_progress(progress, index * steps, steps, total))
-        frames = read_video(result)
-        if len(frames) != len(traj):
-            raise InputError(f"{result} has {len(frames)} frames but {job.name} has {len(traj)} cameras; delete it "
-                             "to generate it again")
-        kept = bank.update_memory(list(frames), traj.w2c, traj.K, job.view_id, job.traj_id,
-                                  k_size=(traj.height, traj.width))
-        if cache is not None and opts.cache_mode == "global":
-            record = cache.update([frames[k] for k in kept], traj_w.w2c[kept], traj_w.K[kept], depth_fn,
-                                  label=job.name, names=[f"{job.name}/{k:04d}" for k in kept])
-            log.info("%s: cache %d -> %d points (%d of %d frames aligned)", job.name, record.points_before,
-                     record.points_after, sum(f.skipped is None for f in record.frames), len(record.frames))
-        state.done.append(key)
-        state.commit(bank, cache)
-        outcomes.append(TrajectoryOutcome(job.view_id, job.traj_id, result, status, source, kept, len(bank),
-                                          None if cache is None else len(cache)))
-        report(progress, (index + 1) * steps, total)
-
-    out = LoopResult(out_scene, outcomes, bank, cache)
-    if opts.exports:
-        _export(out, scene, opts)
+            bank = scene.bank_factory()
+            cache = scene.cache_factory() if needs_cache and scene.cache_factory is not None else None
+            state.commit(bank, cache, ticks.beat)  # the run's key is on disk before any result
+        if needs_cache and cache is None:
+            raise InputError(f"{scene.name}: some trajectories have no pre-rendered warps and there is no start-view "
+                             "cloud to render them from")
+        ticks.add(PREPARE_TICKS)
+        outcomes = [_run_trajectory(index, job, scene, out_scene, opts, generator, state, bank, cache, depth_fn,
+                                    selector, ticks, steps)
+                    for index, job in enumerate(scene.jobs)]
+        out = LoopResult(out_scene, outcomes, bank, cache)
+        if opts.exports:
+            _export(out, scene, opts, ticks)
+            ticks.add(EXPORT_TICKS)
     return out
 
 
-def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene, opts: LoopOptions,
-              generator: Generator, bank: MemoryBank, cache: PointCache | None,
-              results: dict[tuple[str, str], Path], selector, progress: ProgressFn | None) -> str:
-    """Prepare the conditioning of one trajectory, generate it and write ``result``; returns the render source."""
+def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, generator: Generator, **kwargs) -> LoopResult:
+    """:func:`run_multi_trajectory` of a reconstruction from an image and a prompt given directly
+    (RGB uint8 (H, W, 3) or anything :func:`io.images.load_image` takes), stored as the scene
+    ``<out_dir>/inputs/scene/`` (image.png + prompt.json) with results in ``<out_dir>/scene/``.
+
+    The inputs of an existing run are never replaced: other ones are refused, naming what changed
+    (the run folder's lock is held from the check to the end of the run)."""
+    if not prompt.strip():
+        raise InputError("prompt is empty; a reconstruction from an image needs a prompt describing the scene")
+    rgb = load_image(image, name="image")
+    with locked_run_folder(safe_join(out_dir, IMAGE_SCENE)) as run:
+        folder = safe_join(out_dir, IMAGE_SCENE_INPUTS, IMAGE_SCENE)
+        image_path, prompt_path = folder / "image.png", folder / "prompt.json"
+        changed = []
+        if image_path.is_file() and not np.array_equal(load_image(image_path), rgb):
+            changed.append("image")
+        if prompt_path.is_file() and read_prompt(prompt_path, "image scene") != prompt:
+            changed.append("prompt")
+        if changed and any(run.glob(f"*_state/{STATE_FILE}")):
+            raise InputError(f"{run} holds a run made from another {' and '.join(changed)} ({folder}); its "
+                             "results belong to those inputs and are kept: to run the new ones, choose another "
+                             f"output folder, or delete {run} to start over")
+        if changed or not image_path.is_file() or not prompt_path.is_file():
+            with atomic_path(image_path) as tmp:
+                Image.fromarray(rgb).save(tmp, format="PNG")
+            write_json_atomic(prompt_path, {"prompt": prompt})
+        return run_multi_trajectory(folder, out_dir, generator, **kwargs)
+
+
+def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts: LoopOptions, generator: Generator,
+                    state: _State, bank: MemoryBank, cache: PointCache | None, depth_fn: DepthFn | None, selector,
+                    ticks: _Ticks, steps: int) -> TrajectoryOutcome:
+    """Generate (or skip, or read back) one trajectory and fold it into memory; commits the state."""
+    traj_out = safe_join(out_scene, job.view_id, job.traj_id)
+    result = safe_join(traj_out, f"{opts.model_name}_result.mp4")
+    if job.key in state.done:
+        state.check_result(job.name, result)
+        ticks.add(steps + TRAJECTORY_TICKS)
+        return TrajectoryOutcome(job.view_id, job.traj_id, result, "skipped")
+    traj = job.trajectory
+    traj_w = traj.resized(*scene.size)
+    if result.is_file():
+        status, source = "read back", ""
+        log.info("%s: %s exists; reading it back into memory", job.name, result.name)
+        ticks.add(steps + TRAJECTORY_TICKS - 1)
+    else:
+        status = "generated"
+        source = _generate(job, index, traj_out, result, scene, out_scene, opts, generator, bank, cache, selector,
+                           ticks, steps)
+    try:
+        frames = read_video(result)
+    except InputError as exc:
+        raise InputError(f"{exc}; delete {result} to generate it again") from exc
+    if len(frames) != len(traj):
+        raise InputError(f"{result} has {len(frames)} frames but {job.name} has {len(traj)} cameras; delete it "
+                         "to generate it again")
+    kept = bank.update_memory(list(frames), traj.w2c, traj.K, job.view_id, job.traj_id,
+                              k_size=(traj.height, traj.width))
+    if cache is not None and opts.cache_mode == "global":
+        record = cache.update([frames[k] for k in kept], traj_w.w2c[kept], traj_w.K[kept], depth_fn,
+                              label=job.name, names=[f"{job.name}/{k:04d}" for k in kept], progress=ticks.beat)
+        log.info("%s: cache %d -> %d points (%d of %d frames aligned)", job.name, record.points_before,
+                 record.points_after, sum(f.skipped is None for f in record.frames), len(record.frames))
+    state.done.append(job.key)
+    state.results[job.name] = file_digest(result)
+    state.commit(bank, cache, ticks.beat)
+    ticks.add()
+    return TrajectoryOutcome(job.view_id, job.traj_id, result, status, source, kept, len(bank),
+                             None if cache is None else len(cache))
+
+
+def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opts: LoopOptions,
+                  cache: PointCache | None, ticks: _Ticks) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, str]:
+    """Start image, warp render, hole mask (working size) and where the render came from."""
     H, W = scene.size
     traj, traj_w = job.trajectory, job.trajectory.resized(H, W)
     if job.start_from is not None:
-        source_video = results.get(job.start_from)
-        if source_video is None or not source_video.is_file():
+        source_video = safe_join(out_scene, *job.start_from, f"{opts.model_name}_result.mp4")
+        if not source_video.is_file():
             raise InputError(f"{job.name} starts from the last frame of {'/'.join(job.start_from)}, which has not "
                              "been generated")
         start = resize_bicubic(read_video_frames(source_video, [-1])[0], (H, W))
@@ -476,33 +648,50 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
             render, mask = render[keep], mask[keep]
         source = "scene renders"
     else:
-        rgb, holes = cache.render(traj_w, image_t, H, W)
+        rgb, holes = cache.render(traj_w, image_t, H, W, progress=ticks.beat)
         save_render_folder(traj_out, rgb, holes, traj_w)
         render, mask, _ = load_render_folder(traj_out, H, W, image_t)
         source = "global cache" if opts.cache_mode == "global" else "start-view cloud"
     if len(render) != len(traj):
         raise InputError(f"{job.name}: {len(render)} render frames for {len(traj)} cameras")
+    return start, render, mask, source
+
+
+def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene, out_scene: Path,
+              opts: LoopOptions, generator: Generator, bank: MemoryBank, cache: PointCache | None, selector,
+              ticks: _Ticks, steps: int) -> str:
+    """Prepare the conditioning of one trajectory, generate it and write ``result``; returns the render source."""
+    H, W = scene.size
+    traj, traj_w = job.trajectory, job.trajectory.resized(H, W)
+    start, render, mask, source = _conditioning(job, traj_out, scene, out_scene, opts, cache, ticks)
+    ticks.add()
 
     K_bank = scale_intrinsics(traj.K, (traj.height, traj.width), (bank.height, bank.width))
-    found = retrieve(bank, traj.w2c, K_bank, job.view_id, job.traj_id, selector=selector)
+    found = retrieve(bank, traj.w2c, K_bank, job.view_id, job.traj_id, selector=selector, progress=ticks.beat)
     _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, bank, (H, W))
+    ticks.add()
     refs = found.ref_index.tolist()
     request = GenerationRequest(
         image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
         seed=opts.seed + index, references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
         ref_index=found.ref_index, ref_w2cs=found.ref_w2cs, name=job.name)
-    frames = _frames_array(generator(request, progress), len(traj), (H, W), job.name)
+    frames = _frames_array(generator(request, ticks.steps(steps)), len(traj), (H, W), job.name)
+    ticks.done += steps
     write_video(result, frames, FPS)
+    ticks.beat()
     return source
 
 
-def _export(out: LoopResult, scene: _Scene, opts: LoopOptions) -> None:
+def _export(out: LoopResult, scene: _Scene, opts: LoopOptions, ticks: _Ticks) -> None:
     out.worldmirror = export_worldmirror(out.bank, safe_join(out.scene_out, "world_mirror_data", opts.model_name),
-                                         scene.name).folder
+                                         scene.name, size=scene.size, poses=scene.export_poses,
+                                         progress=ticks.beat).folder
     if opts.run_worldmirror:
+        ticks.beat()
         outcome = run_worldmirror(out.worldmirror)
         log.info(outcome.message)
     if out.cache is not None and len(out.cache):
+        ticks.beat()
         c2w = invert_rigid(out.bank.w2c)
         segments = camera_frustum_segments(c2w, out.bank.K, out.bank.width, out.bank.height, 0.05 * out.cache.scale)
         out.cloud_ply = write_ply(safe_join(out.scene_out, f"{opts.model_name}_cloud.ply"), out.cache.cloud)
