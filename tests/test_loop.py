@@ -17,7 +17,7 @@ from conftest import example_dirs
 from synthetic_scene import room_for_scale
 from tiny_models_root import write_models_root
 from worldstereo_core.cameras import invert_rigid
-from worldstereo_core.errors import InputError, Interrupted
+from worldstereo_core.errors import CheckpointError, InputError, Interrupted
 from worldstereo_core.geometry.trajectories import median_depth, reconstruction_trajectories
 from worldstereo_core.io.camera_json import load_camera_json
 from worldstereo_core.io.images import load_image, resize_bicubic, to_tensor_m11
@@ -307,9 +307,11 @@ def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
     assert np.array_equal(req.image, resize_bicubic(last, SIZE))
     assert req.render_mask[0].sum() == 0
     assert torch.allclose(req.render[0], to_tensor_m11(req.image))
-    # WorldMirror export names bank views pano-<key>
+    # WorldMirror export names bank views pano-<key>; bank views and generated frames at one size
     names = sorted(p.stem for p in (res.worldmirror / "images").glob("*.png"))
     assert f"pano-{0:04d}" in names and "reconstruct_extra-traj1-0020" in names
+    assert res.bank.frames[0].shape[:2] != SIZE  # the bank's own views are at another size than the clips
+    _assert_one_size_with_pixel_K(res.worldmirror, res.bank)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +423,37 @@ def test_image_scene_never_overwrites_the_inputs_of_a_run(tmp_path):
     other = run_image_scene(255 - image, "a garden", tmp_path / "new", _fake_generator, options=opts,
                             depth_fn=room.depth_fn())
     assert [t.status for t in other.trajectories] == ["generated"] * 4
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+@pytest.mark.parametrize("damage", ["bank frame", "cache"])
+def test_damaged_run_state_is_a_named_error_with_the_fix(tmp_path, damage):
+    """Item 5: a garbage bank PNG or a truncated cache.npz in a resume state gave raw tracebacks."""
+    src = RECON_SCENES[0]
+    scene = tmp_path / "in" / src.name
+    scene.mkdir(parents=True)
+    for name in ("image.png", "prompt.json"):  # image only: the start-view cloud is part of the state
+        shutil.copy(src / name, scene / name)
+    room = room_for_scale(_scene_scale(src))
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), cache=CACHE, nframe=5,
+                       align_nframe=2)
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, depth_fn=room.depth_fn(),
+                             progress=StopAt(at=PREPARE_TICKS + _fake_generator.steps + TRAJECTORY_TICKS + 1))
+    state = tmp_path / "out" / scene.name / f"{MODEL}_state"
+    step = state / json.loads((state / "state.json").read_text())["folder"]
+    if damage == "cache":
+        data = (step / "cache.npz").read_bytes()
+        (step / "cache.npz").write_bytes(data[: len(data) // 3])
+    else:
+        next((step / "memory_bank" / "frames").glob("*.png")).write_bytes(b"\x89PNG\r\n garbage")
+    with pytest.raises(CheckpointError) as err:
+        run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, depth_fn=room.depth_fn())
+    message = str(err.value)
+    assert str(state) in message and "damaged" in message and "read back" in message
+    shutil.rmtree(state)  # the fix the message gives
+    res = run_multi_trajectory(scene, tmp_path / "out", _fake_generator, options=opts, depth_fn=room.depth_fn())
+    assert [t.status for t in res.trajectories] == ["read back", "generated", "generated", "generated"]
 
 
 _HOLD_LOCK = """

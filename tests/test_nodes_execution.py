@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -516,6 +517,17 @@ def test_loop_node_resumes_after_interrupt(ws):
         record(value, total, preview, prompt_id, node_id)
         if value == first_done:
             mm.interrupt_current_processing(True)
+
+    # issue 10 item 3: a folder another run holds is refused, naming the holder, before any work
+    run_folder = os.path.join(ws.stub.folder_paths.get_output_directory(), "ws", "loop", PANORAMA_SCENE)
+    os.makedirs(run_folder)
+    lock = os.path.join(run_folder, ".worldstereo.lock")
+    with open(lock, "w") as fh:
+        json.dump({"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}, fh)
+    with pytest.raises(ws.errors.RunFolderLocked, match=f"Loop: .* in use by another run: pid {os.getppid()} "):
+        ws.run("WorldStereoMultiTrajectoryLoop", **args)
+    assert os.listdir(run_folder) == [".worldstereo.lock"]
+    os.remove(lock)
 
     utils.set_progress_bar_global_hook(interrupt_after_first_trajectory)
     with pytest.raises(mm.InterruptProcessingException):
