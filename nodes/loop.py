@@ -5,7 +5,10 @@ with optional ``renders/traj_*``, or a panorama scene with ``pano_bank/``) or, f
 reconstruction, from the connected image and the prompt widget. Results go to
 ``output/<output_folder>/<scene>/``; the run state is saved after every trajectory, so queueing the
 same node again after a cancel (or a crash) resumes where it stopped instead of starting over.
-Progress runs over trajectories x denoising steps.
+A folder another run holds, or one whose run was made from other inputs or settings, is refused
+with a message saying so (:mod:`worldstereo_core.tasks.loop`). The scene folder is checked when
+the prompt is queued. Progress runs over the preparation, trajectories x denoising steps and the
+exports; Cancel acts between any two units of work.
 """
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ def text_digest(text: str) -> str:
 
 
 def file_stamps(path: str | os.PathLike) -> list[list]:
-    """``[name, size, mtime_ns]`` of a file, or of every file under a folder (relative names, sorted);
-    ``[]`` when absent."""
+    """``[name, size, mtime_ns]`` of a file, or of every file under a folder (relative names, sorted;
+    hidden files and folders, such as download caches, left out); ``[]`` when absent."""
     path = Path(path)
     if path.is_file():
         st = path.stat()
@@ -35,6 +35,9 @@ def file_stamps(path: str | os.PathLike) -> list[list]:
         return []
     out = []
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
         st = f.stat()
-        out.append([f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns])
+        out.append([rel.as_posix(), st.st_size, st.st_mtime_ns])
     return out

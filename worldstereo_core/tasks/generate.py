@@ -137,7 +137,7 @@ class PipelineGenerator:
         guidance = self.guidance_scale
         return {
             "pipeline": type(self.pipeline).__name__,
-            "weights": {str(w): file_stamps(w) for w in self.weights},
+            "weights": {w.name: file_stamps(w) for w in self.weights},  # by name: the models folder may move
             "dtypes": sorted({str(p.dtype) for p in self.pipeline.transformer.parameters()}),
             "timesteps": [round(float(t), 6) for t in sampler.timesteps],
             "guidance_scale": self.pipeline.default_guidance_scale() if guidance is None else float(guidance),

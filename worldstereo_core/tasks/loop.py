@@ -129,10 +129,10 @@ class LoopOptions:
             raise InputError(f"fov_deg must be in (1, 179) degrees, got {self.fov_deg}")
 
     def signature(self, size: tuple[int, int]) -> dict:
-        """What a resumed run must share with the saved state."""
+        """The settings part of a run's resume key (every setting that shapes the outputs)."""
         sig = {"task": self.task, "model_name": self.model_name, "cache_mode": self.cache_mode,
                "align_nframe": self.align_nframe, "max_reference": self.max_reference, "nframe": self.nframe,
-               "size": list(size), "seed": self.seed, "scene_renders": self.scene_renders}
+               "size": list(size), "seed": self.seed, "scene_renders": self.scene_renders, "fov_deg": self.fov_deg}
         if self.cache_mode == "global":
             sig["cache"] = asdict(self.cache)
         return sig
