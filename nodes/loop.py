@@ -132,7 +132,7 @@ class MultiTrajectoryLoop:
         if scene == FROM_IMAGE:
             if image is None:
                 raise InputError("scene is '(the image input)' but no image is connected")
-            task = resolve_task("reconstruction" if task == "auto" else task, None)
+            task = resolve_task(task, None)
         else:
             scene_dir = files.input_path(scene, "scene", folder=True)
             task = resolve_task(task, scene_dir)
