@@ -89,3 +89,9 @@ class BoxRoom:
 def room_for_scale(m: float) -> BoxRoom:
     """A room around cameras that orbit the point at depth ``m`` ahead of an origin camera."""
     return BoxRoom([-2.0 * m, -1.6 * m, -1.2 * m], [2.0 * m, 1.0 * m, 3.0 * m])
+
+
+def panorama_room() -> BoxRoom:
+    """A z-up room around a panorama centre at the origin: off-centre (every wall at another
+    distance), smooth texture (resampled images compare to a level or two)."""
+    return BoxRoom([-2.2, -1.7, -1.4], [1.9, 2.5, 1.3], checker=False)

@@ -78,7 +78,7 @@ def pixel_solid_angles(height: int, width: int, dtype: torch.dtype = torch.float
 
 def _pixels(panorama) -> torch.Tensor:
     """(H, W, C) tensor of a panorama given as (H, W), (H, W, C) array or tensor (any dtype)."""
-    p = panorama if isinstance(panorama, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(panorama))
+    p = panorama if isinstance(panorama, torch.Tensor) else torch.from_numpy(np.require(panorama, requirements=("C", "W")))
     if p.dim() == 2:
         p = p[..., None]
     if p.dim() != 3:
@@ -202,7 +202,7 @@ def equirect_from_views(images, cameras: CameraTrajectory, height: int, width: i
     Returns (panorama, covered (H, W) bool); uncovered pixels are 0. uint8 in, uint8 out.
     """
     height, width = check_panorama_size(height, width, "panorama size")
-    imgs = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    imgs = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.require(images, requirements=("C", "W")))
     if imgs.dim() == 3:
         imgs = imgs[..., None]
     if imgs.dim() != 4 or len(imgs) != len(cameras) or imgs.shape[1:3] != (cameras.height, cameras.width):

@@ -297,7 +297,7 @@ def panorama_points(panorama, distance, mask=None, *, edge_threshold: float = SO
     edge test is relative to the disparity range per pixel, so small panoramas (a few hundred
     pixels wide) need a lower ``edge_threshold`` than the reference's 0.35.
     """
-    rgb = torch.as_tensor(np.asarray(panorama))
+    rgb = torch.from_numpy(np.require(np.asarray(panorama), requirements=("C", "W")))
     height, width = check_panorama_size(rgb.shape[0], rgb.shape[1])
     if rgb.dim() != 3 or rgb.shape[-1] != 3 or rgb.dtype != torch.uint8:
         raise InputError(f"panorama must be RGB uint8 (H, W, 3); got {tuple(rgb.shape)} {rgb.dtype}")

@@ -116,6 +116,8 @@ class PlannedTrajectory:
     trajectory: CameraTrajectory
     #: (group, traj) whose last frame starts this one (the loop's iterative trajectories), else None.
     start_from: tuple[str, str] | None = None
+    #: Shrinks by get_c2w's own obstacle test, summed over the moves.
+    obstacle_shrinks: int = 0
     #: How often the moves were halved to keep the margin (MAX_HALVINGS + 1 = the camera stayed put).
     halvings: int = 0
     #: Smallest distance of the camera path to the cloud.
@@ -138,7 +140,8 @@ class WanderPlan:
         """JSON-ready numbers of the plan (for the scene's manifest)."""
         return {"scale": self.scale, "margin": self.margin, "coverage": self.coverage,
                 "open_directions_deg": self.open_directions,
-                "trajectories": [{"group": t.group, "traj": t.traj, "type": t.kind, "halvings": t.halvings,
+                "trajectories": [{"group": t.group, "traj": t.traj, "type": t.kind,
+                                  "obstacle_shrinks": t.obstacle_shrinks, "halvings": t.halvings,
                                   "clearance": t.clearance} for t in self.trajectories]}
 
 
@@ -215,28 +218,29 @@ class _Move:
         return replace(self, move=out)
 
 
-def _chain(start: torch.Tensor, moves: list[_Move], tree: cKDTree, margin: float) -> torch.Tensor:
-    poses = [start]
+def _chain(start: torch.Tensor, moves: list[_Move], tree: cKDTree, margin: float) -> tuple[torch.Tensor, int]:
+    poses, shrinks = [start], 0
     for mv in moves:
-        new, _ = get_c2w(poses[-1], mv.move, mv.pivot, 1.0, mv.frames, scene_points=tree,
-                         distance_threshold=margin, up=WORLD_UP)
+        new, iterations = get_c2w(poses[-1], mv.move, mv.pivot, 1.0, mv.frames, scene_points=tree,
+                                  distance_threshold=margin, up=WORLD_UP)
         poses.extend(new)
-    return torch.stack(poses)
+        shrinks += iterations
+    return torch.stack(poses), shrinks
 
 
 def safe_trajectory(start: torch.Tensor, moves: list[_Move], tree: cKDTree, margin: float
-                    ) -> tuple[torch.Tensor, int, float]:
-    """(c2w (1 + frames, 4, 4), halvings, clearance) of the chained moves, halved until the camera
-    path keeps ``margin`` from the cloud (module docstring, *Safety*)."""
+                    ) -> tuple[torch.Tensor, int, int, float]:
+    """(c2w (1 + frames, 4, 4), get_c2w shrinks, halvings, clearance) of the chained moves, halved
+    until the camera path keeps ``margin`` from the cloud (module docstring, *Safety*)."""
     step = margin / 2.0
     for halvings in range(MAX_HALVINGS + 1):
-        c2w = _chain(start, [m.scaled(0.5 ** halvings) for m in moves], tree, margin)
+        c2w, shrinks = _chain(start, [m.scaled(0.5 ** halvings) for m in moves], tree, margin)
         clearance = path_clearance(c2w, tree, step)
         if clearance >= margin:
-            return c2w, halvings, clearance
+            return c2w, shrinks, halvings, clearance
     frames = 1 + sum(m.frames for m in moves)
     c2w = start.expand(frames, 4, 4).clone()
-    return c2w, MAX_HALVINGS + 1, path_clearance(c2w, tree, step)
+    return c2w, shrinks, MAX_HALVINGS + 1, path_clearance(c2w, tree, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,10 +278,10 @@ def plan_wander(distance, mask=None, *, options: WanderOptions | None = None, wi
 
     def add(group: str, traj: str, kind: str, start: torch.Tensor, moves: list[_Move], caption: str,
             start_from: tuple[str, str] | None = None) -> torch.Tensor:
-        c2w, halvings, clearance = safe_trajectory(start, moves, tree, margin)
+        c2w, shrinks, halvings, clearance = safe_trajectory(start, moves, tree, margin)
         cams = CameraTrajectory(w2c=invert_rigid(c2w), K=K, width=width, height=height,
                                 meta={"id": group_ids.setdefault(group, len(group_ids)), "type": kind})
-        plans.append(PlannedTrajectory(group, traj, kind, cams, start_from, halvings, clearance, caption))
+        plans.append(PlannedTrajectory(group, traj, kind, cams, start_from, shrinks, halvings, clearance, caption))
         return c2w
 
     def ahead(c2w: torch.Tensor) -> float:
