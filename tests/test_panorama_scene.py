@@ -65,7 +65,7 @@ def test_scene_layout(room, scene):
     _, pano, distance = room
     made, ticks = scene
     folder = made.folder
-    assert ticks[-1] == (12 + 1 + 7, 12 + 1 + 7) and not made.reused
+    assert ticks[-1] == (13 + 1 + 7, 13 + 1 + 7) and not made.reused  # 12 views + merge, plan, 7 trajectories
     # the bank: the release's 27 cameras at this size, the crops of the panorama
     keys, cams = load_bank_cameras(folder / "pano_bank", width=104, height=60)
     ref_keys, ref = panorama_bank_cameras(104, 60)

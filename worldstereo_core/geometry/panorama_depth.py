@@ -146,7 +146,8 @@ def _difference_rows(p: np.ndarray, q: np.ndarray, n: int) -> csr_array:
     return csr_array((data, cols, np.arange(0, 2 * m + 1, 2)), shape=(m, n))
 
 
-def _fuse(logs: torch.Tensor, seen: torch.Tensor, init: torch.Tensor | None, data_weight: float) -> torch.Tensor:
+def _fuse(logs: torch.Tensor, seen: torch.Tensor, init: torch.Tensor | None, data_weight: float,
+          progress: ProgressFn | None) -> torch.Tensor:
     """Least-squares log-distance (H, W) from the views' warped log-distances (module docstring)."""
     _, height, width = logs.shape
     n = height * width
@@ -171,14 +172,15 @@ def _fuse(logs: torch.Tensor, seen: torch.Tensor, init: torch.Tensor | None, dat
     A = (D.T @ D + diags(weight + eps)).tocsr()
     b = D.T @ g + weight * data + eps * reference
     x0 = np.where(weight > 0, data, reference) if init is None else init.numpy().reshape(-1)
-    return conjugate_gradient(A, b, x0).reshape(height, width)
+    return conjugate_gradient(A, b, x0, progress=progress).reshape(height, width)
 
 
 def conjugate_gradient(A: csr_array, b: np.ndarray, x0: np.ndarray, rtol: float = MERGE_RTOL,
-                       max_iterations: int = MERGE_MAX_ITERATIONS) -> torch.Tensor:
+                       max_iterations: int = MERGE_MAX_ITERATIONS, progress: ProgressFn | None = None) -> torch.Tensor:
     """Jacobi-preconditioned conjugate gradients for a symmetric positive definite sparse ``A``
     until |A x - b| <= rtol |b|. Written without BLAS vector calls, whose threads thrash on busy
-    machines (scipy's cg was 50x slower there)."""
+    machines (scipy's cg was 50x slower there). ``progress(iteration, max_iterations)`` every 25
+    iterations; it may raise to stop."""
     def dot(a: np.ndarray, c: np.ndarray) -> float:
         return float(np.multiply(a, c).sum())
 
@@ -188,9 +190,11 @@ def conjugate_gradient(A: csr_array, b: np.ndarray, x0: np.ndarray, rtol: float 
     z = inv_diag * r
     p, rz = z.copy(), dot(r, z)
     stop = rtol * math.sqrt(dot(b, b))
-    for _ in range(max_iterations):
+    for iteration in range(max_iterations):
         if math.sqrt(dot(r, r)) <= stop:
             break
+        if iteration % 25 == 0:
+            report(progress, iteration, max_iterations)
         Ap = A @ p
         alpha = rz / dot(p, Ap)
         x += alpha * p
@@ -202,12 +206,13 @@ def conjugate_gradient(A: csr_array, b: np.ndarray, x0: np.ndarray, rtol: float 
 
 
 def merge_view_distances(distances, valid, cameras: CameraTrajectory, height: int, width: int, *,
-                         data_weight: float = MERGE_DATA_WEIGHT, coarsest: int = MERGE_COARSEST
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         data_weight: float = MERGE_DATA_WEIGHT, coarsest: int = MERGE_COARSEST,
+                         progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One equirectangular distance map (H, W) float32 and its mask from per-view distances.
 
     ``distances`` (F, h, w) along the pixel rays of ``cameras`` (views at the panorama centre),
     ``valid`` (F, h, w). Pixels no view sees validly are 0 and False in the mask.
+    ``progress`` is called during the solve (see :func:`conjugate_gradient`) and may raise to stop.
     """
     height, width = check_panorama_size(height, width, "merged panorama size")
     distances = as_tensor(distances, dtype=torch.float64)
@@ -219,7 +224,7 @@ def merge_view_distances(distances, valid, cameras: CameraTrajectory, height: in
             coarse, _ = level(h // 2, 2 * (h // 2))
             init = F.interpolate(coarse[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
         logs, seen = _warp_logs(distances, valid, cameras, h, w)
-        return _fuse(logs, seen, init, data_weight), seen.any(dim=0)
+        return _fuse(logs, seen, init, data_weight, progress), seen.any(dim=0)
 
     log_distance, mask = level(height, width)
     return torch.where(mask, log_distance.exp(), torch.zeros_like(log_distance)).float(), mask
@@ -231,19 +236,23 @@ def panorama_distance(panorama, depth_fn: DepthFn, *, view_size: int = SPLIT_SIZ
     """Distance map (H, W) float32 (0 = unknown) and mask of a panorama (H, W, 3) by split/infer/merge.
 
     The merge runs at ``min(W, max_merge_width)`` wide and is resized to the panorama
-    (log-bilinear distance, nearest mask). ``progress(done, total)`` ticks once per view.
+    (log-bilinear distance, nearest mask). ``progress(done, views + 1)`` ticks once per view, then
+    repeats ``(views, views + 1)`` during the merge; it may raise to stop.
     """
     height, width = check_panorama_size(*np.asarray(panorama).shape[:2])
     cams = split_cameras(view_size)
     views = perspective_from_equirect(panorama, cams)
-    dist, valid = view_distances(views, cams, depth_fn, progress)
+    total = len(cams) + 1
+    dist, valid = view_distances(views, cams, depth_fn, lambda i, _n: report(progress, i, total))
     merge_w = min(width, int(max_merge_width)) // 2 * 2
-    distance, mask = merge_view_distances(dist, valid, cams, merge_w // 2, merge_w)
+    distance, mask = merge_view_distances(dist, valid, cams, merge_w // 2, merge_w,
+                                          progress=lambda _i, _n: report(progress, total - 1, total))
     if merge_w != width:
         logd = torch.where(mask, distance.double().clamp_min(1e-30).log(), torch.zeros_like(distance, dtype=torch.float64))
         logd = F.interpolate(logd[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         mask = resize_depth(mask.float(), height, width) > 0.5
         distance = torch.where(mask, logd.exp(), torch.zeros_like(logd)).float()
+    report(progress, total, total)
     return distance, mask
 
 

@@ -197,8 +197,8 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
         return PanoramaScene(folder, read_ply(folder / CLOUD_FILE), distance, done)
     write_json_atomic(safe_join(folder, MANIFEST), {"signature": signature, "complete": False})
 
-    n_views = len(split_cameras()) if user_depth is None else 0
-    total = n_views + 1 + opts.wander.trajectory_count
+    depth_steps = len(split_cameras()) + 1 if user_depth is None else 0  # depth: views, then the merge
+    total = depth_steps + 1 + opts.wander.trajectory_count
 
     def tick(done: int):  # a sub-task's progress: the same tick again (so an interrupt is seen)
         return lambda _d, _n: report(progress, done, total)
@@ -210,7 +210,7 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
         distance, mask = user_depth, user_depth > 0
     cloud = panorama_points(small, distance, mask, edge_threshold=opts.edge_threshold)
     plan = plan_wander(distance, mask, options=opts.wander, width=opts.bank_width, height=opts.bank_height)
-    report(progress, n_views + 1, total)
+    report(progress, depth_steps + 1, total)
 
     keys, bank, crops = panorama_bank_crops(work, opts.bank_width, opts.bank_height)
     for key, crop in zip(keys, crops):
@@ -225,11 +225,11 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
             _write_png(safe_join(folder, planned.group, "start_frame.png"), start)
         write_json_atomic(traj_dir / "traj_caption.json", {"prompt": _caption(prompt, planned)})
         if opts.renders:
-            rgb, holes = _render(cloud, planned.trajectory, start, opts, tick(n_views + 1 + i))
+            rgb, holes = _render(cloud, planned.trajectory, start, opts, tick(depth_steps + 1 + i))
             save_render_folder(traj_dir, rgb, holes, planned.trajectory)
         else:
             save_camera_json(planned.trajectory, traj_dir / "camera.json")
-        report(progress, n_views + 2 + i, total)
+        report(progress, depth_steps + 2 + i, total)
 
     _write_png(safe_join(folder, PANORAMA_FILE), work)
     with atomic_path(safe_join(folder, DISTANCE_FILE)) as tmp:
