@@ -316,6 +316,8 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistC
                          f"{len(depths)} files)")
     models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
     moge = LazyMoGeDepth(models, args.moge, args.download, device, known_fov=True)
+    if args.bank_size is not None and len(args.bank_size) != 1:
+        raise InputError("--bank-size takes one HxW, e.g. 480x832")
     bank_h, bank_w = (args.bank_size or [(480, 832)])[0]
     options = PanoramaSceneOptions(
         bank_width=bank_w, bank_height=bank_h, render_radius=args.render_radius,
