@@ -11,7 +11,8 @@ is set here to the 0.36.0 one (spec models.md, Clarification 1):
 diffusers computes instead.
 
 DMD (spec §7): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
-the flow ODE, the last one landing on sigma = 0.
+the flow ODE, the last one landing on sigma = 0. The grid is computed as the reference does, to the
+last bit: numpy's linspace (float64, then rounded to float32), then float32 tensor arithmetic.
 """
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ class DMDScheduler:
                 f"got {start_timesteps}, {num_train_timesteps}")
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
-        u = torch.linspace(start_timesteps, num_train_timesteps, dmd_steps, dtype=torch.float32).flip(0)
-        u = shift_sigmas(u / num_train_timesteps, shift)
+        grid = np.linspace(start_timesteps, num_train_timesteps, dmd_steps, dtype=np.float32)[::-1].copy()
+        u = shift_sigmas(torch.from_numpy(grid) / num_train_timesteps, shift)
         self.timesteps: torch.Tensor = u * num_train_timesteps
         self.sigmas: torch.Tensor = self.timesteps / num_train_timesteps
 
