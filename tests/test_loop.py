@@ -21,7 +21,7 @@ from worldstereo_core.geometry.trajectories import median_depth, reconstruction_
 from worldstereo_core.io.camera_json import load_camera_json
 from worldstereo_core.io.images import load_image, resize_bicubic, to_tensor_m11
 from worldstereo_core.io.pointcloud_files import read_glb, read_ply
-from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames
+from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames, write_video
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
 from worldstereo_core.tasks.generate import load_pipeline_generator
@@ -66,6 +66,13 @@ class StopAt:
         self.ticks.append((done, total))
         if self.at is not None and done == self.at:
             raise Interrupted(f"stop at {done}/{total}")
+
+
+def _nearest_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) {0, 1} mask nearest-resized to ``size`` (source pixel floor(i * in / out))."""
+    rows = np.floor(np.arange(size[0]) * mask.shape[0] / size[0]).astype(int)
+    cols = np.floor(np.arange(size[1]) * mask.shape[1] / size[1]).astype(int)
+    return torch.from_numpy(mask[rows][:, cols])
 
 
 def _fake_generator(req, progress):
@@ -189,11 +196,12 @@ def test_reconstruction_release_mode_uses_scene_renders(scene_dir, tmp_path):
     for req, t in zip(seen, res.trajectories):
         traj = load_camera_json(scene / "renders" / t.traj_id / "camera.json")
         assert torch.allclose(req.trajectory.w2c, traj.w2c)
-        assert req.render_mask[0].sum() == 0 and req.ref_index.max() <= 19
+        assert req.ref_index.max() <= 19
         assert req.references.shape[1:] == (*SIZE, 3) and len(req.references) == len(req.ref_index) <= 8
         assert req.seed == opts.seed + res.trajectories.index(t)
         mask = read_mask_video(scene / "renders" / t.traj_id / "render_mask.mp4")
         assert mask[1:].mean() > 0 and req.render_mask[1:].mean() > 0  # holes survive the resize
+        assert torch.equal(req.render_mask[0, 0], _nearest_mask(mask[0], SIZE))  # frame 0 as in the file
     # results read back into memory exactly: bank frames are the kept result frames
     last = res.trajectories[-1]
     frames = read_video(last.result)
@@ -275,6 +283,9 @@ def _panorama_scene(src: Path, dst: Path) -> Path:
     trajs = sorted(p for p in view.iterdir() if p.name.startswith("traj"))
     for k, traj in enumerate(trajs[:2]):
         shutil.copytree(traj, group / f"traj{k}")
+        masks = read_video(group / f"traj{k}" / "render_mask.mp4")
+        masks[0, :, : masks.shape[2] // 3] = 255  # holes in the start view's mask
+        write_video(group / f"traj{k}" / "render_mask.mp4", masks)
     return scene
 
 
@@ -300,8 +311,11 @@ def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
     last = read_video_frames(res.scene_out / "reconstruct_extra" / "traj0" / f"{MODEL}_result.mp4", [-1])[0]
     req = seen["reconstruct_extra/traj1"]
     assert np.array_equal(req.image, resize_bicubic(last, SIZE))
-    assert req.render_mask[0].sum() == 0
+    assert req.render_mask[0].sum() == 0  # the release clears it for iterative trajectories only
     assert torch.allclose(req.render[0], to_tensor_m11(req.image))
+    first = read_mask_video(scene / "reconstruct-extra" / "traj0" / "render_mask.mp4")[0]
+    assert first.mean() > 0.3 and torch.equal(seen["reconstruct_extra/traj0"].render_mask[0, 0],
+                                              _nearest_mask(first, SIZE))
     # WorldMirror export names bank views pano-<key>
     names = sorted(p.stem for p in (res.worldmirror / "images").glob("*.png"))
     assert f"pano-{0:04d}" in names and "reconstruct_extra-traj1-0020" in names

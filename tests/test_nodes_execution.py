@@ -288,8 +288,13 @@ def test_load_render_folder_node(ws):
     assert render.shape == (5, 32, 48, 3) and len(loaded) == 5
     np.testing.assert_allclose(loaded.w2c.numpy(), traj.w2c.numpy()[keep], atol=1e-9)
     np.testing.assert_allclose(render[0].numpy(), np.round(image[0].numpy() * 255) / 255, atol=1 / 255 + 1e-6)
-    assert float(holes[0].max()) == 0.0 and float(holes[1:, :16].min()) == 1.0 and float(holes[1:, 16:].max()) == 0.0
+    # the file's mask, frame 0 included (the release clears frame 0 for iterative trajectories only)
+    assert float(holes[:, :16].min()) == 1.0 and float(holes[:, 16:].max()) == 0.0
     assert "lacks render.mp4" in cls.VALIDATE_INPUTS(render_folder="scene")
+    render_folder.save_render_folder(os.path.join(inp, "scene", "reconstruct-1", "traj1"), rgb, mask, traj)
+    _, holes, _ = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/reconstruct-1/traj1", image=image,
+                         frames=5)
+    assert float(holes[0].max()) == 0.0 and float(holes[1:, :16].min()) == 1.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -470,7 +470,7 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
     image_t = to_tensor_m11(start)
 
     if job.render_dir is not None and opts.cache_mode == "release":
-        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t)
+        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t, clear_first_mask=job.start_from is not None)
         if len(render) != len(traj):  # longer render videos are subsampled like the cameras
             keep = subsample_indices(len(render), len(traj))
             render, mask = render[keep], mask[keep]
