@@ -270,7 +270,22 @@ def tiny_base(tmp_path_factory):
     return write_tiny_base(tmp_path_factory.mktemp("wan_base"))
 
 
-def test_text_prompt_end_to_end_with_loaded_base(tiny_base, camera_case):
+def _fixture_model_config(case: Path) -> dict:
+    """config.json of the model fixture a pipeline fixture takes its transformer from."""
+    cfg = json.loads((case / "config.json").read_text())
+    return json.loads(((case / cfg["transformer_fixture"].split()[0]).resolve() / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def camera_case_base(camera_case, tmp_path_factory):
+    """A tiny base whose UMT5 and CLIP widths are those of the camera fixture's transformer."""
+    tcfg = _fixture_model_config(camera_case)["transformer"]
+    return write_tiny_base(tmp_path_factory.mktemp("wan_base_fixture_widths"), text_dim=tcfg["text_dim"],
+                           image_dim=tcfg["image_dim"])
+
+
+def test_text_prompt_end_to_end_with_loaded_base(camera_case_base, camera_case):
+    tiny_base = camera_case_base
     base = load_base_components(tiny_base)
     cfg = json.loads((camera_case / "config.json").read_text())
     folder = (camera_case / cfg["transformer_fixture"].split()[0]).resolve()
@@ -287,6 +302,18 @@ def test_text_prompt_end_to_end_with_loaded_base(tiny_base, camera_case):
     assert a.frames.shape == (1, F, H, W, 3) and a.frames.min() >= 0 and a.frames.max() <= 1
     assert (a.frames == b.frames).all() and not torch.equal(a.latents, c.latents)
     assert a.timesteps == [999.0, 833.0]                     # tiny base scheduler: flow_shift 5
+
+
+def test_encoders_of_another_width_are_refused_by_name(camera_case, tmp_path):
+    fixture = _fixture_model_config(camera_case)
+    tcfg, model = fixture["transformer"], _transformer(camera_case, memory=False)
+    config = WorldStereoConfig.from_dict({"base_model": "x", "controlnet_cfg": fixture["controlnet_cfg"]},
+                                         "worldstereo-camera")
+    for field, widths in (("text_dim", dict(text_dim=tcfg["text_dim"] + 8, image_dim=tcfg["image_dim"])),
+                          ("image_dim", dict(text_dim=tcfg["text_dim"], image_dim=tcfg["image_dim"] + 8))):
+        base = load_base_components(write_tiny_base(tmp_path / field, **widths), scheduler=False)
+        with pytest.raises(InputError, match=f"{field} {tcfg[field]}"):
+            build_pipeline(config, model, base)
 
 
 def test_build_pipeline_picks_sampler_and_dmd_schedule(tiny_base, memory_case):

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, MissingWeightsError
+from ..errors import CheckpointError, InputError, MissingWeightsError
 
 BASE_REPO_HINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae", "scheduler")
@@ -213,6 +213,21 @@ class BaseComponents:
     image_encoder: Any = None
     image_processor: Any = None
     scheduler_config: dict[str, Any] | None = None
+
+
+def check_widths(transformer: torch.nn.Module, base: BaseComponents) -> None:
+    """Raise InputError when the text / image encoder does not produce the widths the transformer's
+    own config expects (``text_dim`` = UMT5 ``d_model``, ``image_dim`` = CLIP ``hidden_size``)."""
+    config = getattr(transformer, "config", None)
+    pairs = (("text encoder", base.text_encoder, "d_model", "text_dim"),
+             ("CLIP image encoder", base.image_encoder, "hidden_size", "image_dim"))
+    for what, model, width_field, dim_field in pairs:
+        width = getattr(getattr(model, "config", None), width_field, None)
+        expected = getattr(config, dim_field, None)
+        if model is not None and width is not None and expected is not None and width != expected:
+            raise InputError(f"the {what} gives {width}-wide features ({width_field}) but the transformer's config "
+                             f"has {dim_field} {expected}: the {what} belongs to another base model; load the one "
+                             "of the Wan2.1-I2V base the transformer was built from")
 
 
 def load_base_components(base_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
