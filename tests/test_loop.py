@@ -141,7 +141,10 @@ def test_reconstruction_global_cache_interrupt_and_resume(tmp_path, tiny_generat
         inputs = t.result.parent / "memory_inputs"
         ref = json.loads((inputs / f"{MODEL}_ref_index.json").read_text())
         w2cs = json.loads((inputs / f"{MODEL}_ref_w2cs.json").read_text())
-        assert len(ref["ref_index"]) == len(w2cs) <= 8 and len(ref["retrieved"]) == 20
+        # the release's layout: {"<k>": {"<target i>": {"score", "angle_diff"}}}, one key per reference
+        assert len(ref) == len(w2cs) <= 8 and sum(len(v) for v in ref.values()) == 20
+        assert sorted(int(i) for v in ref.values() for i in v) == list(range(1, 21))
+        assert all(set(e) == {"score", "angle_diff"} for v in ref.values() for e in v.values())
         assert read_video(inputs / f"{MODEL}.mp4").shape == (20, *SIZE, 3)
 
     # exports: WorldMirror folder, PLY and GLB, read back
@@ -194,6 +197,8 @@ def test_reconstruction_release_mode_uses_scene_renders(scene_dir, tmp_path):
     assert res.cache is None and res.cloud_ply is None
     assert all(t.render_source == "scene renders" for t in res.trajectories)
     for req, t in zip(seen, res.trajectories):
+        ref = json.loads((t.result.parent / "memory_inputs" / f"{MODEL}_ref_index.json").read_text())
+        assert [int(k) for k in ref] == req.ref_index.tolist()  # the release's ref_index.json layout
         traj = load_camera_json(scene / "renders" / t.traj_id / "camera.json")
         assert torch.allclose(req.trajectory.w2c, traj.w2c)
         assert req.ref_index.max() <= 19

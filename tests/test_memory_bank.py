@@ -61,6 +61,10 @@ def _check_step(res, step: dict, bank: MemoryBank) -> None:
     assert res.ref_index.tolist() == step["ref_index"]
     exp = step["ref_index_dict"]
     assert sorted(res.ref_index_dict) == sorted(int(k) for k in exp)
+    # the release's <model>_ref_index.json: this very dict, keys and their order included
+    written = json.loads(json.dumps(res.ref_index_json(), indent=2))
+    assert list(written) == list(exp) and all(list(written[k]) == list(exp[k]) for k in exp)
+    assert all(written[k][i].keys() == {"score", "angle_diff"} for k in exp for i in exp[k])
     for k, targets in exp.items():
         got = res.ref_index_dict[int(k)]
         assert sorted(got) == sorted(int(i) for i in targets)

@@ -329,17 +329,10 @@ def _frames_array(frames: Any, n: int, size: tuple[int, int], name: str) -> np.n
     return arr
 
 
-def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, bank: MemoryBank,
-                        size: tuple[int, int]) -> None:
+def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, size: tuple[int, int]) -> None:
     frames = np.stack([resize_bicubic(f, size) for f in found.frames])
     write_video(safe_join(folder, f"{model}.mp4"), frames, FPS)
-    ref_index = found.ref_index.tolist()
-    write_json_atomic(safe_join(folder, f"{model}_ref_index.json"), {
-        "ref_index": ref_index,
-        "ref_index_dict": {str(k): {str(i): v for i, v in d.items()} for k, d in found.ref_index_dict.items()},
-        "retrieved": found.retrieved,
-        "retrieved_fnames": [bank.fnames[g] for g in found.retrieved],
-    })
+    write_json_atomic(safe_join(folder, f"{model}_ref_index.json"), found.ref_index_json())
     write_json_atomic(safe_join(folder, f"{model}_ref_w2cs.json"), found.ref_w2cs.tolist())
 
 
@@ -485,7 +478,7 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
 
     K_bank = scale_intrinsics(traj.K, (traj.height, traj.width), (bank.height, bank.width))
     found = retrieve(bank, traj.w2c, K_bank, job.view_id, job.traj_id, selector=selector)
-    _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, bank, (H, W))
+    _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, (H, W))
     refs = found.ref_index.tolist()
     request = GenerationRequest(
         image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
