@@ -24,6 +24,7 @@ from worldstereo_core.io.pointcloud_files import read_glb, read_ply
 from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames, write_video
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
+from worldstereo_core.pipelines.schedulers import initial_noise, make_generator
 from worldstereo_core.tasks.generate import load_pipeline_generator
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
 from worldstereo_core.tasks.ordering import sort_trajs
@@ -76,12 +77,12 @@ def _nearest_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _fake_generator(req, progress):
-    """A deterministic stand-in: the render with holes filled by a seed-dependent grey."""
+    """A deterministic stand-in: the render with holes filled by a grey that depends on the noise."""
     for step in (1, 2):
         if progress:
             progress(step, 2)
     rgb = (req.render + 1) / 2
-    fill = (req.seed % 7) / 7.0
+    fill = ((req.seed + req.noise_index) % 7) / 7.0
     return torch.where(req.render_mask > 0.5, torch.full_like(rgb, fill), rgb).permute(0, 2, 3, 1).numpy()
 
 
@@ -203,7 +204,7 @@ def test_reconstruction_release_mode_uses_scene_renders(scene_dir, tmp_path):
         assert torch.allclose(req.trajectory.w2c, traj.w2c)
         assert req.ref_index.max() <= 19
         assert req.references.shape[1:] == (*SIZE, 3) and len(req.references) == len(req.ref_index) <= 8
-        assert req.seed == opts.seed + res.trajectories.index(t)
+        assert (req.seed, req.noise_index) == (opts.seed, res.trajectories.index(t))  # one generator, as released
         mask = read_mask_video(scene / "renders" / t.traj_id / "render_mask.mp4")
         assert mask[1:].mean() > 0 and req.render_mask[1:].mean() > 0  # holes survive the resize
         assert torch.equal(req.render_mask[0, 0], _nearest_mask(mask[0], SIZE))  # frame 0 as in the file
@@ -266,6 +267,44 @@ def test_resume_checks(tmp_path):
     with pytest.raises(InputError, match="panorama"):
         run_multi_trajectory(scene, tmp_path / "x", _fake_generator,
                              options=LoopOptions(task="panorama", cache_mode="global"))
+
+
+def _noise_of(req, shape=(1, 4, 3, 2)) -> torch.Tensor:
+    """The initial noise a pipeline draws for ``req`` (CPU generator, a small stand-in shape)."""
+    return initial_noise(shape, make_generator(req.seed), "cpu", skip=req.noise_index)
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_noise_is_drawn_as_the_release_draws_it_also_after_a_resume(tmp_path):
+    """The release seeds one generator before its loop and every generated trajectory draws from it
+    in turn; a resumed run draws the same noise for the remaining trajectories."""
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), seed=11)
+    release = torch.Generator().manual_seed(11)
+    expected = [torch.randn((1, 4, 3, 2), generator=release) for _ in range(4)]
+    drawn = {}
+
+    def gen(req, progress):
+        drawn[req.name] = _noise_of(req)
+        return _fake_generator(req, progress)
+
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, tmp_path / "out", gen, options=opts, progress=StopAt(at=3))
+    res = run_multi_trajectory(scene, tmp_path / "out", gen, options=opts)
+    statuses = [t.status for t in res.trajectories]
+    assert statuses[0] == "skipped" and statuses[-1] == "generated"
+    for k, t in enumerate(res.trajectories):
+        assert torch.equal(drawn[f"{t.view_id}/{t.traj_id}"], expected[k])
+    # the other scheme: seed + trajectory index, each from a fresh generator
+    seeds = []
+    other = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), seed=11, noise="per-trajectory")
+    run_multi_trajectory(scene, tmp_path / "other", lambda r, p: seeds.append((r.seed, r.noise_index))
+                         or _fake_generator(r, p), options=other)
+    assert seeds == [(11 + k, 0) for k in range(4)]
+    with pytest.raises(InputError, match="noise"):  # a resume may not switch schemes
+        run_multi_trajectory(scene, tmp_path / "out", gen, options=other)
+    with pytest.raises(InputError, match="noise"):
+        LoopOptions(noise="fresh").check()
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,6 +135,11 @@ def test_seed_reproducibility(camera_case, common):
     e = pipe(**kw, latents=noise, output_type="latent").latents
     assert torch.equal(a, b) and torch.equal(a, d) and torch.equal(a, e)
     assert not torch.allclose(a, c)
+    # the second clip drawn from one generator seeded with 7 (the release's multi-trajectory noise)
+    shared = make_generator(7, "cpu")
+    second = [torch.randn(noise.shape, generator=shared) for _ in range(2)][1]
+    f = pipe(**kw, seed=7, noise_index=1, output_type="latent").latents
+    assert torch.equal(f, pipe(**kw, latents=second, output_type="latent").latents) and not torch.equal(f, a)
 
 
 def test_batch_of_two_matches_single_runs(memory_case, common):

@@ -83,6 +83,15 @@ def test_dmd_timesteps_follow_the_reference_dtype_and_order(s, T, k, n):
     assert sched.timesteps.numpy().tobytes() == _reference_dmd_timesteps(s, T, k, n).tobytes()
 
 
+def test_noise_after_earlier_draws_equals_one_shared_generator():
+    shared = torch.Generator().manual_seed(5)
+    draws = [torch.randn(2, 3, 4, generator=shared) for _ in range(3)]
+    for k, expected in enumerate(draws):
+        assert torch.equal(initial_noise((2, 3, 4), make_generator(5), "cpu", skip=k), expected)
+    with pytest.raises(InputError, match="skip"):
+        initial_noise((2,), make_generator(5), "cpu", skip=-1)
+
+
 def test_dmd_rejects_bad_settings():
     with pytest.raises(InputError):
         DMDScheduler(dmd_steps=0)

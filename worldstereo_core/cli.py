@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--no-scene-renders", action="store_true",
                     help="render warps from the start-view cloud even where the scene has render.mp4")
     mt.add_argument("--run-worldmirror", action="store_true", help="also run HY-World 2.0 WorldMirror if installed")
+    mt.add_argument("--noise", default="release", choices=("release", "per-trajectory"),
+                    help="release: one generator seeded once, drawn by each trajectory in turn; per-trajectory: "
+                         "seed + trajectory index")
     _add_panorama_options(mt)
 
     ps = sub.add_parser("panorama-scene", help="make panorama scene folders from equirectangular images")
@@ -367,6 +370,7 @@ def cmd_multi_traj(args) -> int:
     # exports (WorldMirror folder, cloud files) and the WorldMirror run only where they are kept
     options = LoopOptions(task=args.task, model_name=args.model_type, cache_mode=args.cache,
                           align_nframe=args.align_nframe, nframe=nframe, scale_map=tuple(scale_map), seed=args.seed,
+                          noise=args.noise,
                           scene_renders=not args.no_scene_renders, exports=ctx.is_writer,
                           run_worldmirror=args.run_worldmirror and ctx.is_writer,
                           cache=CacheSettings(render_radius=args.render_radius))

@@ -158,9 +158,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str
-                  ) -> torch.Tensor:
-    """float32 standard normal noise drawn with ``generator`` (on its device), moved to ``device``."""
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, *,
+                  skip: int = 0) -> torch.Tensor:
+    """float32 standard normal noise drawn with ``generator`` (on its device), moved to ``device``.
+
+    ``skip`` earlier draws of the same shape are made first and dropped: the ``skip + 1``-th clip
+    of a generator shared by several clips (the release seeds one for a whole multi-trajectory run)."""
+    if skip < 0:
+        raise InputError(f"noise skip must be >= 0, got {skip}")
     gen_device = generator.device if generator is not None else torch.device(device)
-    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    for _ in range(skip + 1):
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
     return noise.to(device)

@@ -11,8 +11,9 @@ iterative ones starting from the last frame of another generated clip). Per traj
    written as a render folder next to the result and read back, as the reference does;
 2. retrieval from the memory bank, saved as ``memory_inputs/{<model>.mp4, <model>_ref_index.json,
    <model>_ref_w2cs.json}``;
-3. generation by the injected generator (:mod:`.generate`), seed = ``seed + trajectory index``;
-   ``<model>_result.mp4`` (16 fps) is written and read back;
+3. generation by the injected generator (:mod:`.generate`); noise as the release draws it: one
+   generator seeded once with ``seed``, trajectory k taking its (k+1)-th draw (also on resume), or
+   ``noise="per-trajectory"``: seed + k; ``<model>_result.mp4`` (16 fps) is written and read back;
 4. memory update (``sample_align_nframe`` keep rule) and, in global mode, cache update with the
    same kept frames;
 5. the run state (memory bank, cache, finished trajectories) is saved in ``<model>_state/``.
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 WORLD_UP = {"reconstruction": "-y", "panorama": "+z"}
+#: "release": one generator for the run, trajectory k draws after k others; "per-trajectory": seed + k.
+NOISE_SCHEMES = ("release", "per-trajectory")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class LoopOptions:
     nframe: int = NFRAME
     scale_map: tuple[tuple[int, int], ...] = DEFAULT_SCALE_MAP
     seed: int = DEFAULT_SEED
+    #: How trajectories draw their initial noise (:data:`NOISE_SCHEMES`).
+    noise: str = "release"
     #: Use a scene's pre-rendered render.mp4 / render_mask.mp4 when present (release mode).
     scene_renders: bool = True
     #: Horizontal field of view assumed for an image-only reconstruction scene whose depth function
@@ -92,6 +97,8 @@ class LoopOptions:
     def check(self) -> None:
         if self.task not in TASK_TYPES:
             raise InputError(f"task must be one of {TASK_TYPES}, got {self.task!r}")
+        if self.noise not in NOISE_SCHEMES:
+            raise InputError(f"noise must be one of {NOISE_SCHEMES}, got {self.noise!r}")
         if self.cache_mode not in CACHE_MODES:
             raise InputError(f"cache mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
         if not isinstance(self.model_name, str) or not self.model_name or any(c in self.model_name for c in "/\\"):
@@ -108,7 +115,7 @@ class LoopOptions:
         """What a resumed run must share with the saved state."""
         sig = {"task": self.task, "model_name": self.model_name, "cache_mode": self.cache_mode,
                "align_nframe": self.align_nframe, "max_reference": self.max_reference, "nframe": self.nframe,
-               "size": list(size), "seed": self.seed, "scene_renders": self.scene_renders}
+               "size": list(size), "seed": self.seed, "noise": self.noise, "scene_renders": self.scene_renders}
         if self.cache_mode == "global":
             sig["cache"] = asdict(self.cache)
         return sig
@@ -482,11 +489,18 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
     refs = found.ref_index.tolist()
     request = GenerationRequest(
         image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
-        seed=opts.seed + index, references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
+        **_noise(opts, index), references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
         ref_index=found.ref_index, ref_w2cs=found.ref_w2cs, name=job.name)
     frames = _frames_array(generator(request, progress), len(traj), (H, W), job.name)
     write_video(result, frames, FPS)
     return source
+
+
+def _noise(opts: LoopOptions, index: int) -> dict[str, int]:
+    """Seed and earlier draws of trajectory ``index``'s noise (see :data:`NOISE_SCHEMES`)."""
+    if opts.noise == "release":
+        return {"seed": opts.seed, "noise_index": index}
+    return {"seed": opts.seed + index, "noise_index": 0}
 
 
 def _export(out: LoopResult, scene: _Scene, opts: LoopOptions) -> None:
