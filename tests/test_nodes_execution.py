@@ -419,6 +419,21 @@ def _conditioning(ws, frames=5):
     return dict(image=image, render=render, hole_mask=holes, trajectory=traj), scene
 
 
+def test_single_file_base_samples_with_the_shift_of_the_named_base(ws):
+    """Without a scheduler/ folder the shift is that of the repo the variant's base_model names."""
+    import dataclasses
+
+    parts = _parts(ws, "worldstereo-camera")
+    sampling = ws.nodes("sampling")
+    shifts = {}
+    for repo in ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"):
+        model = dataclasses.replace(parts["model"], config=dataclasses.replace(parts["model"].config, base_model=repo))
+        pipeline = sampling.build_sampler_pipeline(model, parts["vae"], parts["text_encoder"], parts["clip_vision"],
+                                                   shift=0.0)
+        shifts[repo] = pipeline.make_sampler(2).flow_shift
+    assert list(shifts.values()) == [3.0, 5.0]
+
+
 def test_camera_sampler_and_decode(ws):
     parts = _parts(ws, "worldstereo-camera")
     cond, _ = _conditioning(ws)

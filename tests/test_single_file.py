@@ -286,6 +286,11 @@ def test_default_scheduler_config_drives_unipc():
 
     config = sf.default_scheduler_config()
     assert config["flow_shift"] == 3.0 and sf.default_scheduler_config(5.0)["flow_shift"] == 5.0
+    # the shift of the repo the variant's base_model names, not always the 480P one
+    for base_model, shift in (("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", 5.0), ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers/", 5.0),
+                              ("/models/Wan2.1-I2V-14B-480P-Diffusers", 3.0)):
+        assert sf.default_scheduler_config(base_model=base_model)["flow_shift"] == shift
+    assert sf.default_scheduler_config(4.0, base_model="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers")["flow_shift"] == 4.0
     sampler = UniPCFlowSampler(config, 10)
     _, timesteps = reference_flow_sigmas(10, 3.0)
     assert sampler.timesteps.tolist() == timesteps.tolist()

@@ -13,7 +13,8 @@ downloaded twice:
   over the embedded SentencePiece model (:class:`SentencePieceTokenizer`);
 * :func:`load_clip_vision_file` -> ``(CLIPVisionModel, CLIPImageProcessor)`` (transformers or open_clip
   key names);
-* :func:`default_scheduler_config` -> the base repo's UniPC flow config (single files carry none).
+* :func:`default_scheduler_config` -> the UniPC flow config of the repo the variant's ``base_model``
+  names (single files carry none): its ``flow_shift`` is that repo's (3.0 for 480P, 5.0 for 720P).
 
 Configs: the shipped JSON files in ``single_file_configs/`` (the real Wan2.1 parts); sizes the
 weights determine (widths, layer counts, vocabulary) are read from the tensors, so smaller
@@ -32,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..models.config import wan_identity
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "single_file_configs"
 #: Prefixes some single files put in front of every key (ComfyUI checkpoints, merged files).
@@ -39,6 +41,8 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "vae.", "text_
                   "umt5xxl.transformer.", "clip_vision_model.", "clip_vision.")
 #: Tensor holding the serialised SentencePiece model in ComfyUI's text-encoder files.
 SPIECE_KEY = "spiece_model"
+#: ``flow_shift`` in scheduler/scheduler_config.json of Wan-AI/Wan2.1-I2V-14B-{480P,720P}-Diffusers.
+FLOW_SHIFT_BY_RESOLUTION = {"480p": 3.0, "720p": 5.0}
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -48,11 +52,14 @@ def shipped_config(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def default_scheduler_config(flow_shift: float | None = None) -> dict[str, Any]:
-    """The UniPC flow-matching config of Wan2.1-I2V-14B-480P-Diffusers (``flow_shift`` overrides 3.0)."""
+def default_scheduler_config(flow_shift: float | None = None, *, base_model: str = "") -> dict[str, Any]:
+    """The UniPC flow-matching config of the Wan2.1-I2V-14B Diffusers repo ``base_model`` names (the
+    variant config's field): ``flow_shift`` of its resolution (:data:`FLOW_SHIFT_BY_RESOLUTION`; the
+    480P repo's, which the released variants name, when the name says none). ``flow_shift`` overrides."""
     config = shipped_config("unipc_flow_scheduler")
-    if flow_shift is not None:
-        config["flow_shift"] = float(flow_shift)
+    resolution = wan_identity(Path(str(base_model)).name).resolution
+    config["flow_shift"] = float(flow_shift if flow_shift is not None
+                                 else FLOW_SHIFT_BY_RESOLUTION.get(resolution, config["flow_shift"]))
     return config
 
 
