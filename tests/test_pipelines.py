@@ -395,6 +395,20 @@ def test_missing_weights_name_file_folder_and_fix(tiny_base, tmp_path):
         load_base_components(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("bad", ["nan", "int32"])
+def test_base_folder_weights_that_are_not_finite_floats_name_the_file(tiny_base, tmp_path, bad):
+    base = _copy_base(tiny_base, tmp_path / "base")
+    path = base / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    name = "decoder.conv_out.weight"
+    state[name] = (torch.full_like(state[name], float("nan")) if bad == "nan"
+                   else torch.ones(state[name].shape, dtype=torch.int32))
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="NaN" if bad == "nan" else "integers") as info:
+        load_base_components(base, text=False, image=False, scheduler=False)
+    assert str(base / "vae") in str(info.value) and name in str(info.value)
+
+
 def test_sharded_and_pickle_weights(tiny_base, tmp_path):
     base = _copy_base(tiny_base, tmp_path / "base")
     enc = base / "text_encoder"

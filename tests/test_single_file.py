@@ -281,6 +281,23 @@ def test_file_errors(tmp_path):
         sf.load_vae_file(wrong)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "int32"])
+def test_non_finite_or_integer_weights_name_the_file(tmp_path, bad):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    state = AutoencoderKLWan(base_dim=4, z_dim=16, num_res_blocks=1).state_dict()
+    name = "decoder.conv_out.weight"
+    state[name] = (torch.full_like(state[name], float(bad)) if bad != "int32"
+                   else torch.ones(state[name].shape, dtype=torch.int32))
+    path = tmp_path / "wan_2.1_vae.safetensors"
+    save_file(state, str(path))
+    match = "holds NaN or infinite" if bad != "int32" else r"must be floating point.*torch\.int32"
+    with pytest.raises(CheckpointError, match=match) as info:
+        sf.load_vae_file(path)
+    assert "wan_2.1_vae.safetensors" in str(info.value) and name in str(info.value)
+
+
 def test_default_scheduler_config_drives_unipc():
     from worldstereo_core.pipelines.schedulers import UniPCFlowSampler, reference_flow_sigmas
 

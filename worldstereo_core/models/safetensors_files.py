@@ -13,7 +13,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -55,6 +55,19 @@ def require_finite(tensor: torch.Tensor, name: str, source: str) -> None:
         return
     raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the file is damaged (or was "
                           "saved from a model that diverged): re-download it")
+
+
+def require_weights(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming ``source`` when a tensor of ``state`` meant for a floating-point entry of
+    ``model_state`` is not floating point, or holds NaN / inf."""
+    ints = [f"{k} ({v.dtype})" for k, v in state.items()
+            if k in model_state and model_state[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise CheckpointError(f"{source}: weights must be floating point, but {listing(ints)} are stored as integers "
+                              "or booleans; this is not a weight file of this model (or it was damaged): download it "
+                              "again")
+    for name, value in state.items():
+        require_finite(value, name, source)
 
 
 @dataclass(frozen=True)

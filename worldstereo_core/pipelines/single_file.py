@@ -34,6 +34,7 @@ import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..models.config import wan_identity
+from ..models.safetensors_files import require_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "single_file_configs"
 #: Prefixes some single files put in front of every key (ComfyUI checkpoints, merged files).
@@ -185,9 +186,10 @@ def load_vae_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
 
 
 def strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict key/shape check, then take the tensors as the parameters (the model may be built on the
-    meta device; floating tensors become float32, the caller casts afterwards)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Strict key/shape/dtype check (and no NaN / inf), then take the tensors as the parameters (the
+    model may be built on the meta device; floating tensors become float32, the caller casts afterwards)."""
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
@@ -196,6 +198,7 @@ def strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sou
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts)
                               + ". Check that it is the right kind of file (or add a config JSON next to it).")
+    require_weights(model_state, state, source)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=True, assign=True)
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
