@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from worldstereo_core.errors import CheckpointError
-from worldstereo_core.models import build_transformer, load_worldstereo_transformer, shipped_base_config
+from worldstereo_core.models import (build_transformer, load_worldstereo_config, load_worldstereo_transformer,
+                                     shipped_base_config)
 
 DMD = "worldstereo-memory-dmd"
 BASE_MODEL = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
@@ -110,7 +111,7 @@ def test_dmd_file_with_the_harmless_differences_loads_with_named_warnings(dmd_sh
     assert "ignoring tensors this model does not have: ref_index_embedding.weight (1)" in warnings
     assert "norm_added_q" not in warnings  # Wan's all-zero extras are dropped silently, as diffusers does
     assert "update_ref" in warnings and "'worldstereo-memory'" in warnings and "'transformer' field" in warnings
-    assert model.controlnet_cfg.update_ref is False
+    assert load_worldstereo_config(folder).controlnet_cfg.update_ref is False
     assert set(model.state_dict()) == set(dmd_shapes)
 
 

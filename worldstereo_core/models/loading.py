@@ -47,17 +47,16 @@ VARIANT_WEIGHTS = "model.safetensors"
 ALIGNMENT = 64
 
 
-def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str,
-               allow_missing: bool = False, allow_unexpected: bool = False) -> None:
+def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str) -> None:
     """Compare key -> shape maps; raise :class:`CheckpointError` naming every kind of mismatch."""
     problems = []
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k} {list(found[k])} (model expects {list(expected[k])})"
              for k in found if k in expected and tuple(found[k]) != tuple(expected[k])]
-    if missing and not allow_missing:
+    if missing:
         problems.append(f"missing tensors: {listing(missing)}")
-    if unexpected and not allow_unexpected:
+    if unexpected:
         problems.append(f"unexpected tensors: {listing(unexpected)}")
     if wrong:
         problems.append(f"wrongly shaped tensors: {listing(wrong)}")
