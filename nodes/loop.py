@@ -83,7 +83,8 @@ class MultiTrajectoryLoop:
                 "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1}),
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "seed": ("INT", {"default": DEFAULT_SEED, "min": 0, "max": MAX_SEED,
-                                 "tooltip": "Trajectory k uses seed + k, as the release."}),
+                                 "tooltip": "Seeds one noise generator that every trajectory draws from in "
+                                            "turn, as the release."}),
                 "output_folder": ("STRING", {"default": "WorldStereo/loop", "tooltip":
                                   "Inside ComfyUI's output folder; the same folder resumes a run."}),
             },

@@ -12,6 +12,7 @@ from ..worldstereo_core.cameras import subsample_indices
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.renderer import BACKENDS, render_warps
 from ..worldstereo_core.io.render_folder import CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO, load_render_folder
+from ..worldstereo_core.tasks.ordering import group_id, is_iterative
 from . import files, types
 from ._comfy import comfy_progress, node_errors, torch_device
 from .images import frames_to_image, image_to_frames, mask_to_comfy
@@ -60,7 +61,8 @@ class RenderWarps:
 
 class LoadRenderFolder:
     DESCRIPTION = ("Load a pre-rendered render folder from input/ (render.mp4, render_mask.mp4, camera.json), "
-                   "prepared as the reference does: resized to the start image, frame 0 replaced by it.")
+                   "prepared as the reference does: resized to the start image, frame 0 replaced by it (and, for "
+                   "an iterative reconstruct_*/traj1 folder, its hole mask cleared).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("IMAGE", "MASK", types.TRAJECTORY)
@@ -101,7 +103,9 @@ class LoadRenderFolder:
     def load(self, render_folder, image, frames):
         start = render_inputs(image)
         _, height, width = start.shape
-        render, mask, traj = load_render_folder(self._folder(render_folder), height, width, start)
+        folder = self._folder(render_folder)
+        render, mask, traj = load_render_folder(folder, height, width, start, clear_first_mask=is_iterative(
+            group_id(folder.parent.name), folder.name))
         if frames and len(render) > frames:
             keep = subsample_indices(len(render), frames)
             render, mask, traj = render[keep], mask[keep], traj.select(keep)

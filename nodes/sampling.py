@@ -31,7 +31,8 @@ def build_sampler_pipeline(model: types.ModelBundle, vae: types.VaeModel, text_e
     """The variant's pipeline over the loaded parts, executing on ComfyUI's compute device.
 
     ``shift`` > 0 overrides the flow shift (UniPC) or the DMD generator shift; 0 keeps the base
-    scheduler's / the variant config's value.
+    scheduler's (a single-file base: that of the repo the variant's base_model names) / the variant
+    config's value.
     """
     from ..worldstereo_core.pipelines import BaseComponents, build_pipeline
     from ..worldstereo_core.pipelines.single_file import default_scheduler_config
@@ -45,7 +46,8 @@ def build_sampler_pipeline(model: types.ModelBundle, vae: types.VaeModel, text_e
             options["flow_shift"] = float(shift)
     base = BaseComponents(vae=vae.vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer,
                           image_encoder=clip_vision.model, image_processor=clip_vision.processor,
-                          scheduler_config=model.scheduler_config or default_scheduler_config())
+                          scheduler_config=model.scheduler_config or default_scheduler_config(
+                              base_model=config.base_model))
     return build_pipeline(config, model.transformer, base, **options)
 
 

@@ -7,6 +7,7 @@ They iterate over whatever cases and scenes are there instead of naming particul
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,3 +60,15 @@ def import_pack():
     sys.modules[PACK_NAME] = module
     spec.loader.exec_module(module)
     return module
+
+
+#: Cosine tolerance for comparing float32 viewing angles: a few float32 steps near 1 (one step of
+#: the cosine at 1 is already 0.02 degrees, so near-identical directions are compared by cosine).
+ANGLE_COS_ATOL = 5e-7
+
+
+def angle_close(got_deg: float, expected_deg: float, atol_deg: float = 1e-3) -> bool:
+    """Whether two angles agree within ``atol_deg`` degrees or their cosines within float32 rounding."""
+    if abs(got_deg - expected_deg) <= atol_deg:
+        return True
+    return abs(math.cos(math.radians(got_deg)) - math.cos(math.radians(expected_deg))) <= ANGLE_COS_ATOL

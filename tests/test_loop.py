@@ -22,9 +22,10 @@ from worldstereo_core.geometry.trajectories import median_depth, reconstruction_
 from worldstereo_core.io.camera_json import load_camera_json
 from worldstereo_core.io.images import load_image, resize_bicubic, to_tensor_m11
 from worldstereo_core.io.pointcloud_files import read_glb, read_ply
-from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames
+from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames, write_video
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
+from worldstereo_core.pipelines.schedulers import initial_noise, make_generator
 from worldstereo_core.tasks.generate import load_pipeline_generator
 from worldstereo_core.tasks.loop import (PREPARE_TICKS, TRAJECTORY_TICKS, LoopOptions, progress_total,
                                          run_multi_trajectory)
@@ -70,13 +71,20 @@ class StopAt:
             raise Interrupted(f"stop at {done}/{total}")
 
 
+def _nearest_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) {0, 1} mask nearest-resized to ``size`` (source pixel floor(i * in / out))."""
+    rows = np.floor(np.arange(size[0]) * mask.shape[0] / size[0]).astype(int)
+    cols = np.floor(np.arange(size[1]) * mask.shape[1] / size[1]).astype(int)
+    return torch.from_numpy(mask[rows][:, cols])
+
+
 def _fake_generator(req, progress):
-    """A deterministic stand-in: the render with holes filled by a seed-dependent grey."""
+    """A deterministic stand-in: the render with holes filled by a grey that depends on the noise."""
     for step in (1, 2):
         if progress:
             progress(step, 2)
     rgb = (req.render + 1) / 2
-    fill = (req.seed % 7) / 7.0
+    fill = ((req.seed + req.noise_index) % 7) / 7.0
     return torch.where(req.render_mask > 0.5, torch.full_like(rgb, fill), rgb).permute(0, 2, 3, 1).numpy()
 
 
@@ -138,7 +146,10 @@ def test_reconstruction_global_cache_interrupt_and_resume(tmp_path, tiny_generat
         inputs = t.result.parent / "memory_inputs"
         ref = json.loads((inputs / f"{MODEL}_ref_index.json").read_text())
         w2cs = json.loads((inputs / f"{MODEL}_ref_w2cs.json").read_text())
-        assert len(ref["ref_index"]) == len(w2cs) <= 8 and len(ref["retrieved"]) == 20
+        # the release's layout: {"<k>": {"<target i>": {"score", "angle_diff"}}}, one key per reference
+        assert len(ref) == len(w2cs) <= 8 and sum(len(v) for v in ref.values()) == 20
+        assert sorted(int(i) for v in ref.values() for i in v) == list(range(1, 21))
+        assert all(set(e) == {"score", "angle_diff"} for v in ref.values() for e in v.values())
         assert read_video(inputs / f"{MODEL}.mp4").shape == (20, *SIZE, 3)
 
     # exports: WorldMirror folder, PLY and GLB, read back
@@ -191,13 +202,16 @@ def test_reconstruction_release_mode_uses_scene_renders(scene_dir, tmp_path):
     assert res.cache is None and res.cloud_ply is None
     assert all(t.render_source == "scene renders" for t in res.trajectories)
     for req, t in zip(seen, res.trajectories):
+        ref = json.loads((t.result.parent / "memory_inputs" / f"{MODEL}_ref_index.json").read_text())
+        assert [int(k) for k in ref] == req.ref_index.tolist()  # the release's ref_index.json layout
         traj = load_camera_json(scene / "renders" / t.traj_id / "camera.json")
         assert torch.allclose(req.trajectory.w2c, traj.w2c)
-        assert req.render_mask[0].sum() == 0 and req.ref_index.max() <= 19
+        assert req.ref_index.max() <= 19
         assert req.references.shape[1:] == (*SIZE, 3) and len(req.references) == len(req.ref_index) <= 8
-        assert req.seed == opts.seed + res.trajectories.index(t)
+        assert (req.seed, req.noise_index) == (opts.seed, res.trajectories.index(t))  # one generator, as released
         mask = read_mask_video(scene / "renders" / t.traj_id / "render_mask.mp4")
         assert mask[1:].mean() > 0 and req.render_mask[1:].mean() > 0  # holes survive the resize
+        assert torch.equal(req.render_mask[0, 0], _nearest_mask(mask[0], SIZE))  # frame 0 as in the file
     # results read back into memory exactly: bank frames are the kept result frames
     last = res.trajectories[-1]
     frames = read_video(last.result)
@@ -260,6 +274,44 @@ def test_resume_checks(tmp_path):
                              options=LoopOptions(task="panorama", cache_mode="global"))
 
 
+def _noise_of(req, shape=(1, 4, 3, 2)) -> torch.Tensor:
+    """The initial noise a pipeline draws for ``req`` (CPU generator, a small stand-in shape)."""
+    return initial_noise(shape, make_generator(req.seed), "cpu", skip=req.noise_index)
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_noise_is_drawn_as_the_release_draws_it_also_after_a_resume(tmp_path):
+    """The release seeds one generator before its loop and every generated trajectory draws from it
+    in turn; a resumed run draws the same noise for the remaining trajectories."""
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), seed=11)
+    release = torch.Generator().manual_seed(11)
+    expected = [torch.randn((1, 4, 3, 2), generator=release) for _ in range(4)]
+    drawn = {}
+
+    def gen(req, progress):
+        drawn[req.name] = _noise_of(req)
+        return _fake_generator(req, progress)
+
+    with pytest.raises(Interrupted):
+        run_multi_trajectory(scene, tmp_path / "out", gen, options=opts, progress=StopAt(at=3))
+    res = run_multi_trajectory(scene, tmp_path / "out", gen, options=opts)
+    statuses = [t.status for t in res.trajectories]
+    assert statuses[0] == "skipped" and statuses[-1] == "generated"
+    for k, t in enumerate(res.trajectories):
+        assert torch.equal(drawn[f"{t.view_id}/{t.traj_id}"], expected[k])
+    # the other scheme: seed + trajectory index, each from a fresh generator
+    seeds = []
+    other = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), seed=11, noise="per-trajectory")
+    run_multi_trajectory(scene, tmp_path / "other", lambda r, p: seeds.append((r.seed, r.noise_index))
+                         or _fake_generator(r, p), options=other)
+    assert seeds == [(11 + k, 0) for k in range(4)]
+    with pytest.raises(InputError, match="noise"):  # a resume may not switch schemes
+        run_multi_trajectory(scene, tmp_path / "out", gen, options=other)
+    with pytest.raises(InputError, match="noise"):
+        LoopOptions(noise="fresh").check()
+
+
 # --------------------------------------------------------------------------------------------
 # Panorama
 # --------------------------------------------------------------------------------------------
@@ -280,6 +332,9 @@ def _panorama_scene(src: Path, dst: Path) -> Path:
     trajs = sorted(p for p in view.iterdir() if p.name.startswith("traj"))
     for k, traj in enumerate(trajs[:2]):
         shutil.copytree(traj, group / f"traj{k}")
+        masks = read_video(group / f"traj{k}" / "render_mask.mp4")
+        masks[0, :, : masks.shape[2] // 3] = 255  # holes in the start view's mask
+        write_video(group / f"traj{k}" / "render_mask.mp4", masks)
     return scene
 
 
@@ -305,8 +360,11 @@ def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
     last = read_video_frames(res.scene_out / "reconstruct_extra" / "traj0" / f"{MODEL}_result.mp4", [-1])[0]
     req = seen["reconstruct_extra/traj1"]
     assert np.array_equal(req.image, resize_bicubic(last, SIZE))
-    assert req.render_mask[0].sum() == 0
+    assert req.render_mask[0].sum() == 0  # the release clears it for iterative trajectories only
     assert torch.allclose(req.render[0], to_tensor_m11(req.image))
+    first = read_mask_video(scene / "reconstruct-extra" / "traj0" / "render_mask.mp4")[0]
+    assert first.mean() > 0.3 and torch.equal(seen["reconstruct_extra/traj0"].render_mask[0, 0],
+                                              _nearest_mask(first, SIZE))
     # WorldMirror export names bank views pano-<key>; bank views and generated frames at one size
     names = sorted(p.stem for p in (res.worldmirror / "images").glob("*.png"))
     assert f"pano-{0:04d}" in names and "reconstruct_extra-traj1-0020" in names

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_checkpoints import (CAMERA, MEMORY, MEMORY_DMD, random_state_dict, split_backbone, tiny_controlnet_cfg,
-                              tiny_inputs, tiny_transformer_config, write_diffusers_base, write_single_file_base,
-                              write_variant)
+from tiny_checkpoints import (CAMERA, MEMORY, MEMORY_DMD, TINY_BASE_MODEL, random_state_dict, split_backbone,
+                              tiny_controlnet_cfg, tiny_inputs, tiny_transformer_config, write_diffusers_base,
+                              write_single_file_base, write_variant)
 from worldstereo_core.constants import DEFAULT_SCALE_MAP, NFRAME
 from worldstereo_core.errors import CheckpointError, InputError, Interrupted, MissingWeightsError
 from worldstereo_core.models import (build_transformer, load_state_dict_strict, load_worldstereo_config,
@@ -258,7 +258,6 @@ def test_variant_config_defaults_and_validation(tmp_path):
     assert cfg.controlnet_cfg.update_ref is True and cfg.controlnet_cfg.mid_channels == 16
 
     bad = {
-        "no_update_ref": {"base_model": "x", "controlnet_cfg": {**cn, "update_ref": None}},
         "no_controlnet": {"base_model": "x"},
         "missing_dim": {"base_model": "x", "controlnet_cfg": {k: v for k, v in cn.items() if k != "dim"}},
         "bad_mode": {"base_model": "x", "controlnet_cfg": cn, "latent_cond_mode": "half_vae"},
@@ -272,10 +271,14 @@ def test_variant_config_defaults_and_validation(tmp_path):
         (folder / "config.json").write_text(json.dumps(data))
         with pytest.raises(InputError):
             load_worldstereo_config(folder)
-    (folder / "config.json").write_text(json.dumps({"base_model": "x", "controlnet_cfg": cn,
-                                                    "model_type": CAMERA}))
-    with pytest.raises(InputError, match="folder name must be the model type"):
-        load_worldstereo_config(folder)
+    # tolerated as the reference tolerates them, with a warning: another model_type field (the folder
+    # decides), no update_ref (false), a transformer field that is no Wan config (never read)
+    (folder / "config.json").write_text(json.dumps({"base_model": "x", "controlnet_cfg": {**cn, "update_ref": None},
+                                                    "model_type": CAMERA, "transformer": "Wan-AI/x"}))
+    cfg = load_worldstereo_config(folder)
+    assert (cfg.model_type, cfg.controlnet_cfg.update_ref, cfg.transformer_config) == (MEMORY_DMD, False, None)
+    warnings = "\n".join(cfg.warnings)
+    assert f"model_type {CAMERA!r}" in warnings and "update_ref" in warnings and "'transformer' field" in warnings
     other = tmp_path / "my-model"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"base_model": "x", "controlnet_cfg": cn}))
@@ -306,3 +309,100 @@ def test_progress_is_reported_per_tensor_and_can_abort(tiny_release):
 
     with pytest.raises(Interrupted):
         load_worldstereo_transformer(r["variant"], base=r["diffusers"], dtype=torch.float32, progress=stop)
+
+
+# ----- what the reference accepts, and what it does not -------------------------------------------
+
+def test_diffusers_base_with_wans_norm_added_q_loads_without_a_word(tiny_release, tmp_path):
+    """The Wan-AI Diffusers repos carry 40 all-zero attn2.norm_added_q weights the model has no use for."""
+    r = tiny_release
+    backbone = load_file(str(r["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    D = r["tcfg"]["num_attention_heads"] * r["tcfg"]["attention_head_dim"]
+    extra = {f"blocks.{i}.attn2.norm_added_q.weight": torch.zeros(D) for i in range(r["tcfg"]["num_layers"])}
+    base = write_diffusers_base(tmp_path / TINY_BASE_MODEL.split("/")[1], r["tcfg"], {**backbone, **extra})
+    model = load_worldstereo_transformer(r["variant"], base=base, dtype=torch.float32)
+    assert model.load_report.warnings == []
+    assert torch.equal(_forward(model, r["model_type"]),
+                       _forward(load_worldstereo_transformer(r["complete"], dtype=torch.float32), r["model_type"]))
+
+
+def test_tensors_the_model_lacks_and_unused_missing_ones_are_warnings(tmp_path):
+    tcfg = tiny_transformer_config()
+    full = random_state_dict(MEMORY, tcfg, seed=3)  # ref_embedding true: has ref_index_embedding.weight
+    reference = load_worldstereo_transformer(write_variant(tmp_path / "a", MEMORY, full, transformer_config=tcfg),
+                                             dtype=torch.float32)
+    lacking = {k: v for k, v in full.items() if k != "ref_index_embedding.weight"}
+    lacking["controlnet.unused_extra.weight"] = torch.ones(3)
+    model = load_worldstereo_transformer(write_variant(tmp_path / "b", MEMORY, lacking, transformer_config=tcfg),
+                                         dtype=torch.float32)
+    warnings = "\n".join(model.load_report.warnings)
+    assert "ignoring tensors this model does not have: controlnet.unused_extra.weight" in warnings
+    assert "ref_index_embedding.weight (1) is in neither file" in warnings
+    assert torch.count_nonzero(model.ref_index_embedding.weight) == 0  # the reference's zero init
+    assert torch.equal(_forward(model, MEMORY), _forward(reference, MEMORY))  # the forward never reads it
+
+
+def _variant_with(tmp_path, tiny_release, name, value):
+    r = tiny_release
+    tensors = load_file(str(r["complete"] / "model.safetensors"))
+    tensors[name] = value
+    return write_variant(tmp_path, r["model_type"], tensors, transformer_config=r["tcfg"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_at_load(tiny_release, tmp_path, bad):
+    name = "controlnet.proj_out.0.weight"
+    value = load_file(str(tiny_release["complete"] / "model.safetensors"))[name].clone()
+    value.view(-1)[5] = bad
+    folder = _variant_with(tmp_path, tiny_release, name, value.to(torch.bfloat16))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor controlnet\.proj_out\.0\.weight holds NaN"):
+        load_worldstereo_transformer(folder, dtype=torch.float32)
+    # the base's tensors are checked too, and the message names the base file
+    r = tiny_release
+    backbone = load_file(str(r["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    backbone["blocks.1.ffn.net.2.weight"] = torch.full_like(backbone["blocks.1.ffn.net.2.weight"], bad)
+    single = write_single_file_base(tmp_path / "nan_base.safetensors", backbone)
+    with pytest.raises(CheckpointError, match=r"nan_base\.safetensors: tensor blocks\.1\.ffn\.net\.2\.weight"):
+        load_worldstereo_transformer(r["variant"], base=single, base_config=r["tcfg"], dtype=torch.float32)
+
+
+def test_integer_weights_are_refused_by_name(tiny_release, tmp_path):
+    name = "controlnet.proj_in.weight"
+    shape = load_file(str(tiny_release["complete"] / "model.safetensors"))[name].shape
+    folder = _variant_with(tmp_path, tiny_release, name, torch.ones(shape, dtype=torch.int32))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: weights must be floating point, but "
+                                              r"controlnet\.proj_in\.weight \(I32\)"):
+        load_worldstereo_transformer(folder, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("field", ["num_attention_heads", "in_channels", "image_dim"])
+def test_base_config_missing_a_field_names_it(tiny_release, tmp_path, field):
+    r = tiny_release
+    backbone = load_file(str(r["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = write_diffusers_base(tmp_path / "base", {k: v for k, v in r["tcfg"].items() if k != field}, backbone)
+    with pytest.raises(InputError, match=rf"transformer/config\.json is not a complete .* no '{field}'"):
+        load_worldstereo_transformer(r["variant"], base=base, dtype=torch.float32)
+
+
+def test_a_base_other_than_base_model_is_named(tiny_release, tmp_path):
+    r = tiny_release
+    repo = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+    variant = write_variant(tmp_path / "v", r["model_type"], load_file(str(r["variant"] / "model.safetensors")),
+                            base_model=repo)
+    backbone = load_file(str(r["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    def warnings(base):
+        return "\n".join(load_worldstereo_transformer(variant, base=base, base_config=r["tcfg"],
+                                                      dtype=torch.float32).load_report.warnings)
+
+    assert warnings(write_single_file_base(tmp_path / "wan2.1_i2v_480p_14B_bf16.safetensors", backbone)) == ""
+    assert warnings(write_diffusers_base(tmp_path / "Wan2.1-I2V-14B-480P-Diffusers", r["tcfg"], backbone)) == ""
+    other = warnings(write_single_file_base(tmp_path / "wan2.1_i2v_720p_14B_bf16.safetensors", backbone))
+    assert "wan2.1_i2v_720p_14B_bf16.safetensors is Wan2.1 I2V 14B 720P" in other and repo in other
+    folder = warnings(write_diffusers_base(tmp_path / "Wan2.1-I2V-14B-720P-Diffusers", r["tcfg"], backbone))
+    assert "Wan2.1-I2V-14B-720P-Diffusers is Wan2.1 I2V 14B 720P" in folder and repo in folder
+    unknown = warnings(write_single_file_base(tmp_path / "my_finetune.safetensors", backbone))
+    assert "cannot tell from its name whether base my_finetune.safetensors is" in unknown and repo in unknown
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in backbone.items()}
+    stored = warnings(write_single_file_base(tmp_path / "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", fp8))
+    assert "stores" in stored and "float8" in stored

@@ -289,8 +289,13 @@ def test_load_render_folder_node(ws):
     assert render.shape == (5, 32, 48, 3) and len(loaded) == 5
     np.testing.assert_allclose(loaded.w2c.numpy(), traj.w2c.numpy()[keep], atol=1e-9)
     np.testing.assert_allclose(render[0].numpy(), np.round(image[0].numpy() * 255) / 255, atol=1 / 255 + 1e-6)
-    assert float(holes[0].max()) == 0.0 and float(holes[1:, :16].min()) == 1.0 and float(holes[1:, 16:].max()) == 0.0
+    # the file's mask, frame 0 included (the release clears frame 0 for iterative trajectories only)
+    assert float(holes[:, :16].min()) == 1.0 and float(holes[:, 16:].max()) == 0.0
     assert "lacks render.mp4" in cls.VALIDATE_INPUTS(render_folder="scene")
+    render_folder.save_render_folder(os.path.join(inp, "scene", "reconstruct-1", "traj1"), rgb, mask, traj)
+    _, holes, _ = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/reconstruct-1/traj1", image=image,
+                         frames=5)
+    assert float(holes[0].max()) == 0.0 and float(holes[1:, :16].min()) == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +455,21 @@ def _conditioning(ws, frames=5):
     (traj,) = ws.run("WorldStereoTrajectoryPreset", preset="orbit_left", frames=frames, scale=1.0, point_cloud=scene)
     render, holes = ws.run("WorldStereoRenderWarps", point_cloud=scene, trajectory=traj, image=image, backend="torch")
     return dict(image=image, render=render, hole_mask=holes, trajectory=traj), scene
+
+
+def test_single_file_base_samples_with_the_shift_of_the_named_base(ws):
+    """Without a scheduler/ folder the shift is that of the repo the variant's base_model names."""
+    import dataclasses
+
+    parts = _parts(ws, "worldstereo-camera")
+    sampling = ws.nodes("sampling")
+    shifts = {}
+    for repo in ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"):
+        model = dataclasses.replace(parts["model"], config=dataclasses.replace(parts["model"].config, base_model=repo))
+        pipeline = sampling.build_sampler_pipeline(model, parts["vae"], parts["text_encoder"], parts["clip_vision"],
+                                                   shift=0.0)
+        shifts[repo] = pipeline.make_sampler(2).flow_shift
+    assert list(shifts.values()) == [3.0, 5.0]
 
 
 def test_camera_sampler_and_decode(ws):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import example_dirs, fixture_file
 from worldstereo_core.errors import InputError
-from worldstereo_core.tasks.ordering import group_id, multi_traj_jobs, recon_sort_trajs, sort_trajs
+from worldstereo_core.tasks.ordering import group_id, is_iterative, multi_traj_jobs, recon_sort_trajs, sort_trajs
 
 
 def _write(path, obj):
@@ -59,6 +59,19 @@ def test_panorama_start_images_and_prompts(tmp_path):
     w = jobs[("wonder_a_1", "traj1")]
     assert w.group_dir.name == "wonder-a_1" and group_id("wonder-a_1") == "wonder_a_1"
     assert [k for k in jobs][-1] == ("reconstruct_2", "traj1")
+
+
+def test_only_reconstruct_underscore_traj1_is_iterative(tmp_path):
+    """The release's rule: view id starting with "reconstruct_" and traj1; other reconstruct* groups are
+    still generated last, from their own start frame."""
+    _pano_tree(tmp_path, ["reconstruct-a/traj0/x", "reconstruct-a/traj1/x", "reconstructb/traj1/x"])
+    jobs = {(j.view_id, j.traj_id): j for j in sort_trajs(tmp_path)}
+    assert jobs[("reconstruct_a", "traj1")].start_from == ("reconstruct_a", "traj0")
+    other = jobs[("reconstructb", "traj1")]
+    assert not other.is_iterative and other.start_image == tmp_path / "reconstructb" / "start_frame.png"
+    assert list(jobs)[-2:] == [("reconstruct_a", "traj1"), ("reconstructb", "traj1")]
+    assert is_iterative("reconstruct_0", "traj1") and not is_iterative("reconstruct_0", "traj0")
+    assert not is_iterative("view0", "traj1") and not is_iterative("reconstructb", "traj1")
 
 
 def test_panorama_errors(tmp_path):

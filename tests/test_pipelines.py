@@ -135,6 +135,11 @@ def test_seed_reproducibility(camera_case, common):
     e = pipe(**kw, latents=noise, output_type="latent").latents
     assert torch.equal(a, b) and torch.equal(a, d) and torch.equal(a, e)
     assert not torch.allclose(a, c)
+    # the second clip drawn from one generator seeded with 7 (the release's multi-trajectory noise)
+    shared = make_generator(7, "cpu")
+    second = [torch.randn(noise.shape, generator=shared) for _ in range(2)][1]
+    f = pipe(**kw, seed=7, noise_index=1, output_type="latent").latents
+    assert torch.equal(f, pipe(**kw, latents=second, output_type="latent").latents) and not torch.equal(f, a)
 
 
 def test_batch_of_two_matches_single_runs(memory_case, common):
@@ -270,7 +275,22 @@ def tiny_base(tmp_path_factory):
     return write_tiny_base(tmp_path_factory.mktemp("wan_base"))
 
 
-def test_text_prompt_end_to_end_with_loaded_base(tiny_base, camera_case):
+def _fixture_model_config(case: Path) -> dict:
+    """config.json of the model fixture a pipeline fixture takes its transformer from."""
+    cfg = json.loads((case / "config.json").read_text())
+    return json.loads(((case / cfg["transformer_fixture"].split()[0]).resolve() / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def camera_case_base(camera_case, tmp_path_factory):
+    """A tiny base whose UMT5 and CLIP widths are those of the camera fixture's transformer."""
+    tcfg = _fixture_model_config(camera_case)["transformer"]
+    return write_tiny_base(tmp_path_factory.mktemp("wan_base_fixture_widths"), text_dim=tcfg["text_dim"],
+                           image_dim=tcfg["image_dim"])
+
+
+def test_text_prompt_end_to_end_with_loaded_base(camera_case_base, camera_case):
+    tiny_base = camera_case_base
     base = load_base_components(tiny_base)
     cfg = json.loads((camera_case / "config.json").read_text())
     folder = (camera_case / cfg["transformer_fixture"].split()[0]).resolve()
@@ -287,6 +307,18 @@ def test_text_prompt_end_to_end_with_loaded_base(tiny_base, camera_case):
     assert a.frames.shape == (1, F, H, W, 3) and a.frames.min() >= 0 and a.frames.max() <= 1
     assert (a.frames == b.frames).all() and not torch.equal(a.latents, c.latents)
     assert a.timesteps == [999.0, 833.0]                     # tiny base scheduler: flow_shift 5
+
+
+def test_encoders_of_another_width_are_refused_by_name(camera_case, tmp_path):
+    fixture = _fixture_model_config(camera_case)
+    tcfg, model = fixture["transformer"], _transformer(camera_case, memory=False)
+    config = WorldStereoConfig.from_dict({"base_model": "x", "controlnet_cfg": fixture["controlnet_cfg"]},
+                                         "worldstereo-camera")
+    for field, widths in (("text_dim", dict(text_dim=tcfg["text_dim"] + 8, image_dim=tcfg["image_dim"])),
+                          ("image_dim", dict(text_dim=tcfg["text_dim"], image_dim=tcfg["image_dim"] + 8))):
+        base = load_base_components(write_tiny_base(tmp_path / field, **widths), scheduler=False)
+        with pytest.raises(InputError, match=f"{field} {tcfg[field]}"):
+            build_pipeline(config, model, base)
 
 
 def test_build_pipeline_picks_sampler_and_dmd_schedule(tiny_base, memory_case):
@@ -362,6 +394,20 @@ def test_missing_weights_name_file_folder_and_fix(tiny_base, tmp_path):
         load_base_components(base, image=False, scheduler=False)
     with pytest.raises(MissingWeightsError, match="does not exist"):
         load_base_components(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("bad", ["nan", "int32"])
+def test_base_folder_weights_that_are_not_finite_floats_name_the_file(tiny_base, tmp_path, bad):
+    base = _copy_base(tiny_base, tmp_path / "base")
+    path = base / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    name = "decoder.conv_out.weight"
+    state[name] = (torch.full_like(state[name], float("nan")) if bad == "nan"
+                   else torch.ones(state[name].shape, dtype=torch.int32))
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="NaN" if bad == "nan" else "integers") as info:
+        load_base_components(base, text=False, image=False, scheduler=False)
+    assert str(base / "vae") in str(info.value) and name in str(info.value)
 
 
 def test_sharded_and_pickle_weights(tiny_base, tmp_path):

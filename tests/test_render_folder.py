@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import examples_root
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.errors import InputError
+from worldstereo_core.io.camera_json import load_camera_json
 from worldstereo_core.io.render_folder import (CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO,
                                                load_render_folder, save_render_folder)
 from worldstereo_core.io.video import read_mask_video, read_video, write_video
@@ -80,6 +81,17 @@ def test_load_resizes_replaces_frame0_and_clips(tmp_path):
     assert set(np.unique(m.numpy())) <= {0.0, 1.0}
 
 
+def test_frame0_mask_kept_unless_cleared(tmp_path):
+    """The release keeps the file's frame-0 hole mask; only iterative trajectories clear it."""
+    rgb, mask, traj = _synthetic()
+    mask[0, 0, :, :20] = 1.0  # a start view with holes (e.g. a generated start frame's render)
+    folder = save_render_folder(tmp_path / "t", rgb, mask, traj)
+    _, kept, _ = load_render_folder(folder, 36, 50)
+    assert torch.equal(kept, mask)
+    _, cleared, _ = load_render_folder(folder, 36, 50, clear_first_mask=True)
+    assert (cleared[0] == 0).all() and torch.equal(cleared[1:], mask[1:])
+
+
 def test_bad_render_folders(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_render_folder(tmp_path / "absent", 16, 16)
@@ -107,8 +119,7 @@ def test_example_render_folders(folder):
     raw = read_video(folder / RENDER_VIDEO)
     raw_mask = read_mask_video(folder / MASK_VIDEO)
     n, h, w, _ = raw.shape
-    assert n == 21 and raw_mask.shape == (n, h, w)
-    assert raw_mask[0].sum() == 0  # frame 0 is the input view: fully covered
+    assert raw_mask.shape == (n, h, w) and n == len(load_camera_json(folder / CAMERA_JSON))
     assert 0 < raw_mask[1:].mean() < 1
     assert abs(np.median(raw[1:][raw_mask[1:] > 0.5]) - 127) <= 3  # holes are mid-grey
     start = np.asarray(Image.open(_start_image(folder)).convert("RGB"))
@@ -117,7 +128,7 @@ def test_example_render_folders(folder):
 
     render, mask, traj = load_render_folder(folder, h, w)
     assert len(traj) == n and render.shape == (n, 3, h, w) and mask.shape == (n, 1, h, w)
-    assert torch.equal(mask[1:, 0], torch.from_numpy(raw_mask[1:])) and (mask[0] == 0).all()
+    assert torch.equal(mask[:, 0], torch.from_numpy(raw_mask))  # the file's mask, frame 0 included
     assert torch.allclose(render, torch.from_numpy(raw).permute(0, 3, 1, 2) / 255 * 2 - 1)
 
 
@@ -127,6 +138,7 @@ def test_example_render_folder_at_a_working_size():
         pytest.skip(f"no example render folders under {examples_root()} (set WORLDSTEREO_EXAMPLES)")
     raw_mask = read_mask_video(folders[0] / MASK_VIDEO)
     render, mask, _ = load_render_folder(folders[0], 480, 768)  # a bucket size, aspect changed
-    assert render.shape == (21, 3, 480, 768) and mask.shape == (21, 1, 480, 768)
-    assert render.min() >= -1 and render.max() <= 1 and (mask[0] == 0).all()
-    assert abs(mask[1:].mean().item() - raw_mask[1:].mean()) < 0.01
+    n = len(raw_mask)
+    assert render.shape == (n, 3, 480, 768) and mask.shape == (n, 1, 480, 768)
+    assert render.min() >= -1 and render.max() <= 1
+    assert abs(mask.mean().item() - raw_mask.mean()) < 0.01

@@ -59,6 +59,39 @@ def test_dmd_schedule_values_and_euler_to_zero():
     assert np.allclose(other.timesteps.numpy(), 1000 * 3 * u / (1 + 2 * u), atol=1e-3)
 
 
+def _reference_dmd_timesteps(s: int, T: int, k: float, n: int) -> np.ndarray:
+    """The reference's grid computed independently: each linspace point exactly (rational), rounded
+    to float64 and then float32, then the shift in float32 arithmetic, one rounding per operation."""
+    from fractions import Fraction
+
+    f32 = np.float32
+    grid = [f32(float(Fraction(s) + Fraction(i) * Fraction(T - s) / (n - 1))) for i in range(n)][::-1]
+    out = []
+    for t in grid:
+        u = f32(t / f32(T))
+        out.append(f32(f32(f32(k) * u) / f32(f32(1) + f32(f32(k - 1) * u))) * f32(T))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("s,T,k,n", [(200, 1000, 3.0, 4), (200, 1000, 3.0, 7), (100, 900, 3.0, 4),
+                                     (100, 900, 2.0, 8), (250, 1000, 5.0, 4), (333, 1000, 7.0, 6)])
+def test_dmd_timesteps_follow_the_reference_dtype_and_order(s, T, k, n):
+    """Bit-exact for any start/end/shift, not only the public fixture's (a float32 linspace misses
+    s=200, k=3 by one float32 step: 891.8919 instead of 891.8918)."""
+    sched = DMDScheduler(start_timesteps=s, num_train_timesteps=T, shift=k, dmd_steps=n)
+    assert sched.timesteps.dtype == torch.float32
+    assert sched.timesteps.numpy().tobytes() == _reference_dmd_timesteps(s, T, k, n).tobytes()
+
+
+def test_noise_after_earlier_draws_equals_one_shared_generator():
+    shared = torch.Generator().manual_seed(5)
+    draws = [torch.randn(2, 3, 4, generator=shared) for _ in range(3)]
+    for k, expected in enumerate(draws):
+        assert torch.equal(initial_noise((2, 3, 4), make_generator(5), "cpu", skip=k), expected)
+    with pytest.raises(InputError, match="skip"):
+        initial_noise((2,), make_generator(5), "cpu", skip=-1)
+
+
 def test_dmd_rejects_bad_settings():
     with pytest.raises(InputError):
         DMDScheduler(dmd_steps=0)

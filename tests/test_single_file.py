@@ -281,11 +281,33 @@ def test_file_errors(tmp_path):
         sf.load_vae_file(wrong)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "int32"])
+def test_non_finite_or_integer_weights_name_the_file(tmp_path, bad):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    state = AutoencoderKLWan(base_dim=4, z_dim=16, num_res_blocks=1).state_dict()
+    name = "decoder.conv_out.weight"
+    state[name] = (torch.full_like(state[name], float(bad)) if bad != "int32"
+                   else torch.ones(state[name].shape, dtype=torch.int32))
+    path = tmp_path / "wan_2.1_vae.safetensors"
+    save_file(state, str(path))
+    match = "holds NaN or infinite" if bad != "int32" else r"must be floating point.*torch\.int32"
+    with pytest.raises(CheckpointError, match=match) as info:
+        sf.load_vae_file(path)
+    assert "wan_2.1_vae.safetensors" in str(info.value) and name in str(info.value)
+
+
 def test_default_scheduler_config_drives_unipc():
     from worldstereo_core.pipelines.schedulers import UniPCFlowSampler, reference_flow_sigmas
 
     config = sf.default_scheduler_config()
     assert config["flow_shift"] == 3.0 and sf.default_scheduler_config(5.0)["flow_shift"] == 5.0
+    # the shift of the repo the variant's base_model names, not always the 480P one
+    for base_model, shift in (("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", 5.0), ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers/", 5.0),
+                              ("/models/Wan2.1-I2V-14B-480P-Diffusers", 3.0)):
+        assert sf.default_scheduler_config(base_model=base_model)["flow_shift"] == shift
+    assert sf.default_scheduler_config(4.0, base_model="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers")["flow_shift"] == 4.0
     sampler = UniPCFlowSampler(config, 10)
     _, timesteps = reference_flow_sigmas(10, 3.0)
     assert sampler.timesteps.tolist() == timesteps.tolist()

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-#: Matches the tiny transformer fixtures (text_dim 32, image_dim 40).
+#: The widths of tests/tiny_checkpoints.tiny_transformer_config; a base for another transformer (e.g.
+#: a reference_tiny fixture) passes that transformer's own text_dim / image_dim.
 TEXT_DIM = 32
 IMAGE_DIM = 40
 CLIP_IMAGE_SIZE = 28

@@ -4,7 +4,10 @@
   prompt.json + camera.json -> ``<out>/<scene>/<model>_result.mp4`` and frames).
 * ``multi-traj <scene> [<scene> ...] --task reconstruction|panorama``: the release's
   run_multi_traj.py, with ``--cache global`` for the paper's growing 3D cache; rerun the same
-  command to resume.
+  command to resume. With ``--task panorama`` a scene may also be one equirectangular image: its
+  scene folder is made first (:func:`worldstereo_core.tasks.panorama_scene.make_panorama_scene`,
+  in ``<out>/panorama_scenes/<image name>``).
+* ``panorama-scene <image> [<image> ...]``: only make those scene folders.
 * ``download {worldstereo,wan-base,moge,dinov2,all}``: fetch weights into the models folder.
 
 Models come from a ComfyUI-style models folder (``--models``, default ``$WORLDSTEREO_MODELS`` or
@@ -31,6 +34,7 @@ from . import distributed, hub
 from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from .errors import InputError, WorldStereoError
 from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
+from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
 from .progress import TqdmProgress
@@ -111,6 +115,20 @@ def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: S
     add_runtime_arguments(p)
 
 
+def _add_panorama_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("panorama images (made into scene folders)")
+    g.add_argument("--prompt", default="", help="scene description; each trajectory's caption adds its motion")
+    g.add_argument("--pano-depth", type=Path, nargs="+", default=None,
+                   help="equirectangular distance maps (.npy/.npz/16-bit .png), one per image, instead of MoGe")
+    g.add_argument("--views", type=int, default=WanderOptions.views, help="view* groups (3 trajectories each)")
+    g.add_argument("--explorations", type=int, default=WanderOptions.explorations,
+                   help="wonder_* groups (2 trajectories each)")
+    g.add_argument("--reconstructs", type=int, default=WanderOptions.reconstructs,
+                   help="reconstruct_* groups (2 trajectories each)")
+    g.add_argument("--bank-size", type=parse_size_list, default=None,
+                   help="HxW of the bank crops, start frames and renders (default 480x832, the release's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worldstereo_core", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "same order, used instead of MoGe")
 
     mt = sub.add_parser("multi-traj", help="memory-consistent multi-trajectory generation")
-    mt.add_argument("scene", type=Path, nargs="+", help="reconstruction or panorama scene folder(s)")
+    mt.add_argument("scene", type=Path, nargs="+",
+                    help="reconstruction or panorama scene folder(s); with --task panorama also equirectangular "
+                         "(2:1) images, made into scene folders under <out>/panorama_scenes/")
     mt.add_argument("--task", required=True, choices=("reconstruction", "panorama"))
     _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
     mt.add_argument("--align-nframe", type=_int_range(1), default=8, help="frames kept in memory per trajectory")
@@ -134,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--no-scene-renders", action="store_true",
                     help="render warps from the start-view cloud even where the scene has render.mp4")
     mt.add_argument("--run-worldmirror", action="store_true", help="also run HY-World 2.0 WorldMirror if installed")
+    mt.add_argument("--noise", default="release", choices=("release", "per-trajectory"),
+                    help="release: one generator seeded once, drawn by each trajectory in turn; per-trajectory: "
+                         "seed + trajectory index")
+    _add_panorama_options(mt)
+
+    ps = sub.add_parser("panorama-scene", help="make panorama scene folders from equirectangular images")
+    ps.add_argument("image", type=Path, nargs="+", help="equirectangular (2:1) images")
+    ps.add_argument("--out", type=Path, required=True,
+                    help="output folder: scenes go to <out>/panorama_scenes/<image name> (where multi-traj looks)")
+    ps.add_argument("--models", type=Path, default=None,
+                    help="models folder (default: $WORLDSTEREO_MODELS or ./models)")
+    ps.add_argument("--moge", default=DEFAULT_MOGE_REPO,
+                    help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
+    ps.add_argument("--download", action="store_true", help="download MoGe from Hugging Face when missing")
+    ps.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    ps.add_argument("--nframe", type=int, default=None, help=f"frames per trajectory (default {NFRAME})")
+    ps.add_argument("--render-radius", type=float, default=RENDER_RADIUS_NDC, help="point radius (NDC) of warp renders")
+    ps.add_argument("-v", "--verbose", action="store_true")
+    _add_panorama_options(ps)
 
     dl = sub.add_parser("download", help="download weights into the models folder")
     dl.add_argument("what", choices=("worldstereo", "wan-base", "moge", "dinov2", "all"))
@@ -179,10 +218,13 @@ def _moge_path(models: Path, moge: str, download: bool) -> Path:
 
 
 class LazyMoGeDepth:
-    """A DepthFn that loads MoGe on its first call (runs that never need depth never load it)."""
+    """A DepthFn that loads MoGe on its first call (runs that never need depth never load it).
+    ``known_fov``: MoGe is given each image's field of view from K (panorama views)."""
 
-    def __init__(self, models: Path, moge: str, download: bool, device: torch.device) -> None:
+    def __init__(self, models: Path, moge: str, download: bool, device: torch.device, *,
+                 known_fov: bool = False) -> None:
         self.models, self.moge, self.download, self.device = models, moge, download, device
+        self.known_fov = known_fov
         self._fn = None
 
     def resume_key(self) -> dict:
@@ -195,11 +237,13 @@ class LazyMoGeDepth:
 
     def __call__(self, image, K, w2c):
         if self._fn is None:
+            from .geometry.panorama_depth import moge_view_depth_fn
             from .memory.cache import moge_depth_fn
 
             path = _moge_path(self.models, self.moge, self.download)
             log.info("loading MoGe from %s", path)
-            self._fn = moge_depth_fn(load_moge(path, device=self.device))
+            model = load_moge(path, device=self.device)
+            self._fn = moge_view_depth_fn(model) if self.known_fov else moge_depth_fn(model)
         return self._fn(image, K, w2c)
 
 
@@ -361,6 +405,57 @@ def cmd_camera_control(args) -> int:
     return _summary(total, failed)
 
 
+def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistContext) -> list[Path]:
+    """``scenes`` with every image replaced by its scene folder, made (or reused when finished)
+    in ``<out>/panorama_scenes/<image name>``."""
+    from .tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
+
+    images = [s for s in scenes if not s.is_dir()]
+    if not images:
+        return list(scenes)
+    if ctx.world_size > 1:
+        raise InputError("panorama images are made into scene folders by one process: run `python -m "
+                         "worldstereo_core panorama-scene <image> --out <out>` first, then give torchrun the folders "
+                         "<out>/panorama_scenes/<image name>")
+    stems = [s.stem for s in images]
+    twice = sorted({n for n in stems if stems.count(n) > 1})
+    if twice:
+        raise InputError(f"several panorama images are named {', '.join(twice)}; their scenes would share a folder")
+    depths = args.pano_depth or [None] * len(images)
+    if len(depths) != len(images):
+        raise InputError(f"--pano-depth: give one depth file per panorama image ({len(images)} images, "
+                         f"{len(depths)} files)")
+    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
+    moge = LazyMoGeDepth(models, args.moge, args.download, device, known_fov=True)
+    if args.bank_size is not None and len(args.bank_size) != 1:
+        raise InputError("--bank-size takes one HxW, e.g. 480x832")
+    bank_h, bank_w = (args.bank_size or [(480, 832)])[0]
+    options = PanoramaSceneOptions(
+        bank_width=bank_w, bank_height=bank_h, render_radius=args.render_radius,
+        wander=WanderOptions(views=args.views, explorations=args.explorations, reconstructs=args.reconstructs,
+                             nframe=args.nframe or NFRAME))
+    made = dict(zip(images, depths))
+    folders = []
+    for scene in scenes:
+        if scene in made:
+            folder = safe_join(args.out, "panorama_scenes", scene.stem)
+            bar = TqdmProgress(desc=f"{scene.name} panorama scene")
+            try:
+                make_panorama_scene(scene, folder, depth=made[scene], depth_fn=moge, prompt=args.prompt,
+                                    options=options, progress=bar)
+            finally:
+                bar.close()
+            print(f"panorama scene: {folder}", flush=True)
+            scene = folder
+        folders.append(scene)
+    return folders
+
+
+def cmd_panorama_scene(args) -> int:
+    _panorama_scene_folders(args, args.image, _context())
+    return 0
+
+
 def cmd_multi_traj(args) -> int:
     """Each scene in turn; ranks of a sequence-parallel group resume from the writer's folder
     (:func:`distributed.rank_output_dir` with ``mirror``)."""
@@ -369,15 +464,18 @@ def cmd_multi_traj(args) -> int:
     from .tasks.loop import LoopOptions, run_multi_trajectory, validate_scene
 
     ctx = _context()
+    output_folder(args.out, "--out")
+    if args.task == "panorama":
+        args.scene = _panorama_scene_folders(args, args.scene, ctx)
     work = _my_scenes(args, ctx)
     if not work:
         return 0
-    output_folder(args.out, "--out")
     models = hub.resolve_models_root(args.models)
     scale_map, nframe = _variant_settings(args, models)
     # exports (WorldMirror folder, cloud files) and the WorldMirror run only where they are kept
     options = LoopOptions(task=args.task, model_name=args.model_type, cache_mode=args.cache,
                           align_nframe=args.align_nframe, nframe=nframe, scale_map=scale_map, seed=args.seed,
+                          noise=args.noise,
                           scene_renders=not args.no_scene_renders, exports=ctx.is_writer,
                           run_worldmirror=args.run_worldmirror and ctx.is_writer,
                           cache=CacheSettings(render_radius=args.render_radius))
@@ -437,7 +535,8 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"camera-control": cmd_camera_control, "multi-traj": cmd_multi_traj, "download": cmd_download}
+COMMANDS = {"camera-control": cmd_camera_control, "multi-traj": cmd_multi_traj, "panorama-scene": cmd_panorama_scene,
+            "download": cmd_download}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

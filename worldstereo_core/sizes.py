@@ -13,8 +13,9 @@ from .errors import InputError
 #: Smallest and largest accepted image side in pixels (inputs outside are rejected as absurd).
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 16384
-#: Largest accepted image area: 2**26 pixels (8192 x 8192, 67.1 megapixels; 201 MB as RGB uint8).
-MAX_IMAGE_PIXELS = 2**26
+#: Largest accepted image area: 2**27 pixels (134 megapixels: a 16384 x 8192 equirectangular
+#: panorama; 403 MB as RGB uint8).
+MAX_IMAGE_PIXELS = 2**27
 
 #: Working sizes must be multiples of this (VAE stride 8 x patch 2 of the video model).
 SIZE_MULTIPLE = 16
@@ -45,7 +46,7 @@ def check_image_size(height, width, what: str = "image") -> tuple[int, int]:
     if height * width > MAX_IMAGE_PIXELS:
         raise InputError(
             f"{what}: {width}x{height} is {height * width / 1e6:.1f} megapixels, more than the supported "
-            f"{MAX_IMAGE_PIXELS / 1e6:.1f} (e.g. 8192x8192); downscale it (WorldStereo works at about 480x832)"
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} (e.g. 16384x8192); downscale it (WorldStereo works at about 480x832)"
         )
     return height, width
 

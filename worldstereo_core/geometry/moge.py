@@ -184,12 +184,14 @@ def load_moge(path: str | os.PathLike, *, version: str | None = None, device: st
 # --------------------------------------------------------------------------------------------
 
 def estimate_depth(model: torch.nn.Module, image, *, resolution_level: int = 9, num_tokens: int | None = None,
-                   use_fp16: bool | None = None) -> dict[str, torch.Tensor]:
+                   use_fp16: bool | None = None, fov_x: float | None = None) -> dict[str, torch.Tensor]:
     """Metric z-depth of one image as the reference uses it (MoGe ``infer`` defaults).
 
     ``image``: uint8 (H,W,3)/(3,H,W), or float in [0,1] as (3,H,W) (MoGe layout) or (H,W,3)
     (ComfyUI layout). ``use_fp16`` None = fp16 autocast on CUDA only (the reference runs fp16 on
     GPU; CPU autocast does not support it). ``num_tokens`` overrides ``resolution_level``.
+    ``fov_x`` (degrees) gives MoGe a known horizontal field of view instead of estimating it (the
+    reference leaves it unknown; panorama views know theirs).
 
     Returns ``depth`` (H,W) float32 with 0 where invalid, ``mask`` (H,W) bool and
     ``intrinsics_normalised`` (3,3) (fx, fy relative to width/height, cx = cy = 0.5; the
@@ -205,6 +207,10 @@ def estimate_depth(model: torch.nn.Module, image, *, resolution_level: int = 9, 
                                   apply_mask=True, use_fp16=bool(use_fp16))
     if num_tokens is not None:
         kwargs["num_tokens"] = int(num_tokens)
+    if fov_x is not None:
+        if not 0 < float(fov_x) < 180:
+            raise InputError(f"fov_x must be a horizontal field of view in (0, 180) degrees; got {fov_x}")
+        kwargs["fov_x"] = float(fov_x)
     with warnings.catch_warnings():  # MoGe's fp32 autocast block warns on CPU; harmless
         warnings.filterwarnings("ignore", message="CPU Autocast only supports")
         warnings.filterwarnings("ignore", message="In CPU autocast")

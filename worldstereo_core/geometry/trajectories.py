@@ -322,18 +322,25 @@ def panorama_bank_views() -> list[tuple[float, float]]:
     return views
 
 
-def panorama_bank_cameras(width: int = 832, height: int = 480) -> tuple[list[str], CameraTrajectory]:
-    """The 27 perspective bank cameras: centre at the origin, no roll, 120 x 90 deg field of view.
+def panorama_look_c2w(yaw_deg, pitch_deg, center=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    """c2w (..., 4, 4) of level cameras (no roll) in the z-up panorama world.
 
-    Look direction ``(cos p cos y, cos p sin y, sin p)`` in the z-up world; camera x is horizontal
-    right and y points down the image.
+    Look direction ``(cos p cos y, cos p sin y, sin p)`` (yaw y from +x towards +y, pitch p up);
+    camera x is horizontal right and y points down the image.
     """
-    views = panorama_bank_views()
-    yaw = torch.deg2rad(torch.tensor([v[0] for v in views], dtype=torch.float64))
-    pitch = torch.deg2rad(torch.tensor([v[1] for v in views], dtype=torch.float64))
+    yaw = torch.deg2rad(torch.as_tensor(yaw_deg, dtype=torch.float64))
+    pitch = torch.deg2rad(torch.as_tensor(pitch_deg, dtype=torch.float64))
     look = torch.stack([pitch.cos() * yaw.cos(), pitch.cos() * yaw.sin(), pitch.sin()], dim=-1)
+    center = torch.as_tensor(center, dtype=torch.float64).expand_as(look)
     R = look_at_rotation(torch.zeros_like(look), look, up=(0.0, 0.0, -1.0))  # camera y = world down
-    c2w = make_pose(R, torch.zeros_like(look))
+    return make_pose(R, center)
+
+
+def panorama_bank_cameras(width: int = 832, height: int = 480) -> tuple[list[str], CameraTrajectory]:
+    """The 27 perspective bank cameras: centre at the origin, no roll, 120 x 90 deg field of view
+    (:func:`panorama_look_c2w` at :func:`panorama_bank_views`)."""
+    views = panorama_bank_views()
+    c2w = panorama_look_c2w([v[0] for v in views], [v[1] for v in views])
     K = intrinsics_from_fov(width, height, *PANO_BANK_FOV_DEG)
     keys = [f"{i:04d}" for i in range(len(views))]
     return keys, CameraTrajectory(w2c=invert_rigid(c2w), K=K, width=width, height=height)

@@ -11,12 +11,13 @@ Accepted inputs: a file path, a PIL image, a numpy array or a torch tensor.
 * Float arrays/tensors are taken as [0, 1] (ComfyUI's IMAGE convention), scaled by 255 and rounded.
 * Arrays may be HWC, CHW, HW, or carry a leading batch dimension of 1.
 * EXIF orientation of files is applied, so the pixels are the way viewers show the photo.
-* Each side must lie in [16, 16384] pixels and the image hold at most 2**26 pixels (8192 x 8192)
+* Each side must lie in [16, 16384] pixels and the image hold at most 2**27 pixels (16384 x 8192)
   (:func:`sizes.check_image_size`); files are checked from their header, before decoding.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -61,16 +62,18 @@ def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image file {path} not found; check the path")
     try:
-        with Image.open(path) as img:
-            check_image_size(img.height, img.width, str(path))  # from the header, before decoding
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            return img
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(path) as img:
+                check_image_size(img.height, img.width, str(path))  # from the header, before decoding
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                return img
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
         raise InputError(f"{path} is too large to decode ({exc}); the largest supported image has "
-                         f"{MAX_IMAGE_PIXELS / 1e6:.1f} megapixels (e.g. 8192x8192): downscale it") from exc
+                         f"{MAX_IMAGE_PIXELS / 1e6:.1f} megapixels (e.g. 16384x8192): downscale it") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path} is not a readable image ({exc}); use a PNG, JPEG or WebP file") from exc
 

@@ -8,7 +8,9 @@ Layout (spec/geometry.md §2.2, §5): one folder per trajectory holding
 
 :func:`load_render_folder` prepares them for the model exactly as the reference does on loading:
 renders bicubic-resized to the working size, frame 0 replaced by the input image, clipped to
-[-1, 1]; masks from channel 0, nearest-resized, binarised at 0.5, frame 0 set to 0 (covered).
+[-1, 1]; masks from channel 0, nearest-resized, binarised at 0.5. The file's frame-0 mask is kept,
+except for the release's iterative trajectories (``reconstruct_*/traj1``, which start from a
+generated frame), where it is set to 0 (covered): the caller says which with ``clear_first_mask``.
 """
 from __future__ import annotations
 
@@ -55,13 +57,14 @@ def save_render_folder(folder: str | os.PathLike, rgb: torch.Tensor, mask: torch
     return folder
 
 
-def load_render_folder(folder: str | os.PathLike, height: int, width: int, image=None
-                       ) -> tuple[torch.Tensor, torch.Tensor, CameraTrajectory]:
+def load_render_folder(folder: str | os.PathLike, height: int, width: int, image=None, *,
+                       clear_first_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor, CameraTrajectory]:
     """Load a render folder for the model.
 
     Returns ``render`` (F, 3, height, width) float32 in [-1, 1], ``mask`` (F, 1, height, width)
     float32 in {0, 1} (1 = hole) and the trajectory as stored (K not rescaled). ``image``
-    (3, height, width) in [-1, 1], when given, replaces render frame 0.
+    (3, height, width) in [-1, 1], when given, replaces render frame 0; ``clear_first_mask`` sets
+    mask frame 0 to 0 (the release does so for iterative trajectories only).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -95,5 +98,6 @@ def load_render_folder(folder: str | os.PathLike, height: int, width: int, image
     if holes.shape[-2:] != (height, width):
         holes = F.interpolate(holes, size=(height, width), mode="nearest")
     mask = (holes > 0.5).float()
-    mask[0] = 0.0
+    if clear_first_mask:
+        mask[0] = 0.0
     return render, mask, trajectory

@@ -242,6 +242,11 @@ class RetrievalResult:
     target_frames: list[int]
     selection: "Selection | None" = field(default=None)
 
+    def ref_index_json(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``ref_index_dict`` as the release writes it to ``memory_inputs/<model>_ref_index.json``:
+        ``{"<k>": {"<i>": {"score": s, "angle_diff": a}}}``, k in first-choice order, i ascending."""
+        return {str(k): {str(i): dict(v) for i, v in d.items()} for k, d in self.ref_index_dict.items()}
+
     @property
     def ref_global_indices(self) -> list[int]:
         """Global bank index of each reference, aligned with ``ref_index``."""

@@ -6,6 +6,12 @@ z-scored per dimension over the candidates (std + 1e-8) and weighted (0.3 camera
 The subset is chosen by quality-aware farthest point sampling, where quality mixes sharpness
 (log Laplacian variance), grey-level entropy and contrast.
 
+Which candidate wins a near-tie, and the order of the picks (retrieval then prefers the earlier
+of equally scored references), depends on rounding, so the precision of the reference is kept:
+camera centres in float32 (the w2c as the reference holds them), quaternions by scipy from those
+float32 matrices, the grey histogram in float32, DINOv2 features z-scored in float32. The
+fixtures' features and quality scores are reproduced bit for bit.
+
 DINOv2 is optional: give ``dinov2_path`` (a local folder with config, preprocessor config and
 safetensors weights, e.g. a download of ``facebook/dinov2-base``) or a ``feature_fn``. Without
 either the selector logs a warning (once per process), uses the camera block alone and says so in
@@ -23,14 +29,16 @@ import cv2
 import numpy as np
 import torch
 
-from ..cameras import as_tensor, camera_centers, matrix_to_quaternion
+from scipy.spatial.transform import Rotation
+
+from ..cameras import as_tensor
 from ..errors import CheckpointError, InputError
 from ..io.images import load_image
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # fallback messages already logged in this process
 
-#: A function mapping N RGB uint8 frames to an (N, D) feature array.
+#: A function mapping N RGB uint8 frames to an (N, D) float feature array (z-scored in its own dtype).
 FeatureFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 CAMERA_WEIGHT = 0.3
@@ -39,31 +47,37 @@ QUALITY_BIAS = 0.1
 
 
 def camera_features(w2c) -> np.ndarray:
-    """(N, 7) = [camera centre (3), quaternion of the w2c rotation as (x, y, z, w), w >= 0]."""
-    w2c = as_tensor(w2c, dtype=torch.float64).reshape(-1, 4, 4)
-    q = matrix_to_quaternion(w2c[:, :3, :3])  # (w, x, y, z), w >= 0
-    return torch.cat([camera_centers(w2c), q[:, 1:], q[:, :1]], dim=1).numpy()
+    """(N, 7) float64 = [camera centre -R^T t (3, computed in float32), quaternion of the w2c rotation
+    as (x, y, z, w) with w >= 0 (4)]; the w2c are rounded to float32 first, as the reference keeps them."""
+    w2c = as_tensor(w2c, dtype=torch.float32).reshape(-1, 4, 4).numpy()
+    rot, t = w2c[:, :3, :3], w2c[:, :3, 3]
+    centres = np.stack([-r.T @ v for r, v in zip(rot, t)])
+    quat = Rotation.from_matrix(rot).as_quat()
+    quat[quat[:, 3] < 0] *= -1
+    return np.concatenate([centres, quat], axis=1)
 
 
 def image_quality_scores(frames: Sequence[np.ndarray]) -> np.ndarray:
-    """0.4 ln(1 + Var(Laplacian)) + 0.3 entropy(256-bin histogram, bits) + 0.3 std / 128 per frame.
+    """0.4 ln(1 + Var(Laplacian)) + 0.3 entropy + 0.3 (std / 128) per frame.
 
-    The grey image is OpenCV's BGR->grey formula applied to the RGB array, as in the reference.
+    The grey image is OpenCV's BGR->grey formula applied to the RGB array, as in the reference; the
+    entropy is ``-sum(h log2 h)`` over the float32 256-bin histogram ``h = counts / total + 1e-10``.
     """
     scores = []
     for frame in frames:
         gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_BGR2GRAY)
         sharp = cv2.Laplacian(gray, cv2.CV_64F).var()
-        hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
-        p = hist / hist.sum()
-        entropy = -np.sum(p * np.log2(p + 1e-10))
-        scores.append(0.4 * np.log1p(sharp) + 0.3 * entropy + 0.3 * gray.std() / 128.0)
+        hist = np.bincount(gray.ravel(), minlength=256).astype(np.float32)
+        hist = hist / hist.sum() + 1e-10
+        entropy = -np.sum(hist * np.log2(hist))
+        scores.append(0.4 * np.log1p(sharp) + 0.3 * entropy + 0.3 * (gray.std() / 128.0))
     return np.asarray(scores, dtype=np.float64)
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
-    """Z-score each column over the rows (population std + 1e-8)."""
-    x = np.asarray(x, dtype=np.float64)
+    """Z-score each column over the rows (population std + 1e-8), in the array's own float dtype."""
+    x = np.asarray(x)
+    x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
     return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
 
 
@@ -96,9 +110,10 @@ def quality_aware_fps(features: np.ndarray, quality: np.ndarray, k: int, bias: f
 
 
 class DinoV2Features:
-    """DINOv2 ``pooler_output`` features from a local transformers folder (safetensors weights)."""
+    """DINOv2 ``pooler_output`` features (float32) from a local transformers folder (safetensors
+    weights). ``batch_size`` 1 (default) embeds each frame alone, as the reference does."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 1) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
         path = Path(path)
@@ -120,7 +135,7 @@ class DinoV2Features:
             batch = self.processor(images=list(frames[start:start + self.batch_size]), return_tensors="pt")
             pixels = batch["pixel_values"].to(self.device, dtype=self.model.dtype)
             out.append(self.model(pixel_values=pixels).pooler_output.float().cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+        return torch.cat(out).numpy()
 
 
 def _has_dinov2(path: Path) -> bool:
@@ -174,7 +189,7 @@ class CameraSelector:
         blocks = [self.camera_weight * standardize(camera_features(w2c))]
         fn = self._features()
         if fn is not None:
-            feats = np.asarray(fn(frames), dtype=np.float64).reshape(len(frames), -1)
+            feats = np.asarray(fn(frames)).reshape(len(frames), -1)
             blocks.append(self.image_weight * standardize(feats))
         elif self._fallback_message not in _warned:
             log.warning(self._fallback_message)

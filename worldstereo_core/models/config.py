@@ -2,14 +2,19 @@
 
 A released variant folder is named after its model type and holds ``config.json`` (WorldStereo's
 own config, not a diffusers one) and ``model.safetensors``. Absent optional fields take the
-defaults of the reference code (see shared/spec/models.md §1.2-1.3).
+defaults of the reference code (see shared/spec/models.md §1.2-1.3). Differences the reference
+tolerates are accepted with a warning in :attr:`WorldStereoConfig.warnings`: a ``model_type`` field
+other than the folder name (the folder decides), a memory config without ``update_ref`` (false, as
+the reference reads it) and a top-level ``transformer`` field that is no Wan transformer config
+(the reference never reads it).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..constants import DEFAULT_SCALE_MAP, HF_REPO_ID, MODEL_TYPES, NFRAME
 from ..errors import InputError, MissingWeightsError
@@ -27,6 +32,11 @@ WAN_CONFIG_FIELDS = (
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
     "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps",
     "image_dim", "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len",
+)
+#: The fields that set weight shapes (the others default to the Wan2.1 values in diffusers).
+WAN_REQUIRED_FIELDS = (
+    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "image_dim", "added_kv_proj_dim",
 )
 
 
@@ -114,6 +124,8 @@ class WorldStereoConfig:
     #: Diffusers transformer config embedded in the file (test fixtures only; releases have none).
     transformer_config: dict | None = None
     extra: dict = field(default_factory=dict)
+    #: Harmless differences from what the loader expects, accepted as the reference does.
+    warnings: tuple[str, ...] = ()
 
     @property
     def is_memory(self) -> bool:
@@ -125,7 +137,10 @@ class WorldStereoConfig:
         return self.model_type.endswith("-dmd")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], model_type: str) -> "WorldStereoConfig":
+    def from_dict(cls, data: Mapping[str, Any], model_type: str, *, source: str = "config.json",
+                  warnings: Sequence[str] = ()) -> "WorldStereoConfig":
+        """``data`` of ``source`` for ``model_type``; ``warnings`` found before are kept."""
+        warnings = list(warnings)
         if model_type not in MODEL_TYPES:
             raise InputError(f"unknown WorldStereo model type {model_type!r}; expected one of {list(MODEL_TYPES)}")
         for required in ("base_model", "controlnet_cfg"):
@@ -136,9 +151,14 @@ class WorldStereoConfig:
         cn = ControlNetConfig.from_dict(data["controlnet_cfg"])
         memory = model_type != CAMERA_MODEL_TYPE
         if memory and cn.update_ref is None:
-            raise InputError(
-                f"controlnet_cfg.update_ref is required for {model_type}; re-download its config.json"
-            )
+            cn = dataclasses.replace(cn, update_ref=False)
+            warnings.append(f"{source}: controlnet_cfg has no update_ref; using false, as the reference does "
+                            "(every memory block sees the original reference tokens)")
+        transformer = data.get("transformer")
+        if transformer is not None and wan_config_problem(transformer) is not None:
+            warnings.append(f"{source}: ignoring its 'transformer' field ({wan_config_problem(transformer)}); the "
+                            "reference does not read it either")
+            transformer = None
         mode = data.get("latent_cond_mode") or "full_vae"
         if mode not in ("full_vae", "first_frame_only"):
             raise InputError(f"latent_cond_mode must be 'full_vae' or 'first_frame_only', got {mode!r}")
@@ -179,8 +199,9 @@ class WorldStereoConfig:
             dmd_end_steps=pick("dmd_end_steps", 1000, int),
             gen_shift=pick("gen_shift", 5.0, float),
             dmd_steps=pick("dmd_steps", 4, int),
-            transformer_config=data.get("transformer"),
+            transformer_config=transformer,
             extra={k: v for k, v in data.items() if k not in handled},
+            warnings=tuple(warnings),
         )
 
 
@@ -193,14 +214,14 @@ def load_worldstereo_config(folder: str | Path) -> WorldStereoConfig:
             f"WorldStereo variant folder not found: {folder}; download {HF_REPO_ID}/<model-type> "
             f"(one of {list(MODEL_TYPES)}) into a folder of that name"
         )
-    data = read_json_object(folder / "config.json", "WorldStereo config")
+    path = folder / "config.json"
+    data = read_json_object(path, "WorldStereo config")
     declared = data.get("model_type")
+    warnings = []
     if folder.name in MODEL_TYPES:
         if declared is not None and declared != folder.name:
-            raise InputError(
-                f"{folder / 'config.json'} says model_type {declared!r} but the folder is named {folder.name!r}; "
-                "the folder name must be the model type — rename the folder or re-download the variant"
-            )
+            warnings.append(f"{path} says model_type {declared!r} but the folder is named {folder.name!r}; the "
+                            "folder name decides, as in the reference")
         model_type = folder.name
     elif declared in MODEL_TYPES:
         model_type = declared
@@ -209,19 +230,29 @@ def load_worldstereo_config(folder: str | Path) -> WorldStereoConfig:
             f"cannot tell the WorldStereo model type of {folder}: name the folder after the model type "
             f"(one of {list(MODEL_TYPES)}), as in {HF_REPO_ID}"
         )
-    return WorldStereoConfig.from_dict(data, model_type)
+    return WorldStereoConfig.from_dict(data, model_type, source=str(path), warnings=warnings)
 
 
-def clean_transformer_config(config: Mapping[str, Any]) -> dict:
-    """Keep only ``WanTransformer3DModel`` constructor fields (drops ``_class_name`` and the like)."""
+def wan_config_problem(config: Any) -> str | None:
+    """Why ``config`` is not a usable diffusers ``WanTransformer3DModel`` config, or None."""
     if not isinstance(config, Mapping):
-        raise InputError(f"transformer config must be a mapping, got {type(config).__name__}")
+        return f"a {type(config).__name__}, not a mapping"
     unknown = [k for k in config if not k.startswith("_") and k not in WAN_CONFIG_FIELDS]
     if unknown:
-        raise InputError(
-            f"transformer config has fields {unknown} that diffusers' WanTransformer3DModel does not take; "
-            "is this a Wan2.1 transformer/config.json?"
-        )
+        return f"fields {unknown} that diffusers' WanTransformer3DModel does not take"
+    missing = [k for k in WAN_REQUIRED_FIELDS if config.get(k) is None]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)} (needed for the weight shapes)"
+    return None
+
+
+def clean_transformer_config(config: Mapping[str, Any], source: str = "transformer config") -> dict:
+    """Keep only ``WanTransformer3DModel`` constructor fields (drops ``_class_name`` and the like);
+    InputError naming ``source`` and the field when one that sets weight shapes is missing."""
+    problem = wan_config_problem(config)
+    if problem is not None:
+        raise InputError(f"{source} is not a complete Wan2.1-I2V transformer config: it has {problem}; use the "
+                         "transformer/config.json of the Wan2.1-I2V Diffusers repo (or re-download it)")
     out = {k: v for k, v in config.items() if k in WAN_CONFIG_FIELDS}
     if "patch_size" in out:
         out["patch_size"] = tuple(out["patch_size"])
@@ -235,12 +266,63 @@ def shipped_base_config(name: str) -> dict:
     return clean_transformer_config(read_json_object(BASE_CONFIG_FILES[name], "shipped base config"))
 
 
+@dataclass(frozen=True)
+class WanIdentity:
+    """What a Wan checkpoint's name says about it (None: the name does not say)."""
+
+    version: str | None
+    task: str | None
+    size: str | None
+    resolution: str | None
+
+    def complete(self) -> bool:
+        return None not in (self.version, self.task, self.size, self.resolution)
+
+    def describe(self) -> str:
+        parts = [f"Wan{self.version}" if self.version else None, (self.task or "").upper() or None,
+                 (self.size or "").upper() or None, (self.resolution or "").upper() or None]
+        return " ".join(p for p in parts if p) or "an unnamed Wan model"
+
+
+def wan_identity(name: str) -> WanIdentity:
+    """Version, task, size and resolution named in a repo id, folder or file name, e.g.
+    ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`` or ``wan2.1_i2v_720p_14B_fp8_e4m3fn.safetensors``."""
+    text = str(name).lower()
+
+    def find(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return ".".join(m.groups()) if m else None
+
+    return WanIdentity(version=find(r"wan[\s_-]*(\d)[._-]?(\d)"),
+                       task=find(r"(?<![a-z0-9])([a-z]*2v)(?![a-z0-9])"),
+                       size=find(r"(?<![0-9.])(\d+(?:\.\d+)?b)(?![a-z])"),
+                       resolution=find(r"(?<!\d)(\d{3,4}p)(?![a-z])"))
+
+
 def shipped_config_for_base_model(base_model: str) -> str | None:
     """Name of the shipped config that matches a ``base_model`` id or path, or None."""
-    text = base_model.lower()
-    if "wan2.1" not in text or "i2v" not in text or "14b" not in text:
+    ident = wan_identity(base_model)
+    if (ident.version, ident.task, ident.size) != ("2.1", "i2v", "14b"):
         return None
-    for resolution in ("720p", "480p"):
-        if resolution in text:
-            return f"wan2.1-i2v-14b-{resolution}"
-    return None
+    name = f"wan2.1-i2v-14b-{ident.resolution}"
+    return name if name in BASE_CONFIG_FILES else None
+
+
+def base_mismatch(base_model: str, base: str | Path) -> str | None:
+    """A warning when the base checkpoint ``base`` (a diffusers folder, its ``transformer/`` or a
+    single file) is not, or cannot be told to be, the Wan model the variant's ``base_model`` names."""
+    path = Path(base)
+    if path.is_dir() and path.name == "transformer" and (path.parent / "transformer").is_dir():
+        path = path.parent
+    expected_name = Path(str(base_model).rstrip("/\\")).name
+    if path.is_dir() and expected_name and path.name.lower() == expected_name.lower():
+        return None
+    expected, found = wan_identity(expected_name), wan_identity(path.name)
+    if expected.complete() and found.complete() and expected == found:
+        return None
+    consequence = (f"the variant was trained on {base_model!r} (base_model in its config.json); on another base "
+                   "the output looks plausible but is not what the release makes. Use that model")
+    if found.complete() or (found.resolution and expected.resolution and found.resolution != expected.resolution):
+        return f"base {path.name} is {found.describe()}, but {consequence}"
+    return f"cannot tell from its name whether base {path.name} is {base_model!r}: {consequence} (if it is, " \
+           "name its folder or file after it)"

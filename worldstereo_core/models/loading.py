@@ -1,10 +1,15 @@
-"""Strict loading of WorldStereo transformers.
+"""Loading WorldStereo transformers, checked as strictly as the reference allows.
 
 The model is built on the meta device (parameters take no memory), then every parameter is
 assigned straight from the checkpoint tensors: the Wan2.1-I2V base (a diffusers folder or a
 ComfyUI-style single file) overlaid with the variant's ``model.safetensors``, or the variant file
-alone when it is complete. Every key is checked: the union must equal the model's key set, the
-overlay may hold no unknown key and every shape must match; errors name the tensors.
+alone when it is complete. Hard errors, naming the tensors and the file: a wrong shape, a tensor
+the forward uses that is in neither file, a non-float tensor where a weight belongs, NaN or inf
+values. Differences the reference (``load_state_dict(strict=False)`` on top of the base) accepts
+are accepted with a warning (:attr:`LoadReport.warnings`, also logged): tensors the model does
+not have, a model tensor the forward never reads missing from both files (set as the reference
+initialises it), the variant config's tolerated quirks, and a base that is not, or cannot be told
+to be, the one the variant's ``base_model`` names.
 """
 from __future__ import annotations
 
@@ -12,55 +17,49 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
-from safetensors import safe_open
 
 from ..constants import HF_REPO_ID
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..progress import ProgressFn, report
 from ..runtime.fp8 import convert_worldstereo_fp8, quantize_stream
-from .config import (BASE_CONFIG_FILES, WorldStereoConfig, clean_transformer_config, load_worldstereo_config,
-                     read_json_object, shipped_base_config, shipped_config_for_base_model)
+from .config import (BASE_CONFIG_FILES, WorldStereoConfig, base_mismatch, clean_transformer_config,
+                     load_worldstereo_config, read_json_object, shipped_base_config, shipped_config_for_base_model)
+from .safetensors_files import SafetensorsFiles, listing, read_header
 from .transformer import WorldStereoTransformer, build_transformer
 from .wan_keys import is_original_wan_layout, original_to_diffusers, strip_prefix
 
 logger = logging.getLogger(__name__)
 
-#: How many offending names an error message lists before summarising.
-MAX_LISTED = 8
-#: Keys some Wan checkpoints carry that the I2V model has no use for (diffusers ignores them too).
-IGNORED_BASE_KEYS = ("norm_added_q",)
+#: Modules some Wan checkpoints carry that the I2V model has no use for (diffusers drops them too):
+#: the all-zero ``blocks.N.attn2.norm_added_q`` of the Wan-AI Diffusers repos.
+IGNORED_MODULES = frozenset({"norm_added_q"})
 #: Prefixes of keys that only WorldStereo adds; everything else belongs to the Wan backbone.
 WORLDSTEREO_PREFIXES = ("controlnet.", "camera_embedding.", "ref_index_embedding.")
+#: Model tensors the forward never reads, with the reference's initial value (spec models.md §2.3).
+UNUSED_BY_FORWARD = {"ref_index_embedding.weight": torch.zeros}
 VARIANT_WEIGHTS = "model.safetensors"
 #: Byte alignment every CPU parameter gets (what torch's allocator gives fresh tensors).
 ALIGNMENT = 64
 
 
-def _listing(names: Iterable[str]) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else f" ({len(names)})")
-
-
-def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str,
-               allow_missing: bool = False, allow_unexpected: bool = False) -> None:
+def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str) -> None:
     """Compare key -> shape maps; raise :class:`CheckpointError` naming every kind of mismatch."""
     problems = []
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k} {list(found[k])} (model expects {list(expected[k])})"
              for k in found if k in expected and tuple(found[k]) != tuple(expected[k])]
-    if missing and not allow_missing:
-        problems.append(f"missing tensors: {_listing(missing)}")
-    if unexpected and not allow_unexpected:
-        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    if missing:
+        problems.append(f"missing tensors: {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {listing(unexpected)}")
     if wrong:
-        problems.append(f"wrongly shaped tensors: {_listing(wrong)}")
+        problems.append(f"wrongly shaped tensors: {listing(wrong)}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems) + f". {hint}")
 
@@ -117,60 +116,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     return model
 
 
-# ----- safetensors files ---------------------------------------------------------------------------
-
-class SafetensorsFiles:
-    """Lazy view of one or more safetensors files as a single key -> tensor mapping."""
-
-    def __init__(self, files: list[Path], rename=None) -> None:
-        self.files = files
-        self._where: dict[str, tuple[Path, str]] = {}
-        self._shapes: dict[str, tuple] = {}
-        for path in files:
-            with _open(path) as handle:
-                for stored in handle.keys():
-                    name = rename(stored) if rename else stored
-                    if name in self._where:
-                        raise CheckpointError(f"tensor {name} appears twice ({self._where[name][0]} and {path}); "
-                                              "remove the duplicate file")
-                    self._where[name] = (path, stored)
-                    self._shapes[name] = tuple(handle.get_slice(stored).get_shape())
-
-    @property
-    def shapes(self) -> dict[str, tuple]:
-        return dict(self._shapes)
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` on CPU, reading one file at a time."""
-        wanted: dict[Path, list[str]] = {}
-        for name in names:
-            wanted.setdefault(self._where[name][0], []).append(name)
-        for path, group in wanted.items():
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for name in group:
-                        yield name, handle.get_tensor(self._where[name][1])
-            except (OSError, RuntimeError, ValueError) as exc:
-                raise CheckpointError(f"cannot read tensors from {path} ({exc}); the file is damaged: "
-                                      "re-download it") from exc
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise MissingWeightsError(f"weight file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path} is not a .safetensors file; only safetensors weights are loaded "
-                              "(convert pickled .bin/.pt/.ckpt weights to safetensors first)")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error type for bad headers / truncation
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is truncated or "
-                              "corrupt: re-download it") from exc
-
-
 # ----- base checkpoints ----------------------------------------------------------------------------
 
 @dataclass
@@ -180,6 +125,8 @@ class BaseCheckpoint:
     files: SafetensorsFiles
     config: dict | None
     source: str
+    #: Where ``config`` came from (named in errors about it).
+    config_source: str = "base_config"
 
 
 def _diffusers_transformer_dir(path: Path) -> Path | None:
@@ -219,12 +166,11 @@ def open_base(base: str | Path, *, base_config: dict | str | Path | None = None)
             listed = set(weight_map)
             if listed != set(files_view.keys()):
                 raise CheckpointError(f"{index[0]} does not match its shards (tensors listed but absent: "
-                                      f"{_listing(listed - set(files_view.keys()))}); re-download {tdir}")
-        return BaseCheckpoint(files_view, config, str(tdir))
+                                      f"{listing(listed - set(files_view.keys()))}); re-download {tdir}")
+        return BaseCheckpoint(files_view, config, str(tdir), str(tdir / "config.json"))
     if not path.exists():
         raise MissingWeightsError(f"base checkpoint not found: {path}")
-    with _open(path) as handle:
-        stored = list(handle.keys())
+    stored = list(read_header(path))
     if any("scale_weight" in k or k == "scaled_fp8" for k in stored):
         raise CheckpointError(f"{path} is a scaled-fp8 checkpoint, which is not supported; use a bf16/fp16/fp32 "
                               "Wan2.1-I2V-14B file")
@@ -232,9 +178,11 @@ def open_base(base: str | Path, *, base_config: dict | str | Path | None = None)
         files = SafetensorsFiles([path], rename=lambda k: original_to_diffusers(k, source=str(path)))
     else:
         files = SafetensorsFiles([path], rename=strip_prefix)
+    config_source = "base_config"
     if isinstance(base_config, (str, Path)):
+        config_source = str(base_config)
         base_config = read_json_object(Path(base_config), "base_config")
-    return BaseCheckpoint(files, base_config, str(path))
+    return BaseCheckpoint(files, base_config, str(path), config_source)
 
 
 def _match_shipped_config(shapes: Mapping[str, tuple]) -> dict | None:
@@ -263,12 +211,14 @@ class LoadReport:
     backbone_overridden: int
     dtype: str
     notes: list[str] = field(default_factory=list)
+    #: Accepted differences from the expected files (each also logged as a warning).
+    warnings: list[str] = field(default_factory=list)
 
 
 def _resolve_transformer_config(cfg: WorldStereoConfig, base: BaseCheckpoint | None,
                                 variant_shapes: Mapping[str, tuple]) -> tuple[dict, str]:
     if base is not None and base.config is not None:
-        return clean_transformer_config(base.config), f"config of {base.source}"
+        return clean_transformer_config(base.config, base.config_source), f"config of {base.source}"
     if cfg.transformer_config is not None:
         return clean_transformer_config(cfg.transformer_config), "transformer config in the variant config.json"
     name = shipped_config_for_base_model(cfg.base_model)
@@ -276,13 +226,78 @@ def _resolve_transformer_config(cfg: WorldStereoConfig, base: BaseCheckpoint | N
         return shipped_base_config(name), f"shipped config {name} (from base_model {cfg.base_model!r})"
     shapes = base.files.shapes if base is not None else variant_shapes
     backbone = {k: v for k, v in shapes.items() if not k.startswith(WORLDSTEREO_PREFIXES)
-                and k.split(".")[-1] not in IGNORED_BASE_KEYS}
+                and not _ignored(k)}
     matched = _match_shipped_config(backbone)
     if matched is None:
         raise InputError(
             "cannot tell which Wan2.1-I2V transformer config to use: the base checkpoint matches none of the "
             f"shipped configs {sorted(BASE_CONFIG_FILES)}; pass base_config=<transformer config.json>")
     return matched, "shipped config matched by tensor shapes"
+
+
+def _ignored(key: str) -> bool:
+    return not IGNORED_MODULES.isdisjoint(key.split("."))
+
+
+def _wrong_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], source: str, hint: str) -> None:
+    wrong = [f"{k} {list(found[k])} (model expects {list(expected[k])})"
+             for k in found if k in expected and tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        raise CheckpointError(f"{source} does not match the model: wrongly shaped tensors: {listing(wrong)}. {hint}")
+
+
+@dataclass
+class _Plan:
+    """Which file each model tensor comes from, and what was accepted on the way."""
+
+    from_variant: list[str]
+    from_base: list[str]
+    unused_missing: list[str]
+    warnings: list[str]
+
+
+def _plan(expected: Mapping[str, tuple], cfg: WorldStereoConfig, variant: SafetensorsFiles, variant_path: Path,
+          base: BaseCheckpoint | None, hint_variant: str) -> _Plan:
+    """Check shapes, presence and dtypes; decide where every tensor comes from (see the module docstring)."""
+    hint_base = ("this is not a Wan2.1-I2V-14B transformer matching the variant's base_model "
+                 f"{cfg.base_model!r}; use the Wan2.1-I2V base the variant was trained on")
+    warnings = []
+    _wrong_shapes(expected, variant.shapes, str(variant_path), hint_variant)
+    from_variant = [k for k in variant.keys() if k in expected]
+    unknown = {str(variant_path): [k for k in variant.keys() if k not in expected and not _ignored(k)]}
+    from_base: list[str] = []
+    if base is not None:
+        backbone = {k: v for k, v in expected.items() if not k.startswith(WORLDSTEREO_PREFIXES)}
+        base_shapes = {k: v for k, v in base.files.shapes.items() if not _ignored(k)}
+        _wrong_shapes(backbone, base_shapes, base.source, hint_base)
+        from_base = [k for k in base_shapes if k in backbone and k not in variant.shapes]
+        unknown[base.source] = [k for k in base_shapes if k not in backbone]
+        base.files.require_float(from_base)
+        float8 = [k for k in from_base if base.files.dtype(k).startswith("F8")]
+        if float8:
+            warnings.append(f"base {Path(base.source).name} stores {len(float8)} of its weights in float8: the "
+                            "release samples with bf16 weights, so the output differs from it")
+    variant.require_float(from_variant)
+    present = set(from_variant) | set(from_base)
+    missing = [k for k in expected if k not in present]
+    strays = [k for names in unknown.values() for k in names]
+    needed = [k for k in missing if k not in UNUSED_BY_FORWARD]
+    if needed:
+        where = (f"{len(needed)} tensors the model uses are in neither the base ({base.source}) nor the variant "
+                 f"({variant_path})" if base is not None else f"{variant_path} lacks tensors the model uses")
+        stray = (f"; the files hold tensors this model does not have: {listing(strays)} (renamed, or a checkpoint "
+                 "of another model?)" if strays else "")
+        raise CheckpointError(f"{where}: missing tensors: {listing(needed)}{stray}. "
+                              f"{hint_variant if base is None else hint_base}")
+    for source, names in unknown.items():
+        if names:
+            warnings.append(f"{source}: ignoring tensors this model does not have: {listing(names)}; the "
+                            "reference loads without them too")
+    unused = [k for k in missing if k in UNUSED_BY_FORWARD]
+    if unused:
+        warnings.append(f"{listing(unused)} is in neither file; the forward never reads it, so it is set as the "
+                        "reference initialises it")
+    return _Plan(from_variant, from_base, unused, warnings)
 
 
 def load_worldstereo_transformer(
@@ -305,17 +320,20 @@ def load_worldstereo_transformer(
     for a single-file base (default: the shipped config named by the variant's ``base_model``, else
     the shipped one matching the tensor shapes). ``dtype`` is the compute dtype (bf16/fp16/fp32; in
     half precision the backbone's norms, modulation tables and time embedder stay fp32, as diffusers
-    loads Wan). ``attention_scope``: ``"full"`` (released) or ``"pairs"`` (memory models, see
-    ``ssm.py``); ``attention_backend``: a diffusers backend name (default torch SDPA). ``fp8``:
-    ``"channel"`` or ``"tensor"`` stores the block Linear weights as float8 e4m3 with per-channel /
-    per-tensor scales, quantised tensor by tensor while reading (:mod:`..runtime.fp8`).
+    loads Wan). ``device="meta"`` checks everything the file headers tell (names, shapes, dtypes,
+    config) without reading any tensor data and returns the model on the meta device.
+    ``attention_scope``: ``"full"`` (released) or ``"pairs"`` (memory models, see ``ssm.py``);
+    ``attention_backend``: a diffusers backend name (default torch SDPA). ``fp8``: ``"channel"`` or
+    ``"tensor"`` stores the block Linear weights as float8 e4m3 with per-channel / per-tensor scales,
+    quantised tensor by tensor while reading (:mod:`..runtime.fp8`).
     ``progress(done, total)`` is called per tensor and may raise to abort.
     Returns the model in eval mode on ``device``, with ``model.load_report`` (a :class:`LoadReport`)."""
     variant_dir = Path(variant_dir)
     cfg = load_worldstereo_config(variant_dir)
+    variant_path = variant_dir / VARIANT_WEIGHTS
     hint_variant = (f"wrong variant folder or an incomplete download: re-download {HF_REPO_ID}/{cfg.model_type}"
                     f"/{VARIANT_WEIGHTS}")
-    variant = SafetensorsFiles([variant_dir / VARIANT_WEIGHTS])
+    variant = SafetensorsFiles([variant_path])
     base_ckpt = open_base(base, base_config=base_config) if base is not None else None
     transformer_config, config_source = _resolve_transformer_config(cfg, base_ckpt, variant.shapes)
 
@@ -324,41 +342,33 @@ def load_worldstereo_transformer(
     if fp8 is not None:
         convert_worldstereo_fp8(model, fp8)
     expected = _expected_shapes(model)
-
-    # The variant file may hold any subset of the model's keys, nothing else.
-    check_keys(expected, variant.shapes, source=str(variant_dir / VARIANT_WEIGHTS), hint=hint_variant,
-               allow_missing=base_ckpt is not None)
-    from_variant = set(variant.keys())
-    from_base: list[str] = []
+    plan = _plan(expected, cfg, variant, variant_path, base_ckpt, hint_variant)
+    warnings = list(cfg.warnings) + plan.warnings
     if base_ckpt is not None:
-        base_shapes = {k: v for k, v in base_ckpt.files.shapes.items() if k.split(".")[-1] not in IGNORED_BASE_KEYS}
-        check_keys({k: v for k, v in expected.items() if not k.startswith(WORLDSTEREO_PREFIXES)}, base_shapes,
-                   source=base_ckpt.source, allow_missing=True,
-                   hint="this is not a Wan2.1-I2V-14B transformer matching the variant's base_model "
-                        f"{cfg.base_model!r}; use the Wan2.1-I2V base the variant was trained on")
-        from_base = [k for k in base_shapes if k not in from_variant]
-        missing = [k for k in expected if k not in from_variant and k not in base_shapes]
-        if missing:
-            raise CheckpointError(
-                f"{len(missing)} tensors are in neither the base ({base_ckpt.source}) nor the variant "
-                f"({variant_dir / VARIANT_WEIGHTS}): {_listing(missing)}. {hint_variant}")
+        mismatch = base_mismatch(cfg.base_model, base_ckpt.source)
+        warnings += [mismatch] if mismatch else []
 
-    overridden = sum(1 for k in from_variant if not k.startswith(WORLDSTEREO_PREFIXES)) if base_ckpt else 0
-    items = itertools.chain(base_ckpt.files.iter_tensors(from_base) if base_ckpt is not None else (),
-                            variant.iter_tensors(from_variant))
-    if fp8 is not None:
-        items = quantize_stream(model, items)
-    _assign(model, items, device, progress, total=len(expected))
+    overridden = sum(1 for k in plan.from_variant if not k.startswith(WORLDSTEREO_PREFIXES)) if base_ckpt else 0
+    if torch.device(device).type != "meta":
+        params = model.state_dict(keep_vars=True)
+        items = itertools.chain(base_ckpt.files.iter_tensors(plan.from_base) if base_ckpt is not None else (),
+                                variant.iter_tensors(plan.from_variant),
+                                ((k, UNUSED_BY_FORWARD[k](params[k].shape)) for k in plan.unused_missing))
+        if fp8 is not None:
+            items = quantize_stream(model, items)
+        _assign(model, items, device, progress, total=len(expected))
     model.eval()
 
     summary = LoadReport(
         variant=str(variant_dir), base=base_ckpt.source if base_ckpt else None, n_keys=len(expected),
-        n_from_base=len(from_base), n_from_variant=len(from_variant), backbone_overridden=overridden,
-        dtype=str(dtype).replace("torch.", ""), notes=[f"transformer config: {config_source}"],
+        n_from_base=len(plan.from_base), n_from_variant=len(plan.from_variant), backbone_overridden=overridden,
+        dtype=str(dtype).replace("torch.", ""), notes=[f"transformer config: {config_source}"], warnings=warnings,
     )
     if fp8 is not None:
         summary.notes.append(f"block Linear weights stored in float8 e4m3 with per-{fp8} scales")
     model.load_report = summary
+    for warning in warnings:
+        logger.warning("%s: %s", cfg.model_type, warning)
     logger.info("loaded %s (%s): %d tensors, %d from the base, %d from the variant file, of which %d override "
                 "backbone weights; %s", cfg.model_type, summary.dtype, summary.n_keys, summary.n_from_base,
                 summary.n_from_variant, overridden, summary.notes[0])

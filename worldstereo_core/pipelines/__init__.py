@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from .base import GenerationOutput, KeyframePipeline, ModelCall, ModelCallHook
 from .camera import CameraPipeline
-from .components import BaseComponents, default_dtype, load_base_components
+from .components import BaseComponents, check_widths, default_dtype, load_base_components
 from .dmd import MemoryDMDPipeline
 from .memory import MemoryPipeline
 from .schedulers import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DMDScheduler, UniPCFlowSampler,
@@ -33,11 +33,13 @@ def build_pipeline(config: Any, transformer: torch.nn.Module, base: BaseComponen
     """The sampler for ``config.model_type`` (a WorldStereoConfig or an object with the same fields).
 
     Takes ``negative_prompt``, ``latent_cond_mode`` and the DMD fields from ``config``; ``options``
-    go to the pipeline (device, keep_on_device, clip_no_rescale, flow_shift, sigma_grid, ...).
+    go to the pipeline (device, keep_on_device, clip_no_rescale, flow_shift, sigma_grid, ...). Text
+    and image encoders whose widths do not fit the transformer are refused (:func:`check_widths`).
     """
     model_type = getattr(config, "model_type", None)
     if model_type not in PIPELINE_CLASSES:
         raise InputError(f"unknown WorldStereo model type {model_type!r}; expected one of {list(PIPELINE_CLASSES)}")
+    check_widths(transformer, base)
     common = dict(text_encoder=base.text_encoder, tokenizer=base.tokenizer, image_encoder=base.image_encoder,
                   image_processor=base.image_processor, negative_prompt=getattr(config, "negative_prompt", ""),
                   latent_cond_mode=getattr(config, "latent_cond_mode", "full_vae"))

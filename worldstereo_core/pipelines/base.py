@@ -209,7 +209,7 @@ class KeyframePipeline(abc.ABC):
                  camera_qt: torch.Tensor | None = None, camera_qt_ref: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 seed: int | None = None, num_inference_steps: int | None = None,
+                 seed: int | None = None, noise_index: int = 0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, latent_cond_mode: str | None = None,
                  output_type: str = "np", batch_cfg: bool = True,
                  progress: ProgressFn | None = None,
@@ -230,7 +230,8 @@ class KeyframePipeline(abc.ABC):
             height, width: pixel size (default: render_video's). num_frames: nominal frame count
                 (4k+1; default 4(F-1)+1).
             latents: initial noise [B,16,F,h,w]; else drawn with ``generator`` or ``seed``
-                (default 1024) by a generator on the execution device.
+                (default 1024) by a generator on the execution device, after ``noise_index``
+                draws of the same shape (clip k of a run that shares one generator, as the release).
             num_inference_steps, guidance_scale: schedule length and text CFG scale.
             latent_cond_mode: "full_vae" or "first_frame_only" (default: the pipeline's).
             output_type: "latent" (no decode), "pt" or "np".
@@ -265,7 +266,7 @@ class KeyframePipeline(abc.ABC):
                 cond = self._prepare(image, geom, render_video, render_mask, camera_embedding, reference_video,
                                      ref_index, camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt,
                                      negative_prompt_embeds, image_embeds, mode, do_cfg, beat)
-                x = self._initial_latents(latents, generator, seed, geom)
+                x = self._initial_latents(latents, generator, seed, noise_index, geom)
                 _sync(self.device)
                 timings["prepare_s"] = time.perf_counter() - t_start
                 x = self._denoise(sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress,
@@ -428,13 +429,13 @@ class KeyframePipeline(abc.ABC):
         return Conditions(condition=condition, prompt_embeds=pos, negative_prompt_embeds=neg,
                           image_embeds=image_embeds, model_kwargs=kwargs)
 
-    def _initial_latents(self, latents, generator, seed, geom) -> torch.Tensor:
+    def _initial_latents(self, latents, generator, seed, noise_index, geom) -> torch.Tensor:
         if latents is not None:
             return latents.to(self.device, torch.float32)
         if generator is None:
             generator = make_generator(DEFAULT_SEED if seed is None else seed, self.device)
         shape = (geom["batch"], 16, geom["frames"], geom["h"], geom["w"])
-        return initial_noise(shape, generator, self.device)
+        return initial_noise(shape, generator, self.device, skip=noise_index)
 
     # ----------------------------------------------------------------------------------------
     # Denoising loop

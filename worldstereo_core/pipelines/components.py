@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, MissingWeightsError
+from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..models.safetensors_files import is_float_dtype, read_header, require_finite, require_weights
 
 BASE_REPO_HINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae", "scheduler")
@@ -71,6 +72,20 @@ def _require_weights(folder: Path, sub: str, stem: str, what: str) -> None:
     raise _missing(single, sub, what)
 
 
+def _check_loaded(model: torch.nn.Module, folder: Path, what: str) -> None:
+    """What ``from_pretrained`` lets through: integer tensors in the weight files (it would cast them;
+    only CLIP's ``position_ids`` are integers) and NaN / inf in the loaded weights, named with the file."""
+    for path in sorted(folder.glob("*.safetensors")):
+        bad = [f"{n} ({e.dtype})" for n, e in read_header(path).items()
+               if not is_float_dtype(e.dtype) and not n.endswith("position_ids")]
+        if bad:
+            raise CheckpointError(f"{what}: {path} stores weights as integers or booleans ({', '.join(bad[:5])}); "
+                                  "this is not a weight file of this model (or it was damaged). "
+                                  + _how_to_get(folder.name))
+    for name, tensor in model.state_dict().items():
+        require_finite(tensor, name, f"{what} in {folder}")
+
+
 def _subfolder(base_dir: str | os.PathLike, sub: str, what: str) -> Path:
     base = Path(base_dir)
     if not base.is_dir():
@@ -110,6 +125,7 @@ def load_text_encoder(base_dir: str | os.PathLike, *, device: torch.device | str
     _require_weights(folder, "text_encoder", "model", "UMT5 text encoder")
     model = UMT5EncoderModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
                                              local_files_only=True)
+    _check_loaded(model, folder, "UMT5 text encoder")
     tie_umt5_embeddings(model)
     return model.to(device).eval().requires_grad_(False)
 
@@ -132,6 +148,7 @@ def load_image_encoder(base_dir: str | os.PathLike, *, device: torch.device | st
     _require_weights(folder, "image_encoder", "model", "CLIP image encoder")
     model = CLIPVisionModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
                                             local_files_only=True)
+    _check_loaded(model, folder, "CLIP image encoder")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -144,6 +161,7 @@ def load_vae(base_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
     _require_weights(folder, "vae", "diffusion_pytorch_model", "Wan VAE")
     vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype or default_dtype(device),
                                            use_safetensors=True, local_files_only=True)
+    _check_loaded(vae, folder, "Wan VAE")
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -167,6 +185,7 @@ def _strict_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts)
                               + ". Check that the file and its config belong together.")
+    require_weights(expected, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -213,6 +232,21 @@ class BaseComponents:
     image_encoder: Any = None
     image_processor: Any = None
     scheduler_config: dict[str, Any] | None = None
+
+
+def check_widths(transformer: torch.nn.Module, base: BaseComponents) -> None:
+    """Raise InputError when the text / image encoder does not produce the widths the transformer's
+    own config expects (``text_dim`` = UMT5 ``d_model``, ``image_dim`` = CLIP ``hidden_size``)."""
+    config = getattr(transformer, "config", None)
+    pairs = (("text encoder", base.text_encoder, "d_model", "text_dim"),
+             ("CLIP image encoder", base.image_encoder, "hidden_size", "image_dim"))
+    for what, model, width_field, dim_field in pairs:
+        width = getattr(getattr(model, "config", None), width_field, None)
+        expected = getattr(config, dim_field, None)
+        if model is not None and width is not None and expected is not None and width != expected:
+            raise InputError(f"the {what} gives {width}-wide features ({width_field}) but the transformer's config "
+                             f"has {dim_field} {expected}: the {what} belongs to another base model; load the one "
+                             "of the Wan2.1-I2V base the transformer was built from")
 
 
 def load_base_components(base_dir: str | os.PathLike, *, device: torch.device | str = "cpu",

@@ -11,7 +11,8 @@ is set here to the 0.36.0 one (spec models.md, Clarification 1):
 diffusers computes instead.
 
 DMD (spec §7): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
-the flow ODE, the last one landing on sigma = 0.
+the flow ODE, the last one landing on sigma = 0. The grid is computed as the reference does, to the
+last bit: numpy's linspace (float64, then rounded to float32), then float32 tensor arithmetic.
 """
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ class DMDScheduler:
                 f"got {start_timesteps}, {num_train_timesteps}")
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
-        u = torch.linspace(start_timesteps, num_train_timesteps, dmd_steps, dtype=torch.float32).flip(0)
-        u = shift_sigmas(u / num_train_timesteps, shift)
+        grid = np.linspace(start_timesteps, num_train_timesteps, dmd_steps, dtype=np.float32)[::-1].copy()
+        u = shift_sigmas(torch.from_numpy(grid) / num_train_timesteps, shift)
         self.timesteps: torch.Tensor = u * num_train_timesteps
         self.sigmas: torch.Tensor = self.timesteps / num_train_timesteps
 
@@ -157,9 +158,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str
-                  ) -> torch.Tensor:
-    """float32 standard normal noise drawn with ``generator`` (on its device), moved to ``device``."""
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, *,
+                  skip: int = 0) -> torch.Tensor:
+    """float32 standard normal noise drawn with ``generator`` (on its device), moved to ``device``.
+
+    ``skip`` earlier draws of the same shape are made first and dropped: the ``skip + 1``-th clip
+    of a generator shared by several clips (the release seeds one for a whole multi-trajectory run)."""
+    if skip < 0:
+        raise InputError(f"noise skip must be >= 0, got {skip}")
     gen_device = generator.device if generator is not None else torch.device(device)
-    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    for _ in range(skip + 1):
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
     return noise.to(device)

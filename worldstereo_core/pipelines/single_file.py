@@ -13,7 +13,8 @@ downloaded twice:
   over the embedded SentencePiece model (:class:`SentencePieceTokenizer`);
 * :func:`load_clip_vision_file` -> ``(CLIPVisionModel, CLIPImageProcessor)`` (transformers or open_clip
   key names);
-* :func:`default_scheduler_config` -> the base repo's UniPC flow config (single files carry none).
+* :func:`default_scheduler_config` -> the UniPC flow config of the repo the variant's ``base_model``
+  names (single files carry none): its ``flow_shift`` is that repo's (3.0 for 480P, 5.0 for 720P).
 
 Configs: the shipped JSON files in ``single_file_configs/`` (the real Wan2.1 parts); sizes the
 weights determine (widths, layer counts, vocabulary) are read from the tensors, so smaller
@@ -32,6 +33,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..models.config import wan_identity
+from ..models.safetensors_files import require_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "single_file_configs"
 #: Prefixes some single files put in front of every key (ComfyUI checkpoints, merged files).
@@ -39,6 +42,8 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "vae.", "text_
                   "umt5xxl.transformer.", "clip_vision_model.", "clip_vision.")
 #: Tensor holding the serialised SentencePiece model in ComfyUI's text-encoder files.
 SPIECE_KEY = "spiece_model"
+#: ``flow_shift`` in scheduler/scheduler_config.json of Wan-AI/Wan2.1-I2V-14B-{480P,720P}-Diffusers.
+FLOW_SHIFT_BY_RESOLUTION = {"480p": 3.0, "720p": 5.0}
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -48,11 +53,14 @@ def shipped_config(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def default_scheduler_config(flow_shift: float | None = None) -> dict[str, Any]:
-    """The UniPC flow-matching config of Wan2.1-I2V-14B-480P-Diffusers (``flow_shift`` overrides 3.0)."""
+def default_scheduler_config(flow_shift: float | None = None, *, base_model: str = "") -> dict[str, Any]:
+    """The UniPC flow-matching config of the Wan2.1-I2V-14B Diffusers repo ``base_model`` names (the
+    variant config's field): ``flow_shift`` of its resolution (:data:`FLOW_SHIFT_BY_RESOLUTION`; the
+    480P repo's, which the released variants name, when the name says none). ``flow_shift`` overrides."""
     config = shipped_config("unipc_flow_scheduler")
-    if flow_shift is not None:
-        config["flow_shift"] = float(flow_shift)
+    resolution = wan_identity(Path(str(base_model)).name).resolution
+    config["flow_shift"] = float(flow_shift if flow_shift is not None
+                                 else FLOW_SHIFT_BY_RESOLUTION.get(resolution, config["flow_shift"]))
     return config
 
 
@@ -178,9 +186,10 @@ def load_vae_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
 
 
 def strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict key/shape check, then take the tensors as the parameters (the model may be built on the
-    meta device; floating tensors become float32, the caller casts afterwards)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Strict key/shape/dtype check (and no NaN / inf), then take the tensors as the parameters (the
+    model may be built on the meta device; floating tensors become float32, the caller casts afterwards)."""
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
@@ -189,6 +198,7 @@ def strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sou
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts)
                               + ". Check that it is the right kind of file (or add a config JSON next to it).")
+    require_weights(model_state, state, source)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=True, assign=True)
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

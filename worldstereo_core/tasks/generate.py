@@ -34,7 +34,9 @@ class GenerationRequest:
     """Everything one clip is generated from (all at the working size H x W).
 
     ``render``/``render_mask``: (F,3,H,W) in [-1,1] / (F,1,H,W) in {0,1} (1 = hole), frame 0 the
-    start image. ``trajectory``: the F target cameras, K in pixels of (H, W). ``references``
+    start image. ``trajectory``: the F target cameras, K in pixels of (H, W). ``seed`` seeds the
+    noise generator and ``noise_index`` says how many earlier clips drew from it (the release draws
+    every trajectory's noise from one generator). ``references``
     (R,H,W,3) uint8, ``ref_index`` (R,) (reference r belongs to target frame ``ref_index[r] + 1``)
     and ``ref_w2cs`` (R,4,4): the retrieved memory (memory models only; None for the camera model).
     """
@@ -45,6 +47,7 @@ class GenerationRequest:
     render_mask: torch.Tensor
     trajectory: CameraTrajectory
     seed: int
+    noise_index: int = 0
     references: np.ndarray | None = None
     ref_index: torch.Tensor | None = None
     ref_w2cs: torch.Tensor | None = None
@@ -155,7 +158,7 @@ class PipelineGenerator:
 
     def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> np.ndarray:
         inputs = model_inputs(request, memory=self.memory)
-        out = self.pipeline(request.image, prompt=request.prompt, seed=request.seed,
+        out = self.pipeline(request.image, prompt=request.prompt, seed=request.seed, noise_index=request.noise_index,
                             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                             output_type="np", progress=progress, **inputs, **self.call_kwargs)
         return np.asarray(out.frames[0])

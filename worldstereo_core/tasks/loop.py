@@ -11,8 +11,9 @@ iterative ones starting from the last frame of another generated clip). Per traj
    written as a render folder next to the result and read back, as the reference does;
 2. retrieval from the memory bank, saved as ``memory_inputs/{<model>.mp4, <model>_ref_index.json,
    <model>_ref_w2cs.json}``;
-3. generation by the injected generator (:mod:`.generate`), seed = ``seed + trajectory index``;
-   ``<model>_result.mp4`` (16 fps) is written and read back;
+3. generation by the injected generator (:mod:`.generate`); noise as the release draws it: one
+   generator seeded once with ``seed``, trajectory k taking its (k+1)-th draw (also on resume), or
+   ``noise="per-trajectory"``: seed + k; ``<model>_result.mp4`` (16 fps) is written and read back;
 4. memory update (``sample_align_nframe`` keep rule) and, in global mode, cache update with the
    same kept frames;
 5. the run state (memory bank, cache, finished trajectories) is saved in ``<model>_state/``.
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 STATE_FILE = "state.json"
 WORLD_UP = {"reconstruction": "-y", "panorama": "+z"}
+#: "release": one generator for the run, trajectory k draws after k others; "per-trajectory": seed + k.
+NOISE_SCHEMES = ("release", "per-trajectory")
 #: Progress ticks besides the generator's steps: preparing the scene; per trajectory conditioning,
 #: retrieval and memory update + saved state; the exports.
 PREPARE_TICKS, TRAJECTORY_TICKS, EXPORT_TICKS = 1, 3, 1
@@ -103,6 +106,8 @@ class LoopOptions:
     nframe: int = NFRAME
     scale_map: tuple[tuple[int, int], ...] = DEFAULT_SCALE_MAP
     seed: int = DEFAULT_SEED
+    #: How trajectories draw their initial noise (:data:`NOISE_SCHEMES`).
+    noise: str = "release"
     #: Use a scene's pre-rendered render.mp4 / render_mask.mp4 when present (release mode).
     scene_renders: bool = True
     #: Horizontal field of view assumed for an image-only reconstruction scene whose depth function
@@ -116,6 +121,8 @@ class LoopOptions:
     def check(self) -> None:
         if self.task not in TASK_TYPES:
             raise InputError(f"task must be one of {TASK_TYPES}, got {self.task!r}")
+        if self.noise not in NOISE_SCHEMES:
+            raise InputError(f"noise must be one of {NOISE_SCHEMES}, got {self.noise!r}")
         if self.cache_mode not in CACHE_MODES:
             raise InputError(f"cache mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
         if not isinstance(self.model_name, str) or not self.model_name or any(c in self.model_name for c in "/\\"):
@@ -132,7 +139,8 @@ class LoopOptions:
         """The settings part of a run's resume key (every setting that shapes the outputs)."""
         sig = {"task": self.task, "model_name": self.model_name, "cache_mode": self.cache_mode,
                "align_nframe": self.align_nframe, "max_reference": self.max_reference, "nframe": self.nframe,
-               "size": list(size), "seed": self.seed, "scene_renders": self.scene_renders, "fov_deg": self.fov_deg}
+               "size": list(size), "seed": self.seed, "noise": self.noise, "scene_renders": self.scene_renders,
+               "fov_deg": self.fov_deg}
         if self.cache_mode == "global":
             sig["cache"] = asdict(self.cache)
         return sig
@@ -454,17 +462,10 @@ def _frames_array(frames: Any, n: int, size: tuple[int, int], name: str) -> np.n
     return arr
 
 
-def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, bank: MemoryBank,
-                        size: tuple[int, int]) -> None:
+def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, size: tuple[int, int]) -> None:
     frames = np.stack([resize_bicubic(f, size) for f in found.frames])
     write_video(safe_join(folder, f"{model}.mp4"), frames, FPS)
-    ref_index = found.ref_index.tolist()
-    write_json_atomic(safe_join(folder, f"{model}_ref_index.json"), {
-        "ref_index": ref_index,
-        "ref_index_dict": {str(k): {str(i): v for i, v in d.items()} for k, d in found.ref_index_dict.items()},
-        "retrieved": found.retrieved,
-        "retrieved_fnames": [bank.fnames[g] for g in found.retrieved],
-    })
+    write_json_atomic(safe_join(folder, f"{model}_ref_index.json"), found.ref_index_json())
     write_json_atomic(safe_join(folder, f"{model}_ref_w2cs.json"), found.ref_w2cs.tolist())
 
 
@@ -642,7 +643,7 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
     image_t = to_tensor_m11(start)
 
     if job.render_dir is not None and opts.cache_mode == "release":
-        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t)
+        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t, clear_first_mask=job.start_from is not None)
         if len(render) != len(traj):  # longer render videos are subsampled like the cameras
             keep = subsample_indices(len(render), len(traj))
             render, mask = render[keep], mask[keep]
@@ -668,18 +669,25 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
 
     K_bank = scale_intrinsics(traj.K, (traj.height, traj.width), (bank.height, bank.width))
     found = retrieve(bank, traj.w2c, K_bank, job.view_id, job.traj_id, selector=selector, progress=ticks.beat)
-    _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, bank, (H, W))
+    _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, (H, W))
     ticks.add()
     refs = found.ref_index.tolist()
     request = GenerationRequest(
         image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
-        seed=opts.seed + index, references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
+        **_noise(opts, index), references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
         ref_index=found.ref_index, ref_w2cs=found.ref_w2cs, name=job.name)
     frames = _frames_array(generator(request, ticks.steps(steps)), len(traj), (H, W), job.name)
     ticks.done += steps
     write_video(result, frames, FPS)
     ticks.beat()
     return source
+
+
+def _noise(opts: LoopOptions, index: int) -> dict[str, int]:
+    """Seed and earlier draws of trajectory ``index``'s noise (see :data:`NOISE_SCHEMES`)."""
+    if opts.noise == "release":
+        return {"seed": opts.seed, "noise_index": index}
+    return {"seed": opts.seed + index, "noise_index": 0}
 
 
 def _export(out: LoopResult, scene: _Scene, opts: LoopOptions, ticks: _Ticks) -> None:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 RECONSTRUCTION_VIEW = "renders"
 RECONSTRUCTION_ORDER = ("traj_eloop", "traj_up", "traj_right", "traj_left")
 VIEW_ORDER = ("traj2", "traj0", "traj1")
+#: Groups whose ``traj1`` is iterative: it starts from the last generated frame of ``traj0``.
+ITERATIVE_GROUP_PREFIX = "reconstruct_"
 TASK_TYPES = ("reconstruction", "panorama")
 
 
@@ -70,6 +72,12 @@ class TrajectoryJob:
 def group_id(name: str) -> str:
     """Group folder name as used on output: hyphens become underscores."""
     return name.replace("-", "_")
+
+
+def is_iterative(view_id: str, traj_id: str) -> bool:
+    """Whether a trajectory is one of the release's iterative ones (``reconstruct_*/traj1``: start
+    image = last generated frame of ``traj0``, hole-mask frame 0 cleared). ``view_id`` as on output."""
+    return view_id.startswith(ITERATIVE_GROUP_PREFIX) and traj_id == "traj1"
 
 
 def read_prompt(path: str | os.PathLike, what: str, key: str = "prompt") -> str:
@@ -158,11 +166,15 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
     jobs += [job(gid, "traj0") for gid, present in recon if "traj0" in present]
     jobs += [job(gid, t) for gid in of("wonder") for t in _trajs(groups[gid])]
     for gid, present in recon:
-        if "traj1" in present:
-            if "traj0" not in present:
-                raise InputError(f"{groups[gid] / 'traj1'} starts from the last frame of traj0, but "
-                                 f"{groups[gid] / 'traj0' / 'camera.json'} is missing")
-            jobs.append(job(gid, "traj1", start_from=(gid, "traj0")))
+        if "traj1" not in present:
+            continue
+        if not is_iterative(gid, "traj1"):
+            jobs.append(job(gid, "traj1"))
+            continue
+        if "traj0" not in present:
+            raise InputError(f"{groups[gid] / 'traj1'} starts from the last frame of traj0, but "
+                             f"{groups[gid] / 'traj0' / 'camera.json'} is missing")
+        jobs.append(job(gid, "traj1", start_from=(gid, "traj0")))
     known = ("view", "target", "reconstruct", "wonder")
     for gid in groups:
         if not gid.startswith(known):
