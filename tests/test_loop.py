@@ -294,7 +294,8 @@ def test_noise_is_drawn_as_the_release_draws_it_also_after_a_resume(tmp_path):
         return _fake_generator(req, progress)
 
     with pytest.raises(Interrupted):
-        run_multi_trajectory(scene, tmp_path / "out", gen, options=opts, progress=StopAt(at=3))
+        run_multi_trajectory(scene, tmp_path / "out", gen, options=opts,
+                             progress=StopAt(at=PREPARE_TICKS + _fake_generator.steps + TRAJECTORY_TICKS + 1))
     res = run_multi_trajectory(scene, tmp_path / "out", gen, options=opts)
     statuses = [t.status for t in res.trajectories]
     assert statuses[0] == "skipped" and statuses[-1] == "generated"

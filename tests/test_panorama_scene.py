@@ -171,7 +171,8 @@ def test_cli_panorama_image(room, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(generate, "load_pipeline_generator", load)
     args = ["multi-traj", str(tmp_path / "room.png"), "--task", "panorama", "--out", str(tmp_path / "out"),
-            "--models", str(models), "--bank-size", "60x104", "--views", "0", "--explorations", "0",
+            "--models", str(models), "--size", f"{SIZE[0]}x{SIZE[1]}", "--nframe", "21",  # no variant config.json
+            "--bank-size", "60x104", "--views", "0", "--explorations", "0",
             "--reconstructs", "1", "--prompt", "A room."]
     assert cli.main(args) == 0
     folder = tmp_path / "out" / "panorama_scenes" / "room"

@@ -261,13 +261,16 @@ def _file_depth(path: Path):
 
 
 def _variant_settings(args, models: Path) -> tuple[tuple[tuple[int, int], ...], int]:
-    """(scale_map, nframe) from the flags and the variant's config.json, read without any weights
-    (with --download, only config.json is fetched here)."""
+    """(scale_map, nframe) from the flags, else from the variant's config.json, read without any
+    weights (with --download, only config.json is fetched here)."""
     from .models import load_worldstereo_config
 
+    scale_map = args.size or args.scale_map
+    if scale_map and args.nframe:
+        return tuple(scale_map), args.nframe
     config = load_worldstereo_config(hub.ensure_worldstereo(models, args.model_type, download=args.download,
                                                             files=("config.json",)))
-    return tuple(args.size or args.scale_map or config.scale_map), args.nframe or config.nframe
+    return tuple(scale_map or config.scale_map), args.nframe or config.nframe
 
 
 def _generator(args, models: Path, device: torch.device, ctx: distributed.DistContext):
