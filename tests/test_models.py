@@ -13,7 +13,8 @@ from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, tiny_controlnet
                               tiny_transformer_config)
 from worldstereo_core.errors import InputError
 from worldstereo_core.models import build_transformer, load_state_dict_strict, load_worldstereo_transformer
-from worldstereo_core.models.ssm import JointReferenceAttnProcessor, PairGroups
+from worldstereo_core.models.attention import sdpa_attention
+from worldstereo_core.models.ssm import BlockParts, PairGroups, joint_attention
 
 ATOL = RTOL = 1e-4
 
@@ -170,7 +171,7 @@ def test_pair_groups_partition_tokens_by_pair(ref_index):
 
 
 class _TinyAttn(torch.nn.Module):
-    """Minimal stand-in with the attributes the joint processor uses."""
+    """Minimal self-attention layers, seen by the joint attention as a block's parts (no rope)."""
 
     def __init__(self, dim=24, heads=2):
         super().__init__()
@@ -178,6 +179,13 @@ class _TinyAttn(torch.nn.Module):
         self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
         self.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim)])
+
+    def parts(self):
+        unused = None
+        return BlockParts(modulation=(), norm1=unused, norm_ffn=unused, q=self.to_q, k=self.to_k, v=self.to_v,
+                          out=self.to_out[0], norm_q=self.norm_q, norm_k=self.norm_k, heads=self.heads,
+                          cross_attention=unused, ffn=unused, apply_rotary=lambda x, rotary: x,
+                          attention=sdpa_attention)
 
 
 def _dense_masked_reference(attn, x, r, groups):
@@ -200,18 +208,15 @@ def _dense_masked_reference(attn, x, r, groups):
 def test_pairs_attention_matches_dense_masked_attention_and_isolates_pairs():
     torch.manual_seed(0)
     ref_index, frames, tpf, dim = (1, 1, 0), 4, 6, 24
-    attn, proc = _TinyAttn(dim), JointReferenceAttnProcessor()
+    attn = _TinyAttn(dim)
     x = torch.randn(2, frames * tpf, dim)
     r = torch.randn(2, len(ref_index) * tpf, dim)
-    head_dim = dim // attn.heads
-
-    ident = torch.ones(1, x.shape[1] + r.shape[1], 1, head_dim), torch.zeros(1, x.shape[1] + r.shape[1], 1, head_dim)
     groups = PairGroups.build(torch.tensor(ref_index), frames, tpf, "cpu")
     definition = _groups_by_definition(ref_index, frames, tpf)
 
     def call(x_, r_):
         with torch.no_grad():
-            return proc(attn, x_, None, None, ident, reference_states=r_, pair_groups=groups)
+            return joint_attention(attn.parts(), x_, r_, None, groups)
 
     out_x, out_r = call(x, r)
     with torch.no_grad():
@@ -274,7 +279,7 @@ def test_attention_backend_hook_reaches_every_processor():
                                   attention_backend=backend)
         models.append(load_state_dict_strict(model, dict(state), source="tiny"))
     processors = [m.processor for m in models[1].modules() if hasattr(m, "processor")]
-    assert {type(p).__name__ for p in processors} == {"JointReferenceAttnProcessor", "WanAttnProcessor"}
+    assert {type(p).__name__ for p in processors} == {"DiffusersAttention", "WanAttnProcessor"}
     assert all(str(p._attention_backend.value) == "native" for p in processors)
     inputs = tiny_inputs(MEMORY, tcfg, ccfg)
     assert torch.equal(_run(models[0], **inputs), _run(models[1], **inputs))
