@@ -59,10 +59,13 @@ def real_comfy() -> Iterator[SimpleNamespace]:
         from comfy.cli_args import args
 
         args.cpu = True
+        import comfy.clip_vision
         import comfy.lora
         import comfy.model_detection
         import comfy.model_management
         import comfy.model_patcher
+        import comfy.sample
+        import comfy.samplers
         import comfy.sd
 
         spec = importlib.util.spec_from_file_location(NATIVE_PACKAGE, REPO / "nodes" / "native" / "__init__.py",
@@ -71,7 +74,7 @@ def real_comfy() -> Iterator[SimpleNamespace]:
         sys.modules[NATIVE_PACKAGE] = package
         spec.loader.exec_module(package)
         native = SimpleNamespace(**{name: importlib.import_module(f"{NATIVE_PACKAGE}.{name}")
-                                    for name in ("conds", "host", "model")})
+                                    for name in ("conds", "host", "model", "sampling")})
         yield SimpleNamespace(comfy=comfy, native=native)
     finally:
         sys.path[:] = saved_path

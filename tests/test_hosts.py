@@ -13,9 +13,10 @@ errors for a base the variant does not fit.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,7 +105,8 @@ def comfy_forward(env, native, inputs: dict, *, load: bool = True) -> torch.Tens
         camera_qt=inputs.get("camera_qt"), camera_qt_ref=inputs.get("camera_qt_ref"))
     batch = inputs["hidden_states"].shape[0]
     kwargs = {name: cond.process_cond(batch_size=batch, area=None).cond for name, cond in conds.items()}
-    options = {"wrappers": {kind: {k: list(v) for k, v in entries.items()} for kind, entries in native.wrappers.items()}}
+    wrappers = {kind: {key: list(fns) for key, fns in entries.items()} for kind, entries in native.wrappers.items()}
+    options = {"wrappers": wrappers}  # what sampling puts in transformer_options
     timestep = inputs["timestep"].float().reshape(-1).expand(batch)
     with torch.inference_mode():  # as ComfyUI executes nodes
         if load:
@@ -374,3 +376,112 @@ def test_base_the_variant_does_not_fit_is_named(comfy_host, tmp_path):
         base = comfy_host.env.comfy.sd.load_diffusion_model(str(tmp_path / "t2v.safetensors"), {"dtype": torch.float32})
     with pytest.raises(InputError, match="text-to-video"):
         apply_variant(base, comfy_host.comfy_variant(folder))
+
+
+# ----- ComfyUI only: sampling with the core samplers ---------------------------------------------
+
+def _release_conditioning(env, case: Path, latent_format, text: torch.Tensor, model_conds: dict | None = None
+                          ) -> tuple[list, torch.Tensor]:
+    """Core CONDITIONING for ``text`` carrying a pipeline fixture's prepared inputs the way ComfyUI's
+    Wan I2V nodes do (raw-space condition latent + concat mask, CLIP vision output) plus the
+    WorldStereo model_conds (``model_conds``: share another conditioning's), and the initial noise."""
+    inputs, outputs = load_file(str(case / "inputs.safetensors")), load_file(str(case / "outputs.safetensors"))
+    step0 = outputs["step0_latent_model_input"]
+    noise, i2v_mask, condition = step0[:, :16], step0[:, 16:20], step0[:, 20:]
+    clip = env.comfy.clip_vision.Output()
+    clip.penultimate_hidden_states = tile_image_features(outputs["image_embeds"])
+    if model_conds is None:
+        model_conds = env.native.conds.worldstereo_model_conds(
+            outputs["render_latent"], inputs["render_mask"], inputs["camera_embedding"],
+            reference_latent=outputs.get("reference_latent"), ref_index=inputs.get("ref_index"),
+            camera_qt=inputs.get("camera_qt"), camera_qt_ref=inputs.get("camera_qt_ref"))
+    options = {"concat_latent_image": latent_format.process_out(condition), "concat_mask": 1.0 - i2v_mask,
+               "clip_vision_output": clip}
+    return env.native.conds.with_model_conds([[text, options]], model_conds), noise
+
+
+def _pipeline_fixtures() -> list[Path]:
+    root = fixtures_root() / "reference_tiny"
+    if not root.is_dir():
+        return []
+    return [p for p in sorted(root.iterdir()) if (p / "config.json").is_file()
+            and json.loads((p / "config.json").read_text()).get("fixture_kind", "").startswith("pipeline")]
+
+
+def _release_sampling(env, case: Path, config) -> tuple[torch.Tensor, object, float]:
+    """(SIGMAS, SAMPLER, CFG) reproducing a pipeline fixture's sampling with the native nodes' schedules."""
+    fixture = json.loads((case / "config.json").read_text())
+    sampling = env.native.sampling
+    scheduler = fixture["scheduler"]
+    if scheduler["class"] == "FlowGeneratorScheduler":
+        kw = scheduler["kwargs"]
+        config = dataclasses.replace(config, dmd_start_steps=kw["start_timesteps"],
+                                     dmd_end_steps=kw["num_train_timesteps"], gen_shift=kw["shift"],
+                                     dmd_steps=kw["dmd_steps"])
+        return sampling.dmd_sigmas(config), env.comfy.samplers.sampler_object("euler"), 1.0
+    sigmas = sampling.release_unipc_sigmas(scheduler["num_inference_steps"], scheduler["config"]["flow_shift"])
+    return sigmas, sampling.release_unipc_sampler(scheduler["config"]["solver_order"]), \
+        float(fixture["call_kwargs"]["guidance_scale"])
+
+
+@pytest.mark.parametrize("case", _pipeline_fixtures() or [None], ids=lambda p: p.name if p else "absent")
+def test_release_pipeline_through_core_sampler(comfy_host, case):
+    """Every pipeline fixture, sampled by ComfyUI's own sampler (sample_custom, as
+    SamplerCustomAdvanced runs it, CFG by the core guider) with the native MODEL and the release's
+    SIGMAS/SAMPLER: the same model timesteps, final latents within 1e-3, and the ControlNet embeds
+    the clip's mask and rays once for the whole run (every step, both CFG halves)."""
+    if case is None:
+        pytest.skip(f"no pipeline fixtures under {fixtures_root() / 'reference_tiny'}")
+    env = comfy_host.env
+    fixture = json.loads((case / "config.json").read_text())
+    folder = (case / fixture["transformer_fixture"].split()[0]).resolve()
+    native = comfy_host.load(folder)
+    sigmas, sampler, cfg = _release_sampling(env, case, load_worldstereo_config(folder))
+
+    inputs, outputs = load_file(str(case / "inputs.safetensors")), load_file(str(case / "outputs.safetensors"))
+    latent_format = native.model.latent_format
+    positive, noise = _release_conditioning(env, case, latent_format, inputs["prompt_embeds"])
+    negative, _ = _release_conditioning(env, case, latent_format, inputs["negative_prompt_embeds"],
+                                        model_conds=positive[0][1]["model_conds"])
+    timesteps, embeddings = [], []
+    wan = native.model.diffusion_model
+    branches = native.get_additional_models_with_key("worldstereo")[0].model
+    hooks = [wan.register_forward_pre_hook(lambda m, args: timesteps.append(args[1][0].item())),
+             branches.controlnet.controlnet_mask_embedding.register_forward_hook(lambda *_: embeddings.append(1))]
+    try:
+        with torch.inference_mode():
+            samples = env.comfy.sample.sample_custom(native, noise, cfg, sampler, sigmas, positive, negative,
+                                                     torch.zeros_like(noise), disable_pbar=True, seed=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    calls = fixture["transformer_calls_per_step"]
+    expected_t = [outputs[f"call{k}_timestep"].item() for k in range(0, len(timesteps) * calls, calls)]
+    assert len(timesteps) == len(sigmas) - 1 and timesteps == pytest.approx(expected_t, abs=1e-3)
+    latents = latent_format.process_in(samples)
+    err = (latents - outputs["final_latents"]).abs().max().item()
+    print(f"comfyui {case.name}: final latents max |diff| {err:.3g}")
+    assert torch.allclose(latents, outputs["final_latents"], atol=1e-3), f"max |diff| {err:.3g}"
+    assert len(embeddings) == 1
+
+
+def test_dmd_scheduler_is_core_euler_on_dmd_sigmas(comfy_env):
+    """The dmd_scheduler fixture: dmd_sigmas gives its sigmas (then 0), and ComfyUI's euler sampler
+    steps exactly as the release's DMD scheduler from every one of them."""
+    folder = fixtures_root() / "reference_tiny" / "dmd_scheduler"
+    if not folder.is_dir():
+        pytest.skip(f"no dmd_scheduler fixture under {folder.parent}")
+    fixture = json.loads((folder / "config.json").read_text())
+    kw = fixture["scheduler_kwargs"]
+    config = SimpleNamespace(**{field: kw[arg] for arg, field in fixture["maps_from_worldstereo_config"].items()})
+    data = load_file(str(folder / "dmd.safetensors"))
+    sigmas = comfy_env.native.sampling.dmd_sigmas(config)
+    assert torch.equal(sigmas[:-1], data["sigmas"]) and sigmas[-1] == 0
+    euler = comfy_env.comfy.samplers.sampler_object("euler").sampler_function
+    sample, velocity = data["sample"], data["model_output"]
+    for i in range(len(sigmas) - 1):
+        def flow_model(x, sigma, **_):  # x0 prediction of a flow model predicting ``velocity``
+            return x - sigma.reshape(-1, *[1] * (x.ndim - 1)) * velocity
+
+        out = euler(flow_model, sample, sigmas[i:i + 2], disable=True)
+        assert torch.allclose(out, data[f"step_{i}_prev_sample"], atol=1e-6), f"step {i}"
