@@ -86,7 +86,6 @@ class WorldStereoBranches(nn.Module):
     def __init__(self, cfg: ControlNetConfig, *, memory: bool, in_channels: int, latent_channels: int,
                  inner_dim: int, patch_size: Sequence[int], ops=TORCH_OPS) -> None:
         super().__init__()
-        self.config, self.memory = cfg, memory
         self.camera_embedding = None
         for name, module in branch_modules(cfg, memory=memory, in_channels=in_channels,
                                            latent_channels=latent_channels, inner_dim=inner_dim,
