@@ -28,6 +28,7 @@ from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, split_backbone,
                               tiny_transformer_config, write_single_file_base, write_variant)
 from worldstereo_core.errors import CheckpointError, InputError
 from worldstereo_core.models import load_worldstereo_config, load_worldstereo_transformer
+from worldstereo_core.models.wan_keys import diffusers_to_original
 
 ATOL = RTOL = 1e-4
 HOSTS = ("diffusers", "comfyui")
@@ -329,20 +330,42 @@ def test_lora_stacks_on_the_variant_as_merging_it_would(comfy_host, tmp_path):
         env.native.model.apply_variant(lora_first, comfy_host.comfy_variant(folder))
 
 
-def test_fp8_weights_run(comfy_host, tmp_path):
-    """A core model loaded with fp8_e4m3fn weights: the variant's patches are stored in fp8 and the
-    forward runs in the compute dtype, close to the float32 result."""
+def _write_scaled_fp8(path: Path, backbone: dict) -> None:
+    """A ComfyUI "scaled fp8" single file: block Linear weights as float8 e4m3 over a float32 scale."""
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for key, value in widen_image_embedder(backbone).items():
+        name = diffusers_to_original(key)
+        if name.startswith("blocks.") and name.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max() / torch.finfo(torch.float8_e4m3fn).max
+            out[name] = (value / scale).to(torch.float8_e4m3fn)
+            out[name.removesuffix("weight") + "scale_weight"] = scale.float()
+        else:
+            out[name] = value
+    save_file(out, str(path))
+
+
+@pytest.mark.parametrize("weights", ["fp8_e4m3fn", "scaled_fp8"])
+def test_fp8_weights_run(comfy_host, tmp_path, weights):
+    """A core model with fp8 block weights (loaded as fp8_e4m3fn, or a scaled-fp8 file): the
+    variant's patches are stored in fp8 and the forward runs in the compute dtype, close to float32."""
+    env = comfy_host.env
     folder = _fixture()
     _, _, tcfg = _fixture_parts(folder)
-    base = _core_model(comfy_host, _random_backbone(folder, seed=14), tcfg, tmp_path / "base.safetensors",
-                       dtype=torch.float8_e4m3fn)
-    native = comfy_host.env.native.model.apply_variant(base, comfy_host.comfy_variant(folder))
-    out = comfy_forward(comfy_host.env, native, _fixture_inputs(folder))
-    wan = native.model.diffusion_model
-    assert wan.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    backbone = _random_backbone(folder, seed=14)
+    path = tmp_path / "base.safetensors"
+    if weights == "fp8_e4m3fn":
+        base = _core_model(comfy_host, backbone, tcfg, path, dtype=torch.float8_e4m3fn)
+    else:
+        _write_scaled_fp8(path, backbone)
+        with tiny_detection(env.comfy, tcfg):
+            base = env.comfy.sd.load_diffusion_model(str(path))
+        assert base.model.model_config.scaled_fp8 == torch.float8_e4m3fn
+    native = env.native.model.apply_variant(base, comfy_host.comfy_variant(folder))
+    out = comfy_forward(env, native, _fixture_inputs(folder))
+    assert native.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
     ref = load_file(str(folder / "outputs.safetensors"))["sample"]
     error = (out - ref).abs().max().item()
-    print(f"fp8 {folder.name}: max |diff| {error:.3g} (output max {ref.abs().max().item():.3g})")
+    print(f"{weights} {folder.name}: max |diff| {error:.3g} (output max {ref.abs().max().item():.3g})")
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert 1e-4 < error < 0.1 * ref.abs().max()  # rounded weights, same model
 
