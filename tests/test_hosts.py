@@ -243,14 +243,17 @@ def test_variant_backbone_patches_a_core_model(comfy_host, folder, tmp_path):
 
 def test_branches_are_an_additional_model_built_with_comfy_ops(comfy_host, tmp_path):
     """The branches travel with the MODEL (and its clones) as the additional model ComfyUI's
-    sampling loads beside it, sized by their own tensors; every layer casts like a comfy.ops layer."""
+    sampling loads beside it, sized by their own tensors; every layer casts like a comfy.ops layer.
+    A variant file without the unused ``ref_index_embedding`` gets the reference's zeros."""
     folder = _fixture()
     backbone, branches, tcfg = _fixture_parts(folder)
     base = _core_model(comfy_host, backbone, tcfg, tmp_path / "base.safetensors")
-    native = comfy_host.env.native.model.apply_variant(base, comfy_host.comfy_variant(folder, branches))
+    stored = {k: v for k, v in branches.items() if not k.startswith("ref_index_embedding.")}
+    native = comfy_host.env.native.model.apply_variant(base, comfy_host.comfy_variant(folder, stored))
     (extra,) = native.get_additional_models_with_key("worldstereo")
     module = extra.model
     assert set(module.state_dict()) == set(branches)
+    assert not module.ref_index_embedding.weight.any()
     assert extra.model_size() == sum(t.numel() * t.element_size() for t in module.state_dict().values())
     assert extra in native.get_nested_additional_models() and not base.get_nested_additional_models()
     layers = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.LayerNorm,

@@ -35,8 +35,9 @@ from worldstereo_core.errors import CheckpointError, InputError, MissingWeightsE
 from worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
 from worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
 from worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
-from worldstereo_core.models.loading import (IGNORED_BASE_KEYS, VARIANT_WEIGHTS, WORLDSTEREO_PREFIXES, check_keys,
+from worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS, WORLDSTEREO_PREFIXES,
                                              load_state_dict_strict)
+from worldstereo_core.models.safetensors_files import listing
 from worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 
 from .conds import CAMERA_QT, CAMERA_QT_REF, CONDITION, REF_INDEX, REFERENCE_LATENT, RENDER_LATENT, ClipCondition
@@ -68,7 +69,7 @@ def read_variant(folder: str | Path) -> Variant:
         raise MissingWeightsError(f"{path} not found; download the variant's {VARIANT_WEIGHTS} into {folder}")
     tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
     branches = {k: v for k, v in tensors.items() if k.startswith(WORLDSTEREO_PREFIXES)}
-    rest = [k for k in tensors if k not in branches and not set(k.split(".")) & set(IGNORED_BASE_KEYS)]
+    rest = [k for k in tensors if k not in branches and IGNORED_MODULES.isdisjoint(k.split("."))]
     if is_original_wan_layout(rest):
         backbone = {strip_prefix(k): tensors[k] for k in rest}
     else:
@@ -100,10 +101,15 @@ def _check_fits(wan, variant: Variant) -> None:
         raise CheckpointError(f"{variant.source} is a WorldStereo variant for a {cn.time_embed_dim}-wide Wan model, "
                               f"but the MODEL is {wan.dim} wide; load the Wan2.1-I2V-14B base it was trained on")
     expected = {k: tuple(v.shape) for k, v in wan.state_dict().items()}
-    check_keys(expected, {k: tuple(v.shape) for k, v in variant.backbone.items()}, source=variant.source,
-               allow_missing=True,
-               hint="The variant's backbone does not fit this MODEL; load the Wan2.1-I2V-14B base the variant "
-                    f"names ({variant.config.base_model!r}) with Load Diffusion Model")
+    unknown = [k for k in variant.backbone if k not in expected]
+    wrong = [f"{k} {list(t.shape)} (model expects {list(expected[k])})" for k, t in variant.backbone.items()
+             if k in expected and tuple(t.shape) != expected[k]]
+    problems = ([f"tensors the MODEL does not have: {listing(unknown)}"] if unknown else []) + \
+        ([f"wrongly shaped tensors: {listing(wrong)}"] if wrong else [])
+    if problems:
+        raise CheckpointError(f"{variant.source} does not fit the MODEL: " + "; ".join(problems) + ". Load the "
+                              f"Wan2.1-I2V-14B base the variant names ({variant.config.base_model!r}) with Load "
+                              "Diffusion Model")
 
 
 def apply_variant(model, folder: str | Path, *, attention_scope: str = "full"):
@@ -157,7 +163,12 @@ def attach_branches(model, variant: Variant, *, attention_scope: str = "full"):
     branches = WorldStereoBranches(cfg.controlnet_cfg, memory=cfg.is_memory, in_channels=wan.in_dim,
                                    latent_channels=wan.out_dim, inner_dim=wan.dim, patch_size=wan.patch_size,
                                    ops=comfy.ops.disable_weight_init)
-    load_state_dict_strict(branches, variant.branches, source=variant.source,
+    state = dict(variant.branches)
+    expected = branches.state_dict()
+    for key, initial in UNUSED_BY_FORWARD.items():  # never read by the forward; the reference's value
+        if key in expected and key not in state:
+            state[key] = initial(expected[key].shape)
+    load_state_dict_strict(branches, state, source=variant.source,
                            hint=f"the {cfg.model_type} file lacks or misnames WorldStereo tensors; re-download it")
     branches.to(dtype=dtype).eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(branches, load_device=model.load_device,
