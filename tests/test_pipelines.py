@@ -82,8 +82,10 @@ def test_pipeline_matches_reference(case, batch_cfg, common):
     _need_fixtures()
     pipe, cfg = _pipeline(case, common)
     out = load_file(str(case / "outputs.safetensors"))
-    calls = []
+    calls, embeddings = [], []
+    pipe.transformer.controlnet.controlnet_mask_embedding.register_forward_hook(lambda *_: embeddings.append(1))
     result = pipe(**_call_kwargs(case, cfg), output_type="pt", batch_cfg=batch_cfg, model_call_hook=calls.append)
+    assert len(embeddings) == 1  # the mask/Plücker embedding: once per clip, for every step and both CFG halves
 
     n_calls = len([k for k in out if k.endswith("_noise_pred")])
     assert len(calls) == n_calls

@@ -12,9 +12,10 @@ local rank, on CPU gloo.
 
 How the sequence is split (no communication layer of our own; torch.distributed and diffusers):
 
-* token tensors are cut into S contiguous chunks by forward hooks at the model's seams (RoPE
-  tables, the input of the first block, the ControlNet's projected tokens) and gathered again at
-  the output projection with ``all_gather_single``;
+* the forward cuts its token tensors into S contiguous chunks at its seams (video and reference
+  tokens before the first block and their RoPE positions, the ControlNet's projected tokens) and
+  gathers the output projection with ``all_gather_single``: the model's ``sequence_split`` is a
+  :class:`SequenceSharding`;
 * every self-attention (Wan blocks, SSM joint attention, ControlNet) runs diffusers' Ulysses
   context parallelism: its processors get a diffusers ``ParallelConfig`` and
   ``dispatch_attention_fn`` exchanges heads for tokens with ``all_to_all`` and back. The SSM
@@ -226,14 +227,12 @@ def rank_output_dir(out_dir: str | os.PathLike, scene: str, ctx: DistContext | N
 # ------------------------------------------------------------------------------------------------
 
 class SequenceSharding:
-    """The forward hooks that cut token sequences into this rank's chunk and gather the output."""
+    """This process's part of the token sequence in a sequence-parallel group: the model's
+    ``sequence_split`` (:class:`.models.sequence.SequenceSplit`), which the forward asks at its seams."""
 
-    def __init__(self, model: nn.Module, ctx: DistContext) -> None:
-        self.model, self.ctx = model, ctx
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
         self.size, self.index = ctx.sp_size, ctx.sp_rank
-        self.memory = hasattr(model, "attention_scope")
-        self.full_tokens: dict[str, int] = {}
-        self.handles: list = []
 
     def local(self, t: torch.Tensor, what: str, dim: int = 1) -> torch.Tensor:
         n = t.shape[dim]
@@ -250,56 +249,6 @@ class SequenceSharding:
         dist.all_gather_single(out, t, group=self.ctx.sp_group)
         out = out.unflatten(0, (self.size, t.shape[0]))
         return out.transpose(0, 1).flatten(1, 2)
-
-    # hooks ------------------------------------------------------------------------------------
-    def _rotary_out(self, module, args, output):
-        return tuple(self.local(t, "video") for t in output)
-
-    def _tokens_out(self, module, args, output):
-        return self.local(output, "ControlNet")
-
-    def _gather_out(self, module, args, output):
-        return self.gather(output)
-
-    def _camera_block_in(self, module, args, kwargs):
-        return (self.local(args[0], "video"), *args[1:]), kwargs
-
-    def _memory_block_in(self, index: int):
-        def hook(module, args, kwargs):
-            x, r, ctx_states, temb, rotary, groups = (list(args) + [None] * 6)[:6]
-            groups = kwargs.get("pair_groups", groups)
-            if groups is not None:
-                raise InputError("sequence parallelism supports the released 'full' attention scope only, not 'pairs'")
-            if index == 0:
-                self.full_tokens = {"video": x.shape[1], "reference": r.shape[1]}
-            n_vid, n_ref = self.full_tokens["video"], self.full_tokens["reference"]
-            if x.shape[1] == n_vid:
-                x = self.local(x, "video")
-            if r.shape[1] == n_ref:  # the original references (every block when update_ref is false)
-                r = self.local(r, "reference")
-            rotary = tuple(torch.cat([self.local(t[:, :n_ref], "reference"), self.local(t[:, n_ref:], "video")], 1)
-                           for t in rotary)
-            return (x, r, ctx_states, temb, rotary, *args[5:]), kwargs
-
-        return hook
-
-    def attach(self) -> None:
-        m = self.model
-        if self.memory:
-            for i, block in enumerate(m.blocks):
-                self.handles.append(block.register_forward_pre_hook(self._memory_block_in(i), with_kwargs=True))
-        else:
-            self.handles.append(m.rope.register_forward_hook(self._rotary_out))
-            self.handles.append(m.blocks[0].register_forward_pre_hook(self._camera_block_in, with_kwargs=True))
-        self.handles.append(m.proj_out.register_forward_hook(self._gather_out))
-        cn = m.controlnet
-        self.handles.append(cn.controlnet_rope.register_forward_hook(self._rotary_out))
-        self.handles.append(cn.proj_in.register_forward_hook(self._tokens_out))
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
 
 
 def _attention_processors(model: nn.Module):
@@ -328,18 +277,18 @@ def enable_sequence_parallel(model: nn.Module, ctx: DistContext | None = None) -
     check_backend(attention_backend_of(model) or "sdpa", ctx.device, context_parallel=True)
     for processor in _attention_processors(model):
         processor._parallel_config = ctx.parallel_config
-    sharding = SequenceSharding(model, ctx)
-    sharding.attach()
-    model._sequence_sharding = sharding
+    sharding = SequenceSharding(ctx)
+    model.sequence_split = model._sequence_sharding = sharding
     return sharding
 
 
 def disable_sequence_parallel(model: nn.Module) -> None:
-    sharding = getattr(model, "_sequence_sharding", None)
-    if sharding is not None:
-        sharding.detach()
+    if getattr(model, "_sequence_sharding", None) is not None:
+        from .models.sequence import WHOLE_SEQUENCE
+
         for processor in _attention_processors(model):
             processor._parallel_config = None
+        model.sequence_split = WHOLE_SEQUENCE
         model._sequence_sharding = None
 
 

@@ -1,8 +1,10 @@
 """Spatial-stereo memory (SSM): joint attention of target and reference tokens (spec §4).
 
 Reference frame m is placed "to the right of" its target frame ``ref_index[m] + 1`` in RoPE space
-(width stitching) and its tokens join the self-attention of every backbone block. The SSM block has
-exactly the parameters of a diffusers ``WanTransformerBlock``; only the computation differs.
+(width stitching: grid position (ref_index[m] + 1, y, w' + x)) and its tokens join the
+self-attention of every backbone block. The step is written once over a :class:`BlockParts` view
+of a host's block (its own projections, norms, feed-forward and modulation), so it needs no
+parameters of its own; only the pose MLP (``camera_embedding``) is new.
 
 Two attention scopes:
 
@@ -18,41 +20,44 @@ Two attention scopes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+import torch.nn as nn
+
+from .attention import AttentionFn, key_mask_bias
+from .controlnet import zero_init
+from .ops import TORCH_OPS
+from .rope import grid_positions
 
 ATTENTION_SCOPES = ("full", "pairs")
+Layer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def apply_rotary(x: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Interleaved-pair RoPE on [B, S, H, d] with repeat-interleaved cos/sin tables [1, S, 1, d]."""
-    cos, sin = rotary_emb
-    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def camera_pose_mlp(camera_dim: int, inner_dim: int, ops=TORCH_OPS) -> nn.Sequential:
+    """The pose MLP (module ``camera_embedding``): one [camera_dim] pose per frame -> a [D] offset
+    added to every token of that frame (last layer zero-initialised)."""
+    return nn.Sequential(
+        ops.Linear(camera_dim, inner_dim // 2), nn.SiLU(),
+        ops.Linear(inner_dim // 2, inner_dim), nn.SiLU(),
+        zero_init(ops.Linear(inner_dim, inner_dim)),
+    )
 
 
-def stitched_rotary(rope, num_frames: int, height: int, width: int, ref_index: torch.Tensor):
-    """RoPE tables (cos, sin), each [1, N_r + N, 1, d], for the joint sequence [refs; targets].
+def add_pose(tokens: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """``tokens`` [B, F*T, D] + per-frame ``pose`` [B, F, D] broadcast over each frame's T tokens."""
+    return (tokens.unflatten(1, (pose.shape[1], -1)) + pose[:, :, None]).flatten(1, 2)
 
-    Both come from one table over a double-width grid (``height``/``width`` are latent sizes):
-    target token (f, y, x) uses grid position (f, y, x), which equals the plain Wan RoPE, and
-    reference token (m, y, x) uses (ref_index[m] + 1, y, w' + x)."""
-    shape_probe = torch.empty(1, 1, num_frames, height, 2 * width, device="meta")
-    tables = rope(shape_probe)  # only reads the shape; each [1, F*h'*2w', 1, d]
-    p_t, p_h, p_w = rope.patch_size
-    f, hp, wp = num_frames // p_t, height // p_h, width // p_w
 
-    def joint(table: torch.Tensor) -> torch.Tensor:
-        grid = table.view(f, hp, 2 * wp, -1)
-        ref = grid[ref_index.to(grid.device) + 1, :, wp:].reshape(-1, grid.shape[-1])
-        main = grid[:, :, :wp].reshape(-1, grid.shape[-1])
-        return torch.cat([ref, main])[None, :, None]
+def joint_positions(ref_index: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    """Grid positions [N_r + N, 3] of the joint sequence [refs; targets] (token units; ``ref_index`` on the CPU).
 
-    return tuple(joint(t) for t in tables)
+    Target token (f, y, x) keeps its position; reference token (m, y, x) sits at
+    (ref_index[m] + 1, y, width + x)."""
+    refs = grid_positions(1, height, width)[None].repeat(ref_index.numel(), 1, 1)
+    refs[:, :, 0] = ref_index[:, None] + 1
+    refs[:, :, 2] += width
+    return torch.cat([refs.reshape(-1, 3), grid_positions(frames, height, width)])
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class PairGroups:
 
     @classmethod
     def build(cls, ref_index: torch.Tensor, num_frames: int, tokens_per_frame: int, device) -> "PairGroups":
-        ref_index = ref_index.to(device=device, dtype=torch.long)
+        """Built on the CPU from the (host) ``ref_index``, then moved to ``device``: no device sync."""
+        ref_index = ref_index.to(device="cpu", dtype=torch.long)
         n_refs, tpf = ref_index.numel(), tokens_per_frame
         frame = ref_index + 1
         counts = torch.bincount(frame, minlength=num_frames)
@@ -78,98 +84,106 @@ class PairGroups:
         order = torch.argsort(frame, stable=True)
         first = torch.cumsum(counts, 0) - counts
         slot = torch.empty_like(frame)
-        slot[order] = torch.arange(n_refs, device=device) - first[frame[order]]
+        slot[order] = torch.arange(n_refs) - first[frame[order]]
 
-        tok = torch.arange(tpf, device=device)
-        index = torch.zeros(num_frames, slots, tpf, dtype=torch.long, device=device)
-        valid = torch.zeros(num_frames, slots, dtype=torch.bool, device=device)
-        frames = torch.arange(num_frames, device=device)
+        tok = torch.arange(tpf)
+        index = torch.zeros(num_frames, slots, tpf, dtype=torch.long)
+        valid = torch.zeros(num_frames, slots, dtype=torch.bool)
+        frames = torch.arange(num_frames)
         index[:, 0] = n_refs * tpf + frames[:, None] * tpf + tok
         valid[:, 0] = True
-        index[frame, 1 + slot] = torch.arange(n_refs, device=device)[:, None] * tpf + tok
+        index[frame, 1 + slot] = torch.arange(n_refs)[:, None] * tpf + tok
         valid[frame, 1 + slot] = True
 
         index = index.flatten(1)
         key_mask = valid[:, :, None].expand(-1, -1, tpf).flatten(1)
-        inverse = torch.empty(n_refs * tpf + num_frames * tpf, dtype=torch.long, device=device)
+        inverse = torch.empty(n_refs * tpf + num_frames * tpf, dtype=torch.long)
         flat_valid = key_mask.flatten()
-        inverse[index.flatten()[flat_valid]] = torch.arange(index.numel(), device=device)[flat_valid]
-        return cls(index, None if bool(key_mask.all()) else key_mask, inverse)
+        inverse[index.flatten()[flat_valid]] = torch.arange(index.numel())[flat_valid]
+        return cls(index.to(device), None if bool(key_mask.all()) else key_mask.to(device), inverse.to(device))
 
 
-class JointReferenceAttnProcessor:
-    """Self-attention over [reference tokens; target tokens] with the block's own projections.
+@dataclass
+class BlockParts:
+    """One backbone block as the joint step sees it; a host builds it from its own block.
 
-    ``_attention_backend`` follows diffusers' ``set_attention_backend`` (torch SDPA by default);
-    ``_parallel_config`` (set by :mod:`worldstereo_core.distributed`) runs it sequence-parallel."""
+    ``modulation``: (shift, scale, gate, ffn shift, ffn scale, ffn gate), each [B, 1, D] float32.
+    ``norm1`` / ``norm_ffn``: the parameter-free pre-norms of self-attention and feed-forward.
+    ``q``, ``k``, ``v``, ``out``, ``norm_q``, ``norm_k``, ``heads``: the self-attention's layers.
+    ``cross_attention``: the block's cross-attention on the un-normed stream (its norm and the
+    text/image context included). ``apply_rotary(x [B,S,H,d], rotary)``: the host's RoPE.
+    ``attention``: the kernel (:data:`AttentionFn`)."""
 
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None, *, reference_states: torch.Tensor, pair_groups: PairGroups | None = None,
-                 reference_output: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``rotary_emb`` covers the joint sequence [refs; targets] (see :func:`stitched_rotary`).
-        Returns (target output, reference output or None when ``reference_output`` is False)."""
-        n_ref = reference_states.shape[1]
-        joint = torch.cat([reference_states, hidden_states], dim=1)
-        q = attn.norm_q(attn.to_q(joint)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(joint)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(joint).unflatten(2, (attn.heads, -1))
-        q, k = apply_rotary(q, rotary_emb), apply_rotary(k, rotary_emb)
-
-        if pair_groups is None:
-            out = dispatch_attention_fn(q, k, v, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-        else:
-            out = self._pairs(q, k, v, pair_groups)
-        out = out.flatten(2, 3).type_as(q)
-        out_x = attn.to_out[0](out[:, n_ref:])
-        return out_x, (attn.to_out[0](out[:, :n_ref]) if reference_output else None)
-
-    def _pairs(self, q, k, v, groups: PairGroups) -> torch.Tensor:
-        batch, _, heads, head_dim = q.shape
-        n_groups, group_len = groups.index.shape
-        flat = groups.index.flatten()
-
-        def gather(t):
-            return t.index_select(1, flat).view(batch * n_groups, group_len, heads, head_dim)
-
-        mask = None
-        if groups.key_mask is not None:
-            mask = groups.key_mask[None, :, None, None, :].expand(batch, -1, 1, 1, -1).flatten(0, 1)
-        out = dispatch_attention_fn(gather(q), gather(k), gather(v), attn_mask=mask,
-                                    backend=self._attention_backend)
-        return out.reshape(batch, n_groups * group_len, heads, head_dim).index_select(1, groups.inverse)
+    modulation: Sequence[torch.Tensor]
+    norm1: Layer
+    norm_ffn: Layer
+    q: Layer
+    k: Layer
+    v: Layer
+    out: Layer
+    norm_q: Layer
+    norm_k: Layer
+    heads: int
+    cross_attention: Layer
+    ffn: Layer
+    apply_rotary: Callable[[torch.Tensor, Any], torch.Tensor]
+    attention: AttentionFn
 
 
-class MemoryTransformerBlock(WanTransformerBlock):
-    """A Wan block whose self-attention also carries reference tokens (same keys as the Wan block)."""
+def _pairs_attention(attention: AttentionFn, q, k, v, groups: PairGroups) -> torch.Tensor:
+    batch, _, heads, head_dim = q.shape
+    n_groups, group_len = groups.index.shape
+    flat = groups.index.flatten()
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.attn1.set_processor(JointReferenceAttnProcessor())
+    def gather(t):
+        return t.index_select(1, flat).view(batch * n_groups, group_len, heads, head_dim)
 
-    def forward(self, hidden_states: torch.Tensor, reference_states: torch.Tensor, encoder_hidden_states, temb,
-                rotary_emb, pair_groups: PairGroups | None = None, update_reference: bool = True):
-        """Returns (targets, references); references are None when ``update_reference`` is False
-        (nothing downstream reads them, and the target outputs do not depend on them)."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
-        x, r = hidden_states, reference_states
+    mask = None
+    if groups.key_mask is not None:
+        mask = key_mask_bias(groups.key_mask, q.dtype).repeat(batch, 1, 1, 1)
+    out = attention(gather(q), gather(k), gather(v), mask)
+    return out.reshape(batch, n_groups * group_len, heads * head_dim).index_select(1, groups.inverse)
 
-        def modulated(t, norm, s, sh):
-            return (norm(t.float()) * (1 + s) + sh).type_as(t)
 
-        attn_x, attn_r = self.attn1(
-            modulated(x, self.norm1, scale, shift), None, None, rotary_emb,
-            reference_states=modulated(r, self.norm1, scale, shift), pair_groups=pair_groups,
-            reference_output=update_reference,
-        )
-        x = (x.float() + attn_x * gate).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)
-        x = (x.float() + self.ffn(modulated(x, self.norm3, c_scale, c_shift)).float() * c_gate).type_as(x)
-        if not update_reference:
-            return x, None
-        r = (r.float() + attn_r * gate).type_as(r)
-        r = (r.float() + self.ffn(modulated(r, self.norm3, c_scale, c_shift)).float() * c_gate).type_as(r)
-        return x, r
+def joint_attention(parts: BlockParts, x: torch.Tensor, r: torch.Tensor, rotary, pair_groups: PairGroups | None,
+                    reference_output: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Self-attention over [references ``r``; targets ``x``] with the block's projections.
+
+    ``rotary`` covers the joint sequence (see :func:`joint_positions`). Returns (target output,
+    reference output or None when ``reference_output`` is False)."""
+    n_ref = r.shape[1]
+    joint = torch.cat([r, x], dim=1)
+    q = parts.apply_rotary(parts.norm_q(parts.q(joint)).unflatten(2, (parts.heads, -1)), rotary)
+    k = parts.apply_rotary(parts.norm_k(parts.k(joint)).unflatten(2, (parts.heads, -1)), rotary)
+    v = parts.v(joint).unflatten(2, (parts.heads, -1))
+    if pair_groups is None:
+        out = parts.attention(q, k, v, None)
+    else:
+        out = _pairs_attention(parts.attention, q, k, v, pair_groups)
+    out = out.type_as(q)
+    return parts.out(out[:, n_ref:]), (parts.out(out[:, :n_ref]) if reference_output else None)
+
+
+def joint_block(parts: BlockParts, x: torch.Tensor, r: torch.Tensor, rotary, pair_groups: PairGroups | None = None,
+                update_reference: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One backbone block over targets ``x`` and references ``r`` (modulation sums in float32).
+
+    References see the same self-attention and feed-forward but no cross-attention. Returns
+    (targets, references); references are None when ``update_reference`` is False (nothing
+    downstream reads them, and the target outputs do not depend on them)."""
+    shift, scale, gate, c_shift, c_scale, c_gate = parts.modulation
+
+    def modulated(t, norm, s, sh):
+        return (norm(t.float()) * (1 + s) + sh).type_as(t)
+
+    attn_x, attn_r = joint_attention(parts, modulated(x, parts.norm1, scale, shift),
+                                     modulated(r, parts.norm1, scale, shift), rotary, pair_groups,
+                                     reference_output=update_reference)
+    x = (x.float() + attn_x * gate).type_as(x)
+    x = x + parts.cross_attention(x)
+    x = (x.float() + parts.ffn(modulated(x, parts.norm_ffn, c_scale, c_shift)).float() * c_gate).type_as(x)
+    if not update_reference:
+        return x, None
+    r = (r.float() + attn_r * gate).type_as(r)
+    r = (r.float() + parts.ffn(modulated(r, parts.norm_ffn, c_scale, c_shift)).float() * c_gate).type_as(r)
+    return x, r

@@ -1,29 +1,127 @@
-"""WorldStereo transformers on diffusers' Wan2.1 I2V backbone.
+"""WorldStereo transformers on diffusers' Wan2.1 I2V backbone (the diffusers host).
 
 * :class:`WorldStereoTransformer` (worldstereo-camera): ``WanTransformer3DModel`` + the GGM
   ControlNet, whose block-j residual is added after main block j (spec §3).
 * :class:`WorldStereoMemoryTransformer` (worldstereo-memory, -memory-dmd): the above with SSM
   blocks, width-stitched reference RoPE and the camera-pose MLP (spec §4).
 
-The models know nothing of sampling; inputs are checked here so a wrong tensor fails with its name.
+The forward itself is :func:`.host.run_worldstereo`; this module adapts diffusers' Wan modules to
+its host interface (:class:`DiffusersWanHost`). Every block is called as a module, in execution
+order, so module hooks (block swap, FSDP) and compiled block forwards apply. The models know nothing
+of sampling; inputs are checked here so a wrong tensor fails with its name.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 from diffusers.utils import apply_lora_scale
 
-from ..constants import NFRAME
 from ..errors import InputError
+from .attention import BranchSelfAttention
 from .config import ControlNetConfig, clean_transformer_config
-from .controlnet import GGMControlNet, zero_init
-from .inputs import VideoInputs, check_memory_inputs, check_video_inputs
-from .ssm import ATTENTION_SCOPES, MemoryTransformerBlock, PairGroups, stitched_rotary
+from .host import branch_modules, run_worldstereo
+from .inputs import BackboneSpec, check_memory_inputs, check_video_inputs
+from .rope import apply_rotary, rope_cos_sin
+from .sequence import WHOLE_SEQUENCE
+from .ssm import ATTENTION_SCOPES, BlockParts, PairGroups, joint_block
+
+
+class DiffusersAttention:
+    """A branch attention kernel through diffusers' ``dispatch_attention_fn``.
+
+    ``_attention_backend`` and ``_parallel_config`` are set as on a diffusers attention processor
+    (by :mod:`..runtime.attention` and :mod:`..distributed`)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        return out.flatten(2)
+
+
+class MemoryTransformerBlock(WanTransformerBlock):
+    """A Wan block run as an SSM joint block over target and reference tokens (same keys as the Wan block)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attn1.set_processor(DiffusersAttention())
+
+    def parts(self, encoder_hidden_states: torch.Tensor, temb: torch.Tensor) -> BlockParts:
+        attn1 = self.attn1
+
+        def cross_attention(x):
+            return self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)
+
+        return BlockParts(
+            modulation=(self.scale_shift_table + temb.float()).chunk(6, dim=1),
+            norm1=self.norm1, norm_ffn=self.norm3, q=attn1.to_q, k=attn1.to_k, v=attn1.to_v, out=attn1.to_out[0],
+            norm_q=attn1.norm_q, norm_k=attn1.norm_k, heads=attn1.heads, cross_attention=cross_attention,
+            ffn=self.ffn, apply_rotary=apply_rotary, attention=attn1.processor,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, reference_states: torch.Tensor, encoder_hidden_states, temb,
+                rotary_emb, pair_groups: PairGroups | None = None, update_reference: bool = True):
+        """Returns (targets, references or None); see :func:`.ssm.joint_block`."""
+        return joint_block(self.parts(encoder_hidden_states, temb), hidden_states, reference_states, rotary_emb,
+                           pair_groups, update_reference)
+
+
+@dataclass
+class DiffusersConditioning:
+    temb: torch.Tensor     # [B, D]
+    tproj: torch.Tensor    # [B, 6, D], the blocks' modulation input
+    context: torch.Tensor  # [B, image tokens + text tokens, D]
+
+
+class DiffusersWanHost:
+    """:class:`.host.WanHost` over a diffusers ``WanTransformer3DModel``."""
+
+    branch_attention = None  # the ControlNet blocks carry DiffusersAttention processors
+
+    def __init__(self, model: WanTransformer3DModel) -> None:
+        self.model = model
+        self.patch_size = tuple(model.config.patch_size)
+        self.num_blocks = len(model.blocks)
+
+    def embed(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.patch_embedding(latent).flatten(2).transpose(1, 2).contiguous()
+
+    def conditioning(self, timestep, text, image) -> DiffusersConditioning:
+        temb, tproj, context, context_image = self.model.condition_embedder(timestep, text, image)
+        if context_image is not None:
+            context = torch.cat([context_image, context], dim=1)
+        return DiffusersConditioning(temb, tproj.unflatten(1, (6, -1)), context)
+
+    def rotary(self, positions: torch.Tensor):
+        return rope_cos_sin(positions, self.model.config.attention_head_dim)
+
+    def block(self, index, x, cond: DiffusersConditioning, rotary):
+        return self.model.blocks[index](x, cond.context, cond.tproj, rotary)
+
+    def memory_block(self, index, x, r, cond: DiffusersConditioning, rotary, pair_groups, update_reference):
+        return self.model.blocks[index](x, r, cond.context, cond.tproj, rotary, pair_groups, update_reference)
+
+    def head(self, x: torch.Tensor, cond: DiffusersConditioning) -> torch.Tensor:
+        model = self.model
+        shift, scale = (model.scale_shift_table.to(cond.temb.device) + cond.temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (model.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        return model.proj_out(x)
+
+    def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        p_t, p_h, p_w = self.patch_size
+        x = tokens.reshape(tokens.shape[0], *grid, p_t, p_h, p_w, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 class WorldStereoTransformer(WanTransformer3DModel):
@@ -33,46 +131,92 @@ class WorldStereoTransformer(WanTransformer3DModel):
     the reference key names (Wan keys in diffusers naming + ``controlnet.*``)."""
 
     _no_split_modules = ["WanTransformerBlock", "MemoryTransformerBlock", "ControlNetBlock"]
+    #: Whether the model takes reference frames (the memory models).
+    uses_references: ClassVar[bool] = False
 
     def __init__(self, controlnet_cfg: ControlNetConfig | dict, **transformer_config: Any) -> None:
         super().__init__(**clean_transformer_config(transformer_config))
         cfg = ControlNetConfig.from_dict(controlnet_cfg)
-        inner_dim = self.config.num_attention_heads * self.config.attention_head_dim
+        config = self.config
+        inner_dim = config.num_attention_heads * config.attention_head_dim
         if cfg.time_embed_dim != inner_dim:
             raise InputError(
                 f"controlnet_cfg.time_embed_dim ({cfg.time_embed_dim}) must equal the transformer width "
                 f"{inner_dim}: the ControlNet is modulated by the main time embedding; wrong base model?"
             )
         self.controlnet_cfg = cfg
-        self.controlnet = GGMControlNet(
-            cfg, in_channels=self.config.in_channels, latent_channels=self.config.out_channels,
-            inner_dim=inner_dim, patch_size=self.config.patch_size, rope_max_seq_len=self.config.rope_max_seq_len,
-        )
+        self.camera_embedding = None
+        for name, module in branch_modules(cfg, memory=self.uses_references, in_channels=config.in_channels,
+                                           latent_channels=config.out_channels, inner_dim=inner_dim,
+                                           patch_size=config.patch_size).items():
+            setattr(self, name, module)
+        for module in self.controlnet.modules():
+            if isinstance(module, BranchSelfAttention):
+                module.processor = DiffusersAttention()
+        #: How the token sequence is split over processes (set by ``distributed.enable_sequence_parallel``).
+        self.sequence_split = WHOLE_SEQUENCE
+        self._condition_cache: dict | None = None
 
-    # ----- shared pieces -------------------------------------------------------------------------
-    def _conditioning(self, inp: VideoInputs):
-        """Time/text/image embeddings and the (lazy) ControlNet residuals."""
-        temb, tproj, ctx, ctx_img = self.condition_embedder(inp.timestep, inp.encoder_hidden_states,
-                                                            inp.encoder_hidden_states_image)
-        tproj = tproj.unflatten(1, (6, -1))
-        if ctx_img is not None:
-            ctx = torch.cat([ctx_img, ctx], dim=1)
-        residuals = self.controlnet.residuals(inp.hidden_states, inp.render_latent, inp.render_mask,
-                                              inp.camera_embedding, temb)
-        return temb, tproj, ctx, residuals
+    def _branch_processors(self) -> Iterator[DiffusersAttention]:
+        for module in self.controlnet.modules():
+            if isinstance(module, BranchSelfAttention):
+                yield module.processor
 
-    def _embed(self, hidden_states):
-        return self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' attention-backend switch, extended to the ControlNet's attention."""
+        from diffusers.models.attention_dispatch import AttentionBackendName
 
-    def _output(self, x, temb, shape, return_dict: bool):
-        batch, _, frames, height, width = shape
-        p_t, p_h, p_w = self.config.patch_size
-        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        x = self.proj_out(x)
-        x = x.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+        super().set_attention_backend(backend)
+        for processor in self._branch_processors():
+            processor._attention_backend = AttentionBackendName(backend.lower())
+
+    def reset_attention_backend(self) -> None:
+        super().reset_attention_backend()
+        for processor in self._branch_processors():
+            processor._attention_backend = None
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        config = self.config
+        return BackboneSpec(config.in_channels, config.out_channels, tuple(config.patch_size), config.text_dim,
+                            config.image_dim)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @contextlib.contextmanager
+    def reusing_condition(self) -> Iterator[None]:
+        """Inside the block, calls with the same ``render_mask`` / ``camera_embedding`` tensor objects
+        compute the ControlNet's condition embedding once (a sampling loop wraps one clip in it)."""
+        self._condition_cache = {}
+        try:
+            yield
+        finally:
+            self._condition_cache = None
+
+    def _controlnet_condition(self, render_mask: torch.Tensor, camera_embedding: torch.Tensor | None,
+                              batch: int) -> torch.Tensor:
+        """The condition tokens of the (checked) mask and rays, at their own batch when it is 1."""
+        key = (id(render_mask), id(camera_embedding), batch)
+        cache = self._condition_cache
+        if cache is not None and key in cache:
+            return cache[key][-1]
+        conditions = [render_mask, camera_embedding]
+        if any(t is not None and t.shape[0] != 1 for t in conditions):
+            conditions = [None if t is None else t.expand(batch, *t.shape[1:]) for t in conditions]
+        tokens = self.controlnet.embed_condition(*conditions, self.compute_dtype)
+        if cache is not None:  # the inputs are kept so that their ids stay theirs
+            cache[key] = (render_mask, camera_embedding, tokens)
+        return tokens
+
+    def _video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                      render_latent, render_mask, camera_embedding, extrinsics, intrinsics):
+        inp = check_video_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, hidden_states, timestep,
+                                 encoder_hidden_states, encoder_hidden_states_image, render_latent, render_mask,
+                                 camera_embedding, extrinsics, intrinsics)
+        inp.controlnet_condition = self._controlnet_condition(render_mask, camera_embedding, hidden_states.shape[0])
+        return inp
 
     # ----- forward -------------------------------------------------------------------------------
     @apply_lora_scale("attention_kwargs")
@@ -93,21 +237,16 @@ class WorldStereoTransformer(WanTransformer3DModel):
         """Predict the flow velocity [B, 16, F, h, w].
 
         ``extrinsics``/``intrinsics`` are only checked for finite values; the reference ignores them."""
-        inp = check_video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+        inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                                  render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
-        hidden_states = inp.hidden_states
-        temb, tproj, ctx, residuals = self._conditioning(inp)
-        rotary_emb = self.rope(hidden_states)
-        x = self._embed(hidden_states)
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx, tproj, rotary_emb)
-            if i < self.controlnet.num_layers:
-                x = x + next(residuals)
-        return self._output(x, temb, hidden_states.shape, return_dict)
+        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 class WorldStereoMemoryTransformer(WorldStereoTransformer):
     """worldstereo-memory / -memory-dmd: camera model + SSM reference attention and pose MLP."""
+
+    uses_references = True
 
     def __init__(self, controlnet_cfg: ControlNetConfig | dict, *, attention_scope: str = "full",
                  **transformer_config: Any) -> None:
@@ -121,15 +260,6 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
                                    cfg.cross_attn_norm, cfg.eps, cfg.added_kv_proj_dim)
             for _ in range(cfg.num_layers)
         )
-        if cn.ref_embedding:  # present in the checkpoints, unused by the forward (as in the reference)
-            self.ref_index_embedding = zero_init(nn.Embedding(NFRAME, inner_dim))
-        self.camera_embedding = None
-        if cn.main_camera_embedding:
-            self.camera_embedding = nn.Sequential(
-                nn.Linear(cn.camera_embedding_dim, inner_dim // 2), nn.SiLU(),
-                nn.Linear(inner_dim // 2, inner_dim), nn.SiLU(),
-                zero_init(nn.Linear(inner_dim, inner_dim)),
-            )
         self.set_attention_scope(attention_scope)
 
     def set_attention_scope(self, scope: str) -> None:
@@ -157,36 +287,17 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
     ):
-        """Predict the flow velocity [B, 16, F, h, w] with reference frames as spatial-stereo memory."""
-        inp = check_video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                 render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
-        hidden_states = inp.hidden_states
-        mem = check_memory_inputs(self, hidden_states, reference_latent, ref_index, camera_qt, camera_qt_ref)
-        _, _, frames, height, width = hidden_states.shape
-        temb, tproj, ctx, residuals = self._conditioning(inp)
-        rotary_joint = stitched_rotary(self.rope, frames, height, width, mem.ref_index)
-        x, r = self._embed(hidden_states), self._embed(mem.reference_latent)
-        p_t, p_h, p_w = self.config.patch_size
-        tokens_per_frame = (height // p_h) * (width // p_w)
-        if self.camera_embedding is not None:  # one pose token per frame, added to all its tokens
-            x = (x.unflatten(1, (-1, tokens_per_frame)) + self.camera_embedding(mem.camera_qt)[:, :, None]
-                 ).flatten(1, 2)
-            r = (r.unflatten(1, (-1, tokens_per_frame)) + self.camera_embedding(mem.camera_qt_ref)[:, :, None]
-                 ).flatten(1, 2)
-        groups = None
-        if self.attention_scope == "pairs":
-            groups = PairGroups.build(mem.ref_index, frames // p_t, tokens_per_frame, x.device)
+        """Predict the flow velocity [B, 16, F, h, w] with reference frames as spatial-stereo memory.
 
-        carry = self.controlnet_cfg.update_ref
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # Reference outputs are only computed when the next block consumes them.
-            x, r_out = block(x, r, ctx, tproj, rotary_joint, groups, update_reference=carry and i < last)
-            if r_out is not None:
-                r = r_out
-            if i < self.controlnet.num_layers:
-                x = x + next(residuals)
-        return self._output(x, temb, hidden_states.shape, return_dict)
+        ``ref_index`` must be a CPU tensor (it sets token positions without waiting for the device)."""
+        inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                 render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
+        mem = check_memory_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, inp.hidden_states,
+                                  reference_latent, ref_index, camera_qt, camera_qt_ref)
+        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, mem,
+                              camera_embedding=self.camera_embedding, update_ref=self.controlnet_cfg.update_ref,
+                              attention_scope=self.attention_scope, split=self.sequence_split)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def _keep_in_fp32(name: str, model: nn.Module) -> bool:

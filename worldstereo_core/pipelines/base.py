@@ -103,6 +103,12 @@ def _batched(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     raise InputError(f"{name} has batch size {x.shape[0]}, expected 1 or {batch} (the batch of render_video)")
 
 
+def _reusing_condition(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The model's per-clip reuse of its ControlNet condition embedding, where it has one."""
+    reuse = getattr(model, "reusing_condition", None)
+    return reuse() if reuse is not None else contextlib.nullcontext()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -455,7 +461,7 @@ class KeyframePipeline(abc.ABC):
         timings["step_s"] = step_times
         t_loop = time.perf_counter()
         marks = []  # per-step times are read after the loop: no host sync per step
-        with self._placed(self.transformer) as model:
+        with self._placed(self.transformer) as model, _reusing_condition(model):
             marks.append(_mark(self.device))
             for i, t in enumerate(sampler.timesteps):
                 model_in = torch.cat([x, cond.condition], dim=1).to(tdtype)

@@ -1,0 +1,11 @@
+"""WorldStereo on ComfyUI's own Wan2.1 model (``comfy.ldm.wan.model.WanModel``).
+
+This package imports ``comfy`` (``worldstereo_core`` never does):
+
+* :mod:`.host`: the host adapter the shared WorldStereo forward runs on;
+* :mod:`.model`: the native ``MODEL`` (a ModelPatcher clone of a core Wan2.1-I2V model with the
+  variant's backbone as weight patches, the branches as an additional model and the forward as a
+  diffusion-model wrapper), or one loaded from a complete variant file without a base;
+* :mod:`.conds`: the per-clip WorldStereo inputs as conditioning ``model_conds``;
+* :mod:`.sampling`: the release's schedules and UniPC as ComfyUI ``SIGMAS`` / ``SAMPLER``.
+"""

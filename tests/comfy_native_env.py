@@ -1,0 +1,132 @@
+"""The real ComfyUI (``../shared/comfyui/ComfyUI`` or ``$COMFYUI_DIR``) in this test process, and tiny
+Wan2.1-I2V checkpoints it can load.
+
+:func:`real_comfy` imports ComfyUI's ``comfy`` package (CPU mode) and the pack's ``nodes/native``
+for the duration of a block, then removes them again, so test modules that use the ComfyUI stub
+(``comfy_stub``) are unaffected; it skips the calling test when ComfyUI is absent.
+
+ComfyUI reads a Wan2.1 checkpoint's sizes from its tensors but assumes some: 128-channel heads,
+a 256-channel timestep embedding, 4096-channel text features and 1280-channel CLIP features.
+The tiny fixture models are narrower, so :func:`tiny_detection` corrects the first three in
+ComfyUI's detection (a real checkpoint needs nothing), and :func:`widen_image_embedder` rewrites a
+tiny model's CLIP projection to take 1280 channels exactly: the CLIP features are tiled
+(``tile_image_features``), which leaves a LayerNorm's statistics unchanged, and the first copy
+alone feeds the projection.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import pytest
+import torch
+
+from conftest import REPO
+
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or REPO.parent / "shared" / "comfyui" / "ComfyUI")
+#: ComfyUI's Wan2.1 CLIP-feature width (ViT-H/14).
+COMFY_IMAGE_DIM = 1280
+NATIVE_PACKAGE = "worldstereo_native_under_test"
+_IMAGE_EMBEDDER = "condition_embedder.image_embedder."
+
+
+def _comfy_module(name: str) -> bool:
+    return name in ("comfy", "node_helpers") or name.startswith(("comfy.", NATIVE_PACKAGE))
+
+
+@contextlib.contextmanager
+def real_comfy() -> Iterator[SimpleNamespace]:
+    """``comfy`` (CPU mode) and the pack's native host package, imported for the block."""
+    if not (COMFYUI_DIR / "comfy" / "model_patcher.py").is_file():
+        pytest.skip(f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR to a ComfyUI checkout)")
+    stashed = {name: sys.modules.pop(name) for name in list(sys.modules) if _comfy_module(name)}
+    for name in stashed:  # inspect's file cache still knows the stub's files under these names
+        inspect._filesbymodname.pop(name, None)
+    saved_path = list(sys.path)
+    # ComfyUI's comfy is a namespace package: a regular ``comfy`` package (the stub) anywhere on the
+    # path would win over it, so such entries leave the path for the block.
+    sys.path[:] = [str(COMFYUI_DIR)] + [p for p in saved_path if not (Path(p) / "comfy" / "__init__.py").is_file()]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.clip_vision
+        import comfy.lora
+        import comfy.model_detection
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.sample
+        import comfy.samplers
+        import comfy.sd
+
+        spec = importlib.util.spec_from_file_location(NATIVE_PACKAGE, REPO / "nodes" / "native" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "nodes" / "native")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[NATIVE_PACKAGE] = package
+        spec.loader.exec_module(package)
+        native = SimpleNamespace(**{name: importlib.import_module(f"{NATIVE_PACKAGE}.{name}")
+                                    for name in ("conds", "host", "model", "sampling")})
+        yield SimpleNamespace(comfy=comfy, native=native)
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if _comfy_module(n)]:
+            del sys.modules[name]
+        sys.modules.update(stashed)
+
+
+@contextlib.contextmanager
+def tiny_detection(comfy, transformer_config: dict) -> Iterator[None]:
+    """ComfyUI's model detection with the sizes it cannot read from a tiny Wan checkpoint's tensors."""
+    detection = comfy.model_detection
+    original = detection.detect_unet_config
+    sizes = {"num_heads": transformer_config["num_attention_heads"], "freq_dim": transformer_config["freq_dim"],
+             "text_dim": transformer_config["text_dim"]}
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = original(state_dict, key_prefix, metadata=metadata)
+        if config is not None and config.get("image_model") == "wan2.1":
+            config.update(sizes)
+        return config
+
+    detection.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        detection.detect_unet_config = original
+
+
+def widen_image_embedder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a diffusers-named WorldStereo/Wan state dict whose CLIP projection takes 1280 channels
+    and computes exactly what the original computes on :func:`tile_image_features` of its input."""
+    out = dict(state_dict)
+    if _IMAGE_EMBEDDER + "norm1.weight" not in state_dict:  # no backbone (a branches-only variant)
+        return out
+    width = state_dict[_IMAGE_EMBEDDER + "norm1.weight"].shape[0]
+    copies = COMFY_IMAGE_DIM // width
+    if copies * width != COMFY_IMAGE_DIM:
+        raise ValueError(f"CLIP width {width} does not divide {COMFY_IMAGE_DIM}")
+    for name in ("norm1.weight", "norm1.bias"):
+        out[_IMAGE_EMBEDDER + name] = state_dict[_IMAGE_EMBEDDER + name].repeat(copies)
+    first = _IMAGE_EMBEDDER + "ff.net.0.proj."
+    weight = torch.zeros(COMFY_IMAGE_DIM, COMFY_IMAGE_DIM)
+    weight[:width, :width] = state_dict[first + "weight"]
+    out[first + "weight"] = weight
+    out[first + "bias"] = torch.cat([state_dict[first + "bias"], torch.zeros(COMFY_IMAGE_DIM - width)])
+    second = _IMAGE_EMBEDDER + "ff.net.2.weight"
+    out[second] = torch.cat([state_dict[second], state_dict[second].new_zeros(state_dict[second].shape[0],
+                                                                              COMFY_IMAGE_DIM - width)], dim=1)
+    return out
+
+
+def tile_image_features(features: torch.Tensor) -> torch.Tensor:
+    """CLIP features [B, T, w] -> [B, T, 1280] (w copies side by side)."""
+    return features.repeat(1, 1, COMFY_IMAGE_DIM // features.shape[-1])
