@@ -269,7 +269,7 @@ def test_resume_checks(tmp_path):
     assert [t.status for t in res.trajectories] == ["read back", "generated", "generated", "generated"]
     assert calls == ["renders/traj_up", "renders/traj_right", "renders/traj_left"]
     assert len(res.bank) == 33 and res.bank.fnames[1] == "renders/traj_eloop/0003"
-    with pytest.raises(InputError, match="panorama"):
+    with pytest.raises(InputError, match="360-degree cloud"):  # only panorama scenes made from an image have one
         run_multi_trajectory(scene, tmp_path / "x", _fake_generator,
                              options=LoopOptions(task="panorama", cache_mode="global"))
 

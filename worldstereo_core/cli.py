@@ -6,7 +6,8 @@
   run_multi_traj.py, with ``--cache global`` for the paper's growing 3D cache; rerun the same
   command to resume. With ``--task panorama`` a scene may also be one equirectangular image: its
   scene folder is made first (:func:`worldstereo_core.tasks.panorama_scene.make_panorama_scene`,
-  in ``<out>/panorama_scenes/<image name>``).
+  in ``<out>/panorama_scenes/<image name>``); MoGe is told each image's field of view there and
+  in the panorama's global cache.
 * ``panorama-scene <image> [<image> ...]``: only make those scene folders.
 * ``download {worldstereo,wan-base,moge,dinov2,all}``: fetch weights into the models folder.
 
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
     mt.add_argument("--align-nframe", type=_int_range(1), default=8, help="frames kept in memory per trajectory")
     mt.add_argument("--cache", default="release", choices=("release", "global"),
-                    help="release: pre-rendered warps / start-view cloud; global: the paper's growing 3D cache")
+                    help="release: pre-rendered warps / start-view cloud; global: the paper's growing 3D cache "
+                         "(panorama: scenes made from an image, which start it from their 360-degree cloud)")
     mt.add_argument("--dinov2", default=None,
                     help="DINOv2 folder for reference selection (default <models>/dinov2/dinov2-base if present)")
     mt.add_argument("--no-scene-renders", action="store_true",
@@ -228,12 +230,14 @@ class LazyMoGeDepth:
         self._fn = None
 
     def resume_key(self) -> dict:
-        """The checkpoint's name, size and mtime (as far as it is already on disk)."""
+        """The checkpoint's name, size and mtime (as far as it is already on disk), and whether
+        MoGe is given the field of view."""
+        key = {"moge": self.moge, **({"known_fov": True} if self.known_fov else {})}
         try:
             path = _moge_path(self.models, self.moge, download=False)
         except WorldStereoError:
-            return {"moge": self.moge}
-        return {"moge": self.moge, "file": file_stamps(path)}
+            return key
+        return {**key, "file": file_stamps(path)}
 
     def __call__(self, image, K, w2c):
         if self._fn is None:
@@ -408,10 +412,17 @@ def cmd_camera_control(args) -> int:
     return _summary(total, failed)
 
 
-def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistContext) -> list[Path]:
+def _panorama_depth(args, ctx: distributed.DistContext) -> LazyMoGeDepth:
+    """MoGe told each image's field of view: panorama views and, in the global cache, generated frames."""
+    return LazyMoGeDepth(hub.resolve_models_root(args.models), args.moge, args.download, _device(args.device, ctx),
+                         known_fov=True)
+
+
+def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistContext,
+                            moge: LazyMoGeDepth) -> list[Path]:
     """``scenes`` with every image replaced by its scene folder, made (or reused when finished)
     in ``<out>/panorama_scenes/<image name>``."""
-    from .tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
+    from .tasks.panorama_scene import PANORAMA_SCENES, PanoramaSceneOptions, make_panorama_scene
 
     images = [s for s in scenes if not s.is_dir()]
     if not images:
@@ -428,8 +439,6 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistC
     if len(depths) != len(images):
         raise InputError(f"--pano-depth: give one depth file per panorama image ({len(images)} images, "
                          f"{len(depths)} files)")
-    models, device = hub.resolve_models_root(args.models), _device(args.device, ctx)
-    moge = LazyMoGeDepth(models, args.moge, args.download, device, known_fov=True)
     if args.bank_size is not None and len(args.bank_size) != 1:
         raise InputError("--bank-size takes one HxW, e.g. 480x832")
     bank_h, bank_w = (args.bank_size or [(480, 832)])[0]
@@ -441,7 +450,7 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistC
     folders = []
     for scene in scenes:
         if scene in made:
-            folder = safe_join(args.out, "panorama_scenes", scene.stem)
+            folder = safe_join(args.out, PANORAMA_SCENES, scene.stem)
             bar = TqdmProgress(desc=f"{scene.name} panorama scene")
             try:
                 make_panorama_scene(scene, folder, depth=made[scene], depth_fn=moge, prompt=args.prompt,
@@ -455,7 +464,8 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistC
 
 
 def cmd_panorama_scene(args) -> int:
-    _panorama_scene_folders(args, args.image, _context())
+    ctx = _context()
+    _panorama_scene_folders(args, args.image, ctx, _panorama_depth(args, ctx))
     return 0
 
 
@@ -468,8 +478,9 @@ def cmd_multi_traj(args) -> int:
 
     ctx = _context()
     output_folder(args.out, "--out")
-    if args.task == "panorama":
-        args.scene = _panorama_scene_folders(args, args.scene, ctx)
+    panorama_depth = _panorama_depth(args, ctx) if args.task == "panorama" else None
+    if panorama_depth is not None:
+        args.scene = _panorama_scene_folders(args, args.scene, ctx, panorama_depth)
     work = _my_scenes(args, ctx)
     if not work:
         return 0
@@ -491,7 +502,7 @@ def cmd_multi_traj(args) -> int:
         dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
         if args.download and not args.dinov2:
             dinov2 = hub.ensure_dinov2(models, download=True)
-        depth_fn = LazyMoGeDepth(models, args.moge, args.download, device)
+        depth_fn = panorama_depth or LazyMoGeDepth(models, args.moge, args.download, device)
         selector = CameraSelector(dinov2_path=dinov2, device=device)
     tag = _tag(ctx)
     for (scene,) in work:

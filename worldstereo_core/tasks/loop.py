@@ -2,14 +2,18 @@
 
 Task types (spec/geometry.md §7.2): ``reconstruction`` (one image: eloop -> up -> right -> left)
 and ``panorama`` (the 27-view bank, then view*/target*/reconstruct*/wonder* trajectories, the
-iterative ones starting from the last frame of another generated clip). Per trajectory, in order:
+iterative ones starting from the last frame of another generated clip; a scene made from one
+panorama image by :mod:`.panorama_scene` also has the panorama's 360-degree cloud, the initial 3D
+cache; :func:`run_panorama_image` goes from the image to the results). Per trajectory, in order:
 
 1. conditioning: the start image at the working size (``assign_scale``) and the warp render +
    hole mask, taken from the scene's pre-rendered ``render.mp4``/``render_mask.mp4`` (release
-   mode, as the release does) or rendered from the point cache (the start-view cloud in release
-   mode when a scene has no renders; the growing cache in ``global`` mode). Renders made here are
+   mode, as the release does) or rendered from the point cache (in release mode, where a scene
+   has no renders: the start-view cloud, or a made panorama scene's 360-degree cloud; in
+   ``global`` mode the growing cache, which starts from that cloud). Renders made here are
    written as a render folder next to the result and read back, as the reference does;
-2. retrieval from the memory bank, saved as ``memory_inputs/{<model>.mp4, <model>_ref_index.json,
+2. retrieval from the memory bank (the start image or the 27 bank views, and the kept frames of
+   every generated trajectory), saved as ``memory_inputs/{<model>.mp4, <model>_ref_index.json,
    <model>_ref_w2cs.json}``;
 3. generation by the injected generator (:mod:`.generate`); noise as the release draws it: one
    generator seeded once with ``seed``, trajectory k taking its (k+1)-th draw (also on resume), or
@@ -25,7 +29,9 @@ frame-0 pose), the cache as ``<model>_cloud.ply`` / ``.glb`` and one MP4 per tra
 The run folder ``<out>/<scene>/`` is held by one run at a time (:mod:`..io.run_lock`; a second run
 is refused at once, naming the holder) and temporaries of killed writes are removed when it is
 opened. Resume: the state, saved when the run starts and after every trajectory, records the
-run's key: every setting, a digest of every input file and prompt, and what identifies the models
+run's key: every setting, a digest of every input file and prompt (a made panorama scene's
+manifest, which identifies the image, depth and settings it was made from, and its cloud among
+them, so a scene rebuilt from something else is not resumed), and what identifies the models
 (:meth:`.generate.PipelineGenerator.resume_key`: weights by name, size and mtime, sampler
 settings). A rerun with the same key skips finished trajectories, after checking that each
 result file is still the one saved; a rerun with another key is refused with the changed items
@@ -47,7 +53,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +83,8 @@ from ..sizes import assign_scale, validate_scale_map
 from .generate import GenerationRequest, Generator
 from .ordering import (RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, TASK_TYPES, read_prompt, recon_sort_trajs,
                        sort_trajs)
+from .panorama_scene import (CLOUD_FILE, MANIFEST, PANORAMA_SCENES, PanoramaSceneOptions, check_made_scene,
+                             make_panorama_scene, panorama_cache)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +221,8 @@ class _Scene:
     uses_depth: bool = False
     #: w2c exported instead of the bank's, by entry name (the reconstruction start image's true pose).
     export_poses: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: What the cache factory's cloud is (named as the render source in release mode).
+    cloud_name: str = "start-view cloud"
 
     def inputs_key(self) -> dict[str, str]:
         """Digest of every input file and prompt (part of the run's resume key)."""
@@ -298,9 +308,12 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
 
 
 def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
-    if opts.cache_mode == "global":
-        raise InputError("the global 3D cache needs one start view to lift; panorama scenes run in release "
-                         "mode (cache_mode='release') with their pre-rendered warps")
+    made = check_made_scene(scene_dir) is not None  # made from a panorama image: it has a 360-degree cloud
+    if opts.cache_mode == "global" and not made:
+        raise InputError(f"{scene_dir}: the global 3D cache of a panorama scene starts from the panorama's 360-degree "
+                         f"cloud ({CLOUD_FILE}), which release scene folders do not have; make the scene from the "
+                         "panorama image (make_panorama_scene, `panorama-scene`, or give multi-traj the image), or "
+                         "run this folder with cache_mode='release'")
     tjobs = sort_trajs(scene_dir)
     first = next(j.start_image for j in tjobs if j.start_image is not None)
     h0, w0 = load_image(first).shape[:2]
@@ -311,21 +324,30 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
     files = {_relative(scene_dir, p): p for p in [bank_dir / "cameras.json", *(bank_dir / "images" / f"{k}.png"
                                                                               for k in keys)] if p.is_file()}
     for tj in tjobs:
-        if not (opts.scene_renders and _has_renders(tj.traj_dir)):
+        render_dir = tj.traj_dir if opts.scene_renders and _has_renders(tj.traj_dir) else None
+        if render_dir is None and not made:
             raise InputError(f"{tj.traj_dir}: panorama trajectories need pre-rendered {RENDER_VIDEO} and "
-                             f"{MASK_VIDEO} (the release's input layout)")
+                             f"{MASK_VIDEO} (the release's input layout), or a scene made from a panorama image, "
+                             "whose 360-degree cloud they are rendered from")
         jobs.append(_Job(tj.view_id, tj.traj_id, tj.prompt, _trajectory(tj.camera_path, opts.nframe, (h0, w0)),
-                         start_image=tj.start_image, start_from=tj.start_from, render_dir=tj.traj_dir))
-        for path in (tj.camera_path, tj.traj_dir / RENDER_VIDEO, tj.traj_dir / MASK_VIDEO, tj.start_image):
+                         start_image=tj.start_image, start_from=tj.start_from, render_dir=render_dir))
+        renders = () if render_dir is None else (render_dir / RENDER_VIDEO, render_dir / MASK_VIDEO)
+        for path in (tj.camera_path, *renders, tj.start_image):
             if path is not None:
                 files[_relative(scene_dir, path)] = path
         texts[f"prompt of {tj.view_id}/{tj.traj_id}"] = tj.prompt
+    if made:  # what the scene was made from (image, depth, options) and the cloud
+        files.update({name: scene_dir / name for name in (MANIFEST, CLOUD_FILE)})
 
     def bank() -> MemoryBank:
         return MemoryBank.from_panorama_folder(scene_dir, max_reference=opts.max_reference,
                                                align_nframe=opts.align_nframe, nframe=opts.nframe)
 
-    return _Scene(scene_dir.name, "panorama", size, jobs, bank, None, files, texts)
+    def cache() -> PointCache:
+        return panorama_cache(scene_dir, mode=opts.cache_mode, settings=opts.cache)
+
+    return _Scene(scene_dir.name, "panorama", size, jobs, bank, cache if made else None, files, texts,
+                  uses_depth=opts.cache_mode == "global", cloud_name="360-degree cloud")
 
 
 def _prepare(scene_dir: Path, opts: LoopOptions, depth_fn: DepthFn | None) -> _Scene:
@@ -585,6 +607,35 @@ def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, generator: G
         return run_multi_trajectory(folder, out_dir, generator, **kwargs)
 
 
+def run_panorama_image(panorama, out_dir: str | os.PathLike, generator: Generator, *, name: str | None = None,
+                       prompt: str = "", depth=None, depth_fn: DepthFn | None = None,
+                       scene_options: PanoramaSceneOptions | None = None, options: LoopOptions | None = None,
+                       selector=None, progress: ProgressFn | None = None) -> LoopResult:
+    """:func:`run_multi_trajectory` of a panorama from one equirectangular image: its scene folder
+    is made first (:func:`.panorama_scene.make_panorama_scene` in ``<out_dir>/panorama_scenes/<name>``;
+    a finished one is reused), then generated with results in ``<out_dir>/<name>``.
+
+    ``panorama``: a path, PIL image, array or ComfyUI IMAGE tensor (2:1); ``name``: default the
+    file's stem, else "panorama". ``depth``: the user's equirectangular distance map, else
+    ``depth_fn`` estimates it (MoGe told each view's field of view:
+    :func:`geometry.panorama_depth.moge_view_depth_fn`); ``depth_fn`` also lifts the kept frames
+    into the cache when ``options.cache_mode`` is "global". ``options.task`` is always "panorama".
+    ``progress`` follows the scene's build, then the run. The run folder's lock is held from the
+    scene to the end of the run; a scene folder made from another image, depth, prompt or settings
+    is refused (the run's results belong to it)."""
+    opts = replace(options or LoopOptions(), task="panorama")
+    opts.check()
+    if name is None:
+        name = Path(panorama).stem if isinstance(panorama, (str, os.PathLike)) else "panorama"
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError(f"name must be a plain folder name, got {name!r}")
+    with locked_run_folder(safe_join(out_dir, name)):
+        scene = make_panorama_scene(panorama, safe_join(out_dir, PANORAMA_SCENES, name), depth=depth,
+                                    depth_fn=depth_fn, prompt=prompt, options=scene_options, progress=progress)
+        return run_multi_trajectory(scene.folder, out_dir, generator, options=opts, depth_fn=depth_fn,
+                                    selector=selector, progress=progress)
+
+
 def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts: LoopOptions, generator: Generator,
                     state: _State, bank: MemoryBank, cache: PointCache | None, depth_fn: DepthFn | None, selector,
                     ticks: _Ticks, steps: int) -> TrajectoryOutcome:
@@ -652,7 +703,7 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
         rgb, holes = cache.render(traj_w, image_t, H, W, progress=ticks.beat)
         save_render_folder(traj_out, rgb, holes, traj_w)
         render, mask, _ = load_render_folder(traj_out, H, W, image_t)
-        source = "global cache" if opts.cache_mode == "global" else "start-view cloud"
+        source = "global cache" if opts.cache_mode == "global" else scene.cloud_name
     if len(render) != len(traj):
         raise InputError(f"{job.name}: {len(render)} render frames for {len(traj)} cameras")
     return start, render, mask, source

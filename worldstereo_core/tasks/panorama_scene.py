@@ -21,7 +21,12 @@ Steps of :func:`make_panorama_scene`:
 ``panorama_scene.json`` is written first (``"complete": false``) and again last: a rerun with the
 same image and settings returns the finished folder as it is, or rebuilds an interrupted one; a
 folder built from something else, or one this function did not make, is refused rather than
-overwritten.
+overwritten. A build holds the folder's run lock (:mod:`..io.run_lock`), so a second build of the
+same folder is refused at once, and the loop refuses a scene whose build has not finished
+(:func:`check_made_scene`).
+
+The multi-trajectory loop renders a made scene's trajectories from its cloud where it has no
+warps, and starts its global 3D cache from it (:func:`panorama_cache`).
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ from ..io.camera_json import save_bank_cameras, save_camera_json
 from ..io.images import ImageLike, load_image, to_tensor_m11
 from ..io.pointcloud_files import read_ply, write_ply
 from ..io.render_folder import save_render_folder
-from ..memory.cache import DepthFn
+from ..io.run_lock import LOCK_NAME, locked_run_folder
+from ..memory.cache import CacheSettings, DepthFn, PointCache
 from ..progress import ProgressFn, report
 
 MANIFEST = "panorama_scene.json"
@@ -58,6 +64,8 @@ MANIFEST_VERSION = 1
 PANORAMA_FILE = "panorama.png"
 DISTANCE_FILE = "panorama_distance.npy"
 CLOUD_FILE = "panorama_cloud.ply"
+#: Folder (under an output folder) of the scenes the CLI and :func:`.loop.run_panorama_image` make.
+PANORAMA_SCENES = "panorama_scenes"
 
 
 @dataclass(frozen=True)
@@ -140,19 +148,31 @@ def _caption(prompt: str, planned: PlannedTrajectory) -> str:
     return f"{prompt.strip()} {planned.caption}".strip()
 
 
+def _read_manifest(folder: Path) -> dict | None:
+    """``panorama_scene.json`` of ``folder``, None when there is none."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = "not a JSON object"
+    raise InputError(f"{manifest} is damaged ({problem}); delete {folder} and make the scene again")
+
+
 def _check_folder(folder: Path, signature: dict) -> dict | None:
     """The manifest of a finished scene with this signature, None to (re)build, or an error."""
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{manifest} is damaged ({exc}); delete {folder} and build the scene again") from exc
+    data = _read_manifest(folder)
+    if data is not None:
         if data.get("signature") != signature:
             raise InputError(f"{folder} holds a panorama scene made from another image or with other settings; "
                              "choose another folder or delete it")
         return data if data.get("complete") else None
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())):
         raise InputError(f"{folder} exists and is not a panorama scene made here (no {MANIFEST}); choose a new or "
                          "empty folder")
     return None
@@ -184,62 +204,98 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
     check_panorama_size(*image.shape[:2])
     work = _area_resize(image, opts.max_width)
     small = _area_resize(work, opts.cloud_width)
-    h, w = small.shape[:2]
-    user_depth = None if depth is None else load_panorama_distance(depth, h, w)
+    user_depth = None if depth is None else load_panorama_distance(depth, *small.shape[:2])
 
     folder = Path(out_dir)
     signature = {"version": MANIFEST_VERSION, "image": _digest(image),
                  "depth": None if user_depth is None else _digest(user_depth.numpy()),
                  "prompt": prompt, "options": json.loads(json.dumps(asdict(opts)))}
-    done = _check_folder(folder, signature)
+    done = _check_folder(folder, signature)  # before the lock: a foreign folder is left untouched
     if done is not None:
-        distance = torch.from_numpy(np.load(folder / DISTANCE_FILE))
-        return PanoramaScene(folder, read_ply(folder / CLOUD_FILE), distance, done)
-    write_json_atomic(safe_join(folder, MANIFEST), {"signature": signature, "complete": False})
+        return _finished(folder, done)
+    with locked_run_folder(folder):
+        done = _check_folder(folder, signature)  # another build may have finished meanwhile
+        if done is not None:
+            return _finished(folder, done)
+        write_json_atomic(safe_join(folder, MANIFEST), {"signature": signature, "complete": False})
 
-    depth_steps = len(split_cameras()) + 1 if user_depth is None else 0  # depth: views, then the merge
-    total = depth_steps + 1 + opts.wander.trajectory_count
+        depth_steps = len(split_cameras()) + 1 if user_depth is None else 0  # depth: views, then the merge
+        total = depth_steps + 1 + opts.wander.trajectory_count
 
-    def tick(done: int):  # a sub-task's progress: the same tick again (so an interrupt is seen)
-        return lambda _d, _n: report(progress, done, total)
+        def tick(at: int):  # a sub-task's progress: the same tick again (so an interrupt is seen)
+            return lambda _d, _n: report(progress, at, total)
 
-    if user_depth is None:
-        distance, mask = panorama_distance(small, depth_fn, view_size=opts.view_size,
-                                           progress=lambda i, _n: report(progress, i, total))
-    else:
-        distance, mask = user_depth, user_depth > 0
-    cloud = panorama_points(small, distance, mask, edge_threshold=opts.edge_threshold)
-    plan = plan_wander(distance, mask, options=opts.wander, width=opts.bank_width, height=opts.bank_height)
-    report(progress, depth_steps + 1, total)
-
-    keys, bank, crops = panorama_bank_crops(work, opts.bank_width, opts.bank_height)
-    for key, crop in zip(keys, crops):
-        _write_png(safe_join(folder, "pano_bank", "images", f"{key}.png"), crop)
-    save_bank_cameras(keys, bank, safe_join(folder, "pano_bank", "cameras.json"))
-
-    for i, planned in enumerate(plan.trajectories):
-        traj_dir = safe_join(folder, planned.group, planned.traj)
-        start = None
-        if planned.start_from is None:
-            start = _start_frame(work, planned)
-            _write_png(safe_join(folder, planned.group, "start_frame.png"), start)
-        write_json_atomic(traj_dir / "traj_caption.json", {"prompt": _caption(prompt, planned)})
-        if opts.renders:
-            rgb, holes = _render(cloud, planned.trajectory, start, opts, tick(depth_steps + 1 + i))
-            save_render_folder(traj_dir, rgb, holes, planned.trajectory)
+        if user_depth is None:
+            distance, mask = panorama_distance(small, depth_fn, view_size=opts.view_size,
+                                               progress=lambda i, _n: report(progress, i, total))
         else:
-            save_camera_json(planned.trajectory, traj_dir / "camera.json")
-        report(progress, depth_steps + 2 + i, total)
+            distance, mask = user_depth, user_depth > 0
+        cloud = panorama_points(small, distance, mask, edge_threshold=opts.edge_threshold)
+        plan = plan_wander(distance, mask, options=opts.wander, width=opts.bank_width, height=opts.bank_height)
+        report(progress, depth_steps + 1, total)
 
-    _write_png(safe_join(folder, PANORAMA_FILE), work)
-    with atomic_path(safe_join(folder, DISTANCE_FILE)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, distance.numpy().astype(np.float32))
-    write_ply(safe_join(folder, CLOUD_FILE), cloud)
-    summary = {"signature": signature, "complete": True, "panorama_size": list(image.shape[:2]),
-               "cloud_points": len(cloud), "plan": plan.summary()}
-    write_json_atomic(safe_join(folder, MANIFEST), summary)
-    return PanoramaScene(folder, cloud, distance, summary, plan)
+        keys, bank, crops = panorama_bank_crops(work, opts.bank_width, opts.bank_height)
+        for key, crop in zip(keys, crops):
+            _write_png(safe_join(folder, "pano_bank", "images", f"{key}.png"), crop)
+        save_bank_cameras(keys, bank, safe_join(folder, "pano_bank", "cameras.json"))
+
+        for i, planned in enumerate(plan.trajectories):
+            traj_dir = safe_join(folder, planned.group, planned.traj)
+            start = None
+            if planned.start_from is None:
+                start = _start_frame(work, planned)
+                _write_png(safe_join(folder, planned.group, "start_frame.png"), start)
+            write_json_atomic(traj_dir / "traj_caption.json", {"prompt": _caption(prompt, planned)})
+            if opts.renders:
+                rgb, holes = _render(cloud, planned.trajectory, start, opts, tick(depth_steps + 1 + i))
+                save_render_folder(traj_dir, rgb, holes, planned.trajectory)
+            else:
+                save_camera_json(planned.trajectory, traj_dir / "camera.json")
+            report(progress, depth_steps + 2 + i, total)
+
+        _write_png(safe_join(folder, PANORAMA_FILE), work)
+        with atomic_path(safe_join(folder, DISTANCE_FILE)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, distance.numpy().astype(np.float32))
+        write_ply(safe_join(folder, CLOUD_FILE), cloud)
+        summary = {"signature": signature, "complete": True, "panorama_size": list(image.shape[:2]),
+                   "cloud_points": len(cloud), "plan": plan.summary()}
+        write_json_atomic(safe_join(folder, MANIFEST), summary)
+        return PanoramaScene(folder, cloud, distance, summary, plan)
+
+
+def _finished(folder: Path, manifest: dict) -> PanoramaScene:
+    distance = torch.from_numpy(np.load(folder / DISTANCE_FILE))
+    return PanoramaScene(folder, read_ply(folder / CLOUD_FILE), distance, manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# What the loop reads
+# --------------------------------------------------------------------------------------------
+
+def check_made_scene(folder: str | os.PathLike) -> dict | None:
+    """The manifest of a scene folder made by :func:`make_panorama_scene`, None for another folder
+    (a release scene); refuses one whose build has not finished or whose files are damaged."""
+    folder = Path(folder)
+    data = _read_manifest(folder)
+    if data is None:
+        return None
+    if not data.get("complete"):
+        raise InputError(f"{folder}: the panorama scene is not finished (its build was interrupted or is running); "
+                         "make it again from the same image (make_panorama_scene / `panorama-scene`), which "
+                         "finishes it")
+    if not (folder / CLOUD_FILE).is_file():
+        raise InputError(f"{folder / CLOUD_FILE} is missing; delete {folder} and make the scene again")
+    return data
+
+
+def panorama_cache(folder: str | os.PathLike, *, mode: str = "global",
+                   settings: CacheSettings | None = None) -> PointCache:
+    """The initial 3D cache of a made scene: its 360-degree cloud; the scene scale is the median
+    distance of the points from the panorama centre (the origin of the bank's world frame)."""
+    cloud = read_ply(Path(folder) / CLOUD_FILE)
+    scale = float(cloud.xyz.double().norm(dim=1).median())
+    return PointCache(cloud, scale, mode=mode, settings=settings)
 
 
 def _render(cloud: PointCloud, trajectory: CameraTrajectory, start: np.ndarray | None,
