@@ -71,13 +71,17 @@ def _magenta_generator(req, progress):
     return rgb
 
 
+def _view0_forward() -> torch.Tensor:
+    """Viewing direction of bank view 0000, where view0 starts."""
+    _, bank = panorama_bank_cameras(104, 60)
+    return invert_rigid(bank.w2c[0])[:3, 2]
+
+
 @pytest.fixture(scope="module")
 def room():
     room = panorama_room()
     pano, distance = room.equirect(128, 256)
-    _, bank = panorama_bank_cameras(104, 60)
-    forward = invert_rigid(bank.w2c[0])[:3, 2]
-    hole = equirect_directions(128, 256) @ forward > math.cos(math.radians(HOLE_DEG))
+    hole = equirect_directions(128, 256) @ _view0_forward() > math.cos(math.radians(HOLE_DEG))
     return room, pano, torch.where(hole, torch.zeros_like(distance), distance)
 
 
@@ -107,7 +111,8 @@ def _is_magenta(rgb: torch.Tensor) -> torch.Tensor:
     return (c[..., 0] > 190) & (c[..., 2] > 190) & (c[..., 1] < 90)
 
 
-def test_global_cache_renders_points_lifted_from_earlier_trajectories(runs):
+def test_global_cache_renders_points_lifted_from_earlier_trajectories(room, runs):
+    room, forward = room[0], _view0_forward()
     glob, seen_g = runs["global"]
     rel, seen_r = runs["release"]
     names = [f"{t.view_id}/{t.traj_id}" for t in glob.trajectories]
@@ -118,13 +123,20 @@ def test_global_cache_renders_points_lifted_from_earlier_trajectories(runs):
     first_g, first_r = seen_g[names[0]], seen_r[names[0]]
     assert torch.equal(first_g.render, first_r.render) and torch.equal(first_g.render_mask, first_r.render_mask)
     assert first_r.render_mask[1:].mean() > 0.03
-    # its kept frames were lifted into the cache where the cloud had holes: mostly magenta points
-    # (the hole it painted; the MP4 round trip blends the hole's rim with the room)
+    # its kept frames were lifted into the cache where the cloud had holes: the cloud has no magenta
+    # point; most points added are magenta (the holes painted; the MP4 round trip blends their rims
+    # with the room), on the room's walls inside the cone without depth
     update = glob.cache.history[0]
     assert update.label == names[0] and len(update.frames) == ALIGN
     assert all(f.skipped is None for f in update.frames) and update.points_after > update.points_before
-    added = glob.cache.cloud.rgb[update.points_before:update.points_after] * 2 - 1
-    assert _is_magenta(added).float().mean() > 0.6
+    cloud = rel.cache.cloud  # release mode never grows its cache
+    assert rel.cache.history == [] and len(cloud) == update.points_before
+    assert not _is_magenta(cloud.rgb * 2 - 1).any()
+    magenta = glob.cache.cloud.xyz[_is_magenta(glob.cache.cloud.rgb * 2 - 1)].double()
+    assert len(magenta) > 0.6 * (update.points_after - update.points_before)
+    assert room.surface_distance(magenta).median() < 0.01
+    cosines = magenta @ forward / magenta.norm(dim=1)
+    assert (cosines > math.cos(math.radians(HOLE_DEG + 10))).float().mean() > 0.9
     # the next trajectories are rendered from the grown cache: where the cloud alone leaves holes,
     # the global render shows the lifted magenta points
     for name in names[1:]:
@@ -135,8 +147,6 @@ def test_global_cache_renders_points_lifted_from_earlier_trajectories(runs):
         colours = seen_g[name].render[1:].permute(0, 2, 3, 1)[filled]
         assert _is_magenta(colours.median(dim=0).values) and _is_magenta(colours).float().mean() > 0.6, name
         assert not _is_magenta(seen_r[name].render[1:].permute(0, 2, 3, 1)).any()
-    # release mode never grows its cache; the final cloud files hold the grown cache
-    assert rel.cache.history == [] and len(rel.cache) == glob.cache.history[0].points_before
     assert glob.cloud_ply.is_file() and glob.cloud_glb.is_file()
 
 
