@@ -194,7 +194,7 @@ def test_export_has_one_image_size_and_K_in_its_pixels(room, runs):
         np.testing.assert_allclose(c2w[cid], invert_rigid(bank.w2c[i]).numpy(), atol=1e-9)
         saved = np.asarray(Image.open(folder / "images" / f"{cid}.png")).astype(float)
         direct = r.image(torch.from_numpy(K[cid]), bank.w2c[i], *SIZE).astype(float)
-        assert np.abs(saved - direct).mean() < 4.0, cid
+        assert np.abs(saved - direct).mean() < 1.0, cid  # (about 0.2 levels; with the crops' K: 20 to 35)
     # generated frames: the trajectory's camera rescaled to the saved size
     scene = glob.scene_out.parent / PANORAMA_SCENES / "room"
     for t in glob.trajectories:
@@ -211,7 +211,7 @@ def test_export_has_one_image_size_and_K_in_its_pixels(room, runs):
 # --------------------------------------------------------------------------------------------
 
 def test_a_rebuilt_scene_from_other_inputs_is_not_resumed(room, tmp_path):
-    r, pano, depth = room
+    _, pano, depth = room
     scene, out = tmp_path / "scene", tmp_path / "out"
     opts = replace(LOOP, nframe=5, align_nframe=2)
     scene_options = replace(SCENE, wander=WanderOptions(views=0, explorations=1, reconstructs=0))
@@ -239,7 +239,7 @@ def test_a_rebuilt_scene_from_other_inputs_is_not_resumed(room, tmp_path):
 
 
 def test_scene_builds_hold_the_lock_and_the_loop_refuses_an_unfinished_scene(room, tmp_path):
-    r, pano, depth = room
+    _, pano, depth = room
     folder = tmp_path / "scene"
     held, release = threading.Event(), threading.Event()
 
@@ -328,13 +328,13 @@ def test_library_call_on_tiny_models(room, models, tmp_path):
 @pytest.mark.parametrize("cache", ["global", "release"])
 def test_cli_panorama_image_on_tiny_models(room, models, tmp_path, capsys, cache):
     """The scene's depth from a file (MoGe on the panorama is covered in test_panorama_scene); in
-    global mode the tiny MoGe lifts the kept frames."""
+    global mode the tiny MoGe lifts the kept frames (two per clip: MoGe is the slow part here)."""
     _, pano, depth = room
     Image.fromarray(pano).save(tmp_path / "room.png")
     np.save(tmp_path / "room_distance.npy", depth.numpy())
     args = ["multi-traj", str(tmp_path / "room.png"), "--task", "panorama", "--cache", cache, "--out",
             str(tmp_path / "out"), "--models", str(models), "--size", f"{SIZE[0]}x{SIZE[1]}", "--nframe", str(NFRAME),
-            "--align-nframe", str(ALIGN), "--steps", "2", "--bank-size", "60x104", "--views", "0",
+            "--align-nframe", "2", "--steps", "2", "--bank-size", "60x104", "--views", "0",
             "--explorations", "0", "--reconstructs", "1", "--render-radius", "0.06", "--prompt", "A room.",
             "--pano-depth", str(tmp_path / "room_distance.npy")]
     assert cli.main(args) == 0
@@ -345,6 +345,6 @@ def test_cli_panorama_image_on_tiny_models(room, models, tmp_path, capsys, cache
         result = tmp_path / "out" / "room" / "reconstruct_0" / traj / f"{MODEL}_result.mp4"
         assert read_video(result).shape == (NFRAME, *SIZE, 3)
     cams = json.loads((tmp_path / "out" / "room" / "world_mirror_data" / MODEL / "cameras.json").read_text())
-    assert cams["num_cameras"] == 27 + 2 * ALIGN
+    assert cams["num_cameras"] == 27 + 2 * 2
     assert cli.main(args) == 0  # a rerun reuses the scene and skips the finished trajectories
     assert capsys.readouterr().out.count(": skipped") == 2

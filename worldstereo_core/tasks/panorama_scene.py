@@ -193,7 +193,8 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
     unknown), else ``depth_fn`` (a :data:`memory.cache.DepthFn`, e.g.
     :func:`geometry.panorama_depth.moge_view_depth_fn`) estimates it. ``prompt`` describes the
     scene; each trajectory's caption appends its motion. ``progress(done, total)`` ticks per depth
-    view and per trajectory and may raise to interrupt; a rerun resumes.
+    view and per trajectory and may raise to interrupt; a rerun resumes. Raises RunFolderLocked
+    while another build holds the folder.
     """
     opts = options or PanoramaSceneOptions()
     if depth is None and depth_fn is None:
