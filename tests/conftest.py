@@ -24,6 +24,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 PACK_NAME = "comfyui_worldstereo"
 
 
+class _RepoRootIsAFolder:
+    """Collect the repository root as a plain folder, not as a Python package.
+
+    Its ``__init__.py`` is ComfyUI's entry point (relative imports, loaded by ComfyUI under a
+    path-derived name). pytest would import it as a package named after the clone's folder, which
+    fails when that name is not an identifier (``ComfyUI-WorldStereo``, as the README clones it).
+    Registered as a plugin, not a conftest hook, because the root is collected with the hooks of
+    the folder above it."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent):
+        if path == REPO:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(_RepoRootIsAFolder(), "worldstereo-repo-root")
+
+
 def fixtures_root() -> Path:
     return Path(os.environ.get("WORLDSTEREO_FIXTURES", REPO.parent / "shared" / "fixtures"))
 

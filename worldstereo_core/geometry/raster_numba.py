@@ -12,6 +12,11 @@ points, inserts them into per-pixel depth-sorted lists of length ``K`` (thanks t
 mostly appends) and composites. No global fragment sort is needed and memory stays per band.
 Both functions release the GIL, so the caller runs frames and bands on a plain thread pool (no
 numba threading layer, hence no spin-waiting worker threads and no nested-parallelism limits).
+
+They compile once per process (about a second) and are not cached on disk: numba's cache is keyed
+by source file but records the module's import name, and this package is imported under different
+names (``worldstereo_core`` by the CLI and tests, a path-derived name inside ComfyUI), so a cache
+written under one name breaks the other with "No module named ...".
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def depth_order(z, u, v, height, width, r_px, us, vs, zs, ps):  # pragma: no cover - compiled
     """Write the points that can cover a pixel (z >= 0, near the image) into us/vs/zs/ps, ordered
     by depth bucket and, within a bucket, by index. Returns their count."""
@@ -55,7 +60,7 @@ def depth_order(z, u, v, height, width, r_px, us, vs, zs, ps):  # pragma: no cov
     return count
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def raster_band(u, v, colors, us, vs, zs, ps, n_valid, y0, y1, s2, r2, r_px, k_max, background,
                 out_rgb, out_mask):  # pragma: no cover - compiled
     """Rasterise and composite rows y0..y1-1 of one frame.
