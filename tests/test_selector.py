@@ -110,15 +110,17 @@ def test_fallback_without_dinov2_warns_and_flags(caplog, tmp_path, monkeypatch):
 
 def _tiny_dinov2(folder):
     from transformers import Dinov2Config, Dinov2Model
-    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    from test_image_processors import pil_processor_class
 
     torch.manual_seed(0)
     cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=28, patch_size=14)
     model = Dinov2Model(cfg).eval()
     model.save_pretrained(folder)
-    proc = BitImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    proc = pil_processor_class("BitImageProcessor")(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     proc.save_pretrained(folder)
     return model, proc
 

@@ -134,8 +134,9 @@ def init_distributed(sp_size: int | None = None, *, backend: str | None = None,
 
             # Set up by hand: diffusers' enable_parallelism would also install its Wan split plan,
             # which does not fit the WorldStereo forward (ControlNet residuals, reference tokens).
-            config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=sp, mesh=ctx.mesh))
-            config.setup(rank, world, device, mesh=ctx.mesh)
+            # The group's own (ring, ulysses) mesh: diffusers 0.36 flattens the whole mesh it gets.
+            config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=sp))
+            config.setup(rank, world, device, mesh=ctx.mesh["ring", "ulysses"])
             ctx.parallel_config = config
     _CURRENT = ctx
     return ctx

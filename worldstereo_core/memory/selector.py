@@ -33,6 +33,7 @@ from scipy.spatial.transform import Rotation
 
 from ..cameras import as_tensor
 from ..errors import CheckpointError, InputError
+from ..image_processors import pixel_values
 from ..io.images import load_image
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ class DinoV2Features:
     def __call__(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         out = []
         for start in range(0, len(frames), self.batch_size):
-            batch = self.processor(images=list(frames[start:start + self.batch_size]), return_tensors="pt")
-            pixels = batch["pixel_values"].to(self.device, dtype=self.model.dtype)
+            pixels = pixel_values(self.processor, frames[start:start + self.batch_size])
+            pixels = pixels.to(self.device, dtype=self.model.dtype)
             out.append(self.model(pixel_values=pixels).pooler_output.float().cpu())
         return torch.cat(out).numpy()
 

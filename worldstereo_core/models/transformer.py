@@ -22,7 +22,6 @@ from accelerate import init_empty_weights
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
-from diffusers.utils import apply_lora_scale
 
 from ..errors import InputError
 from .attention import BranchSelfAttention
@@ -124,6 +123,14 @@ class DiffusersWanHost:
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
+def _no_attention_kwargs(attention_kwargs: dict[str, Any] | None) -> None:
+    """Refuse ``attention_kwargs``: nothing reads them (diffusers uses them for LoRA scales; no LoRA
+    loads into these models)."""
+    if attention_kwargs:
+        raise InputError(f"attention_kwargs are not supported by the WorldStereo transformers, got "
+                         f"{sorted(attention_kwargs)}; pass None")
+
+
 class WorldStereoTransformer(WanTransformer3DModel):
     """worldstereo-camera: Wan2.1 I2V + GGM ControlNet.
 
@@ -219,7 +226,6 @@ class WorldStereoTransformer(WanTransformer3DModel):
         return inp
 
     # ----- forward -------------------------------------------------------------------------------
-    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -236,7 +242,9 @@ class WorldStereoTransformer(WanTransformer3DModel):
     ):
         """Predict the flow velocity [B, 16, F, h, w].
 
-        ``extrinsics``/``intrinsics`` are only checked for finite values; the reference ignores them."""
+        ``extrinsics``/``intrinsics`` are only checked for finite values; the reference ignores them.
+        ``attention_kwargs`` exists for the reference's call signature and must be empty."""
+        _no_attention_kwargs(attention_kwargs)
         inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                                  render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
         out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split)
@@ -268,7 +276,6 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
             raise InputError(f"attention_scope must be one of {list(ATTENTION_SCOPES)}, got {scope!r}")
         self.attention_scope = scope
 
-    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -290,6 +297,7 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
         """Predict the flow velocity [B, 16, F, h, w] with reference frames as spatial-stereo memory.
 
         ``ref_index`` must be a CPU tensor (it sets token positions without waiting for the device)."""
+        _no_attention_kwargs(attention_kwargs)
         inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                                  render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
         mem = check_memory_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, inp.hidden_states,

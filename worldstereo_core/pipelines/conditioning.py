@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..constants import TEXT_SEQ_LEN
 from ..errors import InputError
+from ..image_processors import pixel_values
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -84,11 +85,10 @@ def clip_pixel_values(image_processor, image: Any, *, clip_no_rescale: bool = Tr
     ``clip_no_rescale=True`` (default) is the reference's behaviour: the processor runs with
     ``do_rescale=False`` on the uint8 PIL image, so values are *not* divided by 255 (they reach
     about ±1000). The released weights were sampled (and probably trained) this way. ``False``
-    gives standard CLIP preprocessing (values in roughly [-2, 2]).
+    gives standard CLIP preprocessing (values in roughly [-2, 2]). The processor supplies the
+    settings; the pixels are computed as its PIL implementation does (:mod:`..image_processors`).
     """
-    pil = to_pil_rgb(image)
-    out = image_processor(images=pil, do_rescale=not clip_no_rescale, return_tensors="pt")
-    return out.pixel_values
+    return pixel_values(image_processor, [to_pil_rgb(image)], do_rescale=not clip_no_rescale)
 
 
 def encode_image(image_encoder, image_processor, image: Any, *, clip_no_rescale: bool = True,
