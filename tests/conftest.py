@@ -1,14 +1,19 @@
-"""Shared test configuration: fixture/example roots and the package import helper.
+"""Shared test configuration: fixture/example roots, ComfyUI/Chromium lookup, the package import helper.
 
 Fixture-driven tests read ``WORLDSTEREO_FIXTURES`` (default ``../shared/fixtures``) and
 ``WORLDSTEREO_EXAMPLES`` (default ``../shared/examples``) and skip, with the reason, when absent.
 They iterate over whatever cases and scenes are there instead of naming particular ones.
+
+Tests against a real ComfyUI (``COMFYUI_DIR``) or a browser (Chromium) get them from
+:func:`comfyui_dir` / :func:`chromium`, which skip when they are absent, except that with
+``WORLDSTEREO_REQUIRE_INTEGRATION=1`` (set by ``.ci/run``) a missing one is a failure.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -67,6 +72,31 @@ def example_dirs(family: str) -> list[Path]:
     """Scene folders of one example family (``images``, ``reconstruction``, ``panorama``)."""
     root = examples_root() / family
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _integration_unavailable(reason: str):
+    if os.environ.get("WORLDSTEREO_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"{reason}; WORLDSTEREO_REQUIRE_INTEGRATION=1 requires the integration tests to run",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def comfyui_dir() -> str:
+    """``COMFYUI_DIR`` (a ComfyUI checkout), or skip / fail the caller (see the module docstring)."""
+    path = os.environ.get("COMFYUI_DIR")
+    if not path:
+        _integration_unavailable("COMFYUI_DIR is not set (path of a ComfyUI checkout); see tests/integration/README.md")
+    if not (Path(path) / "main.py").is_file():
+        _integration_unavailable(f"COMFYUI_DIR={path} is not a ComfyUI checkout (no main.py)")
+    return path
+
+
+def chromium() -> str:
+    """``CHROMIUM`` or the ``chromium`` on PATH, or skip / fail the caller (see the module docstring)."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _integration_unavailable("no Chromium executable (Debian: apt-get install chromium; or set CHROMIUM)")
+    return path
 
 
 def import_pack():

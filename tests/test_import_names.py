@@ -90,7 +90,7 @@ def test_suite_runs_in_a_clone_of_any_folder_name(tmp_path, folder):
     clone = _copy_repo(tmp_path / folder)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COMFYUI_"))}
     env["WORLDSTEREO_FIXTURES"] = str(fixtures_root().resolve())
-    proc = _run(["-m", "pytest", "-q", "-p", "no:randomly", "tests/test_cameras.py"], cwd=clone, env=env)
+    proc = _run(["-m", "pytest", "-q", "tests/test_cameras.py"], cwd=clone, env=env)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, f"pytest in {folder}/ failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in summary and "error" not in summary, summary

@@ -20,10 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import comfyui_dir
 from worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
 from worldstereo_core.pipelines import single_file as sf
-
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 
 
 def _umt5(vocab=96, d_model=32, heads=4, d_kv=8, d_ff=48, layers=2, seed=0):
@@ -377,15 +376,14 @@ np.savez(out + "/reference.npz", **{k: v.float().numpy() for k, v in arrays.item
 
 @pytest.fixture(scope="module")
 def comfy_reference(tmp_path_factory):
-    if not COMFYUI_DIR:
-        pytest.skip("COMFYUI_DIR is not set: no ComfyUI implementation to compare with")
+    comfy = comfyui_dir()  # skips (or fails under WORLDSTEREO_REQUIRE_INTEGRATION=1) without ComfyUI
     out = tmp_path_factory.mktemp("comfy_reference")
     ref, cfg = _clip(seed=5)  # an open_clip-layout tower for ComfyUI's converter and ours
     state = {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in ref.state_dict().items()}
     save_file(to_open_clip(state), str(out / "clip_openclip.safetensors"))
     (out / "clip_openclip.json").write_text(json.dumps({**cfg.to_dict(), "hidden_act": "gelu"}))  # as ComfyUI's
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    proc = subprocess.run([python, "-c", textwrap.dedent(COMFY_REFERENCE), COMFYUI_DIR, str(out)],
+    proc = subprocess.run([python, "-c", textwrap.dedent(COMFY_REFERENCE), comfy, str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, dict(np.load(out / "reference.npz"))

@@ -1,23 +1,21 @@
 """The web extension in the real frontend, via headless Chromium (browser_check.py).
 
 Skipped unless COMFYUI_DIR is set and a Chromium executable is found (Debian: ``apt-get install
-chromium``; or set CHROMIUM to its path).
+chromium``; or set CHROMIUM to its path); failed instead with WORLDSTEREO_REQUIRE_INTEGRATION=1.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
+from conftest import chromium, comfyui_dir
+
 pytestmark = pytest.mark.integration
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-if not COMFYUI_DIR or not CHROMIUM:
-    pytest.skip("needs COMFYUI_DIR and a Chromium executable; see tests/integration/README.md",
-                allow_module_level=True)
+COMFYUI_DIR = comfyui_dir()
+CHROMIUM = chromium()
 
 import browser_check  # noqa: E402
 

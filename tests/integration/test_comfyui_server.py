@@ -1,4 +1,5 @@
-"""Real-server tests: a headless ComfyUI with this pack (skipped unless COMFYUI_DIR is set).
+"""Real-server tests: a headless ComfyUI with this pack (skipped unless COMFYUI_DIR is set; failed
+instead with WORLDSTEREO_REQUIRE_INTEGRATION=1).
 
 See tests/integration/README.md for setting up a ComfyUI checkout and its Python.
 """
@@ -13,14 +14,12 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-if not COMFYUI_DIR:
-    pytest.skip("COMFYUI_DIR is not set (path of a ComfyUI checkout); see tests/integration/README.md",
-                allow_module_level=True)
+from conftest import comfyui_dir, import_pack
+
+COMFYUI_DIR = comfyui_dir()
 
 import comfy_stub  # noqa: E402
 from comfyui_harness import PACK_FOLDER, REPO, ComfyUIServer, PromptRun  # noqa: E402
-from conftest import import_pack  # noqa: E402
 
 API_PROMPTS = REPO / "tests" / "api_prompts"
 
