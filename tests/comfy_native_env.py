@@ -24,10 +24,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, integration_unavailable
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or REPO.parent / "shared" / "comfyui" / "ComfyUI")
 #: ComfyUI's Wan2.1 CLIP-feature width (ViT-H/14).
@@ -44,7 +43,7 @@ def _comfy_module(name: str) -> bool:
 def real_comfy() -> Iterator[SimpleNamespace]:
     """``comfy`` (CPU mode) and the pack's native host package, imported for the block."""
     if not (COMFYUI_DIR / "comfy" / "model_patcher.py").is_file():
-        pytest.skip(f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR to a ComfyUI checkout)")
+        integration_unavailable(f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR to a ComfyUI checkout)")
     stashed = {name: sys.modules.pop(name) for name in list(sys.modules) if _comfy_module(name)}
     for name in stashed:  # inspect's file cache still knows the stub's files under these names
         inspect._filesbymodname.pop(name, None)

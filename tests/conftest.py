@@ -5,8 +5,9 @@ Fixture-driven tests read ``WORLDSTEREO_FIXTURES`` (default ``../shared/fixtures
 They iterate over whatever cases and scenes are there instead of naming particular ones.
 
 Tests against a real ComfyUI (``COMFYUI_DIR``) or a browser (Chromium) get them from
-:func:`comfyui_dir` / :func:`chromium`, which skip when they are absent, except that with
-``WORLDSTEREO_REQUIRE_INTEGRATION=1`` (set by ``.ci/run``) a missing one is a failure.
+:func:`comfyui_dir` / :func:`chromium` (or report a missing one with :func:`integration_unavailable`),
+which skip when they are absent, except that with ``WORLDSTEREO_REQUIRE_INTEGRATION=1`` (set by
+``.ci/run``) a missing one is a failure.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def example_dirs(family: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def _integration_unavailable(reason: str):
+def integration_unavailable(reason: str):
+    """Skip the caller for a missing ComfyUI / Chromium, or fail it under WORLDSTEREO_REQUIRE_INTEGRATION=1."""
     if os.environ.get("WORLDSTEREO_REQUIRE_INTEGRATION") == "1":
         pytest.fail(f"{reason}; WORLDSTEREO_REQUIRE_INTEGRATION=1 requires the integration tests to run",
                     pytrace=False)
@@ -85,9 +87,9 @@ def comfyui_dir() -> str:
     """``COMFYUI_DIR`` (a ComfyUI checkout), or skip / fail the caller (see the module docstring)."""
     path = os.environ.get("COMFYUI_DIR")
     if not path:
-        _integration_unavailable("COMFYUI_DIR is not set (path of a ComfyUI checkout); see tests/integration/README.md")
+        integration_unavailable("COMFYUI_DIR is not set (path of a ComfyUI checkout); see tests/integration/README.md")
     if not (Path(path) / "main.py").is_file():
-        _integration_unavailable(f"COMFYUI_DIR={path} is not a ComfyUI checkout (no main.py)")
+        integration_unavailable(f"COMFYUI_DIR={path} is not a ComfyUI checkout (no main.py)")
     return path
 
 
@@ -95,7 +97,7 @@ def chromium() -> str:
     """``CHROMIUM`` or the ``chromium`` on PATH, or skip / fail the caller (see the module docstring)."""
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        _integration_unavailable("no Chromium executable (Debian: apt-get install chromium; or set CHROMIUM)")
+        integration_unavailable("no Chromium executable (Debian: apt-get install chromium; or set CHROMIUM)")
     return path
 
 
