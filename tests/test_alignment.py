@@ -95,6 +95,22 @@ def test_ransac_rejects_outliers():
         umeyama_ransac(src, rng.normal(size=(200, 3)) * 50, threshold=1e-6, iterations=20)
 
 
+def test_ransac_scores_every_hypothesis_like_the_residual_norm():
+    """The one-product scoring counts the same inliers as |s R x + t - d| < threshold."""
+    from worldstereo_core.geometry.alignment import _inlier_counts
+
+    rng = np.random.default_rng(4)
+    src = torch.from_numpy(rng.normal(size=(3000, 3)))
+    dst = 1.3 * src + torch.from_numpy(rng.normal(size=(3000, 3)) * 0.02)
+    S = torch.from_numpy(rng.normal(size=(50, 3, 3)) * 0.01)
+    R = torch.linalg.matrix_exp(S - S.transpose(1, 2))  # rotations near the identity
+    scale = torch.from_numpy(rng.uniform(1.2, 1.4, 50))
+    t = torch.from_numpy(rng.normal(size=(50, 3)) * 0.01)
+    direct = ((scale[:, None, None] * src[None] @ R.transpose(1, 2) + t[:, None] - dst[None]).norm(dim=-1) < 0.05).sum(1)
+    assert torch.equal(_inlier_counts(src, dst, scale[:, None, None] * R, t, 0.05), direct)
+    assert 0 < int(direct.min()) and int(direct.max()) < 3000
+
+
 def test_similarity_apply_keeps_tensor_dtype():
     T = Similarity(torch.eye(3, dtype=torch.float64), torch.tensor([1.0, 0, 0], dtype=torch.float64), 2.0)
     out = T.apply(torch.ones(4, 3))

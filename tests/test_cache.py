@@ -1,8 +1,10 @@
 """The global 3D cache: alignment of lifted frames (known similarities, outliers), growth and hole
-coverage on a synthetic scene with exact depth, release mode, persistence.
+coverage on a synthetic scene with exact depth, release mode, persistence, and the per-frame view
+of the cache (cull, nearest point per pixel, hole test) against independent computations.
 
 No reference fixture exists (the release has no cache); every expectation is computed
-independently from the synthetic scene (a box room whose exact depth is ray-cast)."""
+independently from the synthetic scene (a box room whose exact depth is ray-cast), except the merge
+itself, which is compared with the merge as of commit 80f6f0b (tests/cache_80f6f0b.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +18,8 @@ from worldstereo_core.geometry.alignment import Similarity
 from worldstereo_core.geometry.depth import keep_mask
 from worldstereo_core.geometry.trajectories import reconstruction_trajectories
 from worldstereo_core.memory.bank import sample_align_nframe
-from worldstereo_core.memory.cache import (CacheSettings, PointCache, align_frame, depth_map,
-                                           nearest_points_per_pixel)
+from worldstereo_core.memory.cache import CacheSettings, PointCache, align_frame, depth_map
+from worldstereo_core.memory.cache_view import CacheView
 
 H, W = 72, 108
 M = 2.0
@@ -37,6 +39,13 @@ def scene():
 def _holes(cache: PointCache, traj) -> float:
     _, mask = cache.render(traj, torch.zeros(3, H, W), H, W)
     return float(mask[1:].mean())
+
+
+def _split_rows(xyz: torch.Tensor, known: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """(mask of the rows of ``xyz`` that are rows of ``known``, the other rows)."""
+    seen = {row.tobytes() for row in known.numpy()}
+    mask = np.array([row.tobytes() in seen for row in xyz.numpy()], dtype=bool)
+    return mask, xyz[torch.from_numpy(~mask)]
 
 
 def _dense_room_points(room: BoxRoom, n: int = 60) -> torch.Tensor:
@@ -114,9 +123,9 @@ def test_nearest_point_per_pixel_is_the_front_one():
     # three points on the optical ray of pixel (4, 3), plus one behind the camera
     ray = torch.tensor([0.5 / 4, 0.5 / 4, 1.0], dtype=torch.float64) * 1.0
     pts = torch.stack([ray * 3, ray * 1.5, ray * 2, -ray])
-    idx, pix, uv = nearest_points_per_pixel(pts, K, eye, 6, 8)
+    idx, pix, uv = CacheView.cull(pts.float(), K, eye, 6, 8, margin=0.0).nearest_per_pixel()
     assert idx.tolist() == [1] and pix.tolist() == [3 * 8 + 4]
-    assert torch.allclose(uv[0], torch.tensor([4.5, 3.5], dtype=torch.float64))
+    assert torch.allclose(uv[0], torch.tensor([4.5, 3.5]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,25 +143,37 @@ def test_cache_grows_onto_the_true_surfaces_and_fills_holes(scene):
                           label="right")
     assert record.points_before == len(start) and record.points_after == len(cache) > 2 * len(start)
     assert sum(f.added for f in record.frames) == len(cache) - len(start)
+    # the start cloud is kept as it was (new points only fill holes, nothing is thinned or moved)
+    kept, added = _split_rows(cache.cloud.xyz, start.cloud.xyz)
+    assert kept.sum() == len(start)
     aligned = [(f, d) for f, d in zip(record.frames, drift) if f.skipped is None]
     assert len(aligned) >= 6
     for f, d in aligned:  # the per-frame scale undoes the depth drift
         assert abs(f.scale * d - 1) < 0.02, (f.name, f.scale, d)
-    added = cache.cloud.xyz[len(start):]
     dist = room.surface_distance(added)
     assert float(dist.median()) < 0.01 * M and float(torch.quantile(dist.double(), 0.95)) < 0.04 * M
     # the grown cache covers more of the trajectories than the start cloud alone
     assert _holes(cache, right) < 0.5 * _holes(start, right)
     assert _holes(cache, trajs["traj_left"]) < _holes(start, trajs["traj_left"]) - 0.1
     assert _holes(cache, trajs["traj_eloop"]) <= _holes(start, trajs["traj_eloop"])
-    # the start cloud is kept as it was (new points only fill holes, nothing is thinned or moved)
-    assert torch.equal(cache.cloud.xyz[: len(start)], start.cloud.xyz)
     assert cache.history == [record]
 
     # folding the same views in again adds (almost) nothing: their pixels are covered now
     again = cache.update(frames, right.w2c[keep], right.K[keep], room.depth_fn(lambda call: drift[call]),
                          label="right again")
     assert again.points_after - again.points_before < 0.05 * (record.points_after - record.points_before)
+
+
+def test_update_runs_torch_ops_on_one_thread_and_restores_the_setting(scene, monkeypatch):
+    """Intra-op threads spin-wait on a busy machine; the merge's small ops run on one thread."""
+    room, K, trajs, start = scene
+    cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+    before = torch.get_num_threads()
+    seen = []
+    fn = room.depth_fn()
+    cache.update([room.image(K, trajs["traj_up"].w2c[3], H, W)], trajs["traj_up"].w2c[3:4], K,
+                 lambda *a: (seen.append(torch.get_num_threads()), fn(*a))[1])
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_release_mode_keeps_the_start_cloud(scene):
@@ -205,9 +226,10 @@ def test_save_load_round_trip(scene, tmp_path):
     up = trajs["traj_up"]
     cache.update([room.image(K, up.w2c[i], H, W) for i in (10, 20)], up.w2c[[10, 20]], K, room.depth_fn(),
                  label="up")
+    cache.thin_size = 0.05
     path = cache.save(tmp_path / "cache.npz")
-    loaded = PointCache.load(path)
-    assert loaded == cache and loaded.history[0].frames[0].name == "up/0000"
+    loaded = PointCache.load(path, device="cpu")
+    assert loaded == cache and loaded.history[0].frames[0].name == "up/0000" and loaded.thin_size == 0.05
     assert torch.equal(loaded.cloud.rgb, cache.cloud.rgb) and loaded.settings == SETTINGS
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
     with pytest.raises(InputError, match=".npz"):
@@ -224,3 +246,156 @@ def test_similarity_helpers_match_alignment_convention():
     T = Similarity(axis_angle_matrix([0, 0, 1], 0.3), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 2.0)
     x = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
     assert torch.allclose(T.apply(x), (T.matrix[:3, :3] @ x.T).T + T.matrix[:3, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# The merge against the implementation as of commit 80f6f0b
+# --------------------------------------------------------------------------------------------
+
+#: Tolerance of the merged points, as a fraction of the scene scale. The merge now projects the
+#: cache in float32 (80f6f0b: float64), so pixel positions differ by ~1e-4 pixel; the depth sampled
+#: there for the correspondences, and with it the fitted similarity, moves by ~1e-6 relative, and
+#: so do the new points (3e-6 of the scale at most on this scene).
+MERGE_TOLERANCE = 1e-5
+
+
+def _assert_same_cloud(new, old, scale: float) -> None:
+    from scipy.spatial import cKDTree
+
+    assert len(new) == len(old)
+    dist, match = cKDTree(old.xyz.numpy()).query(new.xyz.numpy())
+    back, _ = cKDTree(new.xyz.numpy()).query(old.xyz.numpy())
+    assert dist.max() < MERGE_TOLERANCE * scale and back.max() < MERGE_TOLERANCE * scale
+    assert len(np.unique(match)) == len(old)  # one to one
+    assert torch.equal(new.rgb, old.rgb[torch.from_numpy(match)])
+
+
+@pytest.mark.parametrize("max_points", [None, 9000])
+def test_merge_matches_80f6f0b(scene, max_points):
+    """Two trajectories folded in one after the other; with max_points=9000 the first update thins
+    the cache (the same adaptive voxel search as before), the second adds to the thinned cache."""
+    from cache_80f6f0b import merge_80f6f0b
+
+    room, K, trajs, start = scene
+    settings = CacheSettings(render_radius=0.03, edge_threshold=0.05, max_points=max_points)
+    cache = PointCache(start.cloud, start.scale, settings=settings)
+    old = start.cloud
+    keep = sample_align_nframe(21, 8)
+    for name, seed in (("traj_right", 1), ("traj_up", 2)):
+        traj = trajs[name]
+        drift = np.random.default_rng(seed).uniform(0.7, 1.4, size=len(keep))
+        frames = [room.image(traj.K[i], traj.w2c[i], H, W) for i in keep]
+        record = cache.update(frames, traj.w2c[keep], traj.K[keep], room.depth_fn(lambda c: drift[c]), label=name)
+        old, added = merge_80f6f0b(old, start.scale, settings, frames, traj.w2c[keep], traj.K[keep],
+                                   room.depth_fn(lambda c: drift[c]))
+        if max_points is None or name == "traj_right":  # 80f6f0b re-thins a thinned cache; see the next test
+            assert [f.added for f in record.frames] == added
+            _assert_same_cloud(cache.cloud, old, start.scale)
+    if max_points is not None:
+        assert cache.thin_size is not None and len(cache) > 0.8 * max_points
+
+
+def test_thinned_cache_grows_without_rethinning(scene):
+    """Once thinned, new points also need a free voxel of the thinning's size, so the cache keeps one
+    point per such voxel and is not thinned as a whole again while it stays within 20% of max_points."""
+    from worldstereo_core.geometry.pointcloud import first_in_voxel
+
+    room, K, trajs, start = scene
+    keep = sample_align_nframe(21, 8)
+    settings = CacheSettings(render_radius=0.03, edge_threshold=0.05, max_points=18000)
+    cache = PointCache(start.cloud, start.scale, settings=settings)
+    runs = []
+    for name, frames_kept in (("traj_right", keep), ("traj_eloop", keep[:2])):
+        traj = trajs[name]
+        frames = [room.image(traj.K[i], traj.w2c[i], H, W) for i in frames_kept]
+        cache.update(frames, traj.w2c[frames_kept], traj.K[frames_kept], room.depth_fn(), label=name)
+        runs.append((cache.cloud.xyz.clone(), cache.thin_size))
+    (first, size), (second, size_after) = runs
+    assert size is not None and size_after == size and len(first) > settings.max_points
+    assert len(second) > len(first) and _split_rows(second, first)[0].sum() == len(first)
+    assert bool(first_in_voxel(second, size).all())
+
+
+# --------------------------------------------------------------------------------------------
+# The view of the cache from one frame
+# --------------------------------------------------------------------------------------------
+
+def _random_view(n=20000, seed=0, margin=3.0, reach=0.0):
+    rng = np.random.default_rng(seed)
+    xyz = torch.from_numpy(rng.uniform(-3, 3, (n, 3))).float()
+    K = intrinsics_from_fov(W, H, 70.0)
+    w2c = torch.eye(4, dtype=torch.float64)
+    w2c[:3, :3] = axis_angle_matrix([0.3, 1.0, 0.2], 0.4)
+    w2c[:3, 3] = torch.tensor([0.1, -0.2, 0.5])
+    return xyz, K, w2c, CacheView.cull(xyz, K, w2c, H, W, margin=margin, reach=reach)
+
+
+def test_cull_keeps_exactly_the_points_near_the_frustum_with_one_projection(monkeypatch):
+    """Numba kernel, torch path and the cell index give the same view; it holds the points whose
+    float64 projection lies in front inside the widened image (up to float32 rounding at the border)
+    with their projection to float32 accuracy."""
+    from worldstereo_core.cameras import project_points
+    from worldstereo_core.memory import cache_view
+    from worldstereo_core.memory.cache_view import CellIndex, cell_order
+
+    xyz, K, w2c, view = _random_view(reach=0.05)
+    order = cell_order(xyz, 0.5)
+    grouped = xyz[order]
+    by_cells = CacheView.cull(grouped, K, w2c, H, W, margin=3.0, reach=0.05, cells=CellIndex.of(grouped, 0.5))
+    assert torch.equal(order[by_cells.index].sort().values, view.index)
+    monkeypatch.setattr(cache_view, "_numba_cull", lambda: None)
+    torch_view = CacheView.cull(xyz, K, w2c, H, W, margin=3.0, reach=0.05)
+    for a, b in ((view.index, torch_view.index), (view.uv, torch_view.uv), (view.z, torch_view.z)):
+        assert torch.equal(a, b)
+    uv, z = project_points(xyz.double(), K, w2c)
+    front = ((z > 0) & (uv[:, 0] > -3) & (uv[:, 0] < W + 3) & (uv[:, 1] > -3) & (uv[:, 1] < H + 3)).nonzero()[:, 0]
+    assert set(front.tolist()) <= set(view.index.tolist())
+    assert torch.allclose(view.uv[z[view.index] > 0.1].double(), uv[view.index][z[view.index] > 0.1], atol=2e-3)
+    # the points within `reach` outside the frustum are kept too
+    rest = view.index[~torch.isin(view.index, front)]
+    assert len(rest) > 0
+
+
+def test_view_contains_every_point_within_reach_of_new_points():
+    """Cache points closer than `reach` to a point inside the frustum are in the view."""
+    xyz, K, w2c, view = _random_view(margin=2.0, reach=0.1)
+    inside = view.index[(view.z > 0.5) & (view.uv[:, 0] > 5) & (view.uv[:, 0] < W - 5)
+                        & (view.uv[:, 1] > 5) & (view.uv[:, 1] < H - 5)]
+    q = xyz[inside[:200]]
+    assert view.contains(q) and not view.contains(torch.tensor([[0.0, 0.0, -10.0]]))
+    rng = np.random.default_rng(1)
+    offsets = torch.from_numpy(rng.normal(size=(200, 3))).float()
+    p = q + 0.099 * offsets / offsets.norm(dim=1, keepdim=True)
+    view_p = CacheView.cull(torch.cat([xyz, p]), K, w2c, H, W, margin=2.0, reach=0.1)
+    assert set(range(len(xyz), len(xyz) + 200)) <= set(view_p.index.tolist())
+
+
+@pytest.mark.parametrize("radius", [0.008, 0.02, 0.05, 0.11])
+def test_holes_follow_the_renderer_rule(radius):
+    """Against a brute-force evaluation of the coverage rule on the view's own positions (exact), and
+    against the renderer, which projects in float64 (equal up to points within float32 rounding of
+    a pixel's coverage circle)."""
+    from worldstereo_core.geometry.renderer import render_point_cloud
+
+    s = min(H, W) / 2
+    xyz, K, w2c, view = _random_view(n=3000, margin=radius * s + 1)
+    holes = view.holes(radius)
+    covered = torch.zeros(H, W, dtype=torch.bool)
+    front = view.z > 0
+    u, v = view.uv[front, 0].double(), view.uv[front, 1].double()
+    jj, ii = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    for a, b in zip(u.tolist(), v.tolist()):
+        covered |= ((a - ii - 0.5) ** 2 + (b - jj - 0.5) ** 2) / (s * s) < radius * radius
+    assert torch.equal(holes, ~covered)
+    assert 0 < float(holes.float().mean()) < 1
+    _, mask = render_point_cloud(xyz, torch.zeros_like(xyz), K, w2c, H, W, radius=radius)
+    assert int(((mask[0, 0] > 0.5) != holes).sum()) <= 2
+
+
+def test_dilate_is_a_square_max_filter():
+    from worldstereo_core.memory.cache_view import _dilate
+
+    mask = torch.from_numpy(np.random.default_rng(0).random((37, 53)) < 0.02)
+    for steps in (1, 2, 4):
+        ref = torch.nn.functional.max_pool2d(mask[None].float(), 2 * steps + 1, 1, steps)[0] > 0
+        assert torch.equal(_dilate(mask, steps), ref)

@@ -10,7 +10,7 @@ from worldstereo_core.errors import InputError
 from worldstereo_core.geometry.pointcloud import (
     PointCloud, adaptive_voxel_downsample, adaptive_voxel_downsample_size, compute_depth_percentile_map,
     concatenate, merge_point_clouds, statistical_outlier_removal, voxel_downsample_fixed,
-    voxel_downsample_indices,
+    voxel_downsample_indices, voxel_keys,
 )
 
 
@@ -118,3 +118,15 @@ def test_remove_outliers_and_downsample_on_container():
     assert len(clean) < 301 and not (clean.xyz.abs() > 30).any()
     down, size = pc.adaptive_downsample(100)
     assert size > 0 and len(down) < 301
+
+
+def test_voxel_count_and_first_in_voxel_match_numpy_unique():
+    from worldstereo_core.geometry.pointcloud import first_in_voxel, voxel_count, voxel_key_tensor
+
+    pts = torch.from_numpy(np.random.default_rng(3).normal(size=(5000, 3))).float()
+    for size in (0.05, 0.3):
+        keys = voxel_keys(pts.numpy(), size)
+        assert torch.equal(voxel_key_tensor(pts, size), torch.from_numpy(keys))
+        unique, first = np.unique(keys, return_index=True)
+        assert voxel_count(pts, size) == len(unique)
+        assert torch.equal(first_in_voxel(pts, size).nonzero()[:, 0], torch.from_numpy(np.sort(first)))

@@ -28,6 +28,8 @@ ADAPTIVE_VOXEL_DEFAULT_SIZE = 0.003
 ADAPTIVE_VOXEL_MIN_SIZE = 1e-4
 ADAPTIVE_VOXEL_TOLERANCE = 0.2
 ADAPTIVE_VOXEL_ITERATIONS = 10
+#: Points whose voxel keys are computed at once (bounds the temporaries of voxel_key_tensor).
+VOXEL_KEY_CHUNK = 1 << 20
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -75,13 +77,47 @@ def statistical_outlier_removal(points, k: int = SOR_NEIGHBOURS, std_ratio: floa
     return mean_d <= mean_d.mean() + std_ratio * mean_d.std()
 
 
-def voxel_keys(points, voxel_size: float) -> np.ndarray:
-    """Reference voxel hash (N,) int64 of floor(p / voxel_size) (collisions kept as in the reference)."""
+def voxel_key_tensor(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
+    """Reference voxel hash (N,) int64 of ``floor(p / voxel_size)`` on the points' device (collisions
+    kept as in the reference), computed in chunks of :data:`VOXEL_KEY_CHUNK` points."""
     if not voxel_size > 0:
         raise InputError(f"voxel_size must be > 0; got {voxel_size}")
-    v = np.floor(_points_array(points) / voxel_size).astype(np.int64)
-    a, b, c = VOXEL_HASH
-    return a * v[:, 0] + b * v[:, 1] + c * v[:, 2]
+    weights = torch.tensor(VOXEL_HASH, dtype=torch.int64, device=points.device)
+    keys = torch.empty(len(points), dtype=torch.int64, device=points.device)
+    for start in range(0, len(points), VOXEL_KEY_CHUNK):
+        cells = torch.floor(points[start:start + VOXEL_KEY_CHUNK] / voxel_size).long()
+        keys[start:start + VOXEL_KEY_CHUNK] = (cells * weights).sum(dim=1)
+    return keys
+
+
+def voxel_keys(points, voxel_size: float) -> np.ndarray:
+    """:func:`voxel_key_tensor` of any (N, 3) points, as a numpy array."""
+    return voxel_key_tensor(torch.from_numpy(_points_array(points)), voxel_size).numpy()
+
+
+def _sorted_in_place(keys: torch.Tensor) -> torch.Tensor:
+    if keys.device.type == "cpu":
+        keys.numpy().sort()  # numpy's vectorised sort is several times faster than torch.sort on CPU
+        return keys
+    return torch.sort(keys).values
+
+
+def voxel_count(points, voxel_size: float) -> int:
+    """Number of occupied voxels (distinct :func:`voxel_keys`) of (N, 3) points."""
+    p = points if isinstance(points, torch.Tensor) else torch.from_numpy(_points_array(points))
+    keys = _sorted_in_place(voxel_key_tensor(p, voxel_size))
+    return int((keys[1:] != keys[:-1]).sum()) + 1 if len(keys) else 0
+
+
+def first_in_voxel(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
+    """(N,) bool on the points' device: each point that comes first (lowest index) in its voxel."""
+    keys, order = torch.sort(voxel_key_tensor(points, voxel_size), stable=True)
+    starts = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+    starts[1:] = keys[1:] != keys[:-1]
+    del keys
+    first = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+    first[order[starts]] = True
+    return first
 
 
 def voxel_downsample_indices(points, voxel_size: float) -> np.ndarray:
@@ -103,16 +139,18 @@ def adaptive_voxel_downsample_size(points, target: int) -> tuple[float, int]:
     [1e-4, max extent / 100] for up to 10 steps, stopping once |count - target| / target <= 0.2;
     the last size tried is returned even when the search did not converge (reference behaviour).
     """
-    p = _points_array(points)
+    p = points if isinstance(points, torch.Tensor) else torch.from_numpy(_points_array(points))
+    if p.dim() != 2 or p.shape[1] != 3:
+        raise InputError(f"points must have shape (N, 3); got {tuple(p.shape)}")
     if target < 1:
         raise InputError(f"target point count must be >= 1; got {target}")
     if len(p) <= target:
         return ADAPTIVE_VOXEL_DEFAULT_SIZE, len(p)
-    lo, hi = ADAPTIVE_VOXEL_MIN_SIZE, float((p.max(axis=0) - p.min(axis=0)).max()) / 100.0
+    lo, hi = ADAPTIVE_VOXEL_MIN_SIZE, float((p.amax(dim=0) - p.amin(dim=0)).max()) / 100.0
     size, count = lo, len(p)
     for _ in range(ADAPTIVE_VOXEL_ITERATIONS):
         size = (lo + hi) / 2.0
-        count = len(voxel_downsample_indices(p, size))
+        count = voxel_count(p, size)
         if abs(count - target) / target <= ADAPTIVE_VOXEL_TOLERANCE:
             break
         if count > target:

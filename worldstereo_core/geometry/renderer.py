@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +42,7 @@ from ..cameras import CameraTrajectory, opencv_to_pytorch3d, project_points
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from ..errors import InputError
 from ..progress import ProgressFn, report
+from ..threads import thread_map
 
 BACKENDS = ("auto", "torch", "numba", "pytorch3d")
 #: Largest accepted image side (guards against absurd sizes that would exhaust memory).
@@ -364,7 +364,7 @@ def _raster_numba(u, v, z, colors, height, width, radius, k_max, background):
     def order(f):
         return depth_order(z[f], u[f], v[f], height, width, r_px, us[f], vs[f], zs[f], ps[f])
 
-    n_valid = _thread_map(order, range(n_frames))
+    n_valid = thread_map(order, range(n_frames))
 
     def raster(task):
         f, y0 = task
@@ -372,18 +372,8 @@ def _raster_numba(u, v, z, colors, height, width, radius, k_max, background):
                     min(height, y0 + band), s * s, radius * radius, r_px, int(k_max), background,
                     rgb[f], mask[f])
 
-    _thread_map(raster, [(f, y0) for f in range(n_frames) for y0 in range(0, height, band)])
+    thread_map(raster, [(f, y0) for f in range(n_frames) for y0 in range(0, height, band)])
     return torch.from_numpy(rgb), torch.from_numpy(mask)[:, None]
-
-
-def _thread_map(fn, items) -> list:
-    """``[fn(x) for x in items]`` on up to ``torch.get_num_threads()`` threads (GIL-free kernels)."""
-    items = list(items)
-    workers = min(max(1, torch.get_num_threads()), len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
 
 
 def _render_pytorch3d(points, colors, K, w2c, height, width, radius, k_max, background):

@@ -39,17 +39,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraTrajectory, as_tensor, invert_rigid, project_points, unproject_depth, unproject_pixels
+from ..cameras import CameraTrajectory, as_tensor, invert_rigid, unproject_depth, unproject_pixels
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
 from ..errors import CheckpointError, InputError
 from ..geometry.alignment import Similarity, umeyama_ransac
 from ..geometry.depth import MIN_POINTS, image_to_rgb01, keep_mask, lift_depth
-from ..geometry.pointcloud import PointCloud, concatenate, statistical_outlier_removal, voxel_keys
-from ..geometry.renderer import render_point_cloud, render_warps
+from ..geometry.pointcloud import (ADAPTIVE_VOXEL_TOLERANCE, PointCloud, adaptive_voxel_downsample_size,
+                                   first_in_voxel, statistical_outlier_removal, voxel_key_tensor)
+from ..geometry.renderer import render_warps
 from ..geometry.trajectories import median_depth
 from ..io.atomic import atomic_path
 from ..io.images import load_image
 from ..progress import ProgressFn, report
+from ..threads import single_threaded_ops
+from .cache_view import CELL_FRACTION, CacheView, CellIndex, cell_order
 
 CACHE_MODES = ("release", "global")
 CACHE_FILE_VERSION = 1
@@ -157,78 +160,57 @@ class CacheUpdate:
 # --------------------------------------------------------------------------------------------
 
 def _cameras(K, w2c) -> tuple[torch.Tensor, torch.Tensor]:
-    K = as_tensor(K, dtype=torch.float64)
-    w2c = as_tensor(w2c, dtype=torch.float64)
+    K = as_tensor(K, dtype=torch.float64, device="cpu")
+    w2c = as_tensor(w2c, dtype=torch.float64, device="cpu")
     if tuple(K.shape) != (3, 3) or tuple(w2c.shape) != (4, 4):
         raise InputError(f"a frame camera needs K (3,3) and w2c (4,4); got {tuple(K.shape)} and {tuple(w2c.shape)}")
     return K, w2c
 
 
-def nearest_points_per_pixel(xyz, K, w2c, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every pixel hit by a point in front of the camera, the point nearest in view depth.
-
-    Returns ``(point index (M,), pixel index v * width + u (M,), projected position uv (M, 2))``
-    with one entry per covered pixel (exact depth ties: the lower point index).
-    """
-    K, w2c = _cameras(K, w2c)
-    pts = as_tensor(xyz, dtype=torch.float64)
-    if len(pts) == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.zeros(0, 2, dtype=torch.float64)
-    uv, z = project_points(pts, K, w2c)
-    u, v = torch.floor(uv[:, 0]), torch.floor(uv[:, 1])
-    ok = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    idx = ok.nonzero().squeeze(1)
-    pix = (v[idx] * width + u[idx]).long()
-    zbuf = torch.full((height * width,), math.inf, dtype=torch.float64).scatter_reduce(
-        0, pix, z[idx], reduce="amin")
-    front = z[idx] == zbuf[pix]
-    idx, pix = idx[front], pix[front]
-    # one point per pixel: the lowest index among exact depth ties
-    best = torch.full((height * width,), len(pts), dtype=torch.long).scatter_reduce(0, pix, idx, reduce="amin")
-    pix = (best < len(pts)).nonzero().squeeze(1)
-    idx = best[pix]
-    return idx, pix, uv[idx]
-
-
-def frame_correspondences(xyz, depth: torch.Tensor, keep: torch.Tensor, K, w2c, *,
+def frame_correspondences(view: CacheView, xyz: torch.Tensor, depth: torch.Tensor, keep: torch.Tensor, K, w2c, *,
                           max_count: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (new point (M,3), cache point (M,3)) for one frame, float64.
+    """Pairs (new point (M,3), cache point (M,3)) for one frame, float64 on the CPU.
 
-    Cache points are projected into the camera; the nearest cache point of each covered pixel is
-    paired with the point lifted on the same ray, at the new depth bilinearly sampled at the
-    cache point's sub-pixel position. Only positions whose four neighbouring pixels are all in
-    ``keep`` (valid, not a depth edge) are used. At most ``max_count`` pairs (a seeded subset).
+    The nearest cache point of each covered pixel (:meth:`CacheView.nearest_per_pixel` of the
+    frame's ``view`` of the cache ``xyz``) is paired with the point lifted on the same ray, at the
+    new depth bilinearly sampled at the cache point's sub-pixel position. Only positions whose four
+    neighbouring pixels are all in ``keep`` (valid, not a depth edge) are used. At most
+    ``max_count`` pairs (a seeded subset).
     """
     K, w2c = _cameras(K, w2c)
     H, W = depth.shape
-    pts = as_tensor(xyz, dtype=torch.float64)
-    idx, _, uv = nearest_points_per_pixel(pts, K, w2c, H, W)
+    idx, _, uv = view.nearest_per_pixel()
+    uv = uv.double()
     grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], dim=-1)[None, None]
-    maps = torch.stack([depth.to(torch.float64), keep.to(torch.float64)])[None]
+    maps = torch.stack([depth.to(torch.float64), keep.to(torch.float64)]).to(uv.device)[None]
     sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
     d, inside = sampled[0], sampled[1] > 1 - 1e-9
     idx, uv, d = idx[inside], uv[inside], d[inside]
     if max_count is not None and len(idx) > max_count:
         pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:max_count].sort().values
+        pick = pick.to(idx.device)
         idx, uv, d = idx[pick], uv[pick], d[pick]
-    src = unproject_pixels(uv, d, K, invert_rigid(w2c))
-    return src, pts[idx]
+    src = unproject_pixels(uv.cpu(), d.cpu(), K, invert_rigid(w2c))
+    return src, xyz.index_select(0, idx).cpu().double()
 
 
 def align_frame(xyz, depth: torch.Tensor, keep: torch.Tensor, K, w2c, settings: CacheSettings,
-                name: str = "frame") -> tuple[Similarity | None, FrameUpdate]:
-    """Similarity taking the frame's lifted depth onto the cache, or None with the reason.
+                name: str = "frame", *, view: CacheView | None = None) -> tuple[Similarity | None, FrameUpdate]:
+    """Similarity taking the frame's lifted depth onto the cache points ``xyz``, or None with the reason.
 
-    Projective correspondences (:func:`frame_correspondences`) and a RANSAC + Umeyama fit with
-    scale (:func:`geometry.alignment.umeyama_ransac`, inlier distance ``align_threshold`` times
-    the median camera-to-cache distance). The correspondences pair points on the same camera ray,
-    so the fit recovers what monocular depth gets wrong, the scale (a similarity centred on the
+    Projective correspondences (:func:`frame_correspondences`; ``view``: the frame's
+    :class:`CacheView` of ``xyz`` when already culled) and a RANSAC + Umeyama fit with scale
+    (:func:`geometry.alignment.umeyama_ransac`, inlier distance ``align_threshold`` times the
+    median camera-to-cache distance). The correspondences pair points on the same camera ray, so
+    the fit recovers what monocular depth gets wrong, the scale (a similarity centred on the
     camera), and rejects outlier depths; it does not correct errors of the camera pose itself.
     """
     K, w2c = _cameras(K, w2c)
+    xyz = torch.as_tensor(xyz).float()
+    if view is None:
+        view = CacheView.cull(xyz, K, w2c, *depth.shape, margin=0.0)
     record = FrameUpdate(name)
-    src, dst = frame_correspondences(xyz, depth, keep, K, w2c, max_count=settings.max_correspondences,
+    src, dst = frame_correspondences(view, xyz, depth, keep, K, w2c, max_count=settings.max_correspondences,
                                      seed=settings.seed)
     record.correspondences = len(src)
     if len(src) < settings.min_correspondences:
@@ -255,39 +237,68 @@ def align_frame(xyz, depth: torch.Tensor, keep: torch.Tensor, K, w2c, settings: 
 # The cache
 # --------------------------------------------------------------------------------------------
 
+def default_device() -> torch.device:
+    """Where a cache lives unless told: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 class PointCache:
-    """The global point cache of a multi-trajectory run (see the module docstring)."""
+    """The global point cache of a multi-trajectory run (see the module docstring).
+
+    The points live on ``device`` (default :func:`default_device`), where the merge runs, grouped by
+    the cells of a coarse grid (:class:`.cache_view.CellIndex`; the order of :attr:`cloud` is that
+    grouping, not the order points were given or added in). ``thin_size`` is the voxel size of the
+    last thinning (None: never thinned)."""
 
     def __init__(self, cloud: PointCloud, scale: float, *, mode: str = "global",
-                 settings: CacheSettings | None = None, history: Sequence[CacheUpdate] = ()) -> None:
+                 settings: CacheSettings | None = None, history: Sequence[CacheUpdate] = (),
+                 thin_size: float | None = None, device: torch.device | str | None = None) -> None:
         if mode not in CACHE_MODES:
             raise InputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
         if not (math.isfinite(scale) and scale > 0):
             raise InputError(f"cache scene scale must be a positive number, got {scale!r}")
-        self.cloud = cloud
+        self.device = default_device() if device is None else torch.device(device)
         self.scale = float(scale)
         self.mode = mode
         self.settings = settings or CacheSettings()
         self.history: list[CacheUpdate] = list(history)
+        self.thin_size = thin_size
+        self.cloud = cloud
 
     @property
     def cloud(self) -> PointCloud:
-        """The cached points (xyz float32, rgb in [0, 1])."""
-        return self._cloud
+        """The cached points (xyz float32, rgb in [0, 1]) on the cache's device."""
+        return PointCloud(self._xyz[: self._n], self._rgb[: self._n])
 
     @cloud.setter
     def cloud(self, cloud: PointCloud) -> None:
-        self._cloud = PointCloud(cloud.xyz, cloud.rgb)  # xyz + rgb only
-        self._keys: np.ndarray | None = None  # sorted voxel keys of the cloud, see _occupied
+        xyz = cloud.xyz.to(self.device, torch.float32)
+        self._n = len(xyz)
+        self._xyz, self._rgb = xyz, cloud.rgb.to(self.device, torch.float32)
+        self._index()
+
+    def _index(self) -> None:
+        """Group the rows by grid cell and index them (see :class:`.cache_view.CellIndex`)."""
+        size = CELL_FRACTION * self.scale
+        n = self._n
+        order = cell_order(self._xyz[:n], size)
+        capacity = n + n // 8 + 1024  # room to add points in place (untouched pages cost no memory)
+        for name in ("_xyz", "_rgb"):
+            grouped = torch.empty(capacity, 3, dtype=torch.float32, device=self.device)
+            torch.index_select(getattr(self, name)[:n], 0, order, out=grouped[:n])
+            setattr(self, name, grouped)
+        self._cells = CellIndex.of(self._xyz[:n], size)
 
     def __len__(self) -> int:
-        return len(self.cloud)
+        return self._n
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PointCache):
             return NotImplemented
+        a, b = self.cloud.to("cpu"), other.cloud.to("cpu")
         return (self.mode == other.mode and self.scale == other.scale and self.settings == other.settings
-                and torch.equal(self.cloud.xyz, other.cloud.xyz) and torch.equal(self.cloud.rgb, other.cloud.rgb)
+                and self.thin_size == other.thin_size
+                and torch.equal(a.xyz, b.xyz) and torch.equal(a.rgb, b.rgb)
                 and [asdict(h) for h in self.history] == [asdict(h) for h in other.history])
 
     __hash__ = None  # mutable
@@ -296,35 +307,30 @@ class PointCache:
     def voxel_size(self) -> float:
         return self.settings.voxel_fraction * self.scale
 
+    def _voxel_sizes(self) -> list[float]:
+        """The voxel grids in which a new point needs a free voxel: the cache's own and, once
+        thinned, the thinning's (so the thinned cloud keeps one point per voxel)."""
+        return [self.voxel_size] + ([self.thin_size] if self.thin_size is not None else [])
+
     @classmethod
     def from_depth(cls, image, depth, K, w2c, *, mode: str = "global", settings: CacheSettings | None = None,
-                   mask=None) -> "PointCache":
+                   mask=None, device: torch.device | str | None = None) -> "PointCache":
         """The start-view cloud (:func:`geometry.depth.lift_depth`, reference behaviour) as a cache;
         the scene scale is the start view's median depth."""
         d = depth_map(depth)
         settings = settings or CacheSettings()
         cloud = lift_depth(d, image, K, w2c, mask=mask, sobel_threshold=settings.edge_threshold)
-        return cls(cloud, median_depth(d, mask), mode=mode, settings=settings)
+        return cls(cloud, median_depth(d, mask), mode=mode, settings=settings, device=device)
 
     # ------------------------------------------------------------------------------ rendering
-    def _render_kwargs(self) -> dict:
-        return {"radius": self.settings.render_radius, "points_per_pixel": self.settings.points_per_pixel}
-
     def render(self, trajectory: CameraTrajectory, image, height: int, width: int,
                progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Warp renders (F,3,H,W) in [-1,1] and hole masks (F,1,H,W) of the cache along ``trajectory``;
-        frame 0 is ``image`` (3,H,W) in [-1,1] with mask 0 (:func:`geometry.renderer.render_warps`)."""
-        return render_warps(self.cloud.xyz, self.cloud.rgb_signed, trajectory, image, height, width,
-                            progress=progress, **self._render_kwargs())
-
-    def hole_mask(self, K, w2c, height: int, width: int) -> torch.Tensor:
-        """(H, W) bool: pixels of the camera (K for that size, w2c) the cache leaves uncovered."""
-        K, w2c = _cameras(K, w2c)
-        if len(self.cloud) == 0:
-            return torch.ones(height, width, dtype=torch.bool)
-        _, mask = render_point_cloud(self.cloud.xyz, self.cloud.rgb_signed, K[None], w2c[None], height, width,
-                                     **self._render_kwargs())
-        return mask[0, 0] > 0.5
+        """Warp renders (F,3,H,W) in [-1,1] and hole masks (F,1,H,W) of the cache along ``trajectory``
+        (on the CPU); frame 0 is ``image`` (3,H,W) in [-1,1] with mask 0 (:func:`geometry.renderer.render_warps`)."""
+        cloud = self.cloud
+        rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, trajectory, image, height, width, progress=progress,
+                                 radius=self.settings.render_radius, points_per_pixel=self.settings.points_per_pixel)
+        return rgb.cpu(), mask.cpu()
 
     # ------------------------------------------------------------------------------ growing
     def update(self, frames: Sequence, w2c, K, depth_fn: DepthFn | None, *, label: str = "update",
@@ -337,8 +343,8 @@ class PointCache:
         frames folded in so far; the loop persists the cache only between trajectories).
         """
         n = len(frames)
-        w2c_t = as_tensor(w2c, dtype=torch.float64).reshape(-1, 4, 4)
-        K_t = as_tensor(K, dtype=torch.float64)
+        w2c_t = as_tensor(w2c, dtype=torch.float64, device="cpu").reshape(-1, 4, 4)
+        K_t = as_tensor(K, dtype=torch.float64, device="cpu")
         K_t = K_t.expand(w2c_t.shape[0], 3, 3) if K_t.dim() == 2 else K_t.reshape(-1, 3, 3)
         names = list(names) if names is not None else [f"{label}/{i:04d}" for i in range(n)]
         if w2c_t.shape[0] != n or K_t.shape[0] != n or len(names) != n:
@@ -351,16 +357,19 @@ class PointCache:
             return record
         if depth_fn is None:
             raise InputError("the global cache needs a depth function (MoGe, or depth_fn=...) to lift new frames")
-        for i, (frame, name) in enumerate(zip(frames, names)):
-            record.frames.append(self._add_frame(frame, K_t[i], w2c_t[i], depth_fn, name))
-            report(progress, i + 1, n)
-        if self.settings.max_points is not None and len(self) > self.settings.max_points:
-            self.cloud = self.cloud.adaptive_downsample(self.settings.max_points)[0]
+        with single_threaded_ops() as workers:
+            for i, (frame, name) in enumerate(zip(frames, names)):
+                record.frames.append(self._add_frame(frame, K_t[i], w2c_t[i], depth_fn, name, workers))
+                report(progress, i + 1, n)
+            self._thin()
+            if len(self) - self._cells.sorted > self._cells.sorted // 8:  # regroup once the ungrouped tail is long
+                self._index()
         record.points_after = len(self)
         self.history.append(record)
         return record
 
-    def _add_frame(self, frame, K: torch.Tensor, w2c: torch.Tensor, depth_fn: DepthFn, name: str) -> FrameUpdate:
+    def _add_frame(self, frame, K: torch.Tensor, w2c: torch.Tensor, depth_fn: DepthFn, name: str,
+                   workers: int) -> FrameUpdate:
         frame = load_image(frame, name=f"cache frame {name}")
         rgb = image_to_rgb01(frame)
         H, W = rgb.shape[:2]
@@ -372,44 +381,88 @@ class PointCache:
             keep, d = keep_mask(depth, sobel_threshold=self.settings.edge_threshold)
         except InputError as exc:  # empty / broken depth for this frame: skip it
             return FrameUpdate(name, skipped=f"unusable depth: {exc}")
-        T, record = align_frame(self.cloud.xyz, d, keep, K, w2c, self.settings, name)
+        xyz = self._xyz[: self._n]
+        radius = self.settings.render_radius
+        # margin: the renderer's (a point can cover pixels up to radius + 1 pixel outside the image);
+        # reach: two voxels, so the view holds every cache point that can share a voxel with new points
+        view = CacheView.cull(xyz, K, w2c, H, W, margin=radius * min(H, W) / 2 + 1.0,
+                              reach=2.0 * max(self._voxel_sizes()), cells=self._cells, workers=workers)
+        T, record = align_frame(xyz, d, keep, K, w2c, self.settings, name, view=view)
         if T is None:
             return record
-        new = keep & self.hole_mask(K, w2c, H, W)
+        new = keep & view.holes(radius).cpu()
         if int(new.sum()) < MIN_POINTS:
             return record  # aligned, but the cache already covers this view
         world = unproject_depth(d.to(torch.float64), K, invert_rigid(w2c))[new]
         cloud = PointCloud(T.apply(world).float(), rgb[new])
         if len(cloud) > self.settings.sor_neighbours:
             cloud = cloud.select(statistical_outlier_removal(cloud.xyz, self.settings.sor_neighbours,
-                                                             self.settings.sor_std_ratio))
-        cloud = cloud.select(self._unoccupied(cloud.xyz))
+                                                             self.settings.sor_std_ratio, workers=workers))
+        cloud = cloud.select(self._free(cloud.xyz, view))
+        del view
         record.added = len(cloud)
-        if len(cloud):
-            keys = self._keys  # already extended by _unoccupied
-            self.cloud = concatenate([self.cloud, cloud])
-            self._keys = keys
+        self._append(cloud)
         return record
 
-    def _occupied(self) -> np.ndarray:
-        """Sorted voxel keys of the cache (computed once, then extended as points are added)."""
-        if self._keys is None:
-            self._keys = np.sort(voxel_keys(self.cloud.xyz, self.voxel_size)) if len(self.cloud) else np.zeros(0, np.int64)
-        return self._keys
+    def _free(self, xyz: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """Indices (ascending) of the new points ``xyz`` (CPU) whose voxel is free: no cache point
+        in it and no earlier new point, in every grid of :meth:`_voxel_sizes`."""
+        chosen = torch.arange(len(xyz))
+        if not len(xyz):
+            return chosen
+        # Cache points that can share a voxel with a new point: in this view (when the new points
+        # are inside its frustum, see CacheView.contains) and within two voxels of their bounding box.
+        rows = view.index if view.contains(xyz) else torch.arange(len(self), device=self.device)
+        near = self._xyz.index_select(0, rows)
+        reach = 2.0 * max(self._voxel_sizes())
+        lo, hi = (xyz.amin(0) - reach).to(self.device), (xyz.amax(0) + reach).to(self.device)
+        near = near[((near >= lo) & (near <= hi)).all(dim=1)]
+        for size in self._voxel_sizes():
+            pts = xyz[chosen]
+            keys = voxel_key_tensor(pts, size)
+            wanted = torch.unique(keys).to(self.device)  # sorted
+            found = voxel_key_tensor(near, size)
+            at = torch.searchsorted(wanted, found).clamp_(max=len(wanted) - 1)
+            taken = wanted.index_select(0, at[wanted.index_select(0, at) == found]).cpu()
+            chosen = chosen[first_in_voxel(pts, size) & ~torch.isin(keys, taken)]
+        return chosen
 
-    def _unoccupied(self, xyz: torch.Tensor) -> np.ndarray:
-        """Indices of the points of ``xyz`` whose voxel is free: not in the cache, first of their voxel."""
-        new_keys = voxel_keys(xyz, self.voxel_size)
-        keys, first = np.unique(new_keys, return_index=True)
-        occupied = self._occupied()
-        pos = np.searchsorted(occupied, keys).clip(max=max(len(occupied) - 1, 0))
-        free = occupied[pos] != keys if len(occupied) else np.ones(len(keys), bool)
-        self._keys = np.sort(np.concatenate([occupied, keys[free]]), kind="stable")
-        return np.sort(first[free])
+    def _append(self, cloud: PointCloud) -> None:
+        """Add points at the end, in place while the storage has room (else it grows by at least 1/8)."""
+        n, m = self._n, len(cloud)
+        if not m:
+            return
+        if n + m > len(self._xyz):
+            capacity = max(n + m, n + n // 8)
+            for name in ("_xyz", "_rgb"):
+                grown = torch.empty(capacity, 3, dtype=torch.float32, device=self.device)
+                grown[:n] = getattr(self, name)[:n]
+                setattr(self, name, grown)
+        self._xyz[n:n + m] = cloud.xyz.to(self.device)
+        self._rgb[n:n + m] = cloud.rgb.to(self.device)
+        self._n = n + m
+
+    def _thin(self) -> None:
+        """Voxel-thin the cache to about ``max_points`` when it holds more (the reference's adaptive
+        voxel search, first point of every voxel kept). Points added afterwards need a free voxel of
+        that size, so later updates thin again only when the cache outgrows the search's tolerance
+        (20%) above ``max_points``."""
+        limit = self.settings.max_points
+        if limit is None:
+            return
+        allowed = limit if self.thin_size is None else limit * (1 + ADAPTIVE_VOXEL_TOLERANCE)
+        if len(self) <= allowed:
+            return
+        xyz = self._xyz[: self._n]
+        size, _ = adaptive_voxel_downsample_size(xyz, limit)
+        keep = first_in_voxel(xyz, size).nonzero().squeeze(1)
+        self._xyz, self._rgb, self._n = xyz.index_select(0, keep), self._rgb.index_select(0, keep), len(keep)
+        self.thin_size = size
+        self._index()
 
     # ------------------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        return {"version": CACHE_FILE_VERSION, "mode": self.mode, "scale": self.scale,
+        return {"version": CACHE_FILE_VERSION, "mode": self.mode, "scale": self.scale, "thin_size": self.thin_size,
                 "settings": asdict(self.settings), "history": [asdict(h) for h in self.history]}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -423,8 +476,8 @@ class PointCache:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PointCache":
-        """Read a cache written by :meth:`save` (equal to the saved one)."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "PointCache":
+        """Read a cache written by :meth:`save` (equal to the saved one) onto ``device`` (see ``PointCache``)."""
         path = Path(path)
         if not path.is_file():
             raise InputError(f"point cache file {path} not found; start a new run or point to a saved cache")
@@ -436,7 +489,8 @@ class PointCache:
                                       f"(this build reads {CACHE_FILE_VERSION}); start a new run")
             settings = CacheSettings(**state["settings"])
             history = [CacheUpdate.from_dict(h) for h in state["history"]]
-            return cls(PointCloud(xyz, rgb), state["scale"], mode=state["mode"], settings=settings, history=history)
+            return cls(PointCloud(xyz, rgb), state["scale"], mode=state["mode"], settings=settings, history=history,
+                       thin_size=state.get("thin_size"), device=device)
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
