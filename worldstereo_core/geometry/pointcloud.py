@@ -28,6 +28,8 @@ ADAPTIVE_VOXEL_DEFAULT_SIZE = 0.003
 ADAPTIVE_VOXEL_MIN_SIZE = 1e-4
 ADAPTIVE_VOXEL_TOLERANCE = 0.2
 ADAPTIVE_VOXEL_ITERATIONS = 10
+#: Points queried at once by knn_mean_distance.
+KNN_QUERY_CHUNK = 1 << 14
 #: Points whose voxel keys are computed at once (bounds the temporaries of voxel_key_tensor).
 VOXEL_KEY_CHUNK = 1 << 20
 
@@ -60,8 +62,12 @@ def knn_mean_distance(points, k: int = SOR_NEIGHBOURS, workers: int = -1) -> np.
     k = min(int(k), len(p) - 1)
     if k < 1:
         return np.zeros(len(p), dtype=np.float64)
-    dist, _ = cKDTree(p).query(p, k=k + 1, workers=workers)
-    return dist[:, 1:].mean(axis=1)
+    tree = cKDTree(p)
+    out = np.empty(len(p), dtype=np.float64)
+    for start in range(0, len(p), KNN_QUERY_CHUNK):  # bounds the (chunk, k + 1) distance/index arrays
+        dist, _ = tree.query(p[start:start + KNN_QUERY_CHUNK], k=k + 1, workers=workers)
+        out[start:start + KNN_QUERY_CHUNK] = dist[:, 1:].mean(axis=1)
+    return out
 
 
 def statistical_outlier_removal(points, k: int = SOR_NEIGHBOURS, std_ratio: float = SOR_STD_RATIO,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraTrajectory, as_tensor, invert_rigid, unproject_depth, unproject_pixels
+from ..cameras import CameraTrajectory, as_tensor, invert_rigid, unproject_pixels
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
 from ..errors import CheckpointError, InputError
 from ..geometry.alignment import Similarity, umeyama_ransac
@@ -393,7 +393,9 @@ class PointCache:
         new = keep & view.holes(radius).cpu()
         if int(new.sum()) < MIN_POINTS:
             return record  # aligned, but the cache already covers this view
-        world = unproject_depth(d.to(torch.float64), K, invert_rigid(w2c))[new]
+        rows, cols = new.nonzero().unbind(1)  # lift the hole pixels only, through their centres
+        uv = torch.stack([cols, rows], dim=1).double() + 0.5
+        world = unproject_pixels(uv, d[rows, cols].double(), K, invert_rigid(w2c))
         cloud = PointCloud(T.apply(world).float(), rgb[new])
         if len(cloud) > self.settings.sor_neighbours:
             cloud = cloud.select(statistical_outlier_removal(cloud.xyz, self.settings.sor_neighbours,

@@ -284,8 +284,8 @@ class CacheView:
 
         Pixel offsets from a point's own pixel fall in three classes: always covered (the farthest
         corner of the own pixel is within the radius), never covered, or to be checked. The first
-        class is a shift of the map of occupied pixels; only the points next to a pixel still
-        uncovered are checked, one offset at a time."""
+        class is a shift of the map of occupied pixels; the third is evaluated, one offset at a
+        time, only for the points whose pixel at that offset is still uncovered."""
         H, W = self.height, self.width
         s2, r2 = (min(H, W) / 2.0) ** 2, radius * radius
         r2_px = r2 * s2
@@ -301,31 +301,29 @@ class CacheView:
                     check.append((dx, dy))
         if reach > self.pad:
             raise ValueError(f"coverage radius {radius} reaches beyond the view's margin")
-        Hc, Wc = H + 2 * reach, W + 2 * reach  # the image grown by `reach`: points just outside count too
+        # Cells of the points within `reach` of the image, on a grid padded by 2 * reach so that a
+        # cell shifted by any offset stays on it (no wrapping between rows).
+        P = 2 * reach
+        Wc = W + 2 * P
         local, col, row = self._pixel_cells
         near = ((col >= -reach) & (col < W + reach) & (row >= -reach) & (row < H + reach)).nonzero().squeeze(1)
         local = local.index_select(0, near)
-        cell = (row.index_select(0, near) + reach) * Wc + col.index_select(0, near) + reach
-        occupied = torch.zeros(Hc * Wc, dtype=torch.bool, device=self.z.device)
-        occupied[cell] = True
-        occupied = occupied.view(Hc, Wc)
+        cell = (row.index_select(0, near) + P) * Wc + col.index_select(0, near) + P
+        occupied = torch.zeros(H + 2 * P, Wc, dtype=torch.bool, device=self.z.device)
+        occupied.view(-1)[cell] = True
         covered = torch.zeros(H, W, dtype=torch.bool, device=self.z.device)
         for dx, dy in always:
-            covered |= occupied[reach - dy:reach - dy + H, reach - dx:reach - dx + W]
-        uncovered = torch.zeros(Hc, Wc, dtype=torch.bool, device=self.z.device)
-        uncovered[reach:reach + H, reach:reach + W] = ~covered
-        pick = _dilate(uncovered, reach).view(-1).index_select(0, cell).nonzero().squeeze(1)
+            covered |= occupied[P - dy:P - dy + H, P - dx:P - dx + W]
+        holes = torch.zeros_like(occupied)  # the pixels still uncovered
+        holes[P:P + H, P:P + W] = ~covered
+        pick = _dilate(holes, reach).view(-1).index_select(0, cell).nonzero().squeeze(1)
         local, cell = local.index_select(0, pick), cell.index_select(0, pick)
         u, v = (c.index_select(0, local).double() for c in self.uv.unbind(1))
-        col, row = cell % Wc - reach, torch.div(cell, Wc, rounding_mode="floor") - reach
-        flat = covered.view(-1)
+        flat = holes.view(-1)
         for dx, dy in check:
-            i, j = col + dx, row + dy
-            target = j * W + i
-            todo = ((i >= 0) & (i < W) & (j >= 0) & (j < H)).nonzero().squeeze(1)
-            todo = todo[~flat.index_select(0, target.index_select(0, todo))]
-            du = u.index_select(0, todo) - (i.index_select(0, todo).double() + 0.5)
-            dv = v.index_select(0, todo) - (j.index_select(0, todo).double() + 0.5)
-            hit = (du * du + dv * dv) / s2 < r2
-            flat[target.index_select(0, todo)[hit]] = True
-        return ~covered
+            todo = flat.index_select(0, cell + (dy * Wc + dx)).nonzero().squeeze(1)
+            target = cell.index_select(0, todo) + (dy * Wc + dx)
+            du = u.index_select(0, todo) - ((target % Wc - P).double() + 0.5)
+            dv = v.index_select(0, todo) - ((torch.div(target, Wc, rounding_mode="floor") - P).double() + 0.5)
+            flat[target[(du * du + dv * dv) / s2 < r2]] = False
+        return holes[P:P + H, P:P + W].clone()
