@@ -144,6 +144,92 @@ def test_block_swap_errors():
         enable_block_swap(nn.Linear(2, 2), 1)
 
 
+#: The released ControlNet width is unknown here; Uni3C's (the code it derives from) is assumed.
+UNI3C_CONTROLNET = dict(dim=1024, num_heads=16, ffn_dim=4096, num_layers=20, conv_out_dim=5120, time_embed_dim=5120,
+                        add_channels=7, mid_channels=64, mask_downsample=1)
+
+
+def _meta_14b(fp8_mode=None):
+    """The 14B memory model (bf16, optionally fp8 blocks) on the meta device: real shapes, no memory."""
+    from worldstereo_core.models import shipped_base_config
+
+    ccfg = tiny_controlnet_cfg(MEMORY, **UNI3C_CONTROLNET)
+    model = build_transformer(shipped_base_config("wan2.1-i2v-14b-480p"), ccfg, memory=True, device="meta",
+                              dtype=torch.bfloat16)
+    if fp8_mode:
+        fp8.convert_worldstereo_fp8(model, fp8_mode)
+    return model
+
+
+@pytest.mark.parametrize("fp8_mode", [None, "channel"])
+def test_block_swap_plan_for_the_real_14b_shapes(fp8_mode):
+    """24 GB recipe: 20 of 40 blocks resident. Pinned memory = the streamed groups' buffers only,
+    within 5% of their tensor bytes (per-tensor pinning rounded each tensor up to a power of two)."""
+    from worldstereo_core.runtime.block_swap import plan_block_swap
+
+    model = _meta_14b(fp8_mode)
+    plan = plan_block_swap(model, 20)
+    groups = worldstereo_swap_groups(model)
+    assert len(groups) == 40 and len(plan.permanent) == 18 and len(plan.streamed) == 22 and plan.slots == 2
+    tensor_bytes = [sum(t.numel() * t.element_size() for m in g for t in [*m.parameters(), *m.buffers()])
+                    for g in groups]
+    assert plan.group_bytes == tuple(tensor_bytes)
+    streamed = sum(tensor_bytes[i] for i in plan.streamed)
+    assert plan.streamed_bytes == streamed and streamed <= plan.pinned_bytes <= 1.05 * streamed
+    per_tensor_pow2 = sum(1 << (t.numel() * t.element_size() - 1).bit_length()
+                          for i in plan.streamed for m in groups[i] for t in [*m.parameters(), *m.buffers()])
+    assert per_tensor_pow2 > 1.3 * streamed  # what pinning tensor by tensor cost
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    slot = max(tensor_bytes[i] for i in plan.streamed)
+    assert plan.device_bytes <= total - streamed + 2 * slot * 1.05
+    if fp8_mode is None:  # bf16 14B + ControlNet + memory layers: about 33 GB, ~half of it streamed
+        assert 30e9 < total < 36e9 and 0.45 * total < streamed < 0.6 * total
+
+
+def test_block_swap_reuses_its_slots_and_pins_nothing_on_cpu():
+    """Streamed groups always run from one of the `slots` device buffers allocated per placement:
+    a finished group's memory is what the next load fills."""
+    model, inputs = _model(MEMORY, layers=5)
+    expected = _run(model, inputs)
+    swap = enable_block_swap(model, 3)
+    assert swap.stats()["pinned_bytes"] == 0 and swap.plan.slots == 2
+    used = {}
+
+    def record(i):
+        def hook(module, args):
+            used.setdefault(i, set()).add(next(module.parameters()).untyped_storage().data_ptr())
+        return hook
+
+    groups = worldstereo_swap_groups(model)
+    handles = [g[0].register_forward_pre_hook(record(i)) for i, g in enumerate(groups)]
+    with swap("cpu"):
+        slots = {slot.buffer.untyped_storage().data_ptr() for slot in swap._slots}
+        assert len(slots) == 2
+        first, second = _run(model, inputs), _run(model, inputs)
+    for h in handles:
+        h.remove()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert set().union(*(used[i] for i in swap.streamed)) == slots
+    assert not set().union(*(used[i] for i in swap.permanent)) & slots
+
+
+def test_cuda_graph_compile_is_refused_with_block_swap_or_sharding():
+    with pytest.raises(InputError, match="CUDA graphs.*block swap"):
+        RuntimeOptions(block_swap=2, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(InputError, match="CUDA graphs.*sharded weights"):
+        RuntimeOptions(shard_weights=True, compile=True, compile_mode="max-autotune")
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        RuntimeOptions(block_swap=2, compile=True, compile_mode=mode)
+    model, _ = _model(CAMERA, layers=2)
+    compile_blocks(model, mode="reduce-overhead", backend="eager")  # lazy: nothing is compiled yet
+    with pytest.raises(InputError, match="CUDA graphs"):
+        enable_block_swap(model, 1)
+    uncompile_blocks(model)
+    enable_block_swap(model, 1)
+    with pytest.raises(InputError, match="CUDA graphs"):
+        compile_blocks(model, mode="max-autotune", backend="eager")
+
+
 # ------------------------------------------------------------------------------------------------
 # fp8 weights
 # ------------------------------------------------------------------------------------------------
@@ -466,9 +552,7 @@ def test_flop_formula_at_the_real_14b_config():
     from worldstereo_core.models import shipped_base_config
 
     tcfg = shipped_base_config("wan2.1-i2v-14b-480p")
-    # The released ControlNet width is unknown here; Uni3C's (the code it derives from) is assumed.
-    ccfg = dict(dim=1024, num_heads=16, ffn_dim=4096, num_layers=20, conv_out_dim=5120, time_embed_dim=5120,
-                add_channels=7, mid_channels=64, mask_downsample=1)
+    ccfg = UNI3C_CONTROLNET
     counted = _counted(CAMERA, tcfg, ccfg, frames=21, height=60, width=96, ref_index=())
     formula = transformer_flops(tcfg, ccfg, latent_frames=21, latent_height=60, latent_width=96)
     assert formula.total == counted

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from .attention import BACKENDS
-from .compile import COMPILE_MODES
+from .compile import COMPILE_MODES, CUDA_GRAPH_MODES, cuda_graph_conflict
 from .fp8 import FP8_MODES
 
 TEXT_ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,6 +70,10 @@ class RuntimeOptions:
                              f"got {self.text_encoder_dtype!r}")
         if self.block_swap is not None and self.shard_weights:
             raise InputError("block swap and sharded weights do not combine; use one of them")
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES:
+            for on, what in ((self.block_swap is not None, "block swap"), (self.shard_weights, "sharded weights")):
+                if on:
+                    raise cuda_graph_conflict(self.compile_mode, what)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
