@@ -306,6 +306,68 @@ def test_fp8_model_exact_vs_roundtrip_and_close_to_full_precision(case, mode):
         assert torch.equal(_run(model, inputs), reference)
 
 
+@pytest.mark.parametrize("device,mode,dtype,capability,path", [
+    ("cpu", "channel", torch.bfloat16, None, "dequantize"),
+    ("cuda", "tensor", torch.bfloat16, (8, 6), "dequantize"),   # Ampere: no fp8 tensor cores
+    ("cuda", "tensor", torch.float16, (8, 9), "scaled_mm"),     # Ada: per-tensor scales
+    ("cuda", "channel", torch.bfloat16, (8, 9), "dequantize"),  # ... but not row-wise ones
+    ("cuda", "channel", torch.bfloat16, (9, 0), "scaled_mm"),   # Hopper
+    ("cuda", "channel", torch.float16, (9, 0), "dequantize"),   # row-wise scales need bf16 output
+    ("cuda", "channel", torch.bfloat16, (10, 0), "scaled_mm"),  # Blackwell
+])
+def test_fp8_matmul_path_per_capability(device, mode, dtype, capability, path):
+    assert fp8.fp8_matmul_path(device, mode, dtype, capability=capability) == path
+
+
+def test_fp8_dequantize_path_equals_float32_dequantization_and_is_reported(caplog):
+    """The weight widened in place equals (q.float() * s).to(dtype) bit for bit (normal and
+    subnormal e4m3 values), and the layer says which path it took."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 48, generator=gen) * torch.logspace(-4, 1, 48)  # spans e4m3 subnormals
+    for mode in fp8.FP8_MODES:
+        q, scale = fp8.quantize_weight(w, mode)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(fp8.dequantize_weight(q, scale, dtype), (q.float() * scale).to(dtype))
+    fp8._resolved_path.cache_clear()
+    layer = fp8.FP8Linear.from_linear(nn.Linear(48, 64).bfloat16())
+    assert layer.matmul_path is None
+    with caplog.at_level("INFO", logger="worldstereo_core.runtime.fp8"):
+        layer(torch.randn(3, 48, dtype=torch.bfloat16))
+        layer(torch.randn(3, 48, dtype=torch.bfloat16))
+    assert layer.matmul_path == "dequantize"
+    assert [r.getMessage() for r in caplog.records].count(
+        "fp8 (channel scales, bfloat16 compute) on cpu: weights dequantised per call (no fp8 products on this device)") == 1
+
+
+@pytest.mark.parametrize("mode", fp8.FP8_MODES)
+def test_fp8_scaled_path_is_the_product_of_the_quantised_operands(mode):
+    """torch._scaled_mm (it runs on the CPU too) against an independent float64 product of the
+    quantised activations and weights; layers whose sizes it cannot take fall back."""
+    gen = torch.Generator().manual_seed(7)
+    linear = nn.Linear(64, 48).bfloat16()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=gen) * 0.1)
+    model = nn.Sequential(fp8.FP8Linear.from_linear(linear, mode), fp8.FP8Linear.from_linear(nn.Linear(40, 8), mode))
+    assert fp8.set_fp8_matmul(model, "scaled_mm") == 2
+    layer = model[0]
+    x = (torch.randn(2, 7, 64, generator=gen) * torch.linspace(0.01, 3, 64)).bfloat16()
+    y = layer(x)
+    rows = x.reshape(-1, 64).double()
+    amax = rows.abs().amax(dim=1, keepdim=True) if mode == "channel" else rows.abs().amax()
+    sx = (amax.float() / fp8.FP8_MAX).double()
+    xq = (rows / sx).float().to(fp8.FP8_DTYPE).double() * sx
+    wq = layer.weight.double() * layer.weight_scale.double()
+    ref = (xq @ wq.T + linear.bias.double()).reshape(2, 7, 48)
+    assert y.dtype == torch.bfloat16 and layer.matmul_path == "scaled_mm"
+    assert torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-3)
+    full = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert (y.double() - full).abs().max() < 0.15 * full.abs().max()  # e4m3 on both operands
+    model[1](torch.randn(3, 40))  # 40 is not a multiple of 16
+    assert fp8.fp8_matmul_paths(model) == {"scaled_mm": 1, "dequantize": 1}
+    with pytest.raises(InputError, match="fp8 matmul"):
+        fp8.set_fp8_matmul(model, "fast")
+
+
 def test_fp8_loader_quantises_while_reading(tmp_path):
     tcfg = tiny_transformer_config()
     ccfg = tiny_controlnet_cfg(MEMORY, tcfg)

@@ -1,8 +1,9 @@
 """Runtime options for running the WorldStereo transformers on small or many accelerators.
 
 * :mod:`.block_swap`: only N transformer blocks resident on the accelerator, the rest streamed from
-  (pinned) CPU memory with the next block prefetched on a side CUDA stream.
-* :mod:`.fp8`: weight-only float8 (e4m3) storage of the blocks' Linear layers, dequantised on the fly.
+  page-locked CPU memory into reused device slots, the next block prefetched on a side CUDA stream.
+* :mod:`.fp8`: float8 (e4m3) storage of the blocks' Linear layers, multiplied in fp8 where the GPU
+  can (``torch._scaled_mm``), dequantised per call elsewhere.
 * :mod:`.attention`: attention backend selection (torch SDPA, flash-attn, SageAttention).
 * :mod:`.compile`: regional ``torch.compile`` of the repeated blocks.
 * :mod:`.offload`: VAE tiling and offloading of the text/image encoders.

@@ -1,13 +1,22 @@
-"""Weight-only float8 storage: Linear weights kept as ``torch.float8_e4m3fn`` plus a float32 scale.
+"""Float8 weights: Linear weights kept as ``torch.float8_e4m3fn`` plus a float32 scale.
 
 Each converted layer stores ``q = round_e4m3(W / s)`` with ``s = amax / 448`` per output channel
-(``"channel"``, default) or per tensor (``"tensor"``), and computes ``F.linear(x, (q * s).to(dtype), b)``
-in the layer's compute dtype, so weights take one byte per element and the arithmetic is unchanged.
+(``"channel"``, default) or per tensor (``"tensor"``), so weights take one byte per element. Two
+ways to multiply (:attr:`FP8Linear.matmul_path`, chosen per device by :func:`fp8_matmul_path` and
+logged once per device and mode):
+
+* ``"scaled_mm"``: fp8 x fp8 products on the tensor cores (``torch._scaled_mm``, CUDA compute
+  capability 8.9+ for per-tensor scales, 9.0+ for per-channel ones, bf16 compute for per-channel).
+  The activations are quantised to e4m3 too, with a dynamic scale per row (``"channel"``) or per
+  tensor (``"tensor"``), and products accumulate in float32.
+* ``"dequantize"``: everywhere else ``F.linear(x, (q * s).to(dtype), b)``: the weight is widened to
+  the compute dtype and scaled in place (no float32 copy), identical to ``(q.float() * s).to(dtype)``.
 
 Precision (e4m3: 3 mantissa bits, round to nearest): for ``|W / s|`` in the normal range
 (>= 2^-6) the stored weight errs by at most ``2^-4 |W|``; below it (subnormals, spacing 2^-9) by at
 most ``2^-10 s``. :func:`fp8_error_bound` gives that element-wise bound, from which a bound on a
-layer's output follows: ``|y - y_fp8| <= (|W - Q(W)|) @ |x|``.
+layer's output follows: ``|y - y_fp8| <= (|W - Q(W)|) @ |x|`` (the dequantize path; the scaled path
+adds the same relative error for the activations).
 
 Loading: :func:`convert_linears` swaps ``nn.Linear`` for :class:`FP8Linear` (also on the meta
 device) and :func:`quantize_stream` quantises checkpoint weights one tensor at a time as they are
@@ -17,6 +26,9 @@ keep the full-precision checkpoint as the source of truth.
 """
 from __future__ import annotations
 
+import functools
+import logging
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -24,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite e4m3fn value.
@@ -38,6 +52,10 @@ E4M3_MIN_NORMAL = 2.0 ** -6
 #: Linear layers of the WorldStereo transformers stored in fp8: everything inside the repeated blocks
 #: (backbone, SSM and ControlNet) and the ControlNet's per-block output projections; >98% of the weights.
 WORLDSTEREO_FP8_PREFIXES = ("blocks.", "controlnet.controlnet_blocks.", "controlnet.proj_out.")
+#: How an FP8Linear multiplies (see the module docstring); "auto" picks per device.
+FP8_MATMUL_PATHS = ("scaled_mm", "dequantize")
+#: Least CUDA compute capability with fp8 tensor-core products (torch._scaled_mm), per scale mode.
+SCALED_MM_CAPABILITY = {"tensor": (8, 9), "channel": (9, 0)}
 
 
 def _check_mode(mode: str) -> None:
@@ -63,8 +81,35 @@ def quantize_weight(weight: torch.Tensor, mode: str = "channel") -> tuple[torch.
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale`` computed in float32, returned in ``dtype``."""
-    return (q.float() * scale).to(dtype)
+    """``q * scale`` in ``dtype``, each product formed in float32 and rounded once to ``dtype`` (as
+    ``(q.float() * scale).to(dtype)``), without a float32 copy of the weight: every e4m3 value is
+    exact in bf16/fp16, and the in-place product with a float32 scale computes in float32."""
+    return q.to(dtype).mul_(scale)
+
+
+def fp8_matmul_path(device: torch.device | str, mode: str, compute_dtype: torch.dtype,
+                    capability: tuple[int, int] | None = None) -> str:
+    """``"scaled_mm"`` where ``device`` multiplies fp8 on its tensor cores (CUDA, not ROCm, compute
+    capability at least :data:`SCALED_MM_CAPABILITY` for ``mode``; per-channel scales need bf16
+    compute), else ``"dequantize"``. ``capability`` overrides the device's (tests)."""
+    _check_mode(mode)
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return "dequantize"
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < SCALED_MM_CAPABILITY[mode] or (mode == "channel" and compute_dtype != torch.bfloat16):
+        return "dequantize"
+    return "scaled_mm"
+
+
+@functools.cache
+def _resolved_path(device: torch.device, mode: str, compute_dtype: torch.dtype) -> str:
+    path = fp8_matmul_path(device, mode, compute_dtype)
+    log.info("fp8 (%s scales, %s compute) on %s: %s", mode, str(compute_dtype).replace("torch.", ""), device,
+             "fp8 products with torch._scaled_mm" if path == "scaled_mm"
+             else "weights dequantised per call (no fp8 products on this device)")
+    return path
 
 
 def fp8_roundtrip(weight: torch.Tensor, mode: str = "channel") -> torch.Tensor:
@@ -94,6 +139,10 @@ class FP8Linear(nn.Module):
         _check_mode(mode)
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.compute_dtype = compute_dtype
+        #: "auto" (per device, :func:`fp8_matmul_path`) or a path of :data:`FP8_MATMUL_PATHS` to force.
+        self.matmul = "auto"
+        #: The path the last forward took (None before the first).
+        self.matmul_path: str | None = None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)
         scale_shape = (out_features, 1) if mode == "channel" else ()
@@ -128,8 +177,31 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
+    def _path(self, device: torch.device) -> str:
+        if self.matmul == "dequantize" or self.in_features % 16 or self.out_features % 16:
+            return "dequantize"  # torch._scaled_mm needs both dimensions divisible by 16
+        return "scaled_mm" if self.matmul == "scaled_mm" else _resolved_path(device, self.mode, self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        self.matmul_path = self._path(x.device)
+        if self.matmul_path == "dequantize":
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        return self._scaled_forward(x)
+
+    def _scaled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fp8 x fp8 product: activations quantised with a dynamic scale (per row for per-channel
+        weights, per tensor otherwise), float32 accumulation, output and bias in the compute dtype."""
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1 if self.mode == "channel" else None,
+                                        keepdim=self.mode == "channel").float()
+        scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+        # quotient in float32 (a 0-dim scale would not promote), rounded once to e4m3 on store
+        q = torch.div(rows, scale.reshape(-1, 1), out=torch.empty(rows.shape, dtype=FP8_DTYPE, device=rows.device))
+        w_scale = self.weight_scale.reshape(1, -1) if self.mode == "channel" else self.weight_scale
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=w_scale, bias=bias,
+                               out_dtype=self.compute_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse: bool = True):
         # Two probes tell whether ``fn`` casts (both come out in one dtype, the new compute dtype)
@@ -200,6 +272,22 @@ def quantize_stream(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]]
         if layer is not None and tensor.dtype != FP8_DTYPE:
             tensor, layer.weight_scale = quantize_weight(tensor, layer.mode)
         yield name, tensor
+
+
+def set_fp8_matmul(model: nn.Module, matmul: str) -> int:
+    """Set how every :class:`FP8Linear` of ``model`` multiplies: ``"auto"`` or one of
+    :data:`FP8_MATMUL_PATHS` (``"scaled_mm"`` also runs on the CPU, for comparisons). Returns the count."""
+    if matmul != "auto" and matmul not in FP8_MATMUL_PATHS:
+        raise InputError(f"fp8 matmul must be 'auto' or one of {FP8_MATMUL_PATHS}, got {matmul!r}")
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.matmul = matmul
+    return len(layers)
+
+
+def fp8_matmul_paths(model: nn.Module) -> dict[str, int]:
+    """How many :class:`FP8Linear` layers took each path in their last forward (None: not run yet)."""
+    return dict(Counter(m.matmul_path for m in model.modules() if isinstance(m, FP8Linear)))
 
 
 def fp8_bytes(model: nn.Module) -> tuple[int, int]:
