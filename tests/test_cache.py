@@ -399,3 +399,20 @@ def test_dilate_is_a_square_max_filter():
     for steps in (1, 2, 4):
         ref = torch.nn.functional.max_pool2d(mask[None].float(), 2 * steps + 1, 1, steps)[0] > 0
         assert torch.equal(_dilate(mask, steps), ref)
+
+
+def test_merge_without_numba_is_identical(scene, monkeypatch):
+    """The torch cull (the path on GPUs and without numba) gives the numba kernel's view, so the
+    merged cache is the same bit for bit."""
+    from worldstereo_core.memory import cache_view
+
+    room, K, trajs, start = scene
+    traj, keep = trajs["traj_right"], sample_align_nframe(21, 8)[:4]
+    frames = [room.image(traj.K[i], traj.w2c[i], H, W) for i in keep]
+    caches = []
+    for kernel in (cache_view._numba_cull, lambda: None):
+        monkeypatch.setattr(cache_view, "_numba_cull", kernel)
+        cache = PointCache(start.cloud, start.scale, settings=SETTINGS)
+        cache.update(frames, traj.w2c[keep], traj.K[keep], room.depth_fn(), label="right")
+        caches.append(cache)
+    assert caches[0] == caches[1] and len(caches[0]) > len(start)
