@@ -227,9 +227,12 @@ def test_save_load_round_trip(scene, tmp_path):
     cache.update([room.image(K, up.w2c[i], H, W) for i in (10, 20)], up.w2c[[10, 20]], K, room.depth_fn(),
                  label="up")
     cache.thin_size = 0.05
+    cache.update([room.image(K, up.w2c[5], H, W)], up.w2c[5:6], K, room.depth_fn(), label="up")  # a short tail
+    assert 0 < len(cache) - cache._cells.sorted <= cache._cells.sorted // 8
     path = cache.save(tmp_path / "cache.npz")
     loaded = PointCache.load(path, device="cpu")
     assert loaded == cache and loaded.history[0].frames[0].name == "up/0000" and loaded.thin_size == 0.05
+    assert loaded._cells.sorted == cache._cells.sorted  # the order and index are restored, not rebuilt
     assert torch.equal(loaded.cloud.rgb, cache.cloud.rgb) and loaded.settings == SETTINGS
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
     with pytest.raises(InputError, match=".npz"):

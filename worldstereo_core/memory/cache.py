@@ -5,17 +5,24 @@ of the start view (``lift_depth``) and, in ``"global"`` mode, grows after every 
 
 1. each kept frame of the generated clip (the frames the memory bank keeps) gets a depth map from
    a depth function (MoGe in real runs, a deterministic synthetic one in tests);
-2. correspondences: the cache points are projected into the frame's camera; the nearest cache
-   point of every pixel is paired with the point lifted from the new depth at that point's pixel
-   position (same camera, same ray), so no feature matching is involved;
+2. the cache is culled to the frame's frustum and projected into its camera once, in float32
+   (:class:`.cache_view.CacheView`, used by steps 3 and 4, so a frame's work grows with the points
+   in view, not with the cache); correspondences: the nearest cache point of every pixel is paired
+   with the point lifted from the new depth at that point's pixel position (same camera, same
+   ray), so no feature matching is involved;
 3. a similarity (rotation, translation and **scale**, since monocular metric depth drifts from frame
    to frame) is fitted with RANSAC + Umeyama (:func:`geometry.alignment.umeyama_ransac`) and applied
    to the new points;
-4. only new points that fill holes are added: pixels where the cache, rendered into the frame's
-   camera with the warp renderer, shows a hole; statistical outlier removal cleans them; a voxel
-   test drops points whose voxel the cache (or an earlier new point) already occupies, so existing
-   geometry is never thinned or shifted;
+4. only new points that fill holes are added: pixels that no cache point in view covers by the
+   warp renderer's rule (so the hole mask of a render); statistical outlier removal cleans them; a
+   voxel test drops points whose voxel the cache (or an earlier new point) already occupies, so
+   existing geometry is never thinned or shifted;
 5. the next trajectory's render and mask come from the merged cloud (:meth:`PointCache.render`).
+
+Past ``CacheSettings.max_points`` the cache is voxel-thinned once (the reference's adaptive voxel
+search); from then on new points also need a free voxel of the size found, so it is not re-thinned
+as a whole at every update. The cache and its merge live on the loop's device (the GPU when there
+is one).
 
 ``"release"`` mode keeps the start-view cloud unchanged (the released code never updates it; its
 multi-trajectory runs take pre-rendered warps from render folders as they are).
@@ -103,7 +110,8 @@ class CacheSettings:
     min_inlier_ratio: float = 0.25
     sor_neighbours: int = 20
     sor_std_ratio: float = 2.0
-    #: When the cache grows beyond this many points it is voxel-thinned to about this many (None: never).
+    #: When the cache grows beyond this many points it is voxel-thinned to about this many, then kept
+    #: thinned as it grows (see the module docstring; None: never).
     max_points: int | None = 4_000_000
     #: Warp renderer settings (cache renders and the hole test of new points).
     render_radius: float = RENDER_RADIUS_NDC
@@ -247,12 +255,15 @@ class PointCache:
 
     The points live on ``device`` (default :func:`default_device`), where the merge runs, grouped by
     the cells of a coarse grid (:class:`.cache_view.CellIndex`; the order of :attr:`cloud` is that
-    grouping, not the order points were given or added in). ``thin_size`` is the voxel size of the
-    last thinning (None: never thinned)."""
+    grouping, not the order points were given in, followed by the points added since the last
+    grouping). ``thin_size`` is the voxel size of the last thinning (None: never thinned).
+    ``grouped_rows``: the first rows of ``cloud`` are already grouped (a saved cache's order, kept
+    as it is); None groups them all."""
 
     def __init__(self, cloud: PointCloud, scale: float, *, mode: str = "global",
                  settings: CacheSettings | None = None, history: Sequence[CacheUpdate] = (),
-                 thin_size: float | None = None, device: torch.device | str | None = None) -> None:
+                 thin_size: float | None = None, device: torch.device | str | None = None,
+                 grouped_rows: int | None = None) -> None:
         if mode not in CACHE_MODES:
             raise InputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
         if not (math.isfinite(scale) and scale > 0):
@@ -263,31 +274,27 @@ class PointCache:
         self.settings = settings or CacheSettings()
         self.history: list[CacheUpdate] = list(history)
         self.thin_size = thin_size
-        self.cloud = cloud
+        self._n = len(cloud)
+        self._xyz, self._rgb = cloud.xyz.to(self.device, torch.float32), cloud.rgb.to(self.device, torch.float32)
+        self._index(grouped_rows)
 
     @property
     def cloud(self) -> PointCloud:
         """The cached points (xyz float32, rgb in [0, 1]) on the cache's device."""
         return PointCloud(self._xyz[: self._n], self._rgb[: self._n])
 
-    @cloud.setter
-    def cloud(self, cloud: PointCloud) -> None:
-        xyz = cloud.xyz.to(self.device, torch.float32)
-        self._n = len(xyz)
-        self._xyz, self._rgb = xyz, cloud.rgb.to(self.device, torch.float32)
-        self._index()
-
-    def _index(self) -> None:
-        """Group the rows by grid cell and index them (see :class:`.cache_view.CellIndex`)."""
+    def _index(self, grouped_rows: int | None = None) -> None:
+        """Group the rows by grid cell and index them (:class:`.cache_view.CellIndex`), or index the
+        first ``grouped_rows`` rows as they are. The storage gets room to add points in place."""
         size = CELL_FRACTION * self.scale
         n = self._n
-        order = cell_order(self._xyz[:n], size)
-        capacity = n + n // 8 + 1024  # room to add points in place (untouched pages cost no memory)
+        order = cell_order(self._xyz[:n], size) if grouped_rows is None else torch.arange(n, device=self.device)
+        capacity = n + n // 8 + 1024  # untouched pages cost no memory
         for name in ("_xyz", "_rgb"):
-            grouped = torch.empty(capacity, 3, dtype=torch.float32, device=self.device)
-            torch.index_select(getattr(self, name)[:n], 0, order, out=grouped[:n])
-            setattr(self, name, grouped)
-        self._cells = CellIndex.of(self._xyz[:n], size)
+            storage = torch.empty(capacity, 3, dtype=torch.float32, device=self.device)
+            torch.index_select(getattr(self, name)[:n], 0, order, out=storage[:n])
+            setattr(self, name, storage)
+        self._cells = CellIndex.of(self._xyz[: n if grouped_rows is None else grouped_rows], size)
 
     def __len__(self) -> int:
         return self._n
@@ -465,7 +472,8 @@ class PointCache:
     # ------------------------------------------------------------------------------ persistence
     def state(self) -> dict:
         return {"version": CACHE_FILE_VERSION, "mode": self.mode, "scale": self.scale, "thin_size": self.thin_size,
-                "settings": asdict(self.settings), "history": [asdict(h) for h in self.history]}
+                "grouped_rows": self._cells.sorted, "settings": asdict(self.settings),
+                "history": [asdict(h) for h in self.history]}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the cache atomically as ``.npz`` (xyz float32, rgb float32 in [0,1], JSON state)."""
@@ -492,7 +500,7 @@ class PointCache:
             settings = CacheSettings(**state["settings"])
             history = [CacheUpdate.from_dict(h) for h in state["history"]]
             return cls(PointCloud(xyz, rgb), state["scale"], mode=state["mode"], settings=settings, history=history,
-                       thin_size=state.get("thin_size"), device=device)
+                       thin_size=state.get("thin_size"), device=device, grouped_rows=state.get("grouped_rows"))
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
