@@ -354,7 +354,7 @@ class BlockSwap:
 
     def _make_room(self, keep: set[int]) -> bool:
         """Free a streaming slot (dropping the oldest group not in ``keep``); False if none can go."""
-        while all(s.group is not None for s in self._slots):
+        while self._slots and all(s.group is not None for s in self._slots):
             victims = [j for j in self._order if j not in keep]
             if not victims:
                 return False
