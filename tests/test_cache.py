@@ -339,10 +339,10 @@ def test_cull_keeps_exactly_the_points_near_the_frustum_with_one_projection(monk
     with their projection to float32 accuracy."""
     from worldstereo_core.cameras import project_points
     from worldstereo_core.memory import cache_view
-    from worldstereo_core.memory.cache_view import CellIndex, cell_order
+    from worldstereo_core.memory.cache_view import CellIndex, cell_keys
 
     xyz, K, w2c, view = _random_view(reach=0.05)
-    order = cell_order(xyz, 0.5)
+    order = torch.sort(cell_keys(xyz, 0.5), stable=True).indices
     grouped = xyz[order]
     by_cells = CacheView.cull(grouped, K, w2c, H, W, margin=3.0, reach=0.05, cells=CellIndex.of(grouped, 0.5))
     assert torch.equal(order[by_cells.index].sort().values, view.index)

@@ -31,7 +31,7 @@ ADAPTIVE_VOXEL_ITERATIONS = 10
 #: Points queried at once by knn_mean_distance.
 KNN_QUERY_CHUNK = 1 << 14
 #: Points whose voxel keys are computed at once (bounds the temporaries of voxel_key_tensor).
-VOXEL_KEY_CHUNK = 1 << 20
+VOXEL_KEY_CHUNK = 1 << 16
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -115,9 +115,19 @@ def voxel_count(points, voxel_size: float) -> int:
     return int((keys[1:] != keys[:-1]).sum()) + 1 if len(keys) else 0
 
 
+def stable_argsort(keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``keys`` (N,), equal keys in index order. On the CPU through numpy, whose
+    stable sort needs about 12 bytes per key where torch.sort needs about 30."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    return torch.sort(keys, stable=True).indices
+
+
 def first_in_voxel(points: torch.Tensor, voxel_size: float) -> torch.Tensor:
     """(N,) bool on the points' device: each point that comes first (lowest index) in its voxel."""
-    keys, order = torch.sort(voxel_key_tensor(points, voxel_size), stable=True)
+    keys = voxel_key_tensor(points, voxel_size)
+    order = stable_argsort(keys)
+    keys = keys.index_select(0, order)
     starts = torch.ones(len(keys), dtype=torch.bool, device=keys.device)
     starts[1:] = keys[1:] != keys[:-1]
     del keys

@@ -52,14 +52,14 @@ from ..errors import CheckpointError, InputError
 from ..geometry.alignment import Similarity, umeyama_ransac
 from ..geometry.depth import MIN_POINTS, image_to_rgb01, keep_mask, lift_depth
 from ..geometry.pointcloud import (ADAPTIVE_VOXEL_TOLERANCE, PointCloud, adaptive_voxel_downsample_size,
-                                   first_in_voxel, statistical_outlier_removal, voxel_key_tensor)
+                                   first_in_voxel, stable_argsort, statistical_outlier_removal, voxel_key_tensor)
 from ..geometry.renderer import render_warps
 from ..geometry.trajectories import median_depth
 from ..io.atomic import atomic_path
 from ..io.images import load_image
 from ..progress import ProgressFn, report
 from ..threads import single_threaded_ops
-from .cache_view import CELL_FRACTION, CacheView, CellIndex, cell_order
+from .cache_view import CELL_FRACTION, CacheView, CellIndex, cell_keys
 
 CACHE_MODES = ("release", "global")
 CACHE_FILE_VERSION = 1
@@ -283,16 +283,21 @@ class PointCache:
         """The cached points (xyz float32, rgb in [0, 1]) on the cache's device."""
         return PointCloud(self._xyz[: self._n], self._rgb[: self._n])
 
-    def _index(self, grouped_rows: int | None = None) -> None:
-        """Group the rows by grid cell and index them (:class:`.cache_view.CellIndex`), or index the
-        first ``grouped_rows`` rows as they are. The storage gets room to add points in place."""
+    def _index(self, grouped_rows: int | None = None, rows: torch.Tensor | None = None) -> None:
+        """Keep ``rows`` (default all), group them by grid cell and index them
+        (:class:`.cache_view.CellIndex`), or index the first ``grouped_rows`` rows as they are. The
+        new storage has room to add points in place; the old one is freed array by array."""
         size = CELL_FRACTION * self.scale
-        n = self._n
-        order = cell_order(self._xyz[:n], size) if grouped_rows is None else torch.arange(n, device=self.device)
+        if grouped_rows is None:
+            order = stable_argsort(cell_keys(self._xyz[: self._n], size, rows))
+            rows = order if rows is None else rows.index_select(0, order)
+        elif rows is None:
+            rows = torch.arange(self._n, device=self.device)
+        n = self._n = len(rows)
         capacity = n + n // 8 + 1024  # untouched pages cost no memory
         for name in ("_xyz", "_rgb"):
             storage = torch.empty(capacity, 3, dtype=torch.float32, device=self.device)
-            torch.index_select(getattr(self, name)[:n], 0, order, out=storage[:n])
+            torch.index_select(getattr(self, name), 0, rows, out=storage[:n])
             setattr(self, name, storage)
         self._cells = CellIndex.of(self._xyz[: n if grouped_rows is None else grouped_rows], size)
 
@@ -462,12 +467,9 @@ class PointCache:
         allowed = limit if self.thin_size is None else limit * (1 + ADAPTIVE_VOXEL_TOLERANCE)
         if len(self) <= allowed:
             return
-        xyz = self._xyz[: self._n]
-        size, _ = adaptive_voxel_downsample_size(xyz, limit)
-        keep = first_in_voxel(xyz, size).nonzero().squeeze(1)
-        self._xyz, self._rgb, self._n = xyz.index_select(0, keep), self._rgb.index_select(0, keep), len(keep)
+        size, _ = adaptive_voxel_downsample_size(self._xyz[: self._n], limit)
+        self._index(rows=first_in_voxel(self._xyz[: self._n], size).nonzero().squeeze(1))
         self.thin_size = size
-        self._index()
 
     # ------------------------------------------------------------------------------ persistence
     def state(self) -> dict:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..geometry.pointcloud import VOXEL_KEY_CHUNK
 from ..threads import thread_map
 
 #: Edge of the grid cells the cache rows are grouped by, as a fraction of the scene scale.
@@ -47,22 +48,26 @@ def _numba_cull():
 # Rows grouped by grid cell
 # --------------------------------------------------------------------------------------------
 
-def _cell_keys(xyz: torch.Tensor, size: float) -> torch.Tensor:
-    """(N,) int64 key of each point's cell of edge ``size``, ordered like the cells' (x, y, z)."""
-    cells = torch.floor(xyz / size).long()
-    cells -= cells.amin(dim=0) if len(cells) else 0
-    span = cells.amax(dim=0) + 1 if len(cells) else torch.ones(3, dtype=torch.long)
-    return (cells[:, 0] * span[1] + cells[:, 1]) * span[2] + cells[:, 2]
-
-
-def cell_order(xyz: torch.Tensor, size: float) -> torch.Tensor:
-    """Permutation (N,) grouping the rows of ``xyz`` by grid cell (stable within a cell)."""
-    return torch.sort(_cell_keys(xyz, size), stable=True).indices
+def cell_keys(xyz: torch.Tensor, size: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 key of the cell of edge ``size`` of each point (of the ``rows`` of ``xyz``, default
+    all), computed in chunks; a stable sort by key groups the points by cell."""
+    count = len(xyz) if rows is None else len(rows)
+    keys = torch.empty(count, dtype=torch.long, device=xyz.device)
+    if not count:
+        return keys
+    lo = torch.floor(xyz.amin(dim=0) / size).long()
+    span = torch.floor(xyz.amax(dim=0) / size).long() - lo + 1
+    for start in range(0, count, VOXEL_KEY_CHUNK):
+        stop = start + VOXEL_KEY_CHUNK
+        part = xyz[start:stop] if rows is None else xyz.index_select(0, rows[start:stop])
+        cells = torch.floor(part / size).long() - lo
+        keys[start:stop] = (cells[:, 0] * span[1] + cells[:, 1]) * span[2] + cells[:, 2]
+    return keys
 
 
 @dataclass
 class CellIndex:
-    """Rows ``[0, sorted)`` of the cache grouped by grid cell (:func:`cell_order`): cell c holds rows
+    """Rows ``[0, sorted)`` of the cache grouped by grid cell (:func:`cell_keys`): cell c holds rows
     ``start[c]:stop[c]`` inside the box ``lo[c]..hi[c]`` of its points. Rows from ``sorted`` on were
     added later and are not grouped."""
 
@@ -75,7 +80,7 @@ class CellIndex:
     @classmethod
     def of(cls, xyz: torch.Tensor, size: float) -> "CellIndex":
         """The index of rows ``xyz`` already grouped by cells of edge ``size``."""
-        cell, counts = torch.unique_consecutive(_cell_keys(xyz, size), return_inverse=True, return_counts=True)[1:]
+        cell, counts = torch.unique_consecutive(cell_keys(xyz, size), return_inverse=True, return_counts=True)[1:]
         stop = counts.cumsum(0)
         lo = torch.full((len(counts), 3), math.inf, device=xyz.device).scatter_reduce(
             0, cell[:, None].expand(-1, 3), xyz, reduce="amin")
