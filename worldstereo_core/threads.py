@@ -1,10 +1,11 @@
-"""CPU threads for the geometry code: torch ops on one intra-op thread, big kernels on a thread pool.
+"""CPU threads for the geometry code: big GIL-free kernels on a thread pool, small torch ops on one thread.
 
 On a machine shared with other work, OpenMP's intra-op worker threads spin while they wait for
-each other, so a sequence of small torch ops runs slower with two threads than with one. Geometry
-code with many small ops therefore runs them under :func:`single_threaded_ops` and spreads its
-large GIL-free kernels (numba, numpy) over a plain thread pool (:func:`thread_map`), whose idle
-threads sleep instead of spinning. The pool size is the caller's ``torch.get_num_threads()``.
+each other, so a sequence of small torch ops runs slower with two threads than with one; statically
+split work also waits for its slowest thread. :func:`thread_map` runs many independent GIL-free
+kernel calls (numba, numpy) on a plain thread pool whose idle threads sleep and pick up the next
+call (the renderer); :func:`single_threaded_ops` runs a block of small torch ops on one intra-op
+thread (the cache merge, whose work is dominated by such ops).
 """
 from __future__ import annotations
 
@@ -28,12 +29,11 @@ def thread_map(fn: Callable[..., T], items: Iterable, workers: int | None = None
 
 
 @contextlib.contextmanager
-def single_threaded_ops() -> Iterator[int]:
-    """Run torch ops on one intra-op thread inside the block; yields the caller's thread count
-    (for :func:`thread_map`) and restores it afterwards."""
+def single_threaded_ops() -> Iterator[None]:
+    """Run torch ops on one intra-op thread inside the block; the caller's setting is restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield threads
+        yield
     finally:
         torch.set_num_threads(threads)

@@ -369,9 +369,9 @@ class PointCache:
             return record
         if depth_fn is None:
             raise InputError("the global cache needs a depth function (MoGe, or depth_fn=...) to lift new frames")
-        with single_threaded_ops() as workers:
+        with single_threaded_ops():  # small ops: a second intra-op thread only spins on a busy machine
             for i, (frame, name) in enumerate(zip(frames, names)):
-                record.frames.append(self._add_frame(frame, K_t[i], w2c_t[i], depth_fn, name, workers))
+                record.frames.append(self._add_frame(frame, K_t[i], w2c_t[i], depth_fn, name))
                 report(progress, i + 1, n)
             self._thin()
             if len(self) - self._cells.sorted > self._cells.sorted // 8:  # regroup once the ungrouped tail is long
@@ -380,8 +380,7 @@ class PointCache:
         self.history.append(record)
         return record
 
-    def _add_frame(self, frame, K: torch.Tensor, w2c: torch.Tensor, depth_fn: DepthFn, name: str,
-                   workers: int) -> FrameUpdate:
+    def _add_frame(self, frame, K: torch.Tensor, w2c: torch.Tensor, depth_fn: DepthFn, name: str) -> FrameUpdate:
         frame = load_image(frame, name=f"cache frame {name}")
         rgb = image_to_rgb01(frame)
         H, W = rgb.shape[:2]
@@ -398,7 +397,7 @@ class PointCache:
         # margin: the renderer's (a point can cover pixels up to radius + 1 pixel outside the image);
         # reach: two voxels, so the view holds every cache point that can share a voxel with new points
         view = CacheView.cull(xyz, K, w2c, H, W, margin=radius * min(H, W) / 2 + 1.0,
-                              reach=2.0 * max(self._voxel_sizes()), cells=self._cells, workers=workers)
+                              reach=2.0 * max(self._voxel_sizes()), cells=self._cells)
         T, record = align_frame(xyz, d, keep, K, w2c, self.settings, name, view=view)
         if T is None:
             return record
@@ -411,7 +410,7 @@ class PointCache:
         cloud = PointCloud(T.apply(world).float(), rgb[new])
         if len(cloud) > self.settings.sor_neighbours:
             cloud = cloud.select(statistical_outlier_removal(cloud.xyz, self.settings.sor_neighbours,
-                                                             self.settings.sor_std_ratio, workers=workers))
+                                                             self.settings.sor_std_ratio, workers=1))
         cloud = cloud.select(self._free(cloud.xyz, view))
         del view
         record.added = len(cloud)

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from ..geometry.pointcloud import VOXEL_KEY_CHUNK
-from ..threads import thread_map
 
 #: Edge of the grid cells the cache rows are grouped by, as a fraction of the scene scale.
 CELL_FRACTION = 0.25
-#: Rows culled per task (bounds the temporary memory of the cull and balances the threads).
+#: Rows culled per task (bounds the temporary memory of the cull).
 CULL_CHUNK = 1 << 19
 
 
@@ -203,10 +202,9 @@ class CacheView:
 
     @classmethod
     def cull(cls, xyz: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor, height: int, width: int, *,
-             margin: float, reach: float = 0.0, cells: CellIndex | None = None, workers: int = 1) -> "CacheView":
+             margin: float, reach: float = 0.0, cells: CellIndex | None = None) -> "CacheView":
         """Cull the rows of ``xyz`` (N, 3) float32 to the camera (``K`` in pixels of the height x width
-        frame, ``w2c``). ``cells``: the index of the rows (None: test every row); ``workers``:
-        threads for the numba kernel on the CPU."""
+        frame, ``w2c``). ``cells``: the index of the rows (None: test every row)."""
         camera = _Camera.of(K, w2c, height, width, margin)
         if cells is None:
             start, stop = torch.zeros(1, dtype=torch.long), torch.tensor([len(xyz)])
@@ -226,8 +224,6 @@ class CacheView:
                 index, uv, z = np.empty(rows, np.int64), np.empty((rows, 2), np.float32), np.empty(rows, np.float32)
                 count = kernel(points, *task, *args, index, uv, z)
                 return torch.from_numpy(index[:count]), torch.from_numpy(uv[:count]), torch.from_numpy(z[:count])
-
-            parts = thread_map(cull_task, tasks, workers)
         else:
             def cull_task(task):
                 first, last = (torch.from_numpy(t).to(xyz.device) for t in task)
@@ -239,7 +235,7 @@ class CacheView:
                 x, y, z = (c.index_select(0, keep) for c in (x, y, z))
                 return rows.index_select(0, keep), camera.project(x, y, z), z
 
-            parts = [cull_task(task) for task in tasks]
+        parts = [cull_task(task) for task in tasks]
         if not parts:
             parts = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0))]
         index, uv, z = (torch.cat(p).to(xyz.device) for p in zip(*parts))

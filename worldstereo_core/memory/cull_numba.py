@@ -3,14 +3,14 @@
 Imported only when numba is available. One pass over the given rows of the cache: camera
 coordinates, the frustum test and the projection of the points kept, in float32 with the
 operations of the torch path in the same order (no fused multiply-adds), so both give identical
-results. Releases the GIL: the caller runs tasks on a thread pool.
+results.
 """
 from __future__ import annotations
 
 import numba
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy")
 def cull_rows(xyz, first, last, rotation, translation, planes, reach, intrinsics, index, uv, z):  # pragma: no cover
     """Write the rows ``first[r]:last[r]`` of ``xyz`` (N, 3) float32 whose point lies within
     ``reach`` of the frustum into ``index`` (the row), ``uv`` and ``z``; returns their count.
