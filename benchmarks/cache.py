@@ -1,22 +1,26 @@
 """Global 3D cache: time and peak memory of one trajectory's merge (8 frames at 480x832), CPU.
 
-Run: ``python benchmarks/cache.py [--sizes 0.5 1.5 5 --threads 1 2 --repeats 3]``; writes
-``benchmarks/results/cache.json``.
+Run: ``python benchmarks/cache.py [--cases 0.5 1.5 5 1.5+3.5 thin --threads 1 2 --impls new old --repeats 3]``;
+writes ``benchmarks/results/cache.json``.
 
 Scene: a synthetic box room with exact depth (tests/synthetic_scene.py). The cache starts with
-``--sizes`` million points spread over the room's walls; one trajectory update then folds in the 8
-kept frames (sample_align_nframe(21, 8)) of a 180-degree orbit, each with its own depth scale
-drift, exactly as the loop does (depth edges, correspondences + RANSAC Umeyama, hole test, outlier
-removal, voxel test). The depth function's own time (MoGe's in a real run) is excluded. The series
-merges without thinning (``max_points`` above the cache size); the case ``1.5+3.5`` adds 3.5 M points
-above the room, outside every view, to show that the time follows the points in view; the case
-``thin`` is the 5 M cache with the default ``max_points`` (4 M), so the update also thins it.
+0.5, 1.5 or 5 million points (the case's name) spread over the room's walls; one trajectory update
+then folds in the 8 kept frames (sample_align_nframe(21, 8)) of a 180-degree orbit, each with its
+own depth scale drift, exactly as the loop does (depth edges, correspondences + RANSAC Umeyama,
+hole test, outlier removal, voxel test). The depth function's own time (MoGe's in a real run) is
+excluded. These cases merge without thinning (``max_points=None``); ``1.5+3.5`` adds 3.5 M points
+above the room, outside every view, to show that the time follows the points in view; ``thin`` is
+the 5 M cache with the default ``max_points`` (4 M), so the update also thins it.
 
 Every measurement runs in a fresh process (``--child``), so its peak memory is its own: peak resident
-memory during the update minus the resident memory before it (Linux ``clear_refs``/``VmHWM``),
-divided by the cache's points. Implementations (``new``: this version; ``old``: the merge of commit
-80f6f0b, tests/cache_80f6f0b.py), sizes and thread counts are interleaved within every repeat, and
-medians over the repeats are reported with the load average around the run.
+memory during the update minus the resident memory before it (Linux ``clear_refs``/``VmHWM``) and
+minus the cache's own growth (24 bytes per point added), divided by the cache's points.
+``--threads`` sets ``torch.set_num_threads`` in the child (the new merge runs its ops on one thread
+whatever the setting; the old one uses them). ``prepare_s`` is what precedes the update: building
+the new cache (grouping its rows by cell), nothing for the old one. Implementations (``new``: this
+version; ``old``: the merge of commit 80f6f0b, tests/cache_80f6f0b.py), cases and thread counts are
+interleaved within every repeat; medians over the repeats are reported with the load average
+around the run.
 """
 from __future__ import annotations
 

@@ -276,7 +276,8 @@ class PointCache:
         self.thin_size = thin_size
         self._n = len(cloud)
         self._xyz, self._rgb = cloud.xyz.to(self.device, torch.float32), cloud.rgb.to(self.device, torch.float32)
-        self._index(grouped_rows)
+        with single_threaded_ops():
+            self._index(grouped_rows)
 
     @property
     def cloud(self) -> PointCloud:
