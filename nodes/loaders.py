@@ -27,6 +27,7 @@ import torch
 from ..worldstereo_core import hub
 from ..worldstereo_core.constants import HF_REPO_ID, MODEL_TYPES
 from ..worldstereo_core.errors import InputError, MissingWeightsError
+from ..worldstereo_core.io.fingerprint import file_stamps
 from . import files, types
 from ._comfy import big_load, comfy_progress, compute_dtype, node_errors, offload_device, torch_device
 
@@ -183,9 +184,8 @@ def resolve_diffusers_repo(choice: str, part: str, *, download: bool = False) ->
 
 
 def _stamp(path: Path) -> tuple:
-    """What identifies the loaded bytes: path, size and mtime (of every file in a folder)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return (str(path),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    """What identifies the loaded bytes: the path and the files' names, sizes and mtimes."""
+    return (str(path),) + tuple(tuple(entry) for entry in file_stamps(path))
 
 
 class ModelCache:

@@ -25,6 +25,7 @@ from worldstereo_core.io.pointcloud_files import read_glb, read_ply
 from worldstereo_core.io.video import read_mask_video, read_video, read_video_frames, write_video
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
+from worldstereo_core.memory.selector import CameraSelector
 from worldstereo_core.pipelines.schedulers import initial_noise, make_generator
 from worldstereo_core.tasks.generate import load_pipeline_generator
 from worldstereo_core.tasks.loop import (PREPARE_TICKS, TRAJECTORY_TICKS, LoopOptions, progress_total,
@@ -378,9 +379,9 @@ def test_panorama_order_bank_and_iterative_start(scene_dir, tmp_path):
 # the WorldMirror export, interruption between units of work
 # --------------------------------------------------------------------------------------------
 
-def _release_run(scene: Path, out: Path, generator=_fake_generator, **options):
+def _release_run(scene: Path, out: Path, generator=_fake_generator, selector=None, **options):
     opts = LoopOptions(task="reconstruction", model_name=MODEL, scale_map=(SIZE,), **options)
-    return run_multi_trajectory(scene, out, generator, options=opts)
+    return run_multi_trajectory(scene, out, generator, options=opts, selector=selector)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -435,6 +436,37 @@ def test_changed_inputs_settings_or_models_are_refused_by_name(tmp_path):
     # the same inputs again: everything is skipped, nothing rewritten
     again = _release_run(scene, out)
     assert all(t.status == "skipped" for t in again.trajectories)
+
+
+class _Features:
+    """Image features of a stand-in DINOv2 with a weights identity."""
+
+    def __init__(self, weights: str) -> None:
+        self.weights = weights
+
+    def __call__(self, frames):
+        return np.ones((len(frames), 4), np.float32)
+
+    def resume_key(self) -> dict:
+        return {"dinov2": self.weights}
+
+
+@pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")
+def test_changed_selector_weights_are_refused_by_name(tmp_path):
+    """The memory selector's image features decide which references are retrieved: other DINOv2
+    weights (or none) are a changed model, not a resumable run; the default selector and no
+    selector are the same run."""
+    scene = _copy_scene(RECON_SCENES[0], tmp_path / "in" / RECON_SCENES[0].name)
+    out = tmp_path / "out"
+    _release_run(scene, out, selector=CameraSelector(feature_fn=_Features("a")))
+    for other in (CameraSelector(feature_fn=_Features("b")), None, CameraSelector(camera_weight=0.5)):
+        with pytest.raises(InputError, match=r"models \(selector\)"):
+            _release_run(scene, out, selector=other)
+    again = _release_run(scene, out, selector=CameraSelector(feature_fn=_Features("a")))
+    assert all(t.status == "skipped" for t in again.trajectories)
+    plain = tmp_path / "plain"
+    _release_run(scene, plain)
+    assert all(t.status == "skipped" for t in _release_run(scene, plain, selector=CameraSelector()).trajectories)
 
 
 @pytest.mark.skipif(not RECON_SCENES, reason="no examples/reconstruction scenes (set WORLDSTEREO_EXAMPLES)")

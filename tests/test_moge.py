@@ -1,6 +1,7 @@
 """MoGe loading / inference with TINY random MoGe-2 and MoGe-1 models built offline."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -167,3 +168,19 @@ def test_download_goes_to_models_folder(tmp_path, monkeypatch):
     path = wm.ensure_moge_checkpoint(tmp_path, "Ruicheng/moge-vitl", download=True)
     assert calls == {"repo_id": "Ruicheng/moge-vitl", "filename": "model.pt", "local_dir": path.parent}
     assert path.read_bytes() == b"weights"
+
+
+def test_depth_fn_resume_key_follows_the_weight_file(saved, tmp_path):
+    """A run folder keys MoGe by its file: rewritten weights give another key (a stale resume would
+    reuse depth from other weights); the same file gives the same key."""
+    from worldstereo_core.memory.cache import moge_depth_fn
+
+    _, model, path = saved
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(path.read_bytes())
+    first = moge_depth_fn(wm.load_moge(copy)).resume_key()
+    assert first == moge_depth_fn(wm.load_moge(copy)).resume_key()
+    assert first["moge"][0][:2] == ["model.pt", copy.stat().st_size]
+    copy.write_bytes(path.read_bytes() + b"")  # same bytes, newer write
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
+    assert moge_depth_fn(wm.load_moge(copy)).resume_key() != first

@@ -22,6 +22,7 @@ import torch
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..hub import fetch_files
 from ..io.atomic import safe_join
+from ..io.fingerprint import file_stamps
 from ..progress import ProgressFn
 from .depth import image_to_rgb01
 
@@ -176,6 +177,7 @@ def load_moge(path: str | os.PathLike, *, version: str | None = None, device: st
     check_state_dict(model, state_dict, source=str(path))
     # strictness was checked above; only rebuilt constant buffers may be absent (they are real already)
     model.load_state_dict(state_dict, strict=False, assign=True)
+    model.checkpoint_stamps = file_stamps(path)  # what a run's resume key records of these weights
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -89,6 +89,7 @@ def moge_view_depth_fn(model: torch.nn.Module, **estimate_kwargs: Any) -> DepthF
         fov_x = math.degrees(2.0 * math.atan(width / 2.0 / float(as_tensor(K)[0, 0])))
         return estimate_depth(model, image, fov_x=fov_x, **estimate_kwargs)
 
+    fn.resume_key = lambda: {"moge": getattr(model, "checkpoint_stamps", None), "known_fov": True, **estimate_kwargs}
     return fn
 
 

@@ -86,6 +86,7 @@ def moge_depth_fn(model: torch.nn.Module, **estimate_kwargs: Any) -> DepthFn:
     def fn(image: np.ndarray, K: torch.Tensor, w2c: torch.Tensor) -> dict:
         return estimate_depth(model, image, **estimate_kwargs)
 
+    fn.resume_key = lambda: {"moge": getattr(model, "checkpoint_stamps", None), **estimate_kwargs}
     return fn
 
 

@@ -34,6 +34,7 @@ from scipy.spatial.transform import Rotation
 from ..cameras import as_tensor
 from ..errors import CheckpointError, InputError
 from ..image_processors import pixel_values
+from ..io.fingerprint import file_stamps
 from ..io.images import load_image
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,11 @@ class DinoV2Features:
             ) from exc
         self.model.eval().to(device)
         self.device, self.batch_size = torch.device(device), int(batch_size)
+        self.path = path
+
+    def resume_key(self) -> dict:
+        """The weight files by name, size and mtime (they decide which references are picked)."""
+        return {"dinov2": file_stamps(self.path)}
 
     @torch.no_grad()
     def __call__(self, frames: Sequence[np.ndarray]) -> np.ndarray:
@@ -164,6 +170,20 @@ class CameraSelector:
         self._dinov2_path = None if dinov2_path is None else Path(dinov2_path)
         self._device = device
         self._fallback_message: str | None = None
+
+    def resume_key(self) -> dict | None:
+        """What decides the picks besides the candidates: the weights and the image-feature source
+        (None for the default selector, which is what a run without a selector uses)."""
+        features = None
+        if self._feature_fn is not None:
+            key = getattr(self._feature_fn, "resume_key", None)
+            features = key() if callable(key) else "custom"
+        elif self._dinov2_path is not None and _has_dinov2(self._dinov2_path):
+            features = {"dinov2": file_stamps(self._dinov2_path)}
+        weights = (self.camera_weight, self.image_weight, self.quality_bias)
+        if features is None and weights == (CAMERA_WEIGHT, IMAGE_WEIGHT, QUALITY_BIAS):
+            return None
+        return {"features": features, "weights": list(weights)}
 
     def _features(self) -> FeatureFn | None:
         if self._feature_fn is not None or self._fallback_message is not None:
