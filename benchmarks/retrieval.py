@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 from worldstereo_core.cameras import invert_rigid, look_at_rotation, make_pose  # noqa: E402
 from worldstereo_core.io.atomic import write_json_atomic  # noqa: E402
 from worldstereo_core.memory.bank import MemoryBank  # noqa: E402
-from worldstereo_core.memory.retrieval import FrustumSet, overlap_scores, retrieve  # noqa: E402
+from worldstereo_core.geometry.frustums import FrustumSet  # noqa: E402
+from worldstereo_core.memory.retrieval import overlap_scores, retrieve  # noqa: E402
 
 WIDTH, HEIGHT = 832, 480
 K = torch.tensor([[240.1777, 0, 416], [0, 240, 240], [0, 0, 1]], dtype=torch.float64)

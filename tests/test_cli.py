@@ -277,10 +277,10 @@ def test_several_scenes_checks(models, image_inputs, tmp_path, capsys):
 
 def test_scenes_under_a_torchrun_context(models, image_inputs, tmp_path, monkeypatch, capsys):
     """The scene split and the torchrun-only checks, with a 2-process context faked for this process."""
-    from worldstereo_core import distributed
+    from worldstereo_core.runtime import parallel
 
     scenes, depths = image_inputs
-    monkeypatch.setattr(distributed, "current", lambda: distributed.DistContext(rank=1, world_size=2))
+    monkeypatch.setattr(parallel, "current", lambda: parallel.DistContext(rank=1, world_size=2))
     assert _run("camera-control", scenes[0], "--out", tmp_path / "o", "--models", models, "--depth", depths[0]) == 0
     assert "[rank 1/2] group 2 of 2: no scenes" in capsys.readouterr().out  # more groups than scenes: nothing to do
     assert not (tmp_path / "o").exists()

@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 
 from conftest import REPO, example_dirs
 from worldstereo_core import distributed
-from worldstereo_core.distributed import DistContext, split_work
+from worldstereo_core.runtime import parallel
+from worldstereo_core.runtime.parallel import DistContext, split_work
 from worldstereo_core.errors import InputError
 
 TESTS = Path(__file__).resolve().parent
@@ -63,7 +64,7 @@ def _worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = distributed.init_distributed()
+    ctx = parallel.init_distributed()
     assert ctx.world_size == WORLD and ctx.sp_size == WORLD and ctx.backend == "gloo"
     out = {}
     try:
@@ -73,22 +74,22 @@ def _worker(rank: int, port: int, results) -> None:
                 single = model(**inputs, return_dict=False)[0]  # before any parallelism: the reference
             lengths = []
             model.blocks[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
-            distributed.enable_sequence_parallel(model, ctx)
-            processors = [p for p in distributed._attention_processors(model)]
+            parallel.enable_sequence_parallel(model, ctx)
+            processors = [p for p in parallel._attention_processors(model)]
             if shard:
-                distributed.shard_weights(model, ctx)
+                parallel.shard_weights(model, ctx)
             with torch.inference_mode():
-                parallel = model(**inputs, return_dict=False)[0]
+                split = model(**inputs, return_dict=False)[0]
             local = model.blocks[0].attn1.to_q.weight
             out[i] = {
-                "max_diff": (parallel - single).abs().max().item(),
+                "max_diff": (split - single).abs().max().item(),
                 "tokens_in_block1": lengths[0], "tokens": inputs["hidden_states"].shape[2] * 6,
                 "all_parallel": all(p._parallel_config is ctx.parallel_config for p in processors),
                 "local_weight_rows": local.to_local().shape[0] if shard else local.shape[0],
                 "weight_rows": model.config.num_attention_heads * model.config.attention_head_dim,
             }
     finally:
-        distributed.shutdown()
+        parallel.shutdown()
     results[rank] = out
 
 
@@ -132,21 +133,21 @@ def test_single_process_context_and_errors(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     try:
-        ctx = distributed.init_distributed()
+        ctx = parallel.init_distributed()
         assert (ctx.world_size, ctx.rank, ctx.sp_size, ctx.mesh) == (1, 0, 1, None)
-        assert distributed.current() is ctx
+        assert parallel.current() is ctx
         with pytest.raises(InputError, match="torchrun"):
-            distributed.enable_sequence_parallel(torch.nn.Linear(1, 1), ctx)
+            parallel.enable_sequence_parallel(torch.nn.Linear(1, 1), ctx)
         with pytest.raises(InputError, match="divide"):
-            distributed.init_distributed(sp_size=3)
+            parallel.init_distributed(sp_size=3)
     finally:
-        distributed.shutdown()
-    assert distributed.current() is None
+        parallel.shutdown()
+    assert parallel.current() is None
 
     model, _ = _tiny("worldstereo-camera", {})
     fake = DistContext(world_size=3, sp_size=3, parallel_config=object())
     with pytest.raises(InputError, match="heads"):
-        distributed.enable_sequence_parallel(model, fake)
+        parallel.enable_sequence_parallel(model, fake)
 
 
 def test_torchrun_entry_runs_the_cli_with_a_context(monkeypatch):
@@ -155,7 +156,7 @@ def test_torchrun_entry_runs_the_cli_with_a_context(monkeypatch):
     seen = {}
 
     def fake_cli(argv):
-        seen["argv"], seen["ctx"] = list(argv), distributed.current()
+        seen["argv"], seen["ctx"] = list(argv), parallel.current()
         return 0
 
     import worldstereo_core.cli as cli
@@ -163,7 +164,7 @@ def test_torchrun_entry_runs_the_cli_with_a_context(monkeypatch):
     monkeypatch.setattr(cli, "main", fake_cli)
     assert distributed.main(["--sp", "1", "camera-control", "scene", "--out", "o"]) == 0
     assert seen["argv"] == ["camera-control", "scene", "--out", "o"] and seen["ctx"].sp_size == 1
-    assert distributed.current() is None
+    assert parallel.current() is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,10 +179,10 @@ def _output_worker(rank: int, port: int, root: str, results) -> None:
 
     tempfile.tempdir = None  # pick up this process's TMPDIR
     out = Path(root) / "out"
-    ctx = distributed.init_distributed()
+    ctx = parallel.init_distributed()
     seen = {}
     try:
-        with distributed.rank_output_dir(out, "scene", ctx, mirror=True) as folder:
+        with parallel.rank_output_dir(out, "scene", ctx, mirror=True) as folder:
             seen["folder"] = str(folder)
             seen["copied"] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
             (folder / "scene" / "new.txt").write_text(f"rank {rank}")
@@ -192,12 +193,12 @@ def _output_worker(rank: int, port: int, root: str, results) -> None:
 
             shutil.copytree = unreadable
         try:
-            with distributed.rank_output_dir(out, "scene", ctx, mirror=True):
+            with parallel.rank_output_dir(out, "scene", ctx, mirror=True):
                 seen["entered"] = True
         except InputError as exc:
             seen["error"] = str(exc)
     finally:
-        distributed.shutdown()
+        parallel.shutdown()
     results[rank] = seen
 
 

@@ -22,8 +22,9 @@ from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.io.camera_json import load_bank_cameras, load_camera_json
 from worldstereo_core.memory import bank as bank_module
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe, split_n_into_d_parts
+from worldstereo_core.geometry.frustums import FrustumSet
 from worldstereo_core.memory.retrieval import (
-    FrustumSet, assign_references, overlap_scores, retrieval_targets, retrieve, shortcut_plan,
+    assign_references, overlap_scores, retrieval_targets, retrieve, shortcut_plan,
 )
 
 SCORE_ATOL, ANGLE_ATOL = 1e-5, 1e-3

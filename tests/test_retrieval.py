@@ -10,10 +10,11 @@ import torch
 
 from conftest import angle_close, fixture_file, fixtures_root
 from worldstereo_core.errors import InputError
+from worldstereo_core.geometry.frustums import FrustumSet, frustum_corners
 from worldstereo_core.memory.bank import MemoryBank
 from worldstereo_core.memory.retrieval import (
-    FrustumSet, box_iou, camera_distance, closest_by_distance, find_closest_cameras, frustum_corners,
-    overlap_scores, retrieval_targets, retrieve, shortcut_plan,
+    box_iou, camera_distance, closest_by_distance, find_closest_cameras, overlap_scores, retrieval_targets, retrieve,
+    shortcut_plan,
 )
 
 SCORE_ATOL, ANGLE_ATOL = 1e-5, 1e-3

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from . import distributed, hub
+from . import hub
 from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from .errors import InputError, WorldStereoError
 from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
@@ -39,6 +39,7 @@ from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
 from .progress import TqdmProgress
+from .runtime import parallel
 from .runtime.options import add_runtime_arguments, runtime_options_from_args
 
 log = logging.getLogger("worldstereo_core.cli")
@@ -190,12 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 # Model construction
 # --------------------------------------------------------------------------------------------
 
-def _context() -> distributed.DistContext:
+def _context() -> parallel.DistContext:
     """This process's place in a torchrun run (a single-process context outside torchrun)."""
-    return distributed.current() or distributed.DistContext()
+    return parallel.current() or parallel.DistContext()
 
 
-def _device(name: str | None, ctx: distributed.DistContext) -> torch.device:
+def _device(name: str | None, ctx: parallel.DistContext) -> torch.device:
     if ctx.world_size > 1:  # under torchrun each process has its own device (its local GPU)
         if name and torch.device(name).type != ctx.device.type:
             raise InputError(f"--device {name}: under torchrun every process uses its own {ctx.device.type} "
@@ -277,7 +278,7 @@ def _variant_settings(args, models: Path) -> tuple[tuple[tuple[int, int], ...], 
     return tuple(scale_map or config.scale_map), args.nframe or config.nframe
 
 
-def _generator(args, models: Path, device: torch.device, ctx: distributed.DistContext):
+def _generator(args, models: Path, device: torch.device, ctx: parallel.DistContext):
     from .tasks.generate import load_pipeline_generator
 
     bar = TqdmProgress(desc="loading the transformer", unit="tensor") if ctx.is_writer else None
@@ -315,7 +316,7 @@ def _summary(total: int, failed: list[str]) -> int:
     return 2
 
 
-def _run_scene(ctx: distributed.DistContext, scene: Path, run, failed: list[str]):
+def _run_scene(ctx: parallel.DistContext, scene: Path, run, failed: list[str]):
     """``run()`` for one scene of a batch; a WorldStereoError is reported and the batch goes on (under
     torchrun it ends the process, as the ranks of a group must stay in step)."""
     try:
@@ -332,22 +333,22 @@ def _run_scene(ctx: distributed.DistContext, scene: Path, run, failed: list[str]
 # Commands
 # --------------------------------------------------------------------------------------------
 
-def _tag(ctx: distributed.DistContext) -> str:
+def _tag(ctx: parallel.DistContext) -> str:
     return f"[rank {ctx.rank}/{ctx.world_size}] " if ctx.world_size > 1 else ""
 
 
-def _say_layout(ctx: distributed.DistContext, generator) -> None:
+def _say_layout(ctx: parallel.DistContext, generator) -> None:
     """Under torchrun, print on every rank how its model runs (read from the model itself)."""
     if ctx.world_size > 1:
         model = getattr(getattr(generator, "pipeline", None), "transformer", None)
         split = getattr(model, "_sequence_sharding", None) is not None
         how = f"sequence parallel over {ctx.sp_size} processes" if split else "whole sequence"
-        if isinstance(getattr(model, "placement", None), distributed.ShardedPlacement):
+        if isinstance(getattr(model, "placement", None), parallel.ShardedPlacement):
             how += ", weights sharded"
         print(f"{_tag(ctx)}{how} on {ctx.device}, {'writer' if ctx.is_writer else 'scratch outputs'}", flush=True)
 
 
-def _my_scenes(args, ctx: distributed.DistContext, *per_scene: Sequence) -> list[tuple]:
+def _my_scenes(args, ctx: parallel.DistContext, *per_scene: Sequence) -> list[tuple]:
     """(scene, *per-scene values) this process's group handles (all of them outside torchrun)."""
     names = [scene.name for scene in args.scene]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -357,7 +358,7 @@ def _my_scenes(args, ctx: distributed.DistContext, *per_scene: Sequence) -> list
     if ctx.world_size > 1 and args.download:
         raise InputError("--download is not available under torchrun (every process would download the same "
                          "files); run `python -m worldstereo_core download ...` first")
-    mine = distributed.split_work(list(zip(args.scene, *per_scene)), ctx)
+    mine = parallel.split_work(list(zip(args.scene, *per_scene)), ctx)
     if ctx.world_size > 1 and ctx.is_writer:
         print(f"{_tag(ctx)}group {ctx.dp_rank + 1} of {ctx.dp_size}: "
               f"{', '.join(item[0].name for item in mine) or 'no scenes'}", flush=True)
@@ -365,7 +366,7 @@ def _my_scenes(args, ctx: distributed.DistContext, *per_scene: Sequence) -> list
 
 
 def cmd_camera_control(args) -> int:
-    """Each scene in turn (see :func:`distributed.rank_output_dir` for which rank writes)."""
+    """Each scene in turn (see :func:`parallel.rank_output_dir` for which rank writes)."""
     from .tasks.camera_control import run_camera_control, validate_camera_scene
 
     ctx = _context()
@@ -396,7 +397,7 @@ def cmd_camera_control(args) -> int:
         bar = TqdmProgress(desc=f"{scene.name} sampling") if ctx.is_writer else None
 
         def run(scene=scene, bar=bar):
-            with distributed.rank_output_dir(args.out, scene.name, ctx) as out_dir:
+            with parallel.rank_output_dir(args.out, scene.name, ctx) as out_dir:
                 return run_camera_control(scene, out_dir, generator, depth_fns.get(scene, moge),
                                           model_name=args.model_type, scale_map=scale_map, nframe=nframe,
                                           seed=args.seed, render_radius=args.render_radius,
@@ -412,13 +413,13 @@ def cmd_camera_control(args) -> int:
     return _summary(total, failed)
 
 
-def _panorama_depth(args, ctx: distributed.DistContext) -> LazyMoGeDepth:
+def _panorama_depth(args, ctx: parallel.DistContext) -> LazyMoGeDepth:
     """MoGe told each image's field of view: panorama views and, in the global cache, generated frames."""
     return LazyMoGeDepth(hub.resolve_models_root(args.models), args.moge, args.download, _device(args.device, ctx),
                          known_fov=True)
 
 
-def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: distributed.DistContext,
+def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: parallel.DistContext,
                             moge: LazyMoGeDepth) -> list[Path]:
     """``scenes`` with every image replaced by its scene folder, made (or reused when finished)
     in ``<out>/panorama_scenes/<image name>``."""
@@ -471,7 +472,7 @@ def cmd_panorama_scene(args) -> int:
 
 def cmd_multi_traj(args) -> int:
     """Each scene in turn; ranks of a sequence-parallel group resume from the writer's folder
-    (:func:`distributed.rank_output_dir` with ``mirror``)."""
+    (:func:`parallel.rank_output_dir` with ``mirror``)."""
     from .memory.cache import CacheSettings
     from .memory.selector import CameraSelector
     from .tasks.loop import LoopOptions, run_multi_trajectory, validate_scene
@@ -509,7 +510,7 @@ def cmd_multi_traj(args) -> int:
         bar = TqdmProgress(desc=f"{scene.name} trajectories x steps") if ctx.is_writer else None
 
         def run(scene=scene, bar=bar):
-            with distributed.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
+            with parallel.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
                 return run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
                                             selector=selector, progress=bar)
         try:

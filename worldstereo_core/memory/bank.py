@@ -35,7 +35,7 @@ from ..errors import CheckpointError, InputError, WorldStereoError
 from ..io.atomic import atomic_path, safe_join, write_json_atomic
 from ..io.images import load_image
 from ..progress import ProgressFn, report
-from .retrieval import FrustumSet
+from ..geometry.frustums import FrustumSet
 
 INDEX_NAME = "memory_bank.json"
 #: Files a save is about to write (removed when the save is complete).

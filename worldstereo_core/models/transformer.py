@@ -37,7 +37,7 @@ class DiffusersAttention:
     """A branch attention kernel through diffusers' ``dispatch_attention_fn``.
 
     ``_attention_backend`` and ``_parallel_config`` are set as on a diffusers attention processor
-    (by :mod:`..runtime.attention` and :mod:`..distributed`)."""
+    (by :mod:`..runtime.attention` and :mod:`..runtime.parallel`)."""
 
     _attention_backend = None
     _parallel_config = None
@@ -160,7 +160,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
         for module in self.controlnet.modules():
             if isinstance(module, BranchSelfAttention):
                 module.processor = DiffusersAttention()
-        #: How the token sequence is split over processes (set by ``distributed.enable_sequence_parallel``).
+        #: How the token sequence is split over processes (set by ``runtime.parallel.enable_sequence_parallel``).
         self.sequence_split = WHOLE_SEQUENCE
         self._condition_cache: dict | None = None
 

@@ -120,16 +120,16 @@ def load_kwargs(options: RuntimeOptions, device: torch.device | str) -> dict[str
 def apply_runtime(transformer: nn.Module, options: RuntimeOptions, device: torch.device | str, *,
                   components: Any = None) -> dict[str, Any]:
     """Apply ``options`` to a loaded transformer (and the base components); returns the keyword
-    arguments the pipeline needs (``device``). Under an active :mod:`..distributed` context with
+    arguments the pipeline needs (``device``). Under an active :mod:`.parallel` context with
     sequence-parallel groups, the transformer is split over its group first."""
-    from .. import distributed
+    from . import parallel as sequence_parallel
     from .attention import set_attention_backend
     from .block_swap import enable_block_swap
     from .compile import compile_blocks
     from .offload import enable_vae_tiling, offload_components
 
     device = torch.device(device)
-    ctx = distributed.current()
+    ctx = sequence_parallel.current()
     parallel = ctx is not None and ctx.sp_size > 1
     if options.shard_weights and not parallel:
         raise InputError("--shard-weights needs torchrun with sequence-parallel groups of more than one process")
@@ -138,12 +138,12 @@ def apply_runtime(transformer: nn.Module, options: RuntimeOptions, device: torch
 
         convert_worldstereo_fp8(transformer, options.fp8)  # a model loaded without load_kwargs()
     if parallel:
-        distributed.enable_sequence_parallel(transformer, ctx)
+        sequence_parallel.enable_sequence_parallel(transformer, ctx)
     set_attention_backend(transformer, options.attention, device)
     if options.compile:
         compile_blocks(transformer, mode=options.compile_mode, backend=options.compile_backend)
     if options.shard_weights:
-        distributed.shard_weights(transformer, ctx)
+        sequence_parallel.shard_weights(transformer, ctx)
     if options.block_swap is not None:
         enable_block_swap(transformer, options.block_swap, prefetch=options.prefetch)
     if components is not None:
