@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_native_env import COMFYUI_DIR, real_comfy
-from conftest import fixtures_root
+from conftest import fixtures_root, integration_unavailable
 from tiny_checkpoints import CAMERA
 from worldstereo_core.models.ops import check_ops
 
@@ -222,7 +222,7 @@ def test_top_level_modules_in_a_comfyui_process():
     the way a ComfyUI process has them; ``server.py`` and ``nodes.py`` (not importable outside a
     server) keep the names the pack's entry point and routes use."""
     if not (COMFYUI_DIR / "folder_paths.py").is_file():
-        pytest.skip(f"ComfyUI not found at {COMFYUI_DIR}")
+        integration_unavailable(f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR to a ComfyUI checkout)")
     script = (
         "import importlib, inspect, json, sys\n"
         f"sys.path.insert(0, {str(COMFYUI_DIR)!r})\n"
