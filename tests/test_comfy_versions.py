@@ -93,6 +93,8 @@ SOURCE_FACTS = {
     "comfy.model_base:WAN21.extra_conds": ('"clip_vision_output"', "penultimate_hidden_states"),
     "comfy.model_base:WAN21.concat_cond": ('"concat_latent_image"', '"concat_mask"'),
     "comfy.sampler_helpers:convert_cond": ('"model_conds"',),
+    # the variant's backbone tensors are "set" weight patches (nodes/native/model.py:apply_variant)
+    "comfy.lora:calculate_weight": ('patch_type == "set"',),
     # ComfyUI loads weight patches only into modules whose parameters are all their own
     # (nodes/native/model.py:_patched_on_load)
     "comfy.model_patcher:ModelPatcher._load_list": ("named_parameters(recurse=False)",
