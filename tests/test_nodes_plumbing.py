@@ -102,6 +102,21 @@ def test_interrupts_and_foreign_errors_pass_through(comfy_stub, errors):
             raise errors.Interrupted("stopped by callback")
 
 
+def test_interrupt_derived_from_base_exception_passes_through(comfy_stub, errors, monkeypatch):
+    """Newer ComfyUI derives ``InterruptProcessingException`` from ``BaseException`` (v0.3.64: from
+    ``Exception``): Cancel still reaches ComfyUI from the progress callback and from core interrupts."""
+    mm = comfy_stub.model_management
+    monkeypatch.setattr(mm, "InterruptProcessingException", type("InterruptProcessingException", (BaseException,), {}))
+    comfy = _nodes(comfy_stub)._comfy
+    mm.interrupt_current_processing(True)
+    with pytest.raises(mm.InterruptProcessingException):
+        with comfy.node_errors("N"):
+            comfy.comfy_progress(2)(1, 2)
+    with pytest.raises(mm.InterruptProcessingException):
+        with comfy.node_errors("N"):
+            raise errors.Interrupted("stopped")
+
+
 def test_node_errors_as_decorator(comfy_stub, errors):
     node_errors = _nodes(comfy_stub)._comfy.node_errors
 

@@ -20,6 +20,7 @@ through ComfyUI's own loader, with no base.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_c
 from worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
 from worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
 from worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS, WORLDSTEREO_PREFIXES,
-                                             load_state_dict_strict)
+                                             check_keys)
 from worldstereo_core.models.safetensors_files import listing
 from worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 
@@ -160,16 +161,20 @@ def attach_branches(model, variant: Variant, *, attention_scope: str = "full"):
     wan = wan_model(model)
     cfg = variant.config
     dtype = model.get_model_object("manual_cast_dtype") or model.model_dtype()
-    branches = WorldStereoBranches(cfg.controlnet_cfg, memory=cfg.is_memory, in_channels=wan.in_dim,
-                                   latent_channels=wan.out_dim, inner_dim=wan.dim, patch_size=wan.patch_size,
-                                   ops=comfy.ops.disable_weight_init)
+    build = partial(WorldStereoBranches, cfg.controlnet_cfg, memory=cfg.is_memory, in_channels=wan.in_dim,
+                    latent_channels=wan.out_dim, inner_dim=wan.dim, patch_size=wan.patch_size)
+    with torch.device("meta"):  # the tensor shapes, from plain torch layers
+        expected = {k: tuple(t.shape) for k, t in build().state_dict().items()}
     state = dict(variant.branches)
-    expected = branches.state_dict()
     for key, initial in UNUSED_BY_FORWARD.items():  # never read by the forward; the reference's value
         if key in expected and key not in state:
-            state[key] = initial(expected[key].shape)
-    load_state_dict_strict(branches, state, source=variant.source,
-                           hint=f"the {cfg.model_type} file lacks or misnames WorldStereo tensors; re-download it")
+            state[key] = initial(expected[key])
+    check_keys(expected, {k: tuple(t.shape) for k, t in state.items()}, source=variant.source,
+               hint=f"the {cfg.model_type} file lacks or misnames WorldStereo tensors; re-download it")
+    branches = build(ops=comfy.ops.disable_weight_init)
+    # Through load_state_dict, as ComfyUI loads its own models: with dynamic VRAM (newer ComfyUI)
+    # comfy.ops layers only get their weights there.
+    branches.load_state_dict(state)
     branches.to(dtype=dtype).eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(branches, load_device=model.load_device,
                                                offload_device=model.offload_device)
