@@ -44,16 +44,6 @@ def invert_rigid(T) -> torch.Tensor:
     return out
 
 
-def w2c_to_c2w(w2c) -> torch.Tensor:
-    """Camera-to-world from world-to-camera."""
-    return invert_rigid(w2c)
-
-
-def c2w_to_w2c(c2w) -> torch.Tensor:
-    """World-to-camera from camera-to-world."""
-    return invert_rigid(c2w)
-
-
 def make_pose(R, t) -> torch.Tensor:
     """Assemble 4x4 pose(s) from rotation(s) (...,3,3) and translation(s) (...,3)."""
     R = as_tensor(R)

@@ -17,17 +17,6 @@ def report(progress: Optional[ProgressFn], done: int, total: int) -> None:
         progress(done, total)
 
 
-def scaled(progress: Optional[ProgressFn], offset: int, total: int) -> Optional[ProgressFn]:
-    """Map a sub-task's ``(done, sub_total)`` onto ``(offset + done, total)`` of a parent task."""
-    if progress is None:
-        return None
-
-    def _inner(done: int, _sub_total: int) -> None:
-        progress(offset + done, total)
-
-    return _inner
-
-
 class TqdmProgress:
     """A ``ProgressFn`` that drives a tqdm bar (CLI use)."""
 

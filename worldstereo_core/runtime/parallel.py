@@ -282,16 +282,6 @@ def enable_sequence_parallel(model: nn.Module, ctx: DistContext | None = None) -
     return sharding
 
 
-def disable_sequence_parallel(model: nn.Module) -> None:
-    if getattr(model, "_sequence_sharding", None) is not None:
-        from ..models.sequence import WHOLE_SEQUENCE
-
-        for processor in _attention_processors(model):
-            processor._parallel_config = None
-        model.sequence_split = WHOLE_SEQUENCE
-        model._sequence_sharding = None
-
-
 class ShardedPlacement:
     """The pipelines' ``placement`` hook of a sharded model: FSDP2 already keeps the shards on the
     group's device and gathers each block itself, so the model is never moved as a whole (a
