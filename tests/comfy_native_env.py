@@ -16,6 +16,8 @@ alone feeds the projection.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import inspect
 import os
@@ -31,17 +33,45 @@ from conftest import REPO, integration_unavailable
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or REPO.parent / "shared" / "comfyui" / "ComfyUI")
 #: ComfyUI's Wan2.1 CLIP-feature width (ViT-H/14).
 COMFY_IMAGE_DIM = 1280
-NATIVE_PACKAGE = "worldstereo_native_under_test"
+PACK_PACKAGE = "worldstereo_pack_under_test"
+#: ComfyUI's top-level modules a block may import (removed again afterwards).
+COMFY_TOP_LEVEL = ("comfy", "comfy_api", "comfy_execution", "comfy_extras", "comfy_config", "node_helpers",
+                   "folder_paths", "nodes", "server", "latent_preview", "execution", "app", "utils", "protocol",
+                   "comfyui_version", "api_server", "middleware")
 _IMAGE_EMBEDDER = "condition_embedder.image_embedder."
 
 
 def _comfy_module(name: str) -> bool:
-    return name in ("comfy", "node_helpers") or name.startswith(("comfy.", NATIVE_PACKAGE))
+    return name.split(".")[0] in COMFY_TOP_LEVEL or name.split(".")[0] == PACK_PACKAGE
+
+
+class _CoreAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``<PACK_PACKAGE>.worldstereo_core[.x]`` is the process's ``worldstereo_core[.x]``."""
+
+    prefix = PACK_PACKAGE + ".worldstereo_core"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.prefix or name.startswith(self.prefix + "."):
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(spec.name[len(PACK_PACKAGE) + 1:])
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def _bare_package(name: str, folder: Path) -> None:
+    """A package ``name`` over ``folder`` whose ``__init__`` is not run (the pack's would register nodes)."""
+    module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+    module.__path__ = [str(folder)]
+    sys.modules[name] = module
 
 
 @contextlib.contextmanager
 def real_comfy() -> Iterator[SimpleNamespace]:
-    """``comfy`` (CPU mode) and the pack's native host package, imported for the block."""
+    """``comfy`` (CPU mode, float32 text encoders) and the pack's ``nodes.native``, imported for the block."""
     if not (COMFYUI_DIR / "comfy" / "model_patcher.py").is_file():
         integration_unavailable(f"ComfyUI not found at {COMFYUI_DIR} (set COMFYUI_DIR to a ComfyUI checkout)")
     stashed = {name: sys.modules.pop(name) for name in list(sys.modules) if _comfy_module(name)}
@@ -51,6 +81,8 @@ def real_comfy() -> Iterator[SimpleNamespace]:
     # ComfyUI's comfy is a namespace package: a regular ``comfy`` package (the stub) anywhere on the
     # path would win over it, so such entries leave the path for the block.
     sys.path[:] = [str(COMFYUI_DIR)] + [p for p in saved_path if not (Path(p) / "comfy" / "__init__.py").is_file()]
+    alias = _CoreAlias()
+    sys.meta_path.insert(0, alias)
     try:
         import comfy.options
 
@@ -58,6 +90,7 @@ def real_comfy() -> Iterator[SimpleNamespace]:
         from comfy.cli_args import args
 
         args.cpu = True
+        args.fp32_text_enc = True  # CPU float32 throughout (ComfyUI's CPU default for CLIP vision is fp16)
         import comfy.clip_vision
         import comfy.lora
         import comfy.model_detection
@@ -67,15 +100,13 @@ def real_comfy() -> Iterator[SimpleNamespace]:
         import comfy.samplers
         import comfy.sd
 
-        spec = importlib.util.spec_from_file_location(NATIVE_PACKAGE, REPO / "nodes" / "native" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "nodes" / "native")])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[NATIVE_PACKAGE] = package
-        spec.loader.exec_module(package)
-        native = SimpleNamespace(**{name: importlib.import_module(f"{NATIVE_PACKAGE}.{name}")
+        _bare_package(PACK_PACKAGE, REPO)
+        _bare_package(f"{PACK_PACKAGE}.nodes", REPO / "nodes")
+        native = SimpleNamespace(**{name: importlib.import_module(f"{PACK_PACKAGE}.nodes.native.{name}")
                                     for name in ("conds", "host", "model", "sampling")})
-        yield SimpleNamespace(comfy=comfy, native=native)
+        yield SimpleNamespace(comfy=comfy, native=native, package=PACK_PACKAGE)
     finally:
+        sys.meta_path.remove(alias)
         sys.path[:] = saved_path
         for name in [n for n in sys.modules if _comfy_module(n)]:
             del sys.modules[name]
