@@ -20,6 +20,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import json
 import os
 import sys
 from pathlib import Path
@@ -160,3 +161,93 @@ def widen_image_embedder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 def tile_image_features(features: torch.Tensor) -> torch.Tensor:
     """CLIP features [B, T, w] -> [B, T, 1280] (w copies side by side)."""
     return features.repeat(1, 1, COMFY_IMAGE_DIM // features.shape[-1])
+
+
+# ----- the tiny VAE and CLIP vision of the pipeline fixtures, as ComfyUI's core objects ------------
+
+_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+             "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_VAE_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2", "conv_in": "conv1", "norm_out.gamma": "head.0.gamma",
+            "conv_out": "head.2"}
+
+
+def _residual_name(rest: str) -> str:
+    for ours, theirs in _RESIDUAL.items():
+        if rest == ours or rest.startswith(ours + "."):
+            return theirs + rest[len(ours):]
+    raise KeyError(rest)
+
+
+def wan_vae_to_original(state: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKLWan`` (Wan2.1 layout, any ``num_res_blocks``) state dict in the
+    original Wan key names ComfyUI's ``WanVAE`` loads."""
+    out = {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part in ("quant_conv", "post_quant_conv"):
+            out[_VAE_TOP[part] + "." + rest] = value
+            continue
+        block, _, rest = rest.partition(".")
+        if block in ("conv_in", "conv_out") or (block, rest) == ("norm_out", "gamma"):
+            name = _VAE_TOP[block if block != "norm_out" else "norm_out.gamma"]
+            out[f"{part}.{name}" + ("" if block == "norm_out" else "." + rest)] = value
+        elif block == "mid_block":
+            kind, index, rest = rest.split(".", 2)
+            slot = {"resnets": {"0": 0, "1": 2}, "attentions": {"0": 1}}[kind][index]
+            out[f"{part}.middle.{slot}." + (_residual_name(rest) if kind == "resnets" else rest)] = value
+        elif block == "down_blocks":
+            index, rest = rest.split(".", 1)
+            out[f"{part}.downsamples.{index}." + (rest if rest.startswith(("resample.", "time_conv."))
+                                                  else _residual_name(rest))] = value
+        elif block == "up_blocks":
+            level, kind, rest = rest.split(".", 2)
+            per_level = num_res_blocks + 2  # residual blocks + the upsampler
+            if kind == "resnets":
+                index, rest = rest.split(".", 1)
+                out[f"{part}.upsamples.{int(level) * per_level + int(index)}.{_residual_name(rest)}"] = value
+            else:  # upsamplers.0.<resample.1 | time_conv>
+                out[f"{part}.upsamples.{int(level) * per_level + num_res_blocks + 1}.{rest.split('.', 1)[1]}"] = value
+        else:
+            raise KeyError(key)
+    return out
+
+
+@contextlib.contextmanager
+def tiny_vae(comfy, vae_config: dict) -> Iterator[None]:
+    """ComfyUI's Wan2.1 VAE with a tiny VAE's width and residual blocks (it assumes the real 96 and 2)."""
+    module = comfy.ldm.wan.vae
+    original = module.WanVAE
+
+    def build(**config):
+        return original(**{**config, "dim": vae_config["base_dim"], "num_res_blocks": vae_config["num_res_blocks"]})
+
+    module.WanVAE = build
+    try:
+        yield
+    finally:
+        module.WanVAE = original
+
+
+class TiledClipVision:
+    """A tiny core CLIP vision model whose hidden states are tiled to ComfyUI's Wan CLIP width
+    (what :func:`widen_image_embedder`'s models take)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        last, penultimate, embeds, projected = self.model(*args, **kwargs)
+        return last, tile_image_features(penultimate), embeds, projected
+
+
+def core_clip_vision(comfy, config: dict, state: dict[str, torch.Tensor], folder: Path):
+    """A core ``ClipVisionModel`` (as Load CLIP Vision gives it) of a tiny transformers CLIP vision
+    model: ``config`` its config.json, ``state`` its ``vision_model.*`` tensors."""
+    path = folder / "clip_vision_config.json"
+    path.write_text(json.dumps(config))
+    clip = comfy.clip_vision.ClipVisionModel(str(path))
+    missing, unexpected = clip.load_sd(state)
+    if unexpected or [k for k in missing if not k.startswith("visual_projection.")]:
+        raise ValueError(f"tiny CLIP vision does not load: missing {missing}, unexpected {unexpected}")
+    clip.model = TiledClipVision(clip.model)
+    return clip
