@@ -270,3 +270,80 @@ def test_conditioning_node_memory_fallback_and_errors(env, tmp_path):
                                             40, 0.0)
         with pytest.raises(InputError, match="not a DMD variant"):
             env.nodes.DMDSigmas.execute(memory_model)
+
+
+# ----- the loop's generator on the native MODEL ----------------------------------------------------
+
+class FixedText:
+    """A stand-in for the core CLIP text encoder: the fixture's embeddings for its two prompts."""
+
+    def __init__(self, embeddings: dict[str, torch.Tensor]) -> None:
+        self.embeddings = embeddings
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str) -> list:
+        return [[self.embeddings[tokens], {}]]
+
+
+def _request(memory: bool, seed: int = 5, noise_index: int = 1):
+    """A small synthetic clip request (3 keyframes of 32x48; two references for memory models)."""
+    from worldstereo_core.tasks.generate import GenerationRequest
+
+    frames, height, width = 3, 32, 48
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+    render = torch.rand(frames, 3, height, width, generator=g) * 2 - 1
+    render[0] = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    w2c = torch.eye(4).repeat(frames, 1, 1)
+    w2c[:, 0, 3] = torch.arange(frames) * 0.1
+    K = torch.tensor([[40.0, 0, width / 2], [0, 40.0, height / 2], [0, 0, 1]]).repeat(frames, 1, 1)
+    extra = {}
+    if memory:
+        extra = dict(references=torch.randint(0, 256, (2, height, width, 3), generator=g, dtype=torch.uint8).numpy(),
+                     ref_index=torch.tensor([1, 0]), ref_w2cs=w2c[[2, 0]].clone())
+    return GenerationRequest(image=image, prompt="prompt", render=render,
+                             render_mask=(torch.rand(frames, 1, height, width, generator=g) > 0.7).float(),
+                             trajectory=CameraTrajectory(w2c=w2c, K=K, width=width, height=height), seed=seed,
+                             noise_index=noise_index, **extra)
+
+
+@pytest.mark.parametrize("case", _pipeline_cases() or [None], ids=lambda p: p.name if p else "absent")
+def test_native_generator_matches_the_pipeline_generator(env, case, tmp_path):
+    """The loop's generator interface on the native MODEL (core VAE, CLIP vision and sampler) gives
+    the clip the diffusers PipelineGenerator gives for the same request (same weights, schedule,
+    seed and noise index): frames within 1e-3, progress once per step."""
+    if case is None:
+        pytest.skip(f"no pipeline fixtures under {fixtures_root() / 'reference_tiny'}")
+    from test_pipelines import _pipeline
+    from tiny_components import load_fixture_common
+    from worldstereo_core.tasks.generate import PipelineGenerator
+
+    common = _common()
+    fixture = json.loads((case / "config.json").read_text())
+    inputs = load_file(str(case / "inputs.safetensors"))
+    texts = {"prompt": inputs["prompt_embeds"], "negative": inputs["negative_prompt_embeds"]}
+    pipeline, _ = _pipeline(case, load_fixture_common(common))
+    dmd = fixture["scheduler"]["class"] == "FlowGeneratorScheduler"
+    steps = None if dmd else fixture["scheduler"]["num_inference_steps"]
+    reference = PipelineGenerator(pipeline, num_inference_steps=steps, guidance_scale=None if dmd else
+                                  float(fixture["call_kwargs"]["guidance_scale"]), prompt_embeds=texts["prompt"],
+                                  negative_prompt_embeds=texts["negative"])
+
+    native = ComfyHost(env, tmp_path).load(_variant(case, tmp_path))
+    sigmas, sampler, cfg = _sigmas_and_sampler(env, case, native)
+    generator_module = importlib.import_module(f"{env.package}.nodes.native.generator")
+    generator = generator_module.NativeGenerator(native, FixedText(texts), core_vae(env, common),
+                                                 fixture_clip_vision(env, common, tmp_path), sigmas=sigmas,
+                                                 sampler=sampler, cfg=cfg, negative_prompt="negative")
+    assert generator.memory == reference.memory and generator.steps == reference.steps
+    request = _request(generator.memory)
+    seen = []
+    with torch.inference_mode():
+        frames = generator(request, progress=lambda done, total: seen.append((done, total)))
+        expected = reference(request)
+    _close("generated frames", torch.from_numpy(frames), torch.from_numpy(expected), FINAL_ATOL)
+    assert seen == [(i + 1, generator.steps) for i in range(generator.steps)]
+    key = generator.resume_key()
+    assert key["variant"] == env.native.model.variant_config(native).model_type and len(key["sigmas"]) == len(sigmas)
