@@ -3,8 +3,8 @@
 Each stage module exports ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``; this package
 merges them (a node id defined twice is an error) and, inside ComfyUI, registers the model
 folders and the trajectory-preview route. The native nodes (``nodes/native``) run on ComfyUI's own
-model code and V3 node API, so they join where ComfyUI's ``comfy_api`` exists (every ComfyUI this
-pack supports; not the test stub).
+model code (``comfy.ldm``), so they join wherever that exists: in every ComfyUI, not in the test
+stub (their tests import the real ComfyUI).
 """
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ from ._comfy import in_comfyui
 from .trajectory_preview import register_routes
 
 _STAGES = (loaders, geometry, trajectory, render, memory, sampling, loop, export)
-if importlib.util.find_spec("comfy_api") is not None:
+
+
+def _has_comfy_models() -> bool:
+    try:
+        return importlib.util.find_spec("comfy.ldm") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+if _has_comfy_models():
     from .native import nodes as native_nodes
 
     _STAGES += (native_nodes,)
