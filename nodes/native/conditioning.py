@@ -38,7 +38,7 @@ def clip_vision_output(clip_vision, image: Any) -> comfy.clip_vision.Output:
     """The core CLIP vision model's output for ``image`` on the release's (unrescaled) pixels."""
     processor = clip_image_processor(clip_vision.image_size, clip_vision.image_mean, clip_vision.image_std)
     pixels = clip_pixel_values(processor, image, clip_no_rescale=True)
-    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    comfy.model_management.load_models_gpu([clip_vision.patcher])
     last, penultimate, embeds, _ = clip_vision.model(pixel_values=pixels.to(clip_vision.load_device),
                                                      intermediate_output=-2)
     device = comfy.model_management.intermediate_device()
