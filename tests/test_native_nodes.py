@@ -188,11 +188,15 @@ def test_pipeline_fixture_through_native_nodes(env, case, tmp_path):
 
     names = ("render_video", "render_mask", "camera_embedding") + (
         ("reference_video", "ref_index", "camera_qt", "camera_qt_ref") if config.is_memory else ())
+    seen = []
     with torch.inference_mode():
         positive, negative, latent = env.conditioning.worldstereo_conditioning(
             [[inputs["prompt_embeds"], {}]], [[inputs["negative_prompt_embeds"], {}]], vae, clip_vision,
             inputs["image_uint8_hwc"].numpy(), {k: inputs[k] for k in names},
-            latent_cond_mode=fixture["call_kwargs"]["latent_cond_mode"])
+            latent_cond_mode=fixture["call_kwargs"]["latent_cond_mode"],
+            progress=lambda done, total: seen.append((done, total)))
+    keyframes = inputs["render_video"].shape[2] + (inputs["reference_video"].shape[2] if config.is_memory else 0)
+    assert seen == [(i + 1, 2 + keyframes) for i in range(2 + keyframes)]  # CLIP, image condition, each keyframe
 
     options = positive[0][1]
     assert negative[0][1]["model_conds"] == options["model_conds"]  # one condition for both CFG halves

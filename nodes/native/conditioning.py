@@ -25,12 +25,13 @@ import comfy.clip_vision
 import comfy.model_management
 import node_helpers
 
+from ...worldstereo_core.errors import InputError
 from ...worldstereo_core.pipelines.conditioning import clip_pixel_values, preprocess_image
 from ...worldstereo_core.pipelines.single_file import clip_image_processor
 from ...worldstereo_core.pipelines.vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR,
                                                denormalize_latents, encode_keyframes, i2v_mask,
                                                image_condition_latent, reference_latent_layout)
-from ...worldstereo_core.errors import InputError
+from ...worldstereo_core.progress import ProgressFn, report
 from .conds import with_model_conds, worldstereo_model_conds
 from .vae import LATENT_CHANNELS, KeyframeVae
 
@@ -48,28 +49,53 @@ def clip_vision_output(clip_vision, image: Any) -> comfy.clip_vision.Output:
     return out
 
 
+def _keyframe_latents(keyframes: KeyframeVae, video: torch.Tensor, name: str, tick) -> torch.Tensor:
+    """``encode_keyframes`` one keyframe at a time, with a progress tick after each."""
+    latents = []
+    for i in range(video.shape[2]):
+        latents.append(encode_keyframes(keyframes, video[:, :, i:i + 1], name=name))
+        tick()
+    return torch.cat(latents, dim=2)
+
+
+def conditioning_steps(inputs: dict[str, torch.Tensor]) -> int:
+    """Progress ticks of :func:`worldstereo_conditioning`: CLIP, the image condition, every keyframe."""
+    references = inputs["reference_video"].shape[2] if "reference_video" in inputs else 0
+    return 2 + inputs["render_video"].shape[2] + references
+
+
 def worldstereo_conditioning(positive: list, negative: list, vae, clip_vision, image: Any,
-                             inputs: dict[str, torch.Tensor], *, latent_cond_mode: str = "full_vae"
-                             ) -> tuple[list, list, dict]:
+                             inputs: dict[str, torch.Tensor], *, latent_cond_mode: str = "full_vae",
+                             progress: ProgressFn | None = None) -> tuple[list, list, dict]:
     """(positive, negative, keyframe LATENT) of one clip.
 
     ``image``: the start image (uint8 [H, W, 3], PIL, or as ``to_pil_rgb`` takes it); ``inputs``:
     the clip's model inputs as ``worldstereo_core.tasks.generate.model_inputs`` gives them
     (``render_video`` [1, 3, F, H, W] in [-1, 1], ``render_mask``, ``camera_embedding``, and for
     memory variants ``reference_video``, ``ref_index``, ``camera_qt``, ``camera_qt_ref``). The
-    LATENT is empty (zeros: the samplers start from noise) with F keyframes."""
+    LATENT is empty (zeros: the samplers start from noise) with F keyframes. ``progress(done,
+    total)`` after each of the :func:`conditioning_steps` encodings (it may raise to stop)."""
     if latent_cond_mode not in LATENT_COND_MODES:
         raise InputError(f"latent_cond_mode must be one of {LATENT_COND_MODES}, got {latent_cond_mode!r}")
+    total, done = conditioning_steps(inputs), [0]
+
+    def tick() -> None:
+        done[0] += 1
+        report(progress, done[0], total)
+
     render = inputs["render_video"]
     batch, _, frames, height, width = render.shape
     keyframes = KeyframeVae(vae)
     clip = clip_vision_output(clip_vision, image)
+    tick()
     start = preprocess_image(image, height, width)
     condition = image_condition_latent(keyframes, start, TEMPORAL_FACTOR * (frames - 1) + 1, latent_cond_mode)
-    render_latent = encode_keyframes(keyframes, render, name="render")
+    tick()
+    render_latent = _keyframe_latents(keyframes, render, "render", tick)
     memory = {}
     if "reference_video" in inputs:
-        reference = reference_latent_layout(encode_keyframes(keyframes, inputs["reference_video"], name="references"))
+        reference = reference_latent_layout(_keyframe_latents(keyframes, inputs["reference_video"], "references",
+                                                              tick))
         memory = dict(reference_latent=reference, ref_index=inputs["ref_index"], camera_qt=inputs["camera_qt"],
                       camera_qt_ref=inputs["camera_qt_ref"])
     model_conds = worldstereo_model_conds(render_latent, inputs["render_mask"], inputs["camera_embedding"], **memory)

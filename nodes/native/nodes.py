@@ -27,7 +27,7 @@ from .._comfy import comfy_progress, node_errors
 from ..images import frames_to_image
 from ..loaders import MODEL_TYPES, resolve_worldstereo_variant
 from ..sampling import generation_request, single_view_memory
-from .conditioning import worldstereo_conditioning
+from .conditioning import conditioning_steps, worldstereo_conditioning
 from .model import apply_variant, load_complete_variant, variant_config
 from .sampling import dmd_sigmas, release_unipc_sampler, release_unipc_sigmas
 from .vae import KeyframeVae
@@ -151,7 +151,8 @@ class Conditioning(io.ComfyNode):
             request = dataclasses.replace(request, references=ref.frames, ref_index=ref.ref_index, ref_w2cs=ref.w2c)
         inputs = model_inputs(request, memory=config.is_memory)
         return io.NodeOutput(*worldstereo_conditioning(positive, negative, vae, clip_vision, request.image, inputs,
-                                                       latent_cond_mode=config.latent_cond_mode))
+                                                       latent_cond_mode=config.latent_cond_mode,
+                                                       progress=comfy_progress(conditioning_steps(inputs))))
 
 
 class ReleaseSigmas(io.ComfyNode):
