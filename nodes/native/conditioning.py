@@ -35,6 +35,7 @@ from ...worldstereo_core.progress import ProgressFn, report
 from .conds import with_model_conds, worldstereo_model_conds
 from .vae import LATENT_CHANNELS, KeyframeVae
 
+
 def clip_vision_output(clip_vision, image: Any) -> comfy.clip_vision.Output:
     """The core CLIP vision model's output for ``image`` on the release's (unrescaled) pixels."""
     processor = clip_image_processor(clip_vision.image_size, clip_vision.image_mean, clip_vision.image_std)

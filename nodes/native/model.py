@@ -35,8 +35,8 @@ from ...worldstereo_core.errors import CheckpointError, InputError, MissingWeigh
 from ...worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
 from ...worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
 from ...worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
-from ...worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS, WORLDSTEREO_PREFIXES,
-                                             load_state_dict_strict)
+from ...worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS,
+                                                WORLDSTEREO_PREFIXES, load_state_dict_strict)
 from ...worldstereo_core.models.safetensors_files import listing
 from ...worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 

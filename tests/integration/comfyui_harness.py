@@ -204,7 +204,8 @@ class ComfyUIServer:
     def command(self) -> list[str]:
         b = self.base_dir
         return [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-                "--disable-auto-launch", "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER, *self.extra_nodes,
+                "--disable-auto-launch", "--disable-all-custom-nodes",
+                "--whitelist-custom-nodes", PACK_FOLDER, *self.extra_nodes,
                 "--database-url", "sqlite:///:memory:", "--base-directory", str(b), *self.extra_args]
 
     def start(self, timeout: Optional[float] = None) -> "ComfyUIServer":

@@ -107,10 +107,11 @@ def _scene() -> dict:
                                                                    "depth": ["depth", 0]}},
         "traj": {"class_type": "WorldStereoTrajectoryPreset", "inputs": {"preset": "orbit_left", "frames": 5,
                                                                          "scale": 1, "point_cloud": ["cloud", 0]}},
-        "render": {"class_type": "WorldStereoRenderWarps", "inputs": {"backend": "torch", "point_cloud": ["cloud", 0],
-                                                                      "trajectory": ["traj", 0], "image": ["start", 0]}},
+        "render": {"class_type": "WorldStereoRenderWarps", "inputs": {
+            "backend": "torch", "point_cloud": ["cloud", 0], "trajectory": ["traj", 0], "image": ["start", 0]}},
         "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": FILES["text_encoders"], "type": "wan"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a quiet street with old houses", "clip": ["clip", 0]}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a quiet street with old houses",
+                                                           "clip": ["clip", 0]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["clip", 0]}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": FILES["vae"]}},
         "clipvision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": FILES["clip_vision"]}},
@@ -152,8 +153,8 @@ def _custom(prompt: dict, name: str, model: list, cond: str, *, dmd: bool = Fals
                                                                                           "shift": 0.0}}
         prompt[f"{name}_sampler"] = {"class_type": "WorldStereoReleaseUniPCSampler", "inputs": {"solver_order": 2}}
     prompt[f"{name}_noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}}
-    prompt[f"{name}_guider"] = {"class_type": "CFGGuider", "inputs": {"model": model, "positive": [cond, 0],
-                                                                      "negative": [cond, 1], "cfg": 1.0 if dmd else 5.0}}
+    prompt[f"{name}_guider"] = {"class_type": "CFGGuider", "inputs": {
+        "model": model, "positive": [cond, 0], "negative": [cond, 1], "cfg": 1.0 if dmd else 5.0}}
     prompt[name] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": [f"{name}_noise", 0], "guider": [f"{name}_guider", 0], "sampler": [f"{name}_sampler", 0],
         "sigmas": [f"{name}_sigmas", 0], "latent_image": [cond, 2]}}
