@@ -7,5 +7,8 @@ This package imports ``comfy`` (``worldstereo_core`` never does):
   variant's backbone as weight patches, the branches as an additional model and the forward as a
   diffusion-model wrapper), or one loaded from a complete variant file without a base;
 * :mod:`.conds`: the per-clip WorldStereo inputs as conditioning ``model_conds``;
-* :mod:`.sampling`: the release's schedules and UniPC as ComfyUI ``SIGMAS`` / ``SAMPLER``.
+* :mod:`.vae`: the core ``VAE`` as the keyframe VAE of ``worldstereo_core.pipelines.vae``;
+* :mod:`.conditioning`: one clip's conditioning and keyframe latent, computed as the release does;
+* :mod:`.sampling`: the release's schedules and UniPC as ComfyUI ``SIGMAS`` / ``SAMPLER``;
+* :mod:`.nodes`: the native nodes (V3 schema).
 """

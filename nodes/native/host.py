@@ -16,7 +16,7 @@ import comfy.model_management
 from comfy.ldm.flux.math import apply_rope1
 from comfy.ldm.wan.model import sinusoidal_embedding_1d
 
-from worldstereo_core.models.ssm import BlockParts, joint_block
+from ...worldstereo_core.models.ssm import BlockParts, joint_block
 
 
 @dataclass

@@ -32,14 +32,14 @@ import comfy.sd
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
-from worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
-from worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
-from worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
-from worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
-from worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS, WORLDSTEREO_PREFIXES,
-                                             check_keys)
-from worldstereo_core.models.safetensors_files import listing
-from worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
+from ...worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
+from ...worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
+from ...worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
+from ...worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
+from ...worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS,
+                                                WORLDSTEREO_PREFIXES, check_keys)
+from ...worldstereo_core.models.safetensors_files import listing
+from ...worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 
 from .conds import CAMERA_QT, CAMERA_QT_REF, CONDITION, REF_INDEX, REFERENCE_LATENT, RENDER_LATENT, ClipCondition
 from .host import ComfyWanHost
@@ -88,6 +88,15 @@ def wan_model(model) -> comfy.ldm.wan.model.WanModel:
         raise InputError("the MODEL is a Wan text-to-video model; WorldStereo is trained on Wan2.1 image-to-video: "
                          "load Wan2.1-I2V-14B (480P or 720P) with Load Diffusion Model")
     return wan
+
+
+def variant_config(model) -> WorldStereoConfig:
+    """The WorldStereo variant config of a native MODEL, or an InputError for any other MODEL."""
+    forward = model.get_wrappers(WrappersMP.DIFFUSION_MODEL, WORLDSTEREO_KEY)
+    if not forward:
+        raise InputError("the MODEL does not run WorldStereo; connect the MODEL of WorldStereo Apply Variant (or "
+                         "WorldStereo Load Complete Variant)")
+    return forward[0].config
 
 
 def backbone_spec(wan) -> BackboneSpec:

@@ -57,6 +57,8 @@ TINY_SCALE_MAP = [[32, 48], [48, 32], [32, 32]]
 PANORAMA_SCENE = "worldstereo_panorama_scene"
 EXAMPLE_IMAGE = "example.png"
 VAE_BASE_DIM = 4
+#: The tiny UMT5's sizes besides its width (the text_dim).
+UMT5_SIZES = dict(vocab_size=128, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 SPM_CORPUS = ("a photo of a quiet street with old houses and trees", "the quick brown fox jumps over the lazy dog",
               "a stone bridge over a river in the mountains", "sunlight on a wooden table in a small room")
 
@@ -161,9 +163,8 @@ def write_text_encoder_file(models: Path, text_dim: int, python: Optional[str]) 
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = models / "text_encoders" / FILES["text_encoders"]
-    cfg = UMT5Config(vocab_size=128, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                     feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    cfg = UMT5Config(d_model=text_dim, **UMT5_SIZES, relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = UMT5EncoderModel(cfg)

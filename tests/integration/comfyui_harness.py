@@ -174,7 +174,8 @@ class ComfyUIServer:
     """A headless ComfyUI subprocess using ``work_dir`` as its base directory."""
 
     def __init__(self, comfy_dir: str | Path, work_dir: str | Path, python: Optional[str] = None,
-                 pack_dir: str | Path = REPO, extra_args: tuple[str, ...] = ()) -> None:
+                 pack_dir: str | Path = REPO, extra_args: tuple[str, ...] = (),
+                 extra_nodes: tuple[str, ...] = ()) -> None:
         self.comfy_dir = Path(comfy_dir).resolve()
         if not (self.comfy_dir / "main.py").is_file():
             raise FileNotFoundError(f"{self.comfy_dir} is not a ComfyUI checkout (no main.py)")
@@ -183,6 +184,8 @@ class ComfyUIServer:
         self.base_dir = self.work_dir / "base"
         self.pack_dir = Path(pack_dir).resolve()
         self.extra_args = tuple(extra_args)
+        #: further custom_nodes/ folders (the caller puts them there) that the server loads
+        self.extra_nodes = tuple(extra_nodes)
         self.port: Optional[int] = None
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = self.work_dir / "comfyui.log"
@@ -201,7 +204,8 @@ class ComfyUIServer:
     def command(self) -> list[str]:
         b = self.base_dir
         return [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-                "--disable-auto-launch", "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER,
+                "--disable-auto-launch", "--disable-all-custom-nodes",
+                "--whitelist-custom-nodes", PACK_FOLDER, *self.extra_nodes,
                 "--database-url", "sqlite:///:memory:", "--base-directory", str(b), *self.extra_args]
 
     def start(self, timeout: Optional[float] = None) -> "ComfyUIServer":

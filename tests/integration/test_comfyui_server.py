@@ -5,6 +5,7 @@ See tests/integration/README.md for setting up a ComfyUI checkout and its Python
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+from comfy_native_env import real_comfy
 from conftest import comfyui_dir, import_pack
 
 COMFYUI_DIR = comfyui_dir()
@@ -44,8 +46,13 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pack_node_ids() -> set[str]:
+    """The pack's node ids: those of the stub import plus the native ones (they need ComfyUI's own
+    ``comfy_api``, so they are read with the real ComfyUI)."""
     comfy_stub.install()
-    return set(import_pack().NODE_CLASS_MAPPINGS)
+    ids = set(import_pack().NODE_CLASS_MAPPINGS)
+    with real_comfy() as env:
+        ids |= set(importlib.import_module(f"{env.package}.nodes.native.nodes").NODE_CLASS_MAPPINGS)
+    return ids
 
 
 def test_server_is_up(server):

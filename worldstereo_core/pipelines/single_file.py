@@ -370,7 +370,7 @@ def open_clip_to_transformers(state: Mapping[str, torch.Tensor], prefix: str = "
 def load_clip_vision_file(path: str | os.PathLike, *, device: torch.device | str = "cpu"):
     """(``CLIPVisionModel`` float32 eval, ``CLIPImageProcessor``) from a ComfyUI clip_vision file
     (transformers key names, with or without ``vision_model.``, or open_clip's ``visual.`` layout)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     path = Path(path)
     state = read_state_dict(path, "CLIP vision encoder")
@@ -387,8 +387,19 @@ def load_clip_vision_file(path: str | os.PathLike, *, device: torch.device | str
     if not any(k.startswith("vision_model.") for k in own):
         state = {k[len("vision_model."):]: v for k, v in state.items()}
     strict_assign(model, state, f"CLIP vision encoder {path.name}")
-    processor_config = shipped_config("clip_image_processor")
-    processor_config.update(size={"shortest_edge": config.image_size},
-                            crop_size={"height": config.image_size, "width": config.image_size})
-    processor = CLIPImageProcessor(**processor_config)
-    return model.float().to(device).eval().requires_grad_(False), processor
+    return model.float().to(device).eval().requires_grad_(False), clip_image_processor(config.image_size)
+
+
+def clip_image_processor(image_size: int, image_mean: Sequence[float] | None = None,
+                         image_std: Sequence[float] | None = None):
+    """The Wan2.1-I2V ``CLIPImageProcessor`` settings (shipped) for a CLIP of ``image_size`` pixels
+    (``image_mean`` / ``image_std`` override the shipped normalisation)."""
+    from transformers import CLIPImageProcessor
+
+    config = shipped_config("clip_image_processor")
+    config.update(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    if image_mean is not None:
+        config["image_mean"] = list(image_mean)
+    if image_std is not None:
+        config["image_std"] = list(image_std)
+    return CLIPImageProcessor(**config)
