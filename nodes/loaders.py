@@ -94,9 +94,11 @@ def resolve_model_file(folder: str, name: str) -> Path:
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         roots = ", ".join(str(r) for r in folder_roots(folder))
+        source = hub.comfy_file_source(folder, name)
         raise MissingWeightsError(
             f"model file {name!r} was not found in the {folder!r} model folder ({roots}); "
-            "put it there (or add a path in extra_model_paths.yaml) and refresh the node list"
+            + (f"{source} and put it there" if source else "put it there")
+            + " (or add a path in extra_model_paths.yaml) and refresh the node list"
         )
     return Path(path)
 
@@ -114,9 +116,11 @@ def resolve_worldstereo_variant(model_type: str) -> Path:
     found = worldstereo_variants().get(model_type)
     if found is None:
         target = folder_roots(WORLDSTEREO_FOLDER)[0] / model_type
+        size = hub.download_size(HF_REPO_ID, [f"{model_type}/model.safetensors"])
         raise MissingWeightsError(
-            f"WorldStereo variant {model_type!r} is not installed: put {' and '.join(VARIANT_FILES)} "
-            f"from https://huggingface.co/{HF_REPO_ID}/tree/main/{model_type} into {target}"
+            f"WorldStereo variant {model_type!r} is not installed: put {' and '.join(VARIANT_FILES)}{size} "
+            f"from https://huggingface.co/{HF_REPO_ID}/tree/main/{model_type} into {target}, or set the "
+            "loader's download to true to fetch them"
         )
     return found
 
@@ -253,9 +257,12 @@ def resolve_base(base: str, variant: Path, download: bool) -> Path | None:
             if (root / name / "transformer" / "config.json").is_file():
                 return root / name
         if not download:
+            single = DEFAULT_FILES["diffusion_models"]
             raise MissingWeightsError(
                 f"the variant's base model {repo!r} is not in models/diffusers/{name}; choose a Wan2.1-I2V-14B "
-                "file from diffusion_models as base, or enable download")
+                f"file from diffusion_models as base (e.g. {single}: "
+                f"{hub.comfy_file_source('diffusion_models', single)}), or set download to true to fetch "
+                f"{repo} into models/diffusers/{name}")
         return hub.ensure_wan_base(folder_paths.models_dir, repo, parts=list(hub.WAN_BASE_PARTS), download=True,
                                    progress=comfy_progress(1))
     if base.startswith(DIFFUSERS_PREFIX):
