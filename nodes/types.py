@@ -28,6 +28,8 @@ TRAJECTORY = "CAMERA_TRAJECTORY"
 MEMORY_BANK = "MEMORY_BANK"
 MEMORY = "WORLDSTEREO_MEMORY"
 LATENT = "WORLDSTEREO_LATENT"
+#: A scene folder made by Panorama Scene From Image (``worldstereo_core.tasks.panorama_scene.PanoramaScene``).
+PANORAMA_SCENE = "WORLDSTEREO_PANORAMA_SCENE"
 
 
 @dataclass(frozen=True)

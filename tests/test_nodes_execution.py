@@ -1,6 +1,6 @@
 """The stage nodes executed under the ComfyUI stub on tiny checkpoints in the real models layout.
 
-Each test calls node classes the way ComfyUI does (``getattr(cls(), cls.FUNCTION)(**inputs)``) and
+Each test calls node classes the way ComfyUI does (``comfy_stub.execute``: V1 or V3) and
 checks the results against independent computations (pinhole formulas, PIL resizing, matrix
 algebra, files read back with other readers), the ComfyUI conventions (IMAGE / MASK shapes,
 ``ui`` entries, no mutation of inputs) and the behaviour around them (validation messages,
@@ -19,6 +19,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+import comfy_stub as comfy_stub_module
 from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from PIL import Image
 
@@ -52,10 +53,9 @@ def ws(comfy_stub, models_dir):
         @staticmethod
         def run(node_type, **inputs):
             cls = pack.NODE_CLASS_MAPPINGS[node_type]
-            out = getattr(cls(), cls.FUNCTION)(**inputs)
-            if isinstance(out, dict):
-                WS.last_ui = out.get("ui")
-                out = out["result"]
+            out, ui = comfy_stub_module.execute(cls, **inputs)
+            if ui is not None:
+                WS.last_ui = ui
             assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), node_type
             return out
 
@@ -560,13 +560,59 @@ def test_loop_node_resumes_after_interrupt(ws):
     scene_out = os.path.join(ws.stub.folder_paths.get_output_directory(), folder)
     assert os.path.isfile(os.path.join(scene_out, "world_mirror_data", "worldstereo-memory", "cameras.json"))
     validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].VALIDATE_INPUTS
-    message = validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x")
-    assert isinstance(message, str) and "pano_bank" in message
+    # the image input with task panorama passes the queue (a panorama_scene may be linked) and fails at run time
+    assert validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x") is True
+    with pytest.raises(ws.errors.InputError, match="pano_bank/ or a connected panorama_scene"):
+        ws.run("WorldStereoMultiTrajectoryLoop", **dict(args, scene="(the image input)", task="panorama"),
+               image=ws.example_image())
     # the scene folder is checked at queue time (before any weights load): a panorama in global mode
     message = validate(scene=PANORAMA_SCENE, task="auto", cache_mode="global", output_folder="x")
     assert isinstance(message, str) and "release" in message
     assert validate(scene=PANORAMA_SCENE, task="auto", cache_mode="release", output_folder="x") is True
     shutil.rmtree(scene_out)
+
+
+def test_panorama_scene_from_image_feeds_the_loop(ws):
+    """One equirectangular image (+ its depth) -> the scene folder in output/ -> the loop's panorama task."""
+    from synthetic_scene import panorama_room
+
+    equirect = ws.core("geometry.equirect")
+    pano, distance = panorama_room().equirect(64, 128)
+    image = torch.from_numpy(pano).float()[None] / 255.0
+    node = ws.mappings["WorldStereoPanoramaSceneFromImage"]
+    args = dict(image=image, prompt="An empty room.", name="room", output_folder="ws/pano", views=1, explorations=0,
+                reconstructs=0, frames=21, bank_width=48, bank_height=32)
+    with pytest.raises(ws.errors.InputError, match="connect a depth map"):
+        ws.run("WorldStereoPanoramaSceneFromImage", **args)
+    assert isinstance(node.validate_inputs(name="../up", output_folder="x", bank_width=48, bank_height=32), str)
+    assert isinstance(node.validate_inputs(name="room", output_folder="../x", bank_width=48, bank_height=32), str)
+    assert isinstance(node.validate_inputs(name="room", output_folder="x", bank_width=47, bank_height=32), str)
+    assert node.validate_inputs(name="room", output_folder="x", bank_width=48, bank_height=32) is True
+
+    ws.stub.utils.updates.clear()
+    depth = ws.nodes("types").Depth(distance.float())
+    scene, views = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
+    out_dir = os.path.join(ws.stub.folder_paths.get_output_directory(), "ws", "pano")
+    assert str(scene.folder) == os.path.join(out_dir, "panorama_scenes", "room") and not scene.reused
+    _keys, _cams, crops = equirect.panorama_bank_crops(pano, 48, 32)
+    assert views.shape == (27, 32, 48, 3) and torch.equal(views, torch.from_numpy(np.stack(crops)).float() / 255.0)
+    ticks = [u[:2] for u in ws.stub.utils.updates]
+    assert ticks and ticks[-1][0] == ticks[-1][1] and len({t for _v, t in ticks}) == 1
+    assert ws.last_ui["text"][0].startswith("output/ws/pano/panorama_scenes/room: ")
+    again, _ = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
+    assert again.reused and again.folder == scene.folder  # a finished scene is reused as it is
+    with pytest.raises(ws.errors.InputError):  # ... and one made from another image is refused, not overwritten
+        ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **dict(args, image=image.flip(2)))
+
+    parts = _parts(ws, "worldstereo-memory")
+    loop = dict(scene="(the image input)", task="panorama", cache_mode="release", prompt="", steps=1, cfg=5.0,
+                shift=0.0, seed=3, output_folder="ws/pano", panorama_scene=scene, **parts)
+    with pytest.raises(ws.errors.InputError, match="panorama task"):
+        ws.run("WorldStereoMultiTrajectoryLoop", **dict(loop, task="reconstruction"))
+    frames, bank, folder, _cloud = ws.run("WorldStereoMultiTrajectoryLoop", **loop)
+    statuses = json.loads(ws.last_ui["text"][0].split(": ", 1)[1])
+    assert folder == "ws/pano/room" and sorted(statuses) == ["view0/traj0", "view0/traj1", "view0/traj2"]
+    assert set(statuses.values()) == {"generated"} and frames.shape[0] == 3 * 21 and len(bank) > 27
 
 
 def test_model_loader_runtime_options(ws):
