@@ -42,9 +42,6 @@ CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"
 TASKS = ("auto",) + TASK_TYPES
 SCENE_MARKERS = ("image.png", "pano_bank")
-PanoramaSceneType = io.Custom(types.PANORAMA_SCENE)
-DepthType = io.Custom(types.DEPTH)
-MoGeType = io.Custom(types.MOGE)
 
 
 def scene_choices() -> list[str]:
@@ -64,56 +61,67 @@ def resolve_task(task: str, scene_dir) -> str:
     return "panorama" if scene_dir is not None and (scene_dir / "pano_bank").is_dir() else "reconstruction"
 
 
-class MultiTrajectoryLoop:
-    DESCRIPTION = ("Generate every trajectory of a scene in order, growing the memory bank (and, in 'global' "
-                   "cache mode, the 3D point cache) after each one; exports the WorldMirror folder and the "
-                   "cloud. Re-queue to resume an interrupted run.")
-    CATEGORY = CATEGORY
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", types.MEMORY_BANK, "STRING", "STRING")
-    RETURN_NAMES = ("frames", "memory_bank", "output_folder", "cloud_file")
-    OUTPUT_TOOLTIPS = ("Every generated clip, one after the other.", "The final memory bank.",
-                       "Scene results, relative to the output folder.",
-                       "The cache point cloud (GLB) relative to the output folder, for Preview3D ('' if none).")
+class MultiTrajectoryLoop(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Multi-Trajectory Loop"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (types.MODEL,),
-                "vae": (types.VAE,),
-                "text_encoder": (types.TEXT_ENCODER,),
-                "clip_vision": (types.CLIP_VISION,),
-                "scene": (scene_choices(), {"tooltip": "A scene folder in input/, or the image input."}),
-                "task": (list(TASKS), {"default": "auto", "tooltip": "auto: panorama when the folder has pano_bank/."}),
-                "cache_mode": (list(CACHE_MODES), {"default": CACHE_MODES[0], "tooltip":
+    def define_schema(cls) -> io.Schema:
+        S = types.Socket
+        return io.Schema(
+            node_id="WorldStereoMultiTrajectoryLoop",
+            display_name=cls.DISPLAY_NAME,
+            category=CATEGORY,
+            description=("Generate every trajectory of a scene in order, growing the memory bank (and, in 'global' "
+                         "cache mode, the 3D point cache) after each one; exports the WorldMirror folder and the "
+                         "cloud. Re-queue to resume an interrupted run."),
+            is_output_node=True,
+            inputs=[
+                S.MODEL.Input("model", tooltip="A memory variant (worldstereo-memory or worldstereo-memory-dmd)."),
+                S.VAE.Input("vae", tooltip="The Wan2.1 VAE."),
+                S.TEXT_ENCODER.Input("text_encoder", tooltip="The UMT5 text encoder."),
+                S.CLIP_VISION.Input("clip_vision", tooltip="The CLIP vision encoder."),
+                io.Combo.Input("scene", options=scene_choices(), tooltip=
+                               "A scene folder in input/, or the image input (not used when a panorama_scene is "
+                               "connected)."),
+                io.Combo.Input("task", options=list(TASKS), default="auto", tooltip=
+                               "auto: panorama when the folder has pano_bank/ or a panorama_scene is connected."),
+                io.Combo.Input("cache_mode", options=list(CACHE_MODES), default=CACHE_MODES[0], tooltip=
                                "release: start-view cloud and the scene's pre-rendered warps (as released); "
-                               "global: grow a 3D point cache from every clip (needs MoGe)."}),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "Scene description, for the image input (folders bring their own)."}),
-                "steps": ("INT", {"default": 40, "min": 1, "max": 200}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1}),
-                "seed": ("INT", {"default": DEFAULT_SEED, "min": 0, "max": MAX_SEED,
-                                 "tooltip": "Seeds one noise generator that every trajectory draws from in "
-                                            "turn, as the release."}),
-                "output_folder": ("STRING", {"default": "WorldStereo/loop", "tooltip":
-                                  "Inside ComfyUI's output folder; the same folder resumes a run."}),
-            },
-            "optional": {
-                "moge": (types.MOGE, {"tooltip": "Depth of the start view (scenes without renders) and of kept frames "
-                                                 "(global cache)."}),
-                "dinov2": (types.DINOV2,),
-                "image": ("IMAGE", {"tooltip": "Start image when scene is '(the image input)'."}),
-                "panorama_scene": (types.PANORAMA_SCENE, {"tooltip":
-                                   "A scene made by Panorama Scene From Image: runs the panorama task on it "
-                                   "(the scene widget is then not used)."}),
-            },
-        }
+                               "global: grow a 3D point cache from every clip (needs MoGe)."),
+                io.String.Input("prompt", multiline=True, default="", tooltip=
+                                "Scene description, for the image input (folders bring their own)."),
+                io.Int.Input("steps", default=40, min=1, max=200, tooltip=
+                             "Denoising steps per trajectory (the DMD variant always takes its 4)."),
+                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, tooltip=
+                               "Text guidance scale (5.0 as the release; not used by DMD)."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=
+                               "Flow shift; 0 = the base scheduler's (DMD: the variant's gen_shift)."),
+                io.Int.Input("seed", default=DEFAULT_SEED, min=0, max=MAX_SEED, control_after_generate=True, tooltip=
+                             "Seeds one noise generator that every trajectory draws from in turn, as the release."),
+                io.String.Input("output_folder", default="WorldStereo/loop", tooltip=
+                                "Inside ComfyUI's output folder; the same folder resumes a run."),
+                S.MOGE.Input("moge", optional=True, tooltip=
+                             "Depth of the start view (scenes without renders) and of kept frames (global cache)."),
+                S.DINOV2.Input("dinov2", optional=True, tooltip=
+                               "Image features for choosing diverse memory references; without it, camera poses "
+                               "alone choose them."),
+                io.Image.Input("image", optional=True, tooltip="Start image when scene is '(the image input)'."),
+                S.PANORAMA_SCENE.Input("panorama_scene", optional=True, tooltip=
+                                       "A scene made by Panorama Scene From Image: runs the panorama task on it "
+                                       "(the scene widget is then not used)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="Every generated clip, one after the other."),
+                S.MEMORY_BANK.Output(display_name="memory_bank", tooltip="The final memory bank."),
+                io.String.Output(display_name="output_folder", tooltip="Scene results, relative to the output folder."),
+                io.String.Output(display_name="cloud_file", tooltip=
+                                 "The cache point cloud (GLB) relative to the output folder, for Preview3D ('' if "
+                                 "none)."),
+            ],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, scene, task, cache_mode, output_folder):
+    def validate_inputs(cls, scene, task, cache_mode, output_folder):
         """Checks the scene folder (cameras, prompts, renders, bank) at queue time, before any weights load."""
         from ..worldstereo_core.tasks.loop import LoopOptions, validate_scene
 
@@ -130,7 +138,7 @@ class MultiTrajectoryLoop:
         return files.validation_message(check)
 
     @classmethod
-    def IS_CHANGED(cls, scene, **_):
+    def fingerprint_inputs(cls, scene, **_):
         if scene == FROM_IMAGE:
             return ""
         try:
@@ -138,9 +146,10 @@ class MultiTrajectoryLoop:
         except InputError:
             return ""
 
-    @node_errors("WorldStereo Multi-Trajectory Loop")
-    def run(self, model, vae, text_encoder, clip_vision, scene, task, cache_mode, prompt, steps, cfg, shift, seed,
-            output_folder, moge=None, dinov2=None, image=None, panorama_scene=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, model, vae, text_encoder, clip_vision, scene, task, cache_mode, prompt, steps, cfg, shift, seed,
+                output_folder, moge=None, dinov2=None, image=None, panorama_scene=None) -> io.NodeOutput:
         from ..worldstereo_core.geometry.panorama_depth import moge_view_depth_fn
         from ..worldstereo_core.memory.cache import moge_depth_fn
         from ..worldstereo_core.memory.selector import CameraSelector
@@ -189,7 +198,7 @@ class MultiTrajectoryLoop:
         ui = {"text": [f"output/{folder}: {summary}"]}
         if cloud:
             ui["3d"] = [file_entry(result.cloud_glb, "output")]
-        return {"ui": ui, "result": (frames, result.bank, folder, cloud)}
+        return io.NodeOutput(frames, result.bank, folder, cloud, ui=ui)
 
 
 def _plain_name(name: str) -> str:
@@ -245,15 +254,15 @@ class PanoramaSceneFromImage(io.ComfyNode):
                              "Width of the bank views, start frames and warps (the release's 832)."),
                 io.Int.Input("bank_height", default=size.bank_height, min=16, max=16384, step=2, tooltip=
                              "Height of the bank views, start frames and warps (the release's 480)."),
-                DepthType.Input("depth", optional=True, tooltip=
+                types.Socket.DEPTH.Input("depth", optional=True, tooltip=
                                 "Your own equirectangular depth (e.g. Load Depth File): each pixel's distance from "
                                 "the panorama centre, 0 = unknown. Used instead of MoGe."),
-                MoGeType.Input("moge", optional=True, tooltip=
+                types.Socket.MOGE.Input("moge", optional=True, tooltip=
                                "MoGe estimates the panorama's depth (split into views, merged) when no depth is "
                                "connected."),
             ],
             outputs=[
-                PanoramaSceneType.Output(display_name="panorama_scene", tooltip=
+                types.Socket.PANORAMA_SCENE.Output(display_name="panorama_scene", tooltip=
                                          "The scene folder, for the Multi-Trajectory Loop's panorama_scene."),
                 io.Image.Output(display_name="bank_views", tooltip="The 27 perspective views of the memory bank."),
             ],
@@ -296,5 +305,5 @@ class PanoramaSceneFromImage(io.ComfyNode):
 
 NODE_CLASS_MAPPINGS = {"WorldStereoMultiTrajectoryLoop": MultiTrajectoryLoop,
                        "WorldStereoPanoramaSceneFromImage": PanoramaSceneFromImage}
-NODE_DISPLAY_NAME_MAPPINGS = {"WorldStereoMultiTrajectoryLoop": "WorldStereo Multi-Trajectory Loop",
+NODE_DISPLAY_NAME_MAPPINGS = {"WorldStereoMultiTrajectoryLoop": MultiTrajectoryLoop.DISPLAY_NAME,
                               "WorldStereoPanoramaSceneFromImage": PanoramaSceneFromImage.DISPLAY_NAME}

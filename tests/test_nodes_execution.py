@@ -559,7 +559,7 @@ def test_loop_node_resumes_after_interrupt(ws):
     assert frames.shape == (63, 32, 48, 3) and len(bank) == 27 + 3 * 8 and cloud == ""
     scene_out = os.path.join(ws.stub.folder_paths.get_output_directory(), folder)
     assert os.path.isfile(os.path.join(scene_out, "world_mirror_data", "worldstereo-memory", "cameras.json"))
-    validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].VALIDATE_INPUTS
+    validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].validate_inputs
     # the image input with task panorama passes the queue (a panorama_scene may be linked) and fails at run time
     assert validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x") is True
     with pytest.raises(ws.errors.InputError, match="pano_bank/ or a connected panorama_scene"):
