@@ -19,6 +19,7 @@ from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from conftest import REPO, import_pack
 
 import comfy_stub as stub_module
+from comfy_stub import v1_item
 
 stub_module.install()
 from comfy_api.internal import first_real_override  # noqa: E402
@@ -38,12 +39,6 @@ ID_PREFIX = "WorldStereo"
 CATEGORY_PREFIX = "WorldStereo"
 TYPE_NAME = re.compile(r"^[A-Z0-9_]+$|^\*$")
 
-
-def v1_item(item):
-    """An INPUT_TYPES entry with a V3 combo (``("COMBO", {"options": [...]})``) written the V1 way."""
-    if isinstance(item, tuple) and len(item) == 2 and item[0] == "COMBO" and isinstance(item[1], dict):
-        return (list(item[1].get("options") or []), item[1])
-    return item
 
 
 def _input_errors(section: str, name: str, spec) -> list[str]:

@@ -141,7 +141,7 @@ def test_load_depth_file_and_point_map(ws, tmp_path):
     depth[0, 0] = np.nan
     np.save(os.path.join(inp, "d.npy"), depth)
     cls = ws.mappings["WorldStereoLoadDepthFile"]
-    assert "d.npy" in cls.INPUT_TYPES()["required"]["depth_file"][0]
+    assert "d.npy" in comfy_stub_module.v1_input_types(cls)["required"]["depth_file"][0]
     assert cls.VALIDATE_INPUTS(depth_file="nope.npy") != True  # noqa: E712
     stamp = cls.IS_CHANGED(depth_file="d.npy")
     (d, _) = ws.run("WorldStereoLoadDepthFile", depth_file="d.npy", png_scale=1000.0, npz_key="")
@@ -201,7 +201,7 @@ def test_camera_json_anchor_subsample_and_rescale(ws):
     with open(os.path.join(inp, "camera.json"), "w") as fh:
         json.dump(data, fh)
     cls = ws.mappings["WorldStereoCameraJSONLoad"]
-    assert "camera.json" in cls.INPUT_TYPES()["required"]["camera_json"][0]
+    assert "camera.json" in comfy_stub_module.v1_input_types(cls)["required"]["camera_json"][0]
     (traj,) = ws.run("WorldStereoCameraJSONLoad", camera_json="camera.json", frames=21, anchor=True, scale=1.0,
                      file_width=400, file_height=300, point_cloud=scene)
     keep = np.floor(np.linspace(0, 80, 21)).astype(int)
@@ -240,7 +240,7 @@ def test_live_preview_route_for_every_trajectory_node(ws):
     serving = [n for n, c in ws.mappings.items() if hasattr(c, "preview_trajectory")]
     assert len(serving) == 4
     for node_type in serving:
-        spec = ws.mappings[node_type].INPUT_TYPES()["required"]
+        spec = comfy_stub_module.v1_input_types(ws.mappings[node_type])["required"]
         widgets = {k: (v[1]["default"] if len(v) > 1 and "default" in v[1] else v[0][0])
                    for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")}
         if node_type == "WorldStereoCameraJSONLoad":
@@ -282,7 +282,7 @@ def test_load_render_folder_node(ws):
     mask[:, :, :16] = 1.0
     render_folder.save_render_folder(os.path.join(inp, "scene", "traj_a"), rgb, mask, traj)
     cls = ws.mappings["WorldStereoLoadRenderFolder"]
-    assert "scene/traj_a" in cls.INPUT_TYPES()["required"]["render_folder"][0]
+    assert "scene/traj_a" in comfy_stub_module.v1_input_types(cls)["required"]["render_folder"][0]
     image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(7))
     render, holes, loaded = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/traj_a", image=image, frames=5)
     keep = np.floor(np.linspace(0, 8, 5)).astype(int)
@@ -291,7 +291,7 @@ def test_load_render_folder_node(ws):
     np.testing.assert_allclose(render[0].numpy(), np.round(image[0].numpy() * 255) / 255, atol=1 / 255 + 1e-6)
     # the file's mask, frame 0 included (the release clears frame 0 for iterative trajectories only)
     assert float(holes[:, :16].min()) == 1.0 and float(holes[:, 16:].max()) == 0.0
-    assert "lacks render.mp4" in cls.VALIDATE_INPUTS(render_folder="scene")
+    assert "lacks render.mp4" in cls.validate_inputs(render_folder="scene")
     render_folder.save_render_folder(os.path.join(inp, "scene", "reconstruct-1", "traj1"), rgb, mask, traj)
     _, holes, _ = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/reconstruct-1/traj1", image=image,
                          frames=5)
@@ -411,7 +411,7 @@ def test_loader_validation_names_folder_and_file(ws):
     assert ws.mappings["WorldStereoModelLoader"].VALIDATE_INPUTS(model_type="worldstereo-camera",
                                                                  base=FILES["diffusion_models"], download=False) is True
     for cls_name, folder in (("WorldStereoVAELoader", "vae"), ("WorldStereoCLIPVisionLoader", "clip_vision")):
-        choices = ws.mappings[cls_name].INPUT_TYPES()["required"][folder][0]
+        choices = comfy_stub_module.v1_input_types(ws.mappings[cls_name])["required"][folder][0]
         assert FILES[folder] in choices and DIFFUSERS in choices
 
 

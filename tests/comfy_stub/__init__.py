@@ -86,6 +86,19 @@ def is_v3(cls) -> bool:
     return isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal)
 
 
+def v1_item(item):
+    """An INPUT_TYPES entry with a V3 combo (``("COMBO", {"options": [...]})``) written the V1 way."""
+    if isinstance(item, tuple) and len(item) == 2 and item[0] == "COMBO" and isinstance(item[1], dict):
+        return (list(item[1].get("options") or []), item[1])
+    return item
+
+
+def v1_input_types(cls) -> dict:
+    """``cls.INPUT_TYPES()`` (V1, or the V1 view of a V3 schema) with every combo as its list of choices."""
+    return {section: {name: v1_item(item) for name, item in entries.items()}
+            for section, entries in cls.INPUT_TYPES().items()}
+
+
 def execute(cls, hidden: dict | None = None, **inputs) -> tuple[tuple, dict | None]:
     """Run one node as ComfyUI's executor does: ``(outputs, ui)``.
 
