@@ -325,7 +325,7 @@ def test_memory_nodes_never_mutate_and_persist(ws):
                        align_nframe=8)
     assert loaded == bank2
     cls = ws.mappings["WorldStereoMemoryBankCreate"]
-    assert "memory_bank.json" in cls.VALIDATE_INPUTS(source="saved bank (output/)", folder="ws/none")
+    assert "memory_bank.json" in cls.validate_inputs(source="saved bank (output/)", folder="ws/none")
     write_panorama_scene(ws.stub.folder_paths.get_input_directory(), frames=5)
     (pano,) = ws.run("WorldStereoMemoryBankCreate", source="panorama scene folder (input/)", folder=PANORAMA_SCENE,
                      max_reference=8, align_nframe=4)
