@@ -107,7 +107,7 @@ def test_depth_from_image_encodings(ws, encoding):
     np.testing.assert_allclose(depth.depth.double().numpy(), expected.numpy(), rtol=1e-6)
     assert preview.shape == (1, 3, 4, 3) and float(preview.max()) <= 1.0
     cls = ws.mappings["WorldStereoDepthFromImage"]
-    assert cls.VALIDATE_INPUTS(encoding="bright = near (near..far)", near=5.0, far=1.0) != True  # noqa: E712
+    assert cls.validate_inputs(encoding="bright = near (near..far)", near=5.0, far=1.0) != True  # noqa: E712
 
 
 def test_lift_depth_plane(ws):
@@ -142,13 +142,13 @@ def test_load_depth_file_and_point_map(ws, tmp_path):
     np.save(os.path.join(inp, "d.npy"), depth)
     cls = ws.mappings["WorldStereoLoadDepthFile"]
     assert "d.npy" in comfy_stub_module.v1_input_types(cls)["required"]["depth_file"][0]
-    assert cls.VALIDATE_INPUTS(depth_file="nope.npy") != True  # noqa: E712
-    stamp = cls.IS_CHANGED(depth_file="d.npy")
+    assert cls.validate_inputs(depth_file="nope.npy") != True  # noqa: E712
+    stamp = cls.fingerprint_inputs(depth_file="d.npy")
     (d, _) = ws.run("WorldStereoLoadDepthFile", depth_file="d.npy", png_scale=1000.0, npz_key="")
     assert float(d.depth[0, 0]) == 0.0 and float(d.depth[5, 5]) == 3.0
     np.save(os.path.join(inp, "d.npy"), depth * 2)
     os.utime(os.path.join(inp, "d.npy"), ns=(1, 1))
-    assert cls.IS_CHANGED(depth_file="d.npy") != stamp
+    assert cls.fingerprint_inputs(depth_file="d.npy") != stamp
     points = np.stack(list(np.meshgrid(np.linspace(-1, 1, 24), np.linspace(-1, 1, 16))) + [np.full((16, 24), 4.0)], -1)
     np.savez(os.path.join(inp, "p.npz"), points=points.astype(np.float32))
     (scene,) = ws.run("WorldStereoLoadPointMap", image=torch.rand(1, 16, 24, 3), point_map_file="p.npz", fov_deg=50.0,
