@@ -177,7 +177,7 @@ def test_preset_and_json_moves_agree(ws):
     assert np.linalg.norm(centers[-1] - centers[0]) == pytest.approx(0.5 * 2.0 * scene.median_depth, rel=1e-6)
     cls = ws.mappings["WorldStereoTrajectoryFromJSON"]
     for bad in ("", "[1, 2", "{\"foo\": 1}", "[]"):
-        message = cls.VALIDATE_INPUTS(json_text=bad)
+        message = cls.validate_inputs(json_text=bad)
         assert isinstance(message, str) and "json_text" in message
 
 
@@ -214,10 +214,10 @@ def test_camera_json_anchor_subsample_and_rescale(ws):
                                                    [0, 0, 1]], rtol=1e-12)
     (raw,) = ws.run("WorldStereoTrajectoryFromJSON", json_text=json.dumps(data), frames=21, scale=1.0)
     assert len(raw) == 21  # a camera.json object in the JSON widget, anchored on the stand-in camera
-    assert cls.VALIDATE_INPUTS(camera_json="missing.json") != True  # noqa: E712
+    assert cls.validate_inputs(camera_json="missing.json") != True  # noqa: E712
     with open(os.path.join(inp, "bad.json"), "w") as fh:
         fh.write("{\"extrinsic\": [[1]]}")
-    assert "bad.json" in cls.VALIDATE_INPUTS(camera_json="bad.json")
+    assert "bad.json" in cls.validate_inputs(camera_json="bad.json")
 
 
 def test_reconstruction_trajectories_node(ws):
