@@ -403,12 +403,12 @@ def test_bank_save_keeps_a_users_folder(ws):
 # --------------------------------------------------------------------------------------------
 
 def test_loader_validation_names_folder_and_file(ws):
-    message = ws.mappings["WorldStereoVAELoader"].VALIDATE_INPUTS(vae="missing.safetensors", download=False)
+    message = ws.mappings["WorldStereoVAELoader"].validate_inputs(vae="missing.safetensors", download=False)
     assert isinstance(message, str) and "missing.safetensors" in message and "'vae' model folder" in message
-    message = ws.mappings["WorldStereoTextEncoderLoader"].VALIDATE_INPUTS(text_encoder="diffusers/Nope", tokenizer="auto",
+    message = ws.mappings["WorldStereoTextEncoderLoader"].validate_inputs(text_encoder="diffusers/Nope", tokenizer="auto",
                                                                            download=False)
     assert "text_encoder/" in message and "hf download" in message
-    assert ws.mappings["WorldStereoModelLoader"].VALIDATE_INPUTS(model_type="worldstereo-camera",
+    assert ws.mappings["WorldStereoModelLoader"].validate_inputs(model_type="worldstereo-camera",
                                                                  base=FILES["diffusion_models"], download=False) is True
     for cls_name, folder in (("WorldStereoVAELoader", "vae"), ("WorldStereoCLIPVisionLoader", "clip_vision")):
         choices = comfy_stub_module.v1_input_types(ws.mappings[cls_name])["required"][folder][0]
