@@ -27,7 +27,7 @@ from PIL import Image
 from ..worldstereo_core.constants import DEFAULT_SEED
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.wander import WanderOptions
-from ..worldstereo_core.io.atomic import safe_join
+from ..worldstereo_core.io.atomic import plain_name, safe_join
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
 from ..worldstereo_core.tasks.ordering import TASK_TYPES
@@ -201,13 +201,6 @@ class MultiTrajectoryLoop(io.ComfyNode):
         return io.NodeOutput(frames, result.bank, folder, cloud, ui=ui)
 
 
-def _plain_name(name: str) -> str:
-    name = name.strip() if isinstance(name, str) else ""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-        raise InputError(f"name must be a plain folder name, got {name!r}")
-    return name
-
-
 class PanoramaSceneFromImage(io.ComfyNode):
     """One 360-degree image -> a panorama scene folder for the loop (the CLI's ``multi-traj --task
     panorama <image>`` first step): the 27 bank crops, the panorama's depth (yours, or MoGe's split /
@@ -269,9 +262,15 @@ class PanoramaSceneFromImage(io.ComfyNode):
         )
 
     @classmethod
+    def scene_folder(cls, name: str, output_folder: str) -> Path:
+        """``output/<output_folder>/panorama_scenes/<name>`` (contained in the output folder)."""
+        return safe_join(files.output_folder(output_folder, "output_folder"), PANORAMA_SCENES,
+                         plain_name(name.strip()))
+
+    @classmethod
     def validate_inputs(cls, name, output_folder, bank_width, bank_height):
         def check():
-            safe_join(files.output_folder(output_folder, "output_folder"), PANORAMA_SCENES, _plain_name(name))
+            cls.scene_folder(name, output_folder)
             PanoramaSceneOptions(bank_width=bank_width, bank_height=bank_height)
         return files.validation_message(check)
 
@@ -285,7 +284,7 @@ class PanoramaSceneFromImage(io.ComfyNode):
         if depth is None and moge is None:
             raise InputError("connect a depth map (depth) or a MoGe model (moge): the scene's cloud and trajectories "
                              "are read from the panorama's depth")
-        folder = safe_join(files.output_folder(output_folder, "output_folder"), PANORAMA_SCENES, _plain_name(name))
+        folder = cls.scene_folder(name, output_folder)
         options = PanoramaSceneOptions(bank_width=bank_width, bank_height=bank_height, wander=WanderOptions(
             views=views, explorations=explorations, reconstructs=reconstructs, nframe=frames))
         panorama = first_image_uint8(image, "image")
