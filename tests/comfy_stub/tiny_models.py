@@ -56,6 +56,8 @@ FILES = {
 TINY_SCALE_MAP = [[32, 48], [48, 32], [32, 32]]
 PANORAMA_SCENE = "worldstereo_panorama_scene"
 EXAMPLE_IMAGE = "example.png"
+#: Example inputs shipped with the workflows (users copy them into ComfyUI's input/).
+SHIPPED_INPUTS = Path(__file__).resolve().parents[2] / "example_workflows" / "input"
 VAE_BASE_DIM = 4
 SPM_CORPUS = ("a photo of a quiet street with old houses and trees", "the quick brown fox jumps over the lazy dog",
               "a stone bridge over a river in the mountains", "sunlight on a wooden table in a small room")
@@ -293,6 +295,10 @@ def write_panorama_scene(input_dir: str | Path, *, bank_size: tuple[int, int] = 
 
 
 def write_example_inputs(input_dir: str | Path, comfy_dir: Optional[str | Path] = None) -> Path:
+    """What the example workflows load from input/: example.png, the shipped 360-degree example
+    (``example_workflows/input/``) and a small panorama scene folder."""
     write_example_image(input_dir, comfy_dir)
+    for shipped in sorted(SHIPPED_INPUTS.iterdir()):
+        shutil.copyfile(shipped, Path(input_dir) / shipped.name)
     write_panorama_scene(input_dir)
     return Path(input_dir)
