@@ -76,7 +76,8 @@ def test_model_folders_registered(server):
     status, files = server.get("/models/moge")
     assert status == 200 and "moge-2-vitl-normal/model.pt" in files
     info = server.object_info()
-    assert "wan_2.1_vae.safetensors" in info["WorldStereoVAELoader"]["input"]["required"]["vae"][0]
+    kind, options = info["WorldStereoVAELoader"]["input"]["required"]["vae"]
+    assert kind == "COMBO" and "wan_2.1_vae.safetensors" in options["options"]  # a V3 combo
 
 
 def test_web_extension_served(server):
