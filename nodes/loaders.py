@@ -315,8 +315,19 @@ class WorldStereoModelLoader(io.ComfyNode):
         if download:
             return True
 
-        def check():
-            resolve_base(base, resolve_variant(model_type, False), False)
+        def check():  # a missing variant and a missing base file are reported together, not one by one
+            missing = []
+            try:
+                variant = resolve_variant(model_type, False)
+            except MissingWeightsError as err:
+                missing, variant = [str(err)], None
+            if variant is not None or base != AUTO_BASE:  # 'auto' reads the base's name from the variant
+                try:
+                    resolve_base(base, variant, False)
+                except MissingWeightsError as err:
+                    missing.append(str(err))
+            if missing:
+                raise MissingWeightsError("\n".join(missing))
         return files.validation_message(check)
 
     @classmethod

@@ -267,6 +267,17 @@ def test_model_files_and_resolution(comfy_stub, errors, tmp_path):
     assert "huggingface.co" not in str(info.value)  # no source invented for an unknown file
 
 
+def test_model_loader_reports_a_missing_variant_and_base_together(comfy_stub):
+    loaders = _nodes(comfy_stub).loaders
+    hub = _core(comfy_stub, "hub")
+    model_type = _core(comfy_stub, "constants").MODEL_TYPES[0]
+    base = loaders.DEFAULT_FILES["diffusion_models"]
+    message = loaders.WorldStereoModelLoader.validate_inputs(model_type=model_type, base=base, download=False)
+    assert isinstance(message, str)
+    assert f"WorldStereo variant {model_type!r} is not installed" in message  # the variant ...
+    assert hub.COMFY_FILES["diffusion_models", base] in message and repr(base) in message  # ... and the base file
+
+
 def test_missing_comfy_file_names_folder_repository_path_and_size(comfy_stub, errors, tmp_path):
     loaders = _nodes(comfy_stub).loaders
     hub = _core(comfy_stub, "hub")
