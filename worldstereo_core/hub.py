@@ -10,8 +10,9 @@ A models root has the ComfyUI-style layout the nodes use too::
 ComfyUI users keep the Wan2.1 parts as single files in ComfyUI's own folders (``diffusion_models``,
 ``text_encoders``, ``clip_vision``, ``vae``), from :data:`COMFY_WAN_REPO`: :data:`COMFY_FILES`
 says where each file is in that repository and :func:`comfy_file_source` how to get it.
-:data:`FILE_SIZES` holds the download size of every file a user fetches (the public repository
-pages; README's model table says the same), so every missing-file message can state it.
+:data:`FILE_SIZES` holds the download size of every weight file a user fetches (the public
+repository pages; README's model table says the same, a test checks), so every missing-file
+message can state it.
 
 :func:`fetch_files` is the one download routine: files already present are used as they are; a
 missing file is fetched with ``huggingface_hub.hf_hub_download(local_dir=...)`` only when
@@ -110,7 +111,7 @@ def download_command(repo_id: str, local_dir: str | os.PathLike, files: Sequence
 
 
 def download_size(repo_id: str, paths: Iterable[str]) -> str:
-    """" (<size>)" of the weights among ``paths`` of ``repo_id`` when :data:`FILE_SIZES` knows it, else ""."""
+    """``" (<size>)"`` of the weights among ``paths`` of ``repo_id`` when :data:`FILE_SIZES` knows it, else ``""``."""
     sizes = [FILE_SIZES[repo_id, p] for p in paths if (repo_id, p) in FILE_SIZES]
     return f" ({sizes[0]})" if sizes else ""
 
