@@ -6,6 +6,8 @@ Each export returns its path relative to ``output/`` as a STRING (wire it into P
 """
 from __future__ import annotations
 
+from comfy_api.latest import io
+
 from ..worldstereo_core.cameras import invert_rigid
 from ..worldstereo_core.constants import FPS
 from ..worldstereo_core.errors import InputError
@@ -20,54 +22,59 @@ POINT_CLOUD_FORMATS = ("glb", "ply")
 WORLD_UP = ("-y", "+z")
 
 
-class SaveVideo:
-    DESCRIPTION = "Save an IMAGE batch as an H.264 MP4 in the output folder and play it under the node."
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("video_path",)
+class SaveVideo(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Save Video"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "WorldStereo/video"}),
-            "fps": ("INT", {"default": FPS, "min": 1, "max": 120, "tooltip": "WorldStereo clips play at 16 fps."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoSaveVideo", display_name=cls.DISPLAY_NAME, category=CATEGORY, is_output_node=True,
+            description="Save an IMAGE batch as an H.264 MP4 in the output folder and play it under the node.",
+            inputs=[
+                io.Image.Input("images", tooltip="The frames, in order."),
+                io.String.Input("filename_prefix", default="WorldStereo/video", tooltip=
+                                "File name prefix inside the output folder (sub-folders allowed)."),
+                io.Int.Input("fps", default=FPS, min=1, max=120, tooltip="WorldStereo clips play at 16 fps."),
+            ],
+            outputs=[io.String.Output(display_name="video_path", tooltip="The MP4, relative to the output folder.")],
+        )
 
-    @node_errors("WorldStereo Save Video")
-    def save(self, images, filename_prefix, fps):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, images, filename_prefix, fps) -> io.NodeOutput:
         entry = save_video(images, filename_prefix, kind="output", fps=fps)
         rel = f"{entry['subfolder']}/{entry['filename']}" if entry["subfolder"] else entry["filename"]
-        return {"ui": {"images": [entry], "animated": (True,)}, "result": (rel,)}
+        return io.NodeOutput(rel, ui={"images": [entry], "animated": (True,)})
 
 
-class SavePointCloud:
-    DESCRIPTION = ("Save the scene's point cloud as GLB (with the cameras as lines, viewable in Preview3D) or "
-                   "PLY (binary, float xyz + uchar rgb) in the output folder.")
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("model_file",)
-    OUTPUT_TOOLTIPS = ("Path relative to the output folder; connect it to Preview3D's model_file.",)
+class SavePointCloud(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Save Point Cloud (PLY/GLB)"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "point_cloud": (types.POINT_CLOUD,),
-                "filename_prefix": ("STRING", {"default": "WorldStereo/cloud"}),
-                "format": (list(POINT_CLOUD_FORMATS), {"default": "glb"}),
-                "world_up": (list(WORLD_UP), {"default": "-y", "tooltip":
-                             "Which world axis is up (GLB only): -y for image-based scenes, +z for panoramas."}),
-            },
-            "optional": {"trajectory": (types.TRAJECTORY, {"tooltip": "Cameras drawn into the GLB as frustums."})},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoSavePointCloud", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            is_output_node=True,
+            description=("Save the scene's point cloud as GLB (with the cameras as lines, viewable in Preview3D) or "
+                         "PLY (binary, float xyz + uchar rgb) in the output folder."),
+            inputs=[
+                types.Socket.POINT_CLOUD.Input("point_cloud", tooltip="The scene's point cloud (Lift Depth)."),
+                io.String.Input("filename_prefix", default="WorldStereo/cloud", tooltip=
+                                "File name prefix inside the output folder (sub-folders allowed)."),
+                io.Combo.Input("format", options=list(POINT_CLOUD_FORMATS), default="glb", tooltip=
+                               "glb: viewable in Preview3D, with the cameras; ply: the points only."),
+                io.Combo.Input("world_up", options=list(WORLD_UP), default="-y", tooltip=
+                               "Which world axis is up (GLB only): -y for image-based scenes, +z for panoramas."),
+                types.Socket.TRAJECTORY.Input("trajectory", optional=True, tooltip=
+                                              "Cameras drawn into the GLB as frustums."),
+            ],
+            outputs=[io.String.Output(display_name="model_file", tooltip=
+                                      "Path relative to the output folder; connect it to Preview3D's model_file.")],
+        )
 
-    @node_errors("WorldStereo Save Point Cloud")
-    def save(self, point_cloud, filename_prefix, format, world_up, trajectory=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, point_cloud, filename_prefix, format, world_up, trajectory=None) -> io.NodeOutput:
         if format not in POINT_CLOUD_FORMATS:
             raise InputError(f"format must be one of {POINT_CLOUD_FORMATS}, got {format!r}")
         cloud = point_cloud.cloud
@@ -84,34 +91,37 @@ class SavePointCloud:
             segments = camera_frustum_segments(invert_rigid(w2c), K, width, height, 0.1 * point_cloud.median_depth)
             write_glb(path, cloud, frustum_segments=segments, world_up=world_up)
         rel = relative_to_base(path, "output")
-        return {"ui": {"3d": [file_entry(path, "output")], "result": [rel, None]}, "result": (rel,)}
+        return io.NodeOutput(rel, ui={"3d": [file_entry(path, "output")], "result": [rel, None]})
 
 
-class ExportWorldMirror:
-    DESCRIPTION = ("Write the memory bank as a WorldMirror (HY-World 2.0) input folder: images/, cameras.json "
-                   "(c2w extrinsics, pixel intrinsics) and name_map.json, for 3D reconstruction.")
-    CATEGORY = CATEGORY
-    FUNCTION = "export"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("folder",)
+class ExportWorldMirror(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Export WorldMirror Folder"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "memory_bank": (types.MEMORY_BANK,),
-            "folder_prefix": ("STRING", {"default": "WorldStereo/worldmirror"}),
-            "scene": ("STRING", {"default": "scene", "tooltip": "Scene name used in name_map.json."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoExportWorldMirror", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            is_output_node=True,
+            description=("Write the memory bank as a WorldMirror (HY-World 2.0) input folder: images/, cameras.json "
+                         "(c2w extrinsics, pixel intrinsics) and name_map.json, for 3D reconstruction."),
+            inputs=[
+                types.Socket.MEMORY_BANK.Input("memory_bank", tooltip="The bank of generated frames and cameras."),
+                io.String.Input("folder_prefix", default="WorldStereo/worldmirror", tooltip=
+                                "Folder name prefix inside the output folder; a new numbered folder each run."),
+                io.String.Input("scene", default="scene", tooltip="Scene name used in name_map.json."),
+            ],
+            outputs=[io.String.Output(display_name="folder", tooltip="The folder, relative to the output folder.")],
+        )
 
-    @node_errors("WorldStereo Export WorldMirror")
-    def export(self, memory_bank, folder_prefix, scene):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, memory_bank, folder_prefix, scene) -> io.NodeOutput:
         if len(memory_bank) == 0:
             raise InputError("memory_bank is empty; add generated clips first")
         folder = next_folder(folder_prefix, "output")
         export_worldmirror(memory_bank, folder, scene.strip() or "scene", progress=comfy_progress(len(memory_bank)))
         rel = relative_to_base(folder, "output")
-        return {"ui": {"text": [f"output/{rel}: {len(memory_bank)} cameras"]}, "result": (rel,)}
+        return io.NodeOutput(rel, ui={"text": [f"output/{rel}: {len(memory_bank)} cameras"]})
 
 
 NODE_CLASS_MAPPINGS = {
@@ -119,8 +129,4 @@ NODE_CLASS_MAPPINGS = {
     "WorldStereoSavePointCloud": SavePointCloud,
     "WorldStereoExportWorldMirror": ExportWorldMirror,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoSaveVideo": "WorldStereo Save Video",
-    "WorldStereoSavePointCloud": "WorldStereo Save Point Cloud (PLY/GLB)",
-    "WorldStereoExportWorldMirror": "WorldStereo Export WorldMirror Folder",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

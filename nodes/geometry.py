@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import intrinsics_from_fov, invert_rigid, scale_intrinsics
 from ..worldstereo_core.constants import DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, SOBEL_EDGE_THRESHOLD
@@ -88,45 +89,53 @@ def make_scene(image: np.ndarray, depth: types.Depth, fov_deg: float, sobel_thre
                        median_depth=median_depth(d, mask), image=image, label=label or depth.source)
 
 
-class ResizeToBucket:
-    DESCRIPTION = ("Resize an image to the working size the model was trained on: the bucket of the "
-                   "variant's scale_map (default 480x768 family) closest in aspect ratio.")
-    CATEGORY = CATEGORY
-    FUNCTION = "resize"
-    RETURN_TYPES = ("IMAGE", "INT", "INT")
-    RETURN_NAMES = ("image", "width", "height")
+class ResizeToBucket(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Resize To Bucket"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE", {"tooltip": "Start image (the first frame of a batch is used)."})},
-                "optional": {"model": (types.MODEL, {"tooltip": "Use this variant's scale_map buckets."})}}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoResizeToBucket", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Resize an image to the working size the model was trained on: the bucket of the "
+                         "variant's scale_map (default 480x768 family) closest in aspect ratio."),
+            inputs=[io.Image.Input("image", tooltip="Start image (the first frame of a batch is used)."),
+                    types.Socket.MODEL.Input("model", optional=True, tooltip="Use this variant's scale_map buckets.")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The image at the working size."),
+                     io.Int.Output(display_name="width", tooltip="Working width."),
+                     io.Int.Output(display_name="height", tooltip="Working height.")],
+        )
 
-    @node_errors("WorldStereo Resize To Bucket")
-    def resize(self, image, model=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, image, model=None) -> io.NodeOutput:
         rgb = first_image_uint8(image, "image")
         scale_map = getattr(getattr(model, "config", None), "scale_map", None) or DEFAULT_SCALE_MAP
         height, width = assign_scale(rgb.shape[0], rgb.shape[1], scale_map)
-        return (uint8_to_image(resize_bicubic(rgb, (height, width))), width, height)
+        return io.NodeOutput(uint8_to_image(resize_bicubic(rgb, (height, width))), width, height)
 
 
-class MoGeDepth:
-    DESCRIPTION = "Metric depth, validity mask and camera intrinsics of one image with MoGe-2."
-    CATEGORY = CATEGORY
-    FUNCTION = "estimate"
-    RETURN_TYPES = (types.DEPTH, "IMAGE", "MASK")
-    RETURN_NAMES = ("depth", "depth_preview", "valid_mask")
+class MoGeDepth(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo MoGe Depth"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "moge": (types.MOGE,),
-            "image": ("IMAGE", {"tooltip": "Start image at the working size (first frame of a batch)."}),
-            "resolution_level": ("INT", {"default": 9, "min": 0, "max": 9,
-                                         "tooltip": "MoGe token budget: 9 = finest (reference setting)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoMoGeDepth", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description="Metric depth, validity mask and camera intrinsics of one image with MoGe-2.",
+            inputs=[
+                types.Socket.MOGE.Input("moge", tooltip="The MoGe model (MoGe Loader)."),
+                io.Image.Input("image", tooltip="Start image at the working size (first frame of a batch)."),
+                io.Int.Input("resolution_level", default=9, min=0, max=9, tooltip=
+                             "MoGe token budget: 9 = finest (reference setting)."),
+            ],
+            outputs=[types.Socket.DEPTH.Output(display_name="depth", tooltip="Depth with MoGe's intrinsics."),
+                     io.Image.Output(display_name="depth_preview", tooltip="Near = bright, invalid = black."),
+                     io.Mask.Output(display_name="valid_mask", tooltip="1 where MoGe gives a depth.")],
+        )
 
-    @node_errors("WorldStereo MoGe Depth")
-    def estimate(self, moge, image, resolution_level):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, moge, image, resolution_level) -> io.NodeOutput:
         from ..worldstereo_core.geometry.moge import estimate_depth
 
         rgb = first_image_uint8(image, "image")
@@ -135,43 +144,45 @@ class MoGeDepth:
         h, w = rgb.shape[:2]
         K = scale_intrinsics(out["intrinsics_normalised"].double(), (1, 1), (h, w))
         depth = types.Depth(out["depth"].cpu(), out["mask"].cpu(), K, source="MoGe")
-        return (depth, depth_preview(depth.depth), out["mask"].float().cpu()[None])
+        return io.NodeOutput(depth, depth_preview(depth.depth), out["mask"].float().cpu()[None])
 
 
-class DepthFromImage:
-    DESCRIPTION = ("Bring your own depth: turn a depth IMAGE (e.g. from another depth model) or a MASK "
-                   "holding depth values into a WorldStereo depth map.")
-    CATEGORY = CATEGORY
-    FUNCTION = "convert"
-    RETURN_TYPES = (types.DEPTH, "IMAGE")
-    RETURN_NAMES = ("depth", "depth_preview")
+class DepthFromImage(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Depth From Image"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "encoding": (list(DEPTH_ENCODINGS), {"default": DEPTH_ENCODINGS[0], "tooltip":
-                             "How pixel values (0..1) map to depth. 'value x scale' keeps 0 as invalid."}),
-                "scale": ("FLOAT", {"default": 1.0, "min": 1e-6, "max": 1e6, "step": 0.01,
-                                    "tooltip": "Depth per unit value (encoding 'depth = value x scale')."}),
-                "near": ("FLOAT", {"default": 0.5, "min": 1e-6, "max": 1e6, "step": 0.01}),
-                "far": ("FLOAT", {"default": 10.0, "min": 1e-6, "max": 1e6, "step": 0.01}),
-            },
-            "optional": {
-                "depth_image": ("IMAGE", {"tooltip": "Depth as an image (its first channel is used)."}),
-                "depth_mask": ("MASK", {"tooltip": "Depth values as a MASK (used when no depth_image)."}),
-                "valid_mask": ("MASK", {"tooltip": "1 = keep the pixel, 0 = no depth there."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoDepthFromImage", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Bring your own depth: turn a depth IMAGE (e.g. from another depth model) or a MASK "
+                         "holding depth values into a WorldStereo depth map."),
+            inputs=[
+                io.Combo.Input("encoding", options=list(DEPTH_ENCODINGS), default=DEPTH_ENCODINGS[0], tooltip=
+                               "How pixel values (0..1) map to depth. 'value x scale' keeps 0 as invalid."),
+                io.Float.Input("scale", default=1.0, min=1e-6, max=1e6, step=0.01, tooltip=
+                               "Depth per unit value (encoding 'depth = value x scale')."),
+                io.Float.Input("near", default=0.5, min=1e-6, max=1e6, step=0.01, tooltip=
+                               "Depth of the nearest value (the near..far encodings)."),
+                io.Float.Input("far", default=10.0, min=1e-6, max=1e6, step=0.01, tooltip=
+                               "Depth of the farthest value (the near..far encodings)."),
+                io.Image.Input("depth_image", optional=True, tooltip="Depth as an image (its first channel is used)."),
+                io.Mask.Input("depth_mask", optional=True, tooltip="Depth values as a MASK (used when no depth_image)."),
+                io.Mask.Input("valid_mask", optional=True, tooltip="1 = keep the pixel, 0 = no depth there."),
+            ],
+            outputs=[types.Socket.DEPTH.Output(display_name="depth", tooltip="The depth map."),
+                     io.Image.Output(display_name="depth_preview", tooltip="Near = bright, invalid = black.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, encoding, near, far):
+    def validate_inputs(cls, encoding, near, far):
         if encoding != DEPTH_ENCODINGS[0] and not near < far:
             return f"near ({near}) must be smaller than far ({far})"
         return True
 
-    @node_errors("WorldStereo Depth From Image")
-    def convert(self, encoding, scale, near, far, depth_image=None, depth_mask=None, valid_mask=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, encoding, scale, near, far, depth_image=None, depth_mask=None,
+                valid_mask=None) -> io.NodeOutput:
         if depth_image is not None:
             values = image_to_frames(depth_image, "depth_image")[0, 0].add(1.0).mul(0.5)
         elif depth_mask is not None:
@@ -186,7 +197,7 @@ class DepthFromImage:
                 raise InputError(f"valid_mask is {tuple(mask.shape)} but the depth is {tuple(depth.shape)}")
             depth = torch.where(mask, depth, torch.zeros_like(depth))
         out = types.Depth(depth, mask, None, source="depth image")
-        return (out, depth_preview(depth))
+        return io.NodeOutput(out, depth_preview(depth))
 
 
 def depth_from_values(values: torch.Tensor, encoding: str, scale: float, near: float, far: float) -> torch.Tensor:
@@ -203,102 +214,113 @@ def depth_from_values(values: torch.Tensor, encoding: str, scale: float, near: f
     raise InputError(f"encoding must be one of {DEPTH_ENCODINGS}, got {encoding!r}")
 
 
-class LoadDepthFile:
-    DESCRIPTION = "Load a depth map from input/: .npy / .npz (key 'depth') or a 16-bit PNG (millimetres)."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.DEPTH, "IMAGE")
-    RETURN_NAMES = ("depth", "depth_preview")
+class LoadDepthFile(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Load Depth File"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "depth_file": (files.input_files(DEPTH_FILE_EXTENSIONS), {"tooltip": "A file in ComfyUI's input folder."}),
-            "png_scale": ("FLOAT", {"default": PNG_DEPTH_SCALE, "min": 1e-6, "max": 1e9,
-                                    "tooltip": "PNG value / png_scale = depth (1000: millimetres)."}),
-            "npz_key": ("STRING", {"default": "", "tooltip": "Array name in an .npz (empty: 'depth' or the only one)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoLoadDepthFile", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description="Load a depth map from input/: .npy / .npz (key 'depth') or a 16-bit PNG (millimetres).",
+            inputs=[
+                io.Combo.Input("depth_file", options=files.input_files(DEPTH_FILE_EXTENSIONS), tooltip=
+                               "A file in ComfyUI's input folder."),
+                io.Float.Input("png_scale", default=PNG_DEPTH_SCALE, min=1e-6, max=1e9, tooltip=
+                               "PNG value / png_scale = depth (1000: millimetres)."),
+                io.String.Input("npz_key", default="", tooltip="Array name in an .npz (empty: 'depth' or the only one)."),
+            ],
+            outputs=[types.Socket.DEPTH.Output(display_name="depth", tooltip="The depth map (0 = unknown)."),
+                     io.Image.Output(display_name="depth_preview", tooltip="Near = bright, invalid = black.")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, depth_file, **_):
+    def fingerprint_inputs(cls, depth_file, **_):
         try:
             return files.fingerprint(files.input_path(depth_file, "depth_file"))
         except InputError:
             return ""
 
     @classmethod
-    def VALIDATE_INPUTS(cls, depth_file):
+    def validate_inputs(cls, depth_file):
         return files.validation_message(files.input_path, depth_file, "depth_file")
 
-    @node_errors("WorldStereo Load Depth File")
-    def load(self, depth_file, png_scale, npz_key):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, depth_file, png_scale, npz_key) -> io.NodeOutput:
         path = files.input_path(depth_file, "depth_file")
         depth = load_depth_map(path, key=npz_key or None, png_scale=png_scale)
         depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
-        return (types.Depth(depth, None, None, source=path.name), depth_preview(depth))
+        return io.NodeOutput(types.Depth(depth, None, None, source=path.name), depth_preview(depth))
 
 
-class LiftDepth:
-    DESCRIPTION = ("Lift a depth map to a coloured point cloud seen from the start camera (identity pose): "
-                   "far depths contracted, depth edges dropped, as the reference does.")
-    CATEGORY = CATEGORY
-    FUNCTION = "lift"
-    RETURN_TYPES = (types.POINT_CLOUD,)
-    RETURN_NAMES = ("point_cloud",)
+class LiftDepth(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Lift Depth To Point Cloud"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "Start image at the working size; gives the colours."}),
-            "depth": (types.DEPTH,),
-            "fov_deg": ("FLOAT", {"default": DEFAULT_FOV, "min": 1.0, "max": 179.0, "step": 0.5, "tooltip":
-                                  "Horizontal field of view, used only when the depth has no intrinsics (MoGe has)."}),
-            "sobel_threshold": ("FLOAT", {"default": SOBEL_EDGE_THRESHOLD, "min": 0.0, "max": 10.0, "step": 0.01,
-                                          "tooltip": "Depth-edge threshold on the disparity gradient."}),
-            "contract": ("FLOAT", {"default": DEPTH_CONTRACT_FACTOR, "min": 0.0, "max": 1000.0, "step": 0.5,
-                                   "tooltip": "Contract depths beyond this multiple of the median (0 = off)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoLiftDepth", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Lift a depth map to a coloured point cloud seen from the start camera (identity pose): "
+                         "far depths contracted, depth edges dropped, as the reference does."),
+            inputs=[
+                io.Image.Input("image", tooltip="Start image at the working size; gives the colours."),
+                types.Socket.DEPTH.Input("depth", tooltip="The start image's depth (MoGe Depth, Load Depth File ...)."),
+                io.Float.Input("fov_deg", default=DEFAULT_FOV, min=1.0, max=179.0, step=0.5, tooltip=
+                               "Horizontal field of view, used only when the depth has no intrinsics (MoGe has)."),
+                io.Float.Input("sobel_threshold", default=SOBEL_EDGE_THRESHOLD, min=0.0, max=10.0, step=0.01, tooltip=
+                               "Depth-edge threshold on the disparity gradient."),
+                io.Float.Input("contract", default=DEPTH_CONTRACT_FACTOR, min=0.0, max=1000.0, step=0.5, tooltip=
+                               "Contract depths beyond this multiple of the median (0 = off)."),
+            ],
+            outputs=[types.Socket.POINT_CLOUD.Output(display_name="point_cloud", tooltip=
+                                                     "The cloud with the start camera and the scene scale.")],
+        )
 
-    @node_errors("WorldStereo Lift Depth")
-    def lift(self, image, depth, fov_deg, sobel_threshold, contract):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, image, depth, fov_deg, sobel_threshold, contract) -> io.NodeOutput:
         rgb = first_image_uint8(image, "image")
         scene = make_scene(rgb, depth, fov_deg, sobel_threshold, contract)
         ui = {"3d": [save_preview_cloud(scene)],
               "text": [f"{len(scene.cloud)} points, scene scale m = {scene.median_depth:.3f}"]}
-        return {"ui": ui, "result": (scene,)}
+        return io.NodeOutput(scene, ui=ui)
 
 
-class LoadPointMap:
-    DESCRIPTION = ("Bring your own geometry: a per-pixel point map (H, W, 3) from input/ (.npy / .npz) in "
-                   "the start camera's frame (OpenCV axes) or in world coordinates.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.POINT_CLOUD,)
-    RETURN_NAMES = ("point_cloud",)
+class LoadPointMap(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Load Point Map"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "Start image; gives the colours (resized to the map when needed)."}),
-            "point_map_file": (files.input_files(POINT_MAP_EXTENSIONS),),
-            "fov_deg": ("FLOAT", {"default": DEFAULT_FOV, "min": 1.0, "max": 179.0, "step": 0.5,
-                                  "tooltip": "Horizontal field of view of the start camera."}),
-            "npz_key": ("STRING", {"default": ""}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoLoadPointMap", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Bring your own geometry: a per-pixel point map (H, W, 3) from input/ (.npy / .npz) in "
+                         "the start camera's frame (OpenCV axes) or in world coordinates."),
+            inputs=[
+                io.Image.Input("image", tooltip="Start image; gives the colours (resized to the map when needed)."),
+                io.Combo.Input("point_map_file", options=files.input_files(POINT_MAP_EXTENSIONS), tooltip=
+                               "An (H, W, 3) .npy / .npz file in ComfyUI's input folder."),
+                io.Float.Input("fov_deg", default=DEFAULT_FOV, min=1.0, max=179.0, step=0.5, tooltip=
+                               "Horizontal field of view of the start camera."),
+                io.String.Input("npz_key", default="", tooltip="Array name in an .npz (empty: the only one)."),
+            ],
+            outputs=[types.Socket.POINT_CLOUD.Output(display_name="point_cloud", tooltip=
+                                                     "The cloud with the start camera and the scene scale.")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, point_map_file, **_):
+    def fingerprint_inputs(cls, point_map_file, **_):
         try:
             return files.fingerprint(files.input_path(point_map_file, "point_map_file"))
         except InputError:
             return ""
 
     @classmethod
-    def VALIDATE_INPUTS(cls, point_map_file):
+    def validate_inputs(cls, point_map_file):
         return files.validation_message(files.input_path, point_map_file, "point_map_file")
 
-    @node_errors("WorldStereo Load Point Map")
-    def load(self, image, point_map_file, fov_deg, npz_key):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, image, point_map_file, fov_deg, npz_key) -> io.NodeOutput:
         points = load_point_map(files.input_path(point_map_file, "point_map_file"), key=npz_key or None)
         height, width = points.shape[:2]
         rgb = first_image_uint8(image, "image")
@@ -310,7 +332,7 @@ class LoadPointMap:
         scene = types.Scene(cloud=cloud, K=intrinsics_from_fov(width, height, fov_deg),
                             w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
                             median_depth=m, image=rgb, label=point_map_file)
-        return (scene,)
+        return io.NodeOutput(scene)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -321,11 +343,4 @@ NODE_CLASS_MAPPINGS = {
     "WorldStereoLiftDepth": LiftDepth,
     "WorldStereoLoadPointMap": LoadPointMap,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoResizeToBucket": "WorldStereo Resize To Bucket",
-    "WorldStereoMoGeDepth": "WorldStereo MoGe Depth",
-    "WorldStereoDepthFromImage": "WorldStereo Depth From Image",
-    "WorldStereoLoadDepthFile": "WorldStereo Load Depth File",
-    "WorldStereoLiftDepth": "WorldStereo Lift Depth To Point Cloud",
-    "WorldStereoLoadPointMap": "WorldStereo Load Point Map",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

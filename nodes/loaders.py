@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core import hub
 from ..worldstereo_core.constants import HF_REPO_ID, MODEL_TYPES
@@ -94,9 +95,11 @@ def resolve_model_file(folder: str, name: str) -> Path:
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         roots = ", ".join(str(r) for r in folder_roots(folder))
+        source = hub.comfy_file_source(folder, name)
         raise MissingWeightsError(
             f"model file {name!r} was not found in the {folder!r} model folder ({roots}); "
-            "put it there (or add a path in extra_model_paths.yaml) and refresh the node list"
+            + (f"{source} and put it there" if source else "put it there")
+            + " (or add a path in extra_model_paths.yaml) and refresh the node list"
         )
     return Path(path)
 
@@ -114,9 +117,11 @@ def resolve_worldstereo_variant(model_type: str) -> Path:
     found = worldstereo_variants().get(model_type)
     if found is None:
         target = folder_roots(WORLDSTEREO_FOLDER)[0] / model_type
+        size = hub.download_size(HF_REPO_ID, [f"{model_type}/model.safetensors"])
         raise MissingWeightsError(
-            f"WorldStereo variant {model_type!r} is not installed: put {' and '.join(VARIANT_FILES)} "
-            f"from https://huggingface.co/{HF_REPO_ID}/tree/main/{model_type} into {target}"
+            f"WorldStereo variant {model_type!r} is not installed: put {' and '.join(VARIANT_FILES)}{size} "
+            f"from https://huggingface.co/{HF_REPO_ID}/tree/main/{model_type} into {target}, or set the "
+            "loader's download to true to fetch them"
         )
     return found
 
@@ -253,9 +258,12 @@ def resolve_base(base: str, variant: Path, download: bool) -> Path | None:
             if (root / name / "transformer" / "config.json").is_file():
                 return root / name
         if not download:
+            single = DEFAULT_FILES["diffusion_models"]
             raise MissingWeightsError(
                 f"the variant's base model {repo!r} is not in models/diffusers/{name}; choose a Wan2.1-I2V-14B "
-                "file from diffusion_models as base, or enable download")
+                f"file from diffusion_models as base (e.g. {single}: "
+                f"{hub.comfy_file_source('diffusion_models', single)}), or set download to true to fetch "
+                f"{repo} into models/diffusers/{name}")
         return hub.ensure_wan_base(folder_paths.models_dir, repo, parts=list(hub.WAN_BASE_PARTS), download=True,
                                    progress=comfy_progress(1))
     if base.startswith(DIFFUSERS_PREFIX):
@@ -263,54 +271,68 @@ def resolve_base(base: str, variant: Path, download: bool) -> Path | None:
     return resolve_model_file("diffusion_models", base)
 
 
-class WorldStereoModelLoader:
-    DESCRIPTION = ("Load a WorldStereo variant (camera / memory / memory-dmd) from models/worldstereo/<model-type> "
-                   "on top of a Wan2.1-I2V-14B base transformer (a diffusion_models file or a diffusers repo).")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.MODEL,)
-    RETURN_NAMES = ("model",)
+class WorldStereoModelLoader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Model Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from ..worldstereo_core.runtime.attention import BACKENDS
         from ..worldstereo_core.runtime.fp8 import FP8_MODES
 
-        return {
-            "required": {
-                "model_type": (list(MODEL_TYPES), {"default": MODEL_TYPES[0]}),
-                "base": (base_choices(), {"default": AUTO_BASE, "tooltip":
-                         "Wan2.1-I2V-14B transformer the variant builds on. auto: models/diffusers/<base_model of "
-                         "the variant config>."}),
-                "dtype": (list(DTYPES), {"default": "auto",
-                                         "tooltip": "auto: bf16 on GPUs that have it, else fp16 / fp32."}),
-                "download": ("BOOLEAN", {"default": False, "tooltip": f"Fetch missing files from {HF_REPO_ID} "
-                                         "(and the Wan base for 'auto') into ComfyUI's models folder."}),
-            },
-            "optional": {
-                "block_swap": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
-                               "Keep at most this many transformer blocks on the GPU and stream the others from "
-                               "CPU memory (0 = all on the GPU). 24 GB cards: 20 with fp8."}),
-                "fp8": (["off", *FP8_MODES], {"default": "off", "tooltip":
-                        "Store the blocks' linear weights as float8 (about half the memory of bf16)."}),
-                "attention": (["auto", *BACKENDS], {"default": "auto", "tooltip":
-                              "Attention kernel: auto = SageAttention / flash-attn when installed, else PyTorch SDPA."}),
-            },
-        }
+        return io.Schema(
+            node_id="WorldStereoModelLoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Load a WorldStereo variant (camera / memory / memory-dmd) from "
+                         "models/worldstereo/<model-type> on top of a Wan2.1-I2V-14B base transformer (a "
+                         "diffusion_models file or a diffusers repo)."),
+            inputs=[
+                io.Combo.Input("model_type", options=list(MODEL_TYPES), default=MODEL_TYPES[0], tooltip=
+                               "camera: camera control; memory: multi-trajectory with memory; memory-dmd: its "
+                               "4-step distilled form."),
+                io.Combo.Input("base", options=base_choices(), default=AUTO_BASE, tooltip=
+                               "Wan2.1-I2V-14B transformer the variant builds on. auto: models/diffusers/<base_model "
+                               "of the variant config>."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip=
+                               "auto: bf16 on GPUs that have it, else fp16 / fp32."),
+                io.Boolean.Input("download", default=False, tooltip=
+                                 f"Fetch missing files from {HF_REPO_ID} (and the Wan base for 'auto') into "
+                                 "ComfyUI's models folder."),
+                io.Int.Input("block_swap", default=0, min=0, max=1000, optional=True, tooltip=
+                             "Keep at most this many transformer blocks on the GPU and stream the others from CPU "
+                             "memory (0 = all on the GPU). 24 GB cards: 20 with fp8."),
+                io.Combo.Input("fp8", options=["off", *FP8_MODES], default="off", optional=True, tooltip=
+                               "Store the blocks' linear weights as float8 (about half the memory of bf16)."),
+                io.Combo.Input("attention", options=["auto", *BACKENDS], default="auto", optional=True, tooltip=
+                               "Attention kernel: auto = SageAttention / flash-attn when installed, else PyTorch "
+                               "SDPA."),
+            ],
+            outputs=[types.Socket.MODEL.Output(display_name="model", tooltip="The WorldStereo transformer.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_type, base, download):
+    def validate_inputs(cls, model_type, base, download):
         if model_type not in MODEL_TYPES:
             return f"model_type must be one of {list(MODEL_TYPES)}"
         if download:
             return True
 
-        def check():
-            resolve_base(base, resolve_variant(model_type, False), False)
+        def check():  # a missing variant and a missing base file are reported together, not one by one
+            missing = []
+            try:
+                variant = resolve_variant(model_type, False)
+            except MissingWeightsError as err:
+                missing, variant = [str(err)], None
+            if variant is not None or base != AUTO_BASE:  # 'auto' reads the base's name from the variant
+                try:
+                    resolve_base(base, variant, False)
+                except MissingWeightsError as err:
+                    missing.append(str(err))
+            if missing:
+                raise MissingWeightsError("\n".join(missing))
         return files.validation_message(check)
 
-    @node_errors("WorldStereo Model Loader")
-    def load(self, model_type, base, dtype, download, block_swap=0, fp8="off", attention="auto"):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, model_type, base, dtype, download, block_swap=0, fp8="off", attention="auto") -> io.NodeOutput:
         from ..worldstereo_core.models import load_worldstereo_config, load_worldstereo_transformer
         from ..worldstereo_core.pipelines.components import load_scheduler_config
         from ..worldstereo_core.runtime.options import RuntimeOptions, apply_runtime
@@ -332,7 +354,7 @@ class WorldStereoModelLoader:
                 scheduler = load_scheduler_config(base_path)
             return types.ModelBundle(transformer, config, str(variant), str(base_path or ""), scheduler)
 
-        return (MODEL_CACHE.get_or_load(key, load),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(key, load))
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,36 +370,37 @@ def resolve_component(folder: str, choice: str, download: bool = False) -> Path:
     return resolve_model_file(folder, choice)
 
 
-class VAELoader:
-    DESCRIPTION = "The Wan2.1 VAE: models/vae/wan_2.1_vae.safetensors (ComfyUI's file) or a diffusers repo's vae/."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.VAE,)
-    RETURN_NAMES = ("vae",)
+class VAELoader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo VAE Loader (Wan2.1)"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": (component_choices("vae"),),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: the GPU's half precision (the "
-                                                                       "reference), fp32 on CPU."}),
-                "download": ("BOOLEAN", {"default": False, "tooltip": "For diffusers/<repo>: fetch a missing vae/."}),
-            },
-            "optional": {
-                "tiling": ("BOOLEAN", {"default": False, "tooltip": "Encode/decode in overlapping 256 px tiles: less "
-                                                                    "memory at large sizes, tiny seams possible."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoVAELoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("The Wan2.1 VAE: models/vae/wan_2.1_vae.safetensors (ComfyUI's file) or a diffusers "
+                         "repo's vae/."),
+            inputs=[
+                io.Combo.Input("vae", options=component_choices("vae"), tooltip=
+                               "A models/vae file or diffusers/<repo> (its vae/)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip=
+                               "auto: the GPU's half precision (the reference), fp32 on CPU."),
+                io.Boolean.Input("download", default=False, tooltip="For diffusers/<repo>: fetch a missing vae/."),
+                io.Boolean.Input("tiling", default=False, optional=True, tooltip=
+                                 "Encode/decode in overlapping 256 px tiles: less memory at large sizes, tiny seams "
+                                 "possible."),
+            ],
+            outputs=[types.Socket.VAE.Output(display_name="vae", tooltip="The Wan2.1 VAE.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, vae, download):
+    def validate_inputs(cls, vae, download):
         if download and vae.startswith(DIFFUSERS_PREFIX):
             return True
         return files.validation_message(resolve_component, "vae", vae)
 
-    @node_errors("WorldStereo VAE Loader")
-    def load(self, vae, dtype, download, tiling=False):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, vae, dtype, download, tiling=False) -> io.NodeOutput:
         from ..worldstereo_core.pipelines.components import load_vae
         from ..worldstereo_core.pipelines.single_file import load_vae_file
         from ..worldstereo_core.runtime.offload import enable_vae_tiling
@@ -392,33 +415,38 @@ class VAELoader:
                 enable_vae_tiling(model)
             return types.VaeModel(model, str(path))
 
-        return (MODEL_CACHE.get_or_load(("vae", _stamp(path), str(compute), bool(tiling)), load),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(("vae", _stamp(path), str(compute), bool(tiling)), load))
 
 
 def tokenizer_choices() -> list[str]:
     return [AUTO_TOKENIZER] + diffusers_repos("tokenizer")
 
 
-class TextEncoderLoader:
-    DESCRIPTION = ("The UMT5-XXL text encoder: a models/text_encoders file (umt5_xxl_fp16 / fp8_e4m3fn_scaled; "
-                   "its embedded tokenizer is used) or a diffusers repo's text_encoder/ + tokenizer/.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.TEXT_ENCODER,)
-    RETURN_NAMES = ("text_encoder",)
+class TextEncoderLoader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Text Encoder Loader (UMT5)"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder": (component_choices("text_encoders"),),
-            "tokenizer": (tokenizer_choices(), {"default": AUTO_TOKENIZER, "tooltip":
-                          "auto: the repo's tokenizer/, or the SentencePiece model inside a single file."}),
-            "dtype": (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": "The reference runs UMT5 in fp32."}),
-            "download": ("BOOLEAN", {"default": False}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoTextEncoderLoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("The UMT5-XXL text encoder: a models/text_encoders file (umt5_xxl_fp16 / fp8_e4m3fn_scaled; "
+                         "its embedded tokenizer is used) or a diffusers repo's text_encoder/ + tokenizer/."),
+            inputs=[
+                io.Combo.Input("text_encoder", options=component_choices("text_encoders"), tooltip=
+                               "A models/text_encoders file or diffusers/<repo> (its text_encoder/)."),
+                io.Combo.Input("tokenizer", options=tokenizer_choices(), default=AUTO_TOKENIZER, tooltip=
+                               "auto: the repo's tokenizer/, or the SentencePiece model inside a single file."),
+                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32", tooltip=
+                               "The reference runs UMT5 in fp32."),
+                io.Boolean.Input("download", default=False, tooltip=
+                                 "For diffusers/<repo>: fetch a missing text_encoder/ or tokenizer/."),
+            ],
+            outputs=[types.Socket.TEXT_ENCODER.Output(display_name="text_encoder", tooltip=
+                                                      "UMT5 with its tokenizer.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, text_encoder, tokenizer, download):
+    def validate_inputs(cls, text_encoder, tokenizer, download):
         if download and text_encoder.startswith(DIFFUSERS_PREFIX):
             return True
 
@@ -428,8 +456,9 @@ class TextEncoderLoader:
                 resolve_diffusers_repo(tokenizer, "tokenizer")
         return files.validation_message(check)
 
-    @node_errors("WorldStereo Text Encoder Loader")
-    def load(self, text_encoder, tokenizer, dtype, download):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, text_encoder, tokenizer, dtype, download) -> io.NodeOutput:
         from ..worldstereo_core.pipelines.components import load_text_encoder, load_tokenizer
         from ..worldstereo_core.pipelines.single_file import load_umt5_file, umt5_tokenizer_from_file
 
@@ -446,32 +475,37 @@ class TextEncoderLoader:
             tok = load_tokenizer(tok_path) if tok_path.is_dir() else umt5_tokenizer_from_file(tok_path)
             return types.TextEncoder(model, tok, str(path))
 
-        return (MODEL_CACHE.get_or_load(("umt5", _stamp(path), str(tok_path), str(compute)), load),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(("umt5", _stamp(path), str(tok_path), str(compute)), load))
 
 
-class CLIPVisionLoader:
-    DESCRIPTION = ("The CLIP ViT-H/14 image encoder: models/clip_vision/clip_vision_h.safetensors or a diffusers "
-                   "repo's image_encoder/ + image_processor/.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.CLIP_VISION,)
-    RETURN_NAMES = ("clip_vision",)
+class CLIPVisionLoader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo CLIP Vision Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "clip_vision": (component_choices("clip_vision"),),
-            "download": ("BOOLEAN", {"default": False}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoCLIPVisionLoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("The CLIP ViT-H/14 image encoder: models/clip_vision/clip_vision_h.safetensors or a "
+                         "diffusers repo's image_encoder/ + image_processor/."),
+            inputs=[
+                io.Combo.Input("clip_vision", options=component_choices("clip_vision"), tooltip=
+                               "A models/clip_vision file or diffusers/<repo> (its image_encoder/)."),
+                io.Boolean.Input("download", default=False, tooltip=
+                                 "For diffusers/<repo>: fetch a missing image_encoder/ or image_processor/."),
+            ],
+            outputs=[types.Socket.CLIP_VISION.Output(display_name="clip_vision", tooltip=
+                                                     "CLIP vision with its image processor.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, clip_vision, download):
+    def validate_inputs(cls, clip_vision, download):
         if download and clip_vision.startswith(DIFFUSERS_PREFIX):
             return True
         return files.validation_message(resolve_component, "clip_vision", clip_vision)
 
-    @node_errors("WorldStereo CLIP Vision Loader")
-    def load(self, clip_vision, download):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, clip_vision, download) -> io.NodeOutput:
         from ..worldstereo_core.pipelines.components import load_image_encoder, load_image_processor
         from ..worldstereo_core.pipelines.single_file import load_clip_vision_file
 
@@ -486,7 +520,7 @@ class CLIPVisionLoader:
                 model, processor = load_clip_vision_file(path, device=offload_device())
             return types.ClipVision(model, processor, str(path))
 
-        return (MODEL_CACHE.get_or_load(("clip", _stamp(path)), load),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(("clip", _stamp(path)), load))
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,33 +545,38 @@ def resolve_moge(name: str, download: bool) -> Path:
     return resolve_model_file(MOGE_FOLDER, name)
 
 
-class MoGeLoader:
-    DESCRIPTION = "MoGe-2 monocular geometry (Ruicheng/moge-2-vitl-normal) from models/moge, for depth lifting."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.MOGE,)
-    RETURN_NAMES = ("moge",)
+class MoGeLoader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo MoGe Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": (moge_choices(), {"default": MOGE_DEFAULT}),
-            "download": ("BOOLEAN", {"default": False, "tooltip": "Fetch model.pt from Hugging Face when missing."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoMoGeLoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("MoGe-2 monocular geometry (Ruicheng/moge-2-vitl-normal) from models/moge, for depth "
+                         "lifting."),
+            inputs=[
+                io.Combo.Input("checkpoint", options=moge_choices(), default=MOGE_DEFAULT, tooltip=
+                               "A MoGe model.pt in models/moge."),
+                io.Boolean.Input("download", default=False, tooltip="Fetch model.pt from Hugging Face when missing."),
+            ],
+            outputs=[types.Socket.MOGE.Output(display_name="moge", tooltip="The MoGe model.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checkpoint, download):
+    def validate_inputs(cls, checkpoint, download):
         if download and checkpoint == MOGE_DEFAULT:
             return True
         return files.validation_message(resolve_moge, checkpoint, False)
 
-    @node_errors("WorldStereo MoGe Loader")
-    def load(self, checkpoint, download):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, checkpoint, download) -> io.NodeOutput:
         from ..worldstereo_core.geometry.moge import load_moge
 
         path = resolve_moge(checkpoint, download)
 
-        return (MODEL_CACHE.get_or_load(("moge", _stamp(path)), lambda: load_moge(path, device=offload_device())),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(("moge", _stamp(path)),
+                                                     lambda: load_moge(path, device=offload_device())))
 
 
 def dinov2_choices() -> list[str]:
@@ -555,31 +594,37 @@ def resolve_dinov2(name: str, download: bool) -> Path:
                               f"({', '.join(str(r) for r in folder_roots(DINOV2_FOLDER))})")
 
 
-class DINOv2Loader:
-    DESCRIPTION = ("DINOv2 image features (facebook/dinov2-base) for choosing diverse memory references when more "
-                   "than max_reference frames qualify. Optional: without it, camera features alone are used.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.DINOV2,)
-    RETURN_NAMES = ("dinov2",)
+class DINOv2Loader(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo DINOv2 Loader"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": (dinov2_choices(), {"default": DINOV2_DEFAULT}),
-            "download": ("BOOLEAN", {"default": False}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoDINOv2Loader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("DINOv2 image features (facebook/dinov2-base) for choosing diverse memory references when "
+                         "more than max_reference frames qualify. Optional: without it, camera features alone are "
+                         "used."),
+            inputs=[
+                io.Combo.Input("model", options=dinov2_choices(), default=DINOV2_DEFAULT, tooltip=
+                               "A DINOv2 folder in models/dinov2."),
+                io.Boolean.Input("download", default=False, tooltip=
+                                 f"Fetch {hub.DINOV2_REPO} into models/dinov2 when missing."),
+            ],
+            outputs=[types.Socket.DINOV2.Output(display_name="dinov2", tooltip="DINOv2 image features.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, download):
+    def validate_inputs(cls, model, download):
         return True if download and model == DINOV2_DEFAULT else files.validation_message(resolve_dinov2, model, False)
 
-    @node_errors("WorldStereo DINOv2 Loader")
-    def load(self, model, download):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, model, download) -> io.NodeOutput:
         from ..worldstereo_core.memory.selector import DinoV2Features
 
         path = resolve_dinov2(model, download)
-        return (MODEL_CACHE.get_or_load(("dinov2", _stamp(path)), lambda: DinoV2Features(path, torch_device())),)
+        return io.NodeOutput(MODEL_CACHE.get_or_load(("dinov2", _stamp(path)),
+                                                     lambda: DinoV2Features(path, torch_device())))
 
 
 NODE_CLASS_MAPPINGS = {
@@ -590,11 +635,4 @@ NODE_CLASS_MAPPINGS = {
     "WorldStereoMoGeLoader": MoGeLoader,
     "WorldStereoDINOv2Loader": DINOv2Loader,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoModelLoader": "WorldStereo Model Loader",
-    "WorldStereoVAELoader": "WorldStereo VAE Loader (Wan2.1)",
-    "WorldStereoTextEncoderLoader": "WorldStereo Text Encoder Loader (UMT5)",
-    "WorldStereoCLIPVisionLoader": "WorldStereo CLIP Vision Loader",
-    "WorldStereoMoGeLoader": "WorldStereo MoGe Loader",
-    "WorldStereoDINOv2Loader": "WorldStereo DINOv2 Loader",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

@@ -11,6 +11,7 @@ import copy
 import json
 
 import numpy as np
+from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.constants import ALIGN_NFRAME, MAX_REFERENCE, NFRAME
@@ -57,44 +58,48 @@ def bank_text(bank: MemoryBank) -> str:
     return f"{len(bank)} entries, {bank.width}x{bank.height}"
 
 
-class MemoryBankCreate:
-    DESCRIPTION = ("Start a memory bank: from the start image (reconstruction), from a panorama scene's "
-                   "27-view bank in input/, or load one saved earlier under output/.")
-    CATEGORY = CATEGORY
-    FUNCTION = "create"
-    RETURN_TYPES = (types.MEMORY_BANK,)
-    RETURN_NAMES = ("memory_bank",)
+class MemoryBankCreate(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Memory Bank Create"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "source": (list(SOURCES), {"default": SOURCES[0]}),
-                "folder": ("STRING", {"default": "", "tooltip": "Panorama scene folder (in input/) or saved bank "
-                                                                "folder (in output/); unused for 'start image'."}),
-                "max_reference": ("INT", {"default": MAX_REFERENCE, "min": 1, "max": 64,
-                                          "tooltip": "Most reference frames a clip is conditioned on."}),
-                "align_nframe": ("INT", {"default": ALIGN_NFRAME, "min": 1, "max": 256,
-                                         "tooltip": "Frames kept from every generated clip."}),
-            },
-            "optional": {"point_cloud": (types.POINT_CLOUD, {"tooltip": "Start image and camera ('start image')."})},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoMemoryBankCreate", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Start a memory bank: from the start image (reconstruction), from a panorama scene's "
+                         "27-view bank in input/, or load one saved earlier under output/."),
+            inputs=[
+                io.Combo.Input("source", options=list(SOURCES), default=SOURCES[0], tooltip=
+                               "start image: the connected point_cloud's image and camera; or a panorama scene "
+                               "folder in input/; or a bank saved under output/."),
+                io.String.Input("folder", default="", tooltip=
+                                "Panorama scene folder (in input/) or saved bank folder (in output/); unused for "
+                                "'start image'."),
+                io.Int.Input("max_reference", default=MAX_REFERENCE, min=1, max=64, tooltip=
+                             "Most reference frames a clip is conditioned on."),
+                io.Int.Input("align_nframe", default=ALIGN_NFRAME, min=1, max=256, tooltip=
+                             "Frames kept from every generated clip."),
+                types.Socket.POINT_CLOUD.Input("point_cloud", optional=True, tooltip=
+                                               "Start image and camera ('start image')."),
+            ],
+            outputs=[types.Socket.MEMORY_BANK.Output(display_name="memory_bank", tooltip="The new bank.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, source, folder):
+    def validate_inputs(cls, source, folder):
         if source not in SOURCES:
             return f"source must be one of {list(SOURCES)}"
         return files.validation_message(_folder, source, folder)
 
     @classmethod
-    def IS_CHANGED(cls, source, folder, **_):
+    def fingerprint_inputs(cls, source, folder, **_):
         try:
             return files.fingerprint(_folder(source, folder))
         except InputError:
             return ""
 
-    @node_errors("WorldStereo Memory Bank Create")
-    def create(self, source, folder, max_reference, align_nframe, point_cloud=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, source, folder, max_reference, align_nframe, point_cloud=None) -> io.NodeOutput:
         options = dict(max_reference=max_reference, align_nframe=align_nframe, nframe=max(NFRAME, align_nframe + 1))
         if source == SOURCES[0]:
             if point_cloud is None or point_cloud.image is None:
@@ -105,34 +110,34 @@ class MemoryBankCreate:
             bank = MemoryBank.from_panorama_folder(_folder(source, folder), **options)
         else:
             bank = MemoryBank.load(_folder(source, folder))
-        return {"ui": {"text": [bank_text(bank)]}, "result": (bank,)}
+        return io.NodeOutput(bank, ui={"text": [bank_text(bank)]})
 
 
-class MemoryBankAddClip:
-    DESCRIPTION = ("Fold a generated clip into the memory (the release's keep rule: align_nframe frames, never "
-                   "frame 0, always the last). Returns a new bank; optionally saves it under output/.")
-    CATEGORY = CATEGORY
-    FUNCTION = "add"
-    RETURN_TYPES = (types.MEMORY_BANK,)
-    RETURN_NAMES = ("memory_bank",)
+class MemoryBankAddClip(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Memory Bank Add Clip"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "memory_bank": (types.MEMORY_BANK,),
-                "frames": ("IMAGE", {"tooltip": "The generated clip, one frame per camera."}),
-                "trajectory": (types.TRAJECTORY, {"tooltip": "The cameras the clip was generated for."}),
-                "view_id": ("STRING", {"default": DEFAULT_VIEW}),
-                "traj_id": ("STRING", {"default": "",
-                                       "tooltip": "Name of this clip in the bank (empty: traj0, traj1 ...)."}),
-                "save_folder": ("STRING", {"default": "", "tooltip": "Also save the bank to output/<save_folder> "
-                                                                     "(empty: do not save)."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoMemoryBankAddClip", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Fold a generated clip into the memory (the release's keep rule: align_nframe frames, never "
+                         "frame 0, always the last). Returns a new bank; optionally saves it under output/."),
+            inputs=[
+                types.Socket.MEMORY_BANK.Input("memory_bank", tooltip="The bank to add to (it is not changed)."),
+                io.Image.Input("frames", tooltip="The generated clip, one frame per camera."),
+                types.Socket.TRAJECTORY.Input("trajectory", tooltip="The cameras the clip was generated for."),
+                io.String.Input("view_id", default=DEFAULT_VIEW, tooltip="Group name of this clip in the bank."),
+                io.String.Input("traj_id", default="", tooltip=
+                                "Name of this clip in the bank (empty: traj0, traj1 ...)."),
+                io.String.Input("save_folder", default="", tooltip=
+                                "Also save the bank to output/<save_folder> (empty: do not save)."),
+            ],
+            outputs=[types.Socket.MEMORY_BANK.Output(display_name="memory_bank", tooltip="A new bank with the clip.")],
+        )
 
-    @node_errors("WorldStereo Memory Bank Add Clip")
-    def add(self, memory_bank, frames, trajectory, view_id, traj_id, save_folder):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, memory_bank, frames, trajectory, view_id, traj_id, save_folder) -> io.NodeOutput:
         clip = image_to_uint8(frames, "frames").numpy()
         if len(clip) != len(trajectory):
             raise InputError(f"frames has {len(clip)} images but the trajectory has {len(trajectory)} cameras")
@@ -148,31 +153,39 @@ class MemoryBankAddClip:
         if save_folder.strip():
             target = files.output_folder(save_folder, "save_folder")
             bank.save(target, progress=comfy_progress(len(bank)))
-        return {"ui": {"text": [f"{bank_text(bank)}; kept frames {kept} of {view_id}/{traj_id}"]}, "result": (bank,)}
+        return io.NodeOutput(bank, ui={"text": [f"{bank_text(bank)}; kept frames {kept} of {view_id}/{traj_id}"]})
 
 
-class MemoryRetrieve:
-    DESCRIPTION = ("Retrieve the reference frames for a target trajectory (frustum overlap x view angle, at most "
-                   "max_reference distinct frames; DINOv2 features refine the choice when connected).")
-    CATEGORY = CATEGORY
-    FUNCTION = "retrieve"
-    RETURN_TYPES = (types.MEMORY, "IMAGE", "STRING", types.TRAJECTORY)
-    RETURN_NAMES = ("memory", "references", "ref_index", "reference_cameras")
+class MemoryRetrieve(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Memory Retrieve"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "memory_bank": (types.MEMORY_BANK,),
-                "trajectory": (types.TRAJECTORY, {"tooltip": "Target cameras (at the generation size)."}),
-                "view_id": ("STRING", {"default": DEFAULT_VIEW}),
-                "traj_id": ("STRING", {"default": "", "tooltip": "The target's name (panorama shortcuts use it)."}),
-            },
-            "optional": {"dinov2": (types.DINOV2,)},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoMemoryRetrieve", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Retrieve the reference frames for a target trajectory (frustum overlap x view angle, at "
+                         "most max_reference distinct frames; DINOv2 features refine the choice when connected)."),
+            inputs=[
+                types.Socket.MEMORY_BANK.Input("memory_bank", tooltip="The bank to retrieve from."),
+                types.Socket.TRAJECTORY.Input("trajectory", tooltip="Target cameras (at the generation size)."),
+                io.String.Input("view_id", default=DEFAULT_VIEW, tooltip="The target's group name."),
+                io.String.Input("traj_id", default="", tooltip="The target's name (panorama shortcuts use it)."),
+                types.Socket.DINOV2.Input("dinov2", optional=True, tooltip=
+                                          "Image features for diverse references; without it, camera poses alone "
+                                          "choose them."),
+            ],
+            outputs=[
+                types.Socket.MEMORY.Output(display_name="memory", tooltip="The references, for the Sampler."),
+                io.Image.Output(display_name="references", tooltip="The reference frames at the generation size."),
+                io.String.Output(display_name="ref_index", tooltip=
+                                 "JSON: the target frame each reference attaches to, and the bank entries."),
+                types.Socket.TRAJECTORY.Output(display_name="reference_cameras", tooltip="The references' cameras."),
+            ],
+        )
 
-    @node_errors("WorldStereo Memory Retrieve")
-    def retrieve(self, memory_bank, trajectory, view_id, traj_id, dinov2=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, memory_bank, trajectory, view_id, traj_id, dinov2=None) -> io.NodeOutput:
         if trajectory.height is None or trajectory.width is None:
             raise InputError("the trajectory states no image size; connect a scene to the trajectory node")
         height, width = trajectory.height, trajectory.width
@@ -188,7 +201,7 @@ class MemoryRetrieve:
                                     width=memory_bank.width, height=memory_bank.height)
         index_text = json.dumps({"ref_index": positions,
                                  "entries": [memory_bank.fnames[g] for g in memory.retrieved]})
-        return {"ui": {"text": [index_text]}, "result": (memory, uint8_to_image(refs), index_text, ref_cams)}
+        return io.NodeOutput(memory, uint8_to_image(refs), index_text, ref_cams, ui={"text": [index_text]})
 
 
 NODE_CLASS_MAPPINGS = {
@@ -196,8 +209,4 @@ NODE_CLASS_MAPPINGS = {
     "WorldStereoMemoryBankAddClip": MemoryBankAddClip,
     "WorldStereoMemoryRetrieve": MemoryRetrieve,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoMemoryBankCreate": "WorldStereo Memory Bank Create",
-    "WorldStereoMemoryBankAddClip": "WorldStereo Memory Bank Add Clip",
-    "WorldStereoMemoryRetrieve": "WorldStereo Memory Retrieve",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

@@ -7,6 +7,7 @@ the start image), the hole mask a MASK batch (1 = no point covers the pixel).
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import subsample_indices
 from ..worldstereo_core.errors import InputError
@@ -26,26 +27,29 @@ def render_inputs(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     return image_to_frames(image, name)[0]
 
 
-class RenderWarps:
-    DESCRIPTION = ("Render the scene's point cloud into every camera of the trajectory: the warp video "
-                   "and hole mask the model is conditioned on (frame 0 = the start image).")
-    CATEGORY = CATEGORY
-    FUNCTION = "render"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("render", "hole_mask")
+class RenderWarps(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Render Warps"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "point_cloud": (types.POINT_CLOUD,),
-            "trajectory": (types.TRAJECTORY,),
-            "image": ("IMAGE", {"tooltip": "Start image at the generation size; fills frame 0 and sets the size."}),
-            "backend": (list(BACKENDS[:3]), {"default": "auto", "tooltip":
-                        "auto: torch on a GPU, the numba kernel on CPU when installed (identical results)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoRenderWarps", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Render the scene's point cloud into every camera of the trajectory: the warp video "
+                         "and hole mask the model is conditioned on (frame 0 = the start image)."),
+            inputs=[
+                types.Socket.POINT_CLOUD.Input("point_cloud", tooltip="The scene's point cloud (Lift Depth)."),
+                types.Socket.TRAJECTORY.Input("trajectory", tooltip="The cameras to render from."),
+                io.Image.Input("image", tooltip="Start image at the generation size; fills frame 0 and sets the size."),
+                io.Combo.Input("backend", options=list(BACKENDS[:3]), default="auto", tooltip=
+                               "auto: torch on a GPU, the numba kernel on CPU when installed (identical results)."),
+            ],
+            outputs=[io.Image.Output(display_name="render", tooltip="One warp per camera, frame 0 = the start image."),
+                     io.Mask.Output(display_name="hole_mask", tooltip="1 where no point covers the pixel.")],
+        )
 
-    @node_errors("WorldStereo Render Warps")
-    def render(self, point_cloud, trajectory, image, backend):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, point_cloud, trajectory, image, backend) -> io.NodeOutput:
         start = render_inputs(image)
         _, height, width = start.shape
         device = torch_device()
@@ -56,42 +60,46 @@ class RenderWarps:
         rgb, mask = render_warps(cloud.xyz.to(device), cloud.rgb_signed.to(device), trajectory, start.to(device),
                                  height, width, backend=backend, progress=progress)
         frames, holes = frames_to_image(rgb), mask_to_comfy(mask)
-        return {"ui": video_ui(frames, "WorldStereo/render"), "result": (frames, holes)}
+        return io.NodeOutput(frames, holes, ui=video_ui(frames, "WorldStereo/render"))
 
 
-class LoadRenderFolder:
-    DESCRIPTION = ("Load a pre-rendered render folder from input/ (render.mp4, render_mask.mp4, camera.json), "
-                   "prepared as the reference does: resized to the start image, frame 0 replaced by it (and, for "
-                   "an iterative reconstruct_*/traj1 folder, its hole mask cleared).")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("IMAGE", "MASK", types.TRAJECTORY)
-    RETURN_NAMES = ("render", "hole_mask", "trajectory")
+class LoadRenderFolder(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Load Render Folder"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "render_folder": (files.input_folders(RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON),
-                              {"tooltip": "A folder in ComfyUI's input folder holding render.mp4, "
-                                          "render_mask.mp4 and camera.json."}),
-            "image": ("IMAGE", {"tooltip": "Start image at the generation size."}),
-            "frames": ("INT", {"default": 21, "min": 0, "max": 1024,
-                               "tooltip": "Keep this many frames, evenly spaced (0 = all)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoLoadRenderFolder", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Load a pre-rendered render folder from input/ (render.mp4, render_mask.mp4, camera.json), "
+                         "prepared as the reference does: resized to the start image, frame 0 replaced by it (and, "
+                         "for an iterative reconstruct_*/traj1 folder, its hole mask cleared)."),
+            inputs=[
+                io.Combo.Input("render_folder", options=files.input_folders(RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON),
+                               tooltip="A folder in ComfyUI's input folder holding render.mp4, render_mask.mp4 "
+                                       "and camera.json."),
+                io.Image.Input("image", tooltip="Start image at the generation size."),
+                io.Int.Input("frames", default=21, min=0, max=1024, tooltip=
+                             "Keep this many frames, evenly spaced (0 = all)."),
+            ],
+            outputs=[io.Image.Output(display_name="render", tooltip="The warps, frame 0 = the start image."),
+                     io.Mask.Output(display_name="hole_mask", tooltip="1 where the warp has no content."),
+                     types.Socket.TRAJECTORY.Output(display_name="trajectory", tooltip=
+                                                    "The folder's cameras, at the start image's size.")],
+        )
 
     @classmethod
     def _folder(cls, render_folder):
         return files.input_path(render_folder, "render_folder", folder=True)
 
     @classmethod
-    def IS_CHANGED(cls, render_folder, **_):
+    def fingerprint_inputs(cls, render_folder, **_):
         try:
             return files.fingerprint(cls._folder(render_folder))
         except InputError:
             return ""
 
     @classmethod
-    def VALIDATE_INPUTS(cls, render_folder):
+    def validate_inputs(cls, render_folder):
         def check():
             folder = cls._folder(render_folder)
             missing = [n for n in (RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON) if not (folder / n).is_file()]
@@ -99,11 +107,12 @@ class LoadRenderFolder:
                 raise InputError(f"render_folder {render_folder!r} lacks {', '.join(missing)}")
         return files.validation_message(check)
 
-    @node_errors("WorldStereo Load Render Folder")
-    def load(self, render_folder, image, frames):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, render_folder, image, frames) -> io.NodeOutput:
         start = render_inputs(image)
         _, height, width = start.shape
-        folder = self._folder(render_folder)
+        folder = cls._folder(render_folder)
         render, mask, traj = load_render_folder(folder, height, width, start, clear_first_mask=is_iterative(
             group_id(folder.parent.name), folder.name))
         if frames and len(render) > frames:
@@ -111,14 +120,11 @@ class LoadRenderFolder:
             render, mask, traj = render[keep], mask[keep], traj.select(keep)
         if traj.width is not None and traj.height is not None and (traj.height, traj.width) != (height, width):
             traj = traj.resized(height, width)
-        return (frames_to_image(render), mask_to_comfy(mask), traj)
+        return io.NodeOutput(frames_to_image(render), mask_to_comfy(mask), traj)
 
 
 NODE_CLASS_MAPPINGS = {
     "WorldStereoRenderWarps": RenderWarps,
     "WorldStereoLoadRenderFolder": LoadRenderFolder,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoRenderWarps": "WorldStereo Render Warps",
-    "WorldStereoLoadRenderFolder": "WorldStereo Load Render Folder",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core.constants import DEFAULT_SEED
 from ..worldstereo_core.errors import InputError
@@ -84,43 +85,47 @@ def single_view_memory(request) -> types.Memory:
                         w2c=request.trajectory.w2c[:1].clone())
 
 
-class Sampler:
-    DESCRIPTION = ("Generate keyframes along the trajectory. worldstereo-camera / -memory: UniPC with text CFG "
-                   "(40 steps, CFG 5 in the release); worldstereo-memory-dmd: its 4-step distilled schedule, "
-                   "steps and CFG are ignored. Memory variants use the connected memory (else the start image).")
-    CATEGORY = CATEGORY
-    FUNCTION = "sample"
-    RETURN_TYPES = (types.LATENT,)
-    RETURN_NAMES = ("keyframes",)
+class Sampler(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Sampler"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (types.MODEL,),
-                "vae": (types.VAE,),
-                "text_encoder": (types.TEXT_ENCODER,),
-                "clip_vision": (types.CLIP_VISION,),
-                "image": ("IMAGE", {"tooltip": "Start image (frame 0 of the clip)."}),
-                "render": ("IMAGE", {"tooltip": "Warp render along the trajectory (one frame per camera)."}),
-                "hole_mask": ("MASK", {"tooltip": "1 where the render has no point."}),
-                "trajectory": (types.TRAJECTORY,),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Describe the scene."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "Empty: the variant's own negative prompt."}),
-                "steps": ("INT", {"default": 40, "min": 1, "max": 200, "tooltip": "UniPC steps (DMD: fixed)."}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "Text guidance scale; 1 = off (DMD: always off)."}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                                    "tooltip": "Flow shift; 0 = the base scheduler's (DMD: the variant's gen_shift)."}),
-                "seed": ("INT", {"default": DEFAULT_SEED, "min": 0, "max": MAX_SEED}),
-            },
-            "optional": {"memory": (types.MEMORY, {"tooltip": "Retrieved references (memory variants)."})},
-        }
+    def define_schema(cls) -> io.Schema:
+        S = types.Socket
+        return io.Schema(
+            node_id="WorldStereoSampler", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Generate keyframes along the trajectory. worldstereo-camera / -memory: UniPC with text CFG "
+                         "(40 steps, CFG 5 in the release); worldstereo-memory-dmd: its 4-step distilled schedule, "
+                         "steps and CFG are ignored. Memory variants use the connected memory (else the start "
+                         "image)."),
+            inputs=[
+                S.MODEL.Input("model", tooltip="The loaded WorldStereo variant (camera, memory or memory-dmd)."),
+                S.VAE.Input("vae", tooltip="The Wan2.1 VAE."),
+                S.TEXT_ENCODER.Input("text_encoder", tooltip="The UMT5 text encoder."),
+                S.CLIP_VISION.Input("clip_vision", tooltip="The CLIP vision encoder."),
+                io.Image.Input("image", tooltip="Start image (frame 0 of the clip)."),
+                io.Image.Input("render", tooltip="Warp render along the trajectory (one frame per camera)."),
+                io.Mask.Input("hole_mask", tooltip="1 where the render has no point."),
+                S.TRAJECTORY.Input("trajectory", tooltip="The target cameras (the ones the render was made for)."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="Describe the scene."),
+                io.String.Input("negative_prompt", multiline=True, default="", tooltip=
+                                "Empty: the variant's own negative prompt."),
+                io.Int.Input("steps", default=40, min=1, max=200, tooltip="UniPC steps (DMD: fixed)."),
+                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, tooltip=
+                               "Text guidance scale; 1 = off (DMD: always off)."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=
+                               "Flow shift; 0 = the base scheduler's (DMD: the variant's gen_shift)."),
+                io.Int.Input("seed", default=DEFAULT_SEED, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Seed of the initial noise."),
+                S.MEMORY.Input("memory", optional=True, tooltip="Retrieved references (memory variants)."),
+            ],
+            outputs=[S.LATENT.Output(display_name="keyframes", tooltip=
+                                     "Keyframe latents; decode them with Decode Keyframes (not core VAE Decode).")],
+        )
 
-    @node_errors("WorldStereo Sampler")
-    def sample(self, model, vae, text_encoder, clip_vision, image, render, hole_mask, trajectory, prompt,
-               negative_prompt, steps, cfg, shift, seed, memory=None):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, model, vae, text_encoder, clip_vision, image, render, hole_mask, trajectory, prompt,
+                negative_prompt, steps, cfg, shift, seed, memory=None) -> io.NodeOutput:
         from ..worldstereo_core.tasks.generate import model_inputs
 
         is_memory, is_dmd = model.config.is_memory, model.config.is_dmd
@@ -145,22 +150,26 @@ class Sampler:
         out = pipeline(request.image, prompt=request.prompt, seed=request.seed, output_type="latent",
                        progress=comfy_progress(total), **inputs, **call)
         keyframes = types.Keyframes(out.latents, request.height, request.width, model.config.model_type, traj)
-        return (keyframes,)
+        return io.NodeOutput(keyframes)
 
 
-class DecodeKeyframes:
-    DESCRIPTION = "Decode WorldStereo keyframe latents with the Wan VAE (each keyframe on its own) to an IMAGE batch."
-    CATEGORY = CATEGORY
-    FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
+class DecodeKeyframes(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Decode Keyframes"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae": (types.VAE,), "keyframes": (types.LATENT,)}}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoDecodeKeyframes", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Decode WorldStereo keyframe latents with the Wan VAE (each keyframe on its own) to an "
+                         "IMAGE batch."),
+            inputs=[types.Socket.VAE.Input("vae", tooltip="The Wan2.1 VAE."),
+                    types.Socket.LATENT.Input("keyframes", tooltip="The Sampler's keyframes.")],
+            outputs=[io.Image.Output(display_name="images", tooltip="One image per keyframe.")],
+        )
 
-    @node_errors("WorldStereo Decode Keyframes")
-    def decode(self, vae, keyframes):
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, vae, keyframes) -> io.NodeOutput:
         from ..worldstereo_core.pipelines.vae import decode_keyframes
 
         latents = keyframes.samples
@@ -174,14 +183,11 @@ class DecodeKeyframes:
                 frames.append(decode_keyframes(vae.vae, latents[:, :, i:i + 1].to(device)).cpu())
                 progress(i + 1, n)
         video = torch.cat(frames, dim=2)  # [B,3,F,H,W]
-        return (frames_to_image(video.permute(0, 2, 1, 3, 4).flatten(0, 1)),)
+        return io.NodeOutput(frames_to_image(video.permute(0, 2, 1, 3, 4).flatten(0, 1)))
 
 
 NODE_CLASS_MAPPINGS = {
     "WorldStereoSampler": Sampler,
     "WorldStereoDecodeKeyframes": DecodeKeyframes,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoSampler": "WorldStereo Sampler",
-    "WorldStereoDecodeKeyframes": "WorldStereo Decode Keyframes",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

@@ -13,6 +13,7 @@ import json
 from typing import Any, Optional
 
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import CameraTrajectory, anchor_w2c, intrinsics_from_fov
 from ..worldstereo_core.constants import NFRAME
@@ -67,9 +68,19 @@ def entry(traj: CameraTrajectory, scene: types.Scene, label: str) -> dict:
     return trajectory_entry(traj, label=label, depth_range=(0.25 * m, 2.0 * m))
 
 
-def result(trajs: list[tuple[str, CameraTrajectory]], scene: types.Scene) -> dict:
+def result(trajs: list[tuple[str, CameraTrajectory]], scene: types.Scene) -> io.NodeOutput:
     """A node's return value: the trajectories as outputs, their preview as ``ui``."""
-    return {"ui": preview_ui(*(entry(t, scene, name) for name, t in trajs)), "result": tuple(t for _, t in trajs)}
+    return io.NodeOutput(*(t for _, t in trajs), ui=preview_ui(*(entry(t, scene, name) for name, t in trajs)))
+
+
+def scene_input(tooltip: str = "Start camera, size and scale m of the scene (a stand-in view when not "
+                                "connected).") -> io.Input:
+    return types.Socket.POINT_CLOUD.Input("point_cloud", optional=True, tooltip=tooltip)
+
+
+def trajectory_output(name: str = "trajectory") -> io.Output:
+    return types.Socket.TRAJECTORY.Output(display_name=name, tooltip="Cameras in the scene's world, K in pixels of "
+                                                                      "the scene's image.")
 
 
 def from_moves(moves: list, scene: types.Scene, frames: int, scale: float) -> CameraTrajectory:
@@ -124,26 +135,25 @@ def parse_json_text(text: str) -> Any:
     return value
 
 
-class TrajectoryPreset:
-    DESCRIPTION = "A named camera move (orbit, dolly, truck, pan, eloop, aerial ...) from the scene's start view."
-    CATEGORY = CATEGORY
-    FUNCTION = "build"
-    RETURN_TYPES = (types.TRAJECTORY,)
-    RETURN_NAMES = ("trajectory",)
+class TrajectoryPreset(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Trajectory Preset"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "preset": (PRESET_NAMES, {"default": DEFAULT_PRESET,
-                                          "tooltip": " | ".join(f"{k}: {PRESETS[k].doc}" for k in PRESET_NAMES)}),
-                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES,
-                                   "tooltip": "Cameras in the trajectory (the released models take 21 keyframes)."}),
-                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
-                                    "tooltip": "Multiplies the scene scale m (median depth) the move sizes refer to."}),
-            },
-            "optional": {"point_cloud": (types.POINT_CLOUD, {"tooltip": "Start camera, size and scale m of the scene."})},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoTrajectoryPreset", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description="A named camera move (orbit, dolly, truck, pan, eloop, aerial ...) from the scene's start view.",
+            inputs=[
+                io.Combo.Input("preset", options=PRESET_NAMES, default=DEFAULT_PRESET,
+                               tooltip=" | ".join(f"{k}: {PRESETS[k].doc}" for k in PRESET_NAMES)),
+                io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
+                             "Cameras in the trajectory (the released models take 21 keyframes)."),
+                io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
+                               "Multiplies the scene scale m (median depth) the move sizes refer to."),
+                scene_input("Start camera, size and scale m of the scene."),
+            ],
+            outputs=[trajectory_output()],
+        )
 
     @classmethod
     def build_trajectory(cls, preset, frames, scale, point_cloud=None):
@@ -155,38 +165,39 @@ class TrajectoryPreset:
         traj, scene = cls.build_trajectory(preset, frames, scale)
         return preview_ui(entry(traj, scene, preset))
 
-    @node_errors("WorldStereo Trajectory Preset")
-    def build(self, preset, frames, scale, point_cloud=None):
-        traj, scene = self.build_trajectory(preset, frames, scale, point_cloud)
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, preset, frames, scale, point_cloud=None) -> io.NodeOutput:
+        traj, scene = cls.build_trajectory(preset, frames, scale, point_cloud)
         return result([(preset, traj)], scene)
 
 
-class TrajectoryFromJSON:
-    DESCRIPTION = ("An editable trajectory: a JSON list of get_c2w moves (chained; optional 'frames' and "
-                   "'pivot' per move), {\"moves\": [...]}, or a whole camera.json object. No browser needed.")
-    CATEGORY = CATEGORY
-    FUNCTION = "build"
-    RETURN_TYPES = (types.TRAJECTORY,)
-    RETURN_NAMES = ("trajectory",)
+class TrajectoryFromJSON(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Trajectory From JSON"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "json_text": ("STRING", {"default": EXAMPLE_MOVES, "multiline": True, "tooltip":
-                              "Moves: {\"type\": \"normal\", \"rotation\": [phi, theta], \"backward-forward\": s, "
-                              "\"left-right\": s} | {\"type\": \"eloop\", \"radius_x\", \"radius_y\"} | "
-                              "{\"type\": \"aerial\", \"rotation\": [phi, theta]}; or a camera.json object."}),
-                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES}),
-                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
-                                    "tooltip": "Moves: multiplies the scene scale m. camera.json: multiplies "
-                                               "its translations relative to the first camera."}),
-            },
-            "optional": {"point_cloud": (types.POINT_CLOUD,)},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoTrajectoryFromJSON", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("An editable trajectory: a JSON list of get_c2w moves (chained; optional 'frames' and "
+                         "'pivot' per move), {\"moves\": [...]}, or a whole camera.json object. No browser needed."),
+            inputs=[
+                io.String.Input("json_text", default=EXAMPLE_MOVES, multiline=True, tooltip=
+                                "Moves: {\"type\": \"normal\", \"rotation\": [phi, theta], \"backward-forward\": s, "
+                                "\"left-right\": s} | {\"type\": \"eloop\", \"radius_x\", \"radius_y\"} | "
+                                "{\"type\": \"aerial\", \"rotation\": [phi, theta]}; or a camera.json object."),
+                io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
+                             "Cameras in the trajectory (the released models take 21 keyframes)."),
+                io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
+                               "Moves: multiplies the scene scale m. camera.json: multiplies its translations "
+                               "relative to the first camera."),
+                scene_input(),
+            ],
+            outputs=[trajectory_output()],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, json_text):
+    def validate_inputs(cls, json_text):
         return files.validation_message(parse_json_text, json_text)
 
     @classmethod
@@ -203,48 +214,49 @@ class TrajectoryFromJSON:
         traj, scene = cls.build_trajectory(json_text, frames, scale)
         return preview_ui(entry(traj, scene, "json"))
 
-    @node_errors("WorldStereo Trajectory From JSON")
-    def build(self, json_text, frames, scale, point_cloud=None):
-        traj, scene = self.build_trajectory(json_text, frames, scale, point_cloud)
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, json_text, frames, scale, point_cloud=None) -> io.NodeOutput:
+        traj, scene = cls.build_trajectory(json_text, frames, scale, point_cloud)
         return result([("json", traj)], scene)
 
 
-class CameraJSONLoad:
-    DESCRIPTION = ("Import a camera.json (reference format: 'extrinsic' w2c 4x4 and 'intrinsic' 3x3 per frame) "
-                   "from input/. With a scene connected its K is rescaled to the scene size and, with anchor, "
-                   "its first camera is placed on the scene's start camera.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (types.TRAJECTORY,)
-    RETURN_NAMES = ("trajectory",)
+class CameraJSONLoad(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Load camera.json"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "camera_json": (files.input_files((".json",)), {"tooltip": "A camera.json in ComfyUI's input folder."}),
-                "frames": ("INT", {"default": NFRAME, "min": 0, "max": MAX_FRAMES,
-                                   "tooltip": "Keep this many cameras, evenly spaced (0 = all)."}),
-                "anchor": ("BOOLEAN", {"default": True, "tooltip": "Start at the scene's start camera."}),
-                "scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
-                                    "tooltip": "Multiplies translations relative to the first camera (with anchor)."}),
-                "file_width": ("INT", {"default": 0, "min": 0, "max": 16384,
-                                       "tooltip": "Image width the file's K refers to, if the file does not "
-                                                  "say (0: scene)."}),
-                "file_height": ("INT", {"default": 0, "min": 0, "max": 16384}),
-            },
-            "optional": {"point_cloud": (types.POINT_CLOUD,)},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoCameraJSONLoad", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("Import a camera.json (reference format: 'extrinsic' w2c 4x4 and 'intrinsic' 3x3 per frame) "
+                         "from input/. With a scene connected its K is rescaled to the scene size and, with anchor, "
+                         "its first camera is placed on the scene's start camera."),
+            inputs=[
+                io.Combo.Input("camera_json", options=files.input_files((".json",)), tooltip=
+                               "A camera.json in ComfyUI's input folder."),
+                io.Int.Input("frames", default=NFRAME, min=0, max=MAX_FRAMES, tooltip=
+                             "Keep this many cameras, evenly spaced (0 = all)."),
+                io.Boolean.Input("anchor", default=True, tooltip="Start at the scene's start camera."),
+                io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
+                               "Multiplies translations relative to the first camera (with anchor)."),
+                io.Int.Input("file_width", default=0, min=0, max=16384, tooltip=
+                             "Image width the file's K refers to, if the file does not say (0: scene)."),
+                io.Int.Input("file_height", default=0, min=0, max=16384, tooltip=
+                             "Image height the file's K refers to, if the file does not say (0: scene)."),
+                scene_input(),
+            ],
+            outputs=[trajectory_output()],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, camera_json, **_):
+    def fingerprint_inputs(cls, camera_json, **_):
         try:
             return files.fingerprint(files.input_path(camera_json, "camera_json"))
         except InputError:
             return ""
 
     @classmethod
-    def VALIDATE_INPUTS(cls, camera_json):
+    def validate_inputs(cls, camera_json):
         return files.validation_message(lambda: load_camera_json(files.input_path(camera_json, "camera_json")))
 
     @classmethod
@@ -259,30 +271,31 @@ class CameraJSONLoad:
         traj, scene = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height)
         return preview_ui(entry(traj, scene, camera_json))
 
-    @node_errors("WorldStereo Load camera.json")
-    def load(self, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
-        traj, scene = self.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height, point_cloud)
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None) -> io.NodeOutput:
+        traj, scene = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height, point_cloud)
         return result([(camera_json, traj)], scene)
 
 
-class ReconstructionTrajectories:
-    DESCRIPTION = ("The four trajectories of the reconstruction task from the start view: an ellipse loop, "
-                   "a 45 deg rise, and 180 deg orbits to the left and to the right.")
-    CATEGORY = CATEGORY
-    FUNCTION = "build"
-    RETURN_TYPES = (types.TRAJECTORY,) * 4
-    RETURN_NAMES = RECONSTRUCTION_NAMES
+class ReconstructionTrajectories(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Reconstruction Trajectories"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "frames": ("INT", {"default": NFRAME, "min": 2, "max": MAX_FRAMES}),
-                "up_distance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.05,
-                                          "tooltip": "Pivot distance of the rise, in units of m (0 = m)."}),
-            },
-            "optional": {"point_cloud": (types.POINT_CLOUD,)},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WorldStereoReconstructionTrajectories", display_name=cls.DISPLAY_NAME, category=CATEGORY,
+            description=("The four trajectories of the reconstruction task from the start view: an ellipse loop, "
+                         "a 45 deg rise, and 180 deg orbits to the left and to the right."),
+            inputs=[
+                io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
+                             "Cameras per trajectory (the released models take 21 keyframes)."),
+                io.Float.Input("up_distance", default=0.0, min=0.0, max=1e4, step=0.05, tooltip=
+                               "Pivot distance of the rise, in units of m (0 = m)."),
+                scene_input(),
+            ],
+            outputs=[trajectory_output(name) for name in RECONSTRUCTION_NAMES],
+        )
 
     @classmethod
     def build_trajectories(cls, frames, up_distance, point_cloud=None):
@@ -298,9 +311,10 @@ class ReconstructionTrajectories:
         trajs, scene = cls.build_trajectories(frames, up_distance)
         return preview_ui(*(entry(t, scene, name) for name, t in trajs))
 
-    @node_errors("WorldStereo Reconstruction Trajectories")
-    def build(self, frames, up_distance, point_cloud=None):
-        trajs, scene = self.build_trajectories(frames, up_distance, point_cloud)
+    @classmethod
+    @node_errors(DISPLAY_NAME)
+    def execute(cls, frames, up_distance, point_cloud=None) -> io.NodeOutput:
+        trajs, scene = cls.build_trajectories(frames, up_distance, point_cloud)
         return result(trajs, scene)
 
 
@@ -310,9 +324,4 @@ NODE_CLASS_MAPPINGS = {
     "WorldStereoCameraJSONLoad": CameraJSONLoad,
     "WorldStereoReconstructionTrajectories": ReconstructionTrajectories,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WorldStereoTrajectoryPreset": "WorldStereo Trajectory Preset",
-    "WorldStereoTrajectoryFromJSON": "WorldStereo Trajectory From JSON",
-    "WorldStereoCameraJSONLoad": "WorldStereo Load camera.json",
-    "WorldStereoReconstructionTrajectories": "WorldStereo Reconstruction Trajectories",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

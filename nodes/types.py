@@ -1,8 +1,10 @@
-"""Socket type names of the pack and the small containers that travel along those links.
+"""Socket type names of the pack (with their V3 socket classes, :class:`Socket`) and the small
+containers that travel along those links.
 
 ComfyUI never looks inside a custom-typed object; these dataclasses only bundle what the next
 node needs. Core objects (``CameraTrajectory``, ``PointCloud``, ``MemoryBank``) are used as they
 are wherever they suffice. Nodes never modify an object they received: they build a new one.
+The names without the ``WORLDSTEREO_`` prefix predate it; saved workflows' links carry them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.geometry.pointcloud import PointCloud
@@ -28,6 +31,26 @@ TRAJECTORY = "CAMERA_TRAJECTORY"
 MEMORY_BANK = "MEMORY_BANK"
 MEMORY = "WORLDSTEREO_MEMORY"
 LATENT = "WORLDSTEREO_LATENT"
+#: A scene folder made by Panorama Scene From Image (``worldstereo_core.tasks.panorama_scene.PanoramaScene``).
+PANORAMA_SCENE = "WORLDSTEREO_PANORAMA_SCENE"
+
+
+class Socket:
+    """V3 socket classes of the types above: ``Socket.MODEL.Input("model", tooltip=...)``."""
+
+    MODEL = io.Custom(MODEL)
+    VAE = io.Custom(VAE)
+    TEXT_ENCODER = io.Custom(TEXT_ENCODER)
+    CLIP_VISION = io.Custom(CLIP_VISION)
+    MOGE = io.Custom(MOGE)
+    DINOV2 = io.Custom(DINOV2)
+    DEPTH = io.Custom(DEPTH)
+    POINT_CLOUD = io.Custom(POINT_CLOUD)
+    TRAJECTORY = io.Custom(TRAJECTORY)
+    MEMORY_BANK = io.Custom(MEMORY_BANK)
+    MEMORY = io.Custom(MEMORY)
+    LATENT = io.Custom(LATENT)
+    PANORAMA_SCENE = io.Custom(PANORAMA_SCENE)
 
 
 @dataclass(frozen=True)

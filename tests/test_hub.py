@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,38 @@ def test_missing_without_download_names_file_folder_and_command(tmp_path, fake_h
     assert "worldstereo-camera/config.json" in msg and str(tmp_path / "worldstereo") in msg
     assert "automatic download is off" in msg
     assert f"hf download hanshanxue/WorldStereo --include 'worldstereo-camera/*' --local-dir {tmp_path / 'worldstereo'}" in msg
+    assert "--download / download=True" in msg
+    assert f"({hub.FILE_SIZES[hub.HF_REPO_ID, 'worldstereo-camera/model.safetensors']})" in msg
     assert fake_hub == []
+    with pytest.raises(MissingWeightsError) as err:  # a file whose size is not known states none
+        hub.ensure_wan_base(tmp_path, parts=("vae",))
+    assert "GB)" not in str(err.value) and "MB)" not in str(err.value)
+
+
+def test_comfy_single_files_name_repository_path_and_size():
+    assert hub.COMFY_FILES and all(path == f"split_files/{folder}/{name}"
+                                   for (folder, name), path in hub.COMFY_FILES.items())
+    for (folder, name), path in hub.COMFY_FILES.items():
+        source = hub.comfy_file_source(folder, name)
+        size = hub.FILE_SIZES[hub.COMFY_WAN_REPO, path]  # every file a user fetches has a size
+        assert f"https://huggingface.co/{hub.COMFY_WAN_REPO}/resolve/main/{path}" in source and f"({size})" in source
+    assert hub.comfy_file_source("vae", "some_other_vae.safetensors") is None
+    assert hub.comfy_file_source("text_encoders", "wan_2.1_vae.safetensors") is None
+
+
+def test_readme_model_table_states_every_source_and_size():
+    """README's model table and FILE_SIZES are the same facts: every file, repository and size."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = "\n".join(line for line in readme.splitlines() if line.startswith("| `models/"))
+    assert table, "README has no model-folder table"
+    for (repo, path), size in hub.FILE_SIZES.items():
+        assert repo in table, f"README's model table does not name {repo}"
+        assert Path(path).name in table, f"README's model table does not name {path}"
+        assert size.lstrip("~") in table, f"README's model table does not state {size} for {path}"
+    for folder, _name in hub.COMFY_FILES:
+        assert f"`split_files/{folder}/`" in table and f"`models/{folder}/`" in table
 
 
 def test_offline_never_calls_the_hub(tmp_path, fake_hub, monkeypatch):

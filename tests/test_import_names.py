@@ -17,18 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, fixtures_root
+from comfy_stub import comfyui_checkout
+from conftest import REPO, fixtures_root, integration_unavailable
 from worldstereo_core.geometry.renderer import numba_available
 
-#: Renders a small cloud with every CPU backend; argv: mode ("top" | "comfyui"), pack folder, out.npz.
+#: Renders a small cloud with every CPU backend; argv: mode ("top" | "comfyui"), pack folder, out.npz,
+#: ComfyUI checkout (its ``comfy_api``, which the nodes import, is on the path inside ComfyUI).
 RENDER_SCRIPT = r'''
 import importlib, importlib.abc, importlib.util, os, sys
 import numpy as np, torch
-mode, folder, out = sys.argv[1:4]
+mode, folder, out, checkout = sys.argv[1:5]
 if mode == "top":
     sys.path.insert(0, folder)
     renderer = importlib.import_module("worldstereo_core.geometry.renderer")
 else:
+    sys.path.append(checkout)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+    args.cpu = True  # as `main.py --cpu`: the pack's import reaches ComfyUI's server and model management
     class NoTopLevel(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] == "worldstereo_core":
@@ -68,13 +75,16 @@ def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
 def test_pack_renders_when_imported_like_comfyui_after_top_level_use(tmp_path):
     """Top-level use first (the CLI, the tests), then ComfyUI's import of the same files: same images,
     and no module name from the first run is needed by the second (numba's cache did need one)."""
+    checkout = comfyui_checkout()
+    if not (checkout / "comfy_api").is_dir():
+        integration_unavailable(f"no ComfyUI checkout at {checkout} (set COMFYUI_DIR)")
     pack = _copy_repo(tmp_path / "custom_nodes" / "ComfyUI-WorldStereo")
     script = tmp_path / "render.py"
     script.write_text(RENDER_SCRIPT)
     outputs = {}
     for mode in ("top", "comfyui", "top"):
         out = tmp_path / f"{mode}.npz"
-        proc = _run([str(script), mode, str(pack), str(out)], cwd=tmp_path)
+        proc = _run([str(script), mode, str(pack), str(out), str(checkout)], cwd=tmp_path)
         assert proc.returncode == 0, f"{mode} import failed:\n{proc.stderr[-3000:]}"
         with np.load(out) as data:
             outputs.setdefault(mode, dict(data))

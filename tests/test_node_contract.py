@@ -1,8 +1,11 @@
-"""Generic ComfyUI V1 node-contract checks over every node in NODE_CLASS_MAPPINGS.
+"""Generic ComfyUI node-contract checks over every node in NODE_CLASS_MAPPINGS, V1 and V3.
 
-``contract_errors`` lists every violation of the V1 contract (as read in ComfyUI v0.3.64) and of
-our own conventions (prefixed ids, ``WorldStereo/`` categories, display names). It is proven able
-to fail on deliberately broken dummy nodes defined below.
+``contract_errors`` lists every violation of the V1 contract (as read in ComfyUI v0.3.64), or for a
+V3 node (``comfy_api.latest.io.ComfyNode``) of its schema and of the V1 view ComfyUI derives from
+it, and of our own conventions (prefixed ids, ``WorldStereo/`` categories, display names; V3: a
+tooltip on every input, socket types of our own prefixed ``WORLDSTEREO_``). ``interface_errors``
+compares a node with the interface saved workflows refer to (``tests/node_interface.json``: ids,
+input names in order, outputs). Both are proven able to fail on deliberately broken nodes below.
 """
 from __future__ import annotations
 
@@ -16,13 +19,26 @@ from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from conftest import REPO, import_pack
 
 import comfy_stub as stub_module
+from comfy_stub import v1_item
+
+stub_module.install()
+from comfy_api.internal import first_real_override  # noqa: E402
+from comfy_api.latest import io  # noqa: E402  (the real V3 schema, from the ComfyUI checkout)
 
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+#: ComfyUI's own socket types our nodes use.
+CORE_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "VAE", "CLIP", "CLIP_VISION", "CONDITIONING", "VIDEO", "COMBO"}
+#: Socket types of ours named before the V3 prefix rule: saved workflows' links carry them, so they stay.
+LEGACY_TYPES = {"MOGE_MODEL", "DINOV2_MODEL", "POINT_CLOUD", "CAMERA_TRAJECTORY", "MEMORY_BANK"}
+OWN_TYPE_PREFIX = "WORLDSTEREO_"
+V1_HOOKS = ("VALIDATE_INPUTS", "IS_CHANGED")
+INTERFACE = REPO / "tests" / "node_interface.json"
 HIDDEN = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG"}
 SECTIONS = {"required", "optional", "hidden"}
 ID_PREFIX = "WorldStereo"
 CATEGORY_PREFIX = "WorldStereo"
 TYPE_NAME = re.compile(r"^[A-Z0-9_]+$|^\*$")
+
 
 
 def _input_errors(section: str, name: str, spec) -> list[str]:
@@ -65,16 +81,101 @@ def _is_classmethod(cls, name: str) -> bool:
     return isinstance(inspect.getattr_static(cls, name, None), classmethod)
 
 
-def contract_errors(node_id: str, cls, display_names: dict) -> list[str]:
-    """Every contract violation of one node class (empty list = conforming)."""
+def _parameter_errors(func, name: str, inputs: list[str], optional: list[str]) -> list[str]:
+    """``func`` (a node's execute function) accepts every input, has defaults for the optional
+    ones and requires nothing else."""
+    errors = []
+    params = inspect.signature(func).parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for inp in inputs:
+        if inp not in params and not var_kw:
+            errors.append(f"{name}() does not accept input {inp!r}")
+    for inp in optional:
+        if inp in params and params[inp].default is inspect.Parameter.empty:
+            errors.append(f"{name}(): optional input {inp!r} needs a default")
+    for pname, p in params.items():
+        if pname in ("self", "cls") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if pname not in inputs and p.default is inspect.Parameter.empty:
+            errors.append(f"{name}() requires {pname!r}, which is not a declared input")
+    return errors
+
+
+def _common_errors(node_id: str, cls, display_names: dict) -> list[str]:
     errors: list[str] = []
     if not node_id.startswith(ID_PREFIX):
         errors.append(f"node id must start with {ID_PREFIX!r}")
     if not isinstance(display_names.get(node_id), str) or not display_names.get(node_id):
         errors.append("missing NODE_DISPLAY_NAME_MAPPINGS entry")
-    category = getattr(cls, "CATEGORY", None)
+    try:
+        category = getattr(cls, "CATEGORY", None)
+    except Exception as err:  # a V3 class computes it from its schema
+        category = f"<{err!r}>"
     if not isinstance(category, str) or not category.startswith(CATEGORY_PREFIX):
         errors.append(f"CATEGORY must start with {CATEGORY_PREFIX!r}, got {category!r}")
+    return errors
+
+
+def _type_errors(where: str, io_type) -> list[str]:
+    if isinstance(io_type, list) or io_type in PRIMITIVES or io_type in CORE_TYPES or io_type in LEGACY_TYPES:
+        return []
+    if not (isinstance(io_type, str) and io_type.startswith(OWN_TYPE_PREFIX) and TYPE_NAME.match(io_type)):
+        return [f"{where}: socket type {io_type!r} is neither ComfyUI's nor prefixed {OWN_TYPE_PREFIX!r}"]
+    return []
+
+
+def v3_contract_errors(node_id: str, cls, display_names: dict) -> list[str]:
+    """Contract violations of one V3 node class: its schema, and the V1 view ComfyUI serves from it."""
+    errors = _common_errors(node_id, cls, display_names)
+    try:
+        schema = cls.GET_SCHEMA()
+        spec = cls.INPUT_TYPES()
+    except Exception as err:  # the checker reports, it does not crash
+        return errors + [f"schema: {err!r}"]
+    if schema.node_id != node_id:
+        errors.append(f"schema node_id {schema.node_id!r} differs from the mapping key")
+    if schema.display_name != display_names.get(node_id):
+        errors.append(f"schema display_name {schema.display_name!r} differs from NODE_DISPLAY_NAME_MAPPINGS")
+    if not schema.description:
+        errors.append("schema has no description")
+    for hook in V1_HOOKS:
+        if hasattr(cls, hook):
+            errors.append(f"{hook} is a V1 hook that ComfyUI ignores on a V3 node (validate_inputs / "
+                          "fingerprint_inputs)")
+    inputs = schema.inputs or []
+    for inp in inputs:
+        if not isinstance(inp.tooltip, str) or not inp.tooltip.strip():
+            errors.append(f"input {inp.id!r} has no tooltip")
+        errors += _type_errors(f"input {inp.id!r}", inp.get_io_type())
+    for section in ("required", "optional"):
+        for name, item in spec.get(section, {}).items():
+            errors += _input_errors(section, name, v1_item(item))
+    names = [o.display_name for o in schema.outputs or []]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        errors.append(f"every output needs its own display_name (the name saved workflows show), got {names}")
+    for out in schema.outputs or []:
+        errors += _type_errors(f"output {out.display_name!r}", out.io_type)
+    if not (schema.outputs or schema.is_output_node):
+        errors.append("a node without outputs must set is_output_node=True")
+    ids = [i.id for i in inputs]
+    errors += _parameter_errors(cls.execute, "execute", ids, [i.id for i in inputs if i.optional])
+    for hook in ("validate_inputs", "fingerprint_inputs"):
+        if first_real_override(cls, hook) is not None:
+            params = inspect.signature(getattr(cls, hook)).parameters
+            unknown = [p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)
+                       and p not in ids and p != "input_types"]
+            if unknown:
+                errors.append(f"{hook}() takes {unknown}, which are not inputs")
+    if hasattr(cls, "preview_trajectory") and not _is_classmethod(cls, "preview_trajectory"):
+        errors.append("preview_trajectory must be a classmethod")
+    return errors
+
+
+def contract_errors(node_id: str, cls, display_names: dict) -> list[str]:
+    """Every contract violation of one node class (empty list = conforming)."""
+    if stub_module.is_v3(cls):
+        return v3_contract_errors(node_id, cls, display_names)
+    errors = _common_errors(node_id, cls, display_names)
 
     if not _is_classmethod(cls, "INPUT_TYPES"):
         return errors + ["INPUT_TYPES must be a classmethod"]
@@ -121,20 +222,7 @@ def contract_errors(node_id: str, cls, display_names: dict) -> list[str]:
     if not callable(func):
         errors.append(f"FUNCTION {func_name!r} does not name a method")
     else:
-        params = inspect.signature(func).parameters
-        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        given = set(names)
-        for name in names:
-            if name not in params and not var_kw:
-                errors.append(f"{func_name}() does not accept input {name!r}")
-        for name in spec.get("optional", {}):
-            if name in params and params[name].default is inspect.Parameter.empty:
-                errors.append(f"{func_name}(): optional input {name!r} needs a default")
-        for pname, p in params.items():
-            if pname in ("self", "cls") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                continue
-            if pname not in given and p.default is inspect.Parameter.empty:
-                errors.append(f"{func_name}() requires {pname!r}, which is not a declared input")
+        errors += _parameter_errors(func, func_name, names, list(spec.get("optional", {})))
     for hook in ("VALIDATE_INPUTS", "IS_CHANGED", "preview_trajectory"):
         if hasattr(cls, hook) and not _is_classmethod(cls, hook):
             errors.append(f"{hook} must be a classmethod")
@@ -205,6 +293,111 @@ def test_checker_rejects_broken_node(case):
     node_id, cls = BROKEN_NODES[case]
     names = {"SomeNode": "Some", "WorldStereoX": "X"}
     assert contract_errors(node_id, cls, names), f"checker missed: {case}"
+
+
+def _v3_node(inputs=None, outputs=None, node_id="WorldStereoGoodV3", execute=None, **attrs):
+    """A V3 node class; by default a conforming one."""
+    scene = io.Custom("WORLDSTEREO_TEST_SCENE")
+    inputs = inputs if inputs is not None else [
+        io.Image.Input("image", tooltip="The image."),
+        io.Combo.Input("mode", options=["a", "b"], default="a", tooltip="A mode."),
+        io.Int.Input("seed", default=4, min=0, max=9, control_after_generate=True, tooltip="The seed."),
+        io.Float.Input("strength", default=1.0, min=0.0, max=2.0, optional=True, tooltip="How much."),
+    ]
+    outputs = outputs if outputs is not None else [scene.Output(display_name="scene", tooltip="The scene.")]
+
+    def define_schema(cls):
+        return io.Schema(node_id=node_id, display_name="Good V3", category="WorldStereo/test",
+                         description="A test node.", inputs=inputs, outputs=outputs)
+
+    def default_execute(cls, image, mode, seed, strength=1.0):
+        return io.NodeOutput(image)
+
+    body = {"define_schema": classmethod(define_schema), "execute": classmethod(execute or default_execute), **attrs}
+    return type("V3Node", (io.ComfyNode,), body)
+
+
+BROKEN_V3_NODES = {
+    "input without tooltip": lambda: _v3_node(inputs=[io.Image.Input("image")],
+                                              execute=lambda cls, image: io.NodeOutput(image)),
+    "unprefixed own type": lambda: _v3_node(outputs=[io.Custom("SCENE_THING").Output(display_name="scene")]),
+    "output without display_name": lambda: _v3_node(outputs=[io.Image.Output()]),
+    "schema id differs": lambda: _v3_node(node_id="WorldStereoOther"),
+    "execute misses an input": lambda: _v3_node(execute=lambda cls, image, mode, strength=1.0: None),
+    "optional without default": lambda: _v3_node(execute=lambda cls, image, mode, seed, strength: None),
+    "V1 hook on a V3 node": lambda: _v3_node(VALIDATE_INPUTS=classmethod(lambda cls, mode: True)),
+    "validate_inputs of no input": lambda: _v3_node(validate_inputs=classmethod(lambda cls, nope: True)),
+    "combo default": lambda: _v3_node(inputs=[io.Combo.Input("m", options=["a"], default="z", tooltip="m")],
+                                      execute=lambda cls, m: None),
+}
+
+
+def test_v3_checker_accepts_a_conforming_node():
+    node = _v3_node()
+    assert contract_errors("WorldStereoGoodV3", node, {"WorldStereoGoodV3": "Good V3"}) == []
+    out, _ui = stub_module.execute(node, image="x", mode="a", seed=1)
+    assert out == ("x",)
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_V3_NODES))
+def test_v3_checker_rejects_broken_node(case):
+    node = BROKEN_V3_NODES[case]()
+    assert contract_errors("WorldStereoGoodV3", node, {"WorldStereoGoodV3": "Good V3"}), f"checker missed: {case}"
+
+
+# --- the interface saved workflows refer to ------------------------------------------------
+
+def node_interface(cls) -> dict:
+    """Input names in order (required, optional) and output names of a V1 or V3 node."""
+    spec = cls.INPUT_TYPES()
+    return {"required": list(spec.get("required", {})), "optional": list(spec.get("optional", {})),
+            "outputs": list(cls.RETURN_NAMES or cls.RETURN_TYPES)}
+
+
+def interface_errors(saved: dict, mappings: dict) -> list[str]:
+    """Nodes of ``saved`` (id -> interface) that are gone or changed; new inputs may only be
+    appended as optional ones."""
+    errors = []
+    for node_id, want in saved.items():
+        cls = mappings.get(node_id)
+        if cls is None:
+            errors.append(f"{node_id}: node id removed")
+            continue
+        have = node_interface(cls)
+        if have["required"] != want["required"]:
+            errors.append(f"{node_id}: required inputs {have['required']} instead of {want['required']}")
+        if have["optional"][:len(want["optional"])] != want["optional"]:
+            errors.append(f"{node_id}: optional inputs {have['optional']} do not start with {want['optional']}")
+        if have["outputs"] != want["outputs"]:
+            errors.append(f"{node_id}: outputs {have['outputs']} instead of {want['outputs']}")
+    return errors
+
+
+def _saved_interface() -> dict:
+    return json.loads(INTERFACE.read_text(encoding="utf-8"))["nodes"]
+
+
+def test_nodes_keep_the_saved_interface(comfy_stub):
+    saved = _saved_interface()
+    assert len(saved) >= 27
+    errors = interface_errors(saved, comfy_stub.pack.NODE_CLASS_MAPPINGS)
+    assert errors == [], "\n".join(errors)
+
+
+def test_interface_checker_can_fail(comfy_stub):
+    mappings = comfy_stub.pack.NODE_CLASS_MAPPINGS
+    saved = _saved_interface()
+    node_id = next(n for n, i in saved.items() if len(i["required"]) >= 2 and i["optional"])
+    changes = {
+        "renamed input": {**saved[node_id], "required": ["x"] + saved[node_id]["required"][1:]},
+        "reordered inputs": {**saved[node_id], "required": saved[node_id]["required"][::-1]},
+        "optional before": {**saved[node_id], "optional": ["new"] + saved[node_id]["optional"]},
+        "required added": {**saved[node_id], "required": saved[node_id]["required"][:-1]},
+        "output renamed": {**saved[node_id], "outputs": ["other"]},
+    }
+    for case, want in changes.items():
+        assert interface_errors({node_id: want}, mappings), f"checker missed: {case}"
+    assert interface_errors({"WorldStereoRemoved": saved[node_id]}, mappings)
 
 
 # --- the pack's real nodes -----------------------------------------------------------------
@@ -283,6 +476,7 @@ def _widget_specs(cls) -> list[tuple[str, object]]:
     out = []
     for section in ("required", "optional"):
         for name, item in spec.get(section, {}).items():
+            item = v1_item(item)
             kind, options = item[0], (item[1] if len(item) > 1 else {})
             if options.get("forceInput") or not (isinstance(kind, list) or kind in PRIMITIVES):
                 continue
@@ -297,7 +491,8 @@ def _value_errors(cls, name, item, value) -> list[str]:
     if isinstance(kind, list):
         if value in kind:
             return []
-        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        validate = (first_real_override(cls, "validate_inputs") if stub_module.is_v3(cls)
+                    else getattr(cls, "VALIDATE_INPUTS", None))
         exempt = validate is not None and name in inspect.signature(validate).parameters
         return [] if exempt and isinstance(value, str) else [f"{name}: {value!r} is not a choice"]
     if kind == "BOOLEAN":

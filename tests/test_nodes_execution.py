@@ -1,6 +1,6 @@
 """The stage nodes executed under the ComfyUI stub on tiny checkpoints in the real models layout.
 
-Each test calls node classes the way ComfyUI does (``getattr(cls(), cls.FUNCTION)(**inputs)``) and
+Each test calls node classes the way ComfyUI does (``comfy_stub.execute``: V1 or V3) and
 checks the results against independent computations (pinhole formulas, PIL resizing, matrix
 algebra, files read back with other readers), the ComfyUI conventions (IMAGE / MASK shapes,
 ``ui`` entries, no mutation of inputs) and the behaviour around them (validation messages,
@@ -19,6 +19,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+import comfy_stub as comfy_stub_module
 from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from PIL import Image
 
@@ -52,10 +53,9 @@ def ws(comfy_stub, models_dir):
         @staticmethod
         def run(node_type, **inputs):
             cls = pack.NODE_CLASS_MAPPINGS[node_type]
-            out = getattr(cls(), cls.FUNCTION)(**inputs)
-            if isinstance(out, dict):
-                WS.last_ui = out.get("ui")
-                out = out["result"]
+            out, ui = comfy_stub_module.execute(cls, **inputs)
+            if ui is not None:
+                WS.last_ui = ui
             assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), node_type
             return out
 
@@ -107,7 +107,7 @@ def test_depth_from_image_encodings(ws, encoding):
     np.testing.assert_allclose(depth.depth.double().numpy(), expected.numpy(), rtol=1e-6)
     assert preview.shape == (1, 3, 4, 3) and float(preview.max()) <= 1.0
     cls = ws.mappings["WorldStereoDepthFromImage"]
-    assert cls.VALIDATE_INPUTS(encoding="bright = near (near..far)", near=5.0, far=1.0) != True  # noqa: E712
+    assert cls.validate_inputs(encoding="bright = near (near..far)", near=5.0, far=1.0) != True  # noqa: E712
 
 
 def test_lift_depth_plane(ws):
@@ -141,14 +141,14 @@ def test_load_depth_file_and_point_map(ws, tmp_path):
     depth[0, 0] = np.nan
     np.save(os.path.join(inp, "d.npy"), depth)
     cls = ws.mappings["WorldStereoLoadDepthFile"]
-    assert "d.npy" in cls.INPUT_TYPES()["required"]["depth_file"][0]
-    assert cls.VALIDATE_INPUTS(depth_file="nope.npy") != True  # noqa: E712
-    stamp = cls.IS_CHANGED(depth_file="d.npy")
+    assert "d.npy" in comfy_stub_module.v1_input_types(cls)["required"]["depth_file"][0]
+    assert cls.validate_inputs(depth_file="nope.npy") != True  # noqa: E712
+    stamp = cls.fingerprint_inputs(depth_file="d.npy")
     (d, _) = ws.run("WorldStereoLoadDepthFile", depth_file="d.npy", png_scale=1000.0, npz_key="")
     assert float(d.depth[0, 0]) == 0.0 and float(d.depth[5, 5]) == 3.0
     np.save(os.path.join(inp, "d.npy"), depth * 2)
     os.utime(os.path.join(inp, "d.npy"), ns=(1, 1))
-    assert cls.IS_CHANGED(depth_file="d.npy") != stamp
+    assert cls.fingerprint_inputs(depth_file="d.npy") != stamp
     points = np.stack(list(np.meshgrid(np.linspace(-1, 1, 24), np.linspace(-1, 1, 16))) + [np.full((16, 24), 4.0)], -1)
     np.savez(os.path.join(inp, "p.npz"), points=points.astype(np.float32))
     (scene,) = ws.run("WorldStereoLoadPointMap", image=torch.rand(1, 16, 24, 3), point_map_file="p.npz", fov_deg=50.0,
@@ -177,7 +177,7 @@ def test_preset_and_json_moves_agree(ws):
     assert np.linalg.norm(centers[-1] - centers[0]) == pytest.approx(0.5 * 2.0 * scene.median_depth, rel=1e-6)
     cls = ws.mappings["WorldStereoTrajectoryFromJSON"]
     for bad in ("", "[1, 2", "{\"foo\": 1}", "[]"):
-        message = cls.VALIDATE_INPUTS(json_text=bad)
+        message = cls.validate_inputs(json_text=bad)
         assert isinstance(message, str) and "json_text" in message
 
 
@@ -201,7 +201,7 @@ def test_camera_json_anchor_subsample_and_rescale(ws):
     with open(os.path.join(inp, "camera.json"), "w") as fh:
         json.dump(data, fh)
     cls = ws.mappings["WorldStereoCameraJSONLoad"]
-    assert "camera.json" in cls.INPUT_TYPES()["required"]["camera_json"][0]
+    assert "camera.json" in comfy_stub_module.v1_input_types(cls)["required"]["camera_json"][0]
     (traj,) = ws.run("WorldStereoCameraJSONLoad", camera_json="camera.json", frames=21, anchor=True, scale=1.0,
                      file_width=400, file_height=300, point_cloud=scene)
     keep = np.floor(np.linspace(0, 80, 21)).astype(int)
@@ -214,10 +214,10 @@ def test_camera_json_anchor_subsample_and_rescale(ws):
                                                    [0, 0, 1]], rtol=1e-12)
     (raw,) = ws.run("WorldStereoTrajectoryFromJSON", json_text=json.dumps(data), frames=21, scale=1.0)
     assert len(raw) == 21  # a camera.json object in the JSON widget, anchored on the stand-in camera
-    assert cls.VALIDATE_INPUTS(camera_json="missing.json") != True  # noqa: E712
+    assert cls.validate_inputs(camera_json="missing.json") != True  # noqa: E712
     with open(os.path.join(inp, "bad.json"), "w") as fh:
         fh.write("{\"extrinsic\": [[1]]}")
-    assert "bad.json" in cls.VALIDATE_INPUTS(camera_json="bad.json")
+    assert "bad.json" in cls.validate_inputs(camera_json="bad.json")
 
 
 def test_reconstruction_trajectories_node(ws):
@@ -240,7 +240,7 @@ def test_live_preview_route_for_every_trajectory_node(ws):
     serving = [n for n, c in ws.mappings.items() if hasattr(c, "preview_trajectory")]
     assert len(serving) == 4
     for node_type in serving:
-        spec = ws.mappings[node_type].INPUT_TYPES()["required"]
+        spec = comfy_stub_module.v1_input_types(ws.mappings[node_type])["required"]
         widgets = {k: (v[1]["default"] if len(v) > 1 and "default" in v[1] else v[0][0])
                    for k, v in spec.items() if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")}
         if node_type == "WorldStereoCameraJSONLoad":
@@ -282,7 +282,7 @@ def test_load_render_folder_node(ws):
     mask[:, :, :16] = 1.0
     render_folder.save_render_folder(os.path.join(inp, "scene", "traj_a"), rgb, mask, traj)
     cls = ws.mappings["WorldStereoLoadRenderFolder"]
-    assert "scene/traj_a" in cls.INPUT_TYPES()["required"]["render_folder"][0]
+    assert "scene/traj_a" in comfy_stub_module.v1_input_types(cls)["required"]["render_folder"][0]
     image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(7))
     render, holes, loaded = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/traj_a", image=image, frames=5)
     keep = np.floor(np.linspace(0, 8, 5)).astype(int)
@@ -291,7 +291,7 @@ def test_load_render_folder_node(ws):
     np.testing.assert_allclose(render[0].numpy(), np.round(image[0].numpy() * 255) / 255, atol=1 / 255 + 1e-6)
     # the file's mask, frame 0 included (the release clears frame 0 for iterative trajectories only)
     assert float(holes[:, :16].min()) == 1.0 and float(holes[:, 16:].max()) == 0.0
-    assert "lacks render.mp4" in cls.VALIDATE_INPUTS(render_folder="scene")
+    assert "lacks render.mp4" in cls.validate_inputs(render_folder="scene")
     render_folder.save_render_folder(os.path.join(inp, "scene", "reconstruct-1", "traj1"), rgb, mask, traj)
     _, holes, _ = ws.run("WorldStereoLoadRenderFolder", render_folder="scene/reconstruct-1/traj1", image=image,
                          frames=5)
@@ -325,7 +325,7 @@ def test_memory_nodes_never_mutate_and_persist(ws):
                        align_nframe=8)
     assert loaded == bank2
     cls = ws.mappings["WorldStereoMemoryBankCreate"]
-    assert "memory_bank.json" in cls.VALIDATE_INPUTS(source="saved bank (output/)", folder="ws/none")
+    assert "memory_bank.json" in cls.validate_inputs(source="saved bank (output/)", folder="ws/none")
     write_panorama_scene(ws.stub.folder_paths.get_input_directory(), frames=5)
     (pano,) = ws.run("WorldStereoMemoryBankCreate", source="panorama scene folder (input/)", folder=PANORAMA_SCENE,
                      max_reference=8, align_nframe=4)
@@ -403,15 +403,15 @@ def test_bank_save_keeps_a_users_folder(ws):
 # --------------------------------------------------------------------------------------------
 
 def test_loader_validation_names_folder_and_file(ws):
-    message = ws.mappings["WorldStereoVAELoader"].VALIDATE_INPUTS(vae="missing.safetensors", download=False)
+    message = ws.mappings["WorldStereoVAELoader"].validate_inputs(vae="missing.safetensors", download=False)
     assert isinstance(message, str) and "missing.safetensors" in message and "'vae' model folder" in message
-    message = ws.mappings["WorldStereoTextEncoderLoader"].VALIDATE_INPUTS(text_encoder="diffusers/Nope", tokenizer="auto",
+    message = ws.mappings["WorldStereoTextEncoderLoader"].validate_inputs(text_encoder="diffusers/Nope", tokenizer="auto",
                                                                            download=False)
     assert "text_encoder/" in message and "hf download" in message
-    assert ws.mappings["WorldStereoModelLoader"].VALIDATE_INPUTS(model_type="worldstereo-camera",
+    assert ws.mappings["WorldStereoModelLoader"].validate_inputs(model_type="worldstereo-camera",
                                                                  base=FILES["diffusion_models"], download=False) is True
     for cls_name, folder in (("WorldStereoVAELoader", "vae"), ("WorldStereoCLIPVisionLoader", "clip_vision")):
-        choices = ws.mappings[cls_name].INPUT_TYPES()["required"][folder][0]
+        choices = comfy_stub_module.v1_input_types(ws.mappings[cls_name])["required"][folder][0]
         assert FILES[folder] in choices and DIFFUSERS in choices
 
 
@@ -559,14 +559,60 @@ def test_loop_node_resumes_after_interrupt(ws):
     assert frames.shape == (63, 32, 48, 3) and len(bank) == 27 + 3 * 8 and cloud == ""
     scene_out = os.path.join(ws.stub.folder_paths.get_output_directory(), folder)
     assert os.path.isfile(os.path.join(scene_out, "world_mirror_data", "worldstereo-memory", "cameras.json"))
-    validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].VALIDATE_INPUTS
-    message = validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x")
-    assert isinstance(message, str) and "pano_bank" in message
+    validate = ws.mappings["WorldStereoMultiTrajectoryLoop"].validate_inputs
+    # the image input with task panorama passes the queue (a panorama_scene may be linked) and fails at run time
+    assert validate(scene="(the image input)", task="panorama", cache_mode="release", output_folder="x") is True
+    with pytest.raises(ws.errors.InputError, match="pano_bank/ or a connected panorama_scene"):
+        ws.run("WorldStereoMultiTrajectoryLoop", **dict(args, scene="(the image input)", task="panorama"),
+               image=ws.example_image())
     # the scene folder is checked at queue time (before any weights load): a panorama in global mode
     message = validate(scene=PANORAMA_SCENE, task="auto", cache_mode="global", output_folder="x")
     assert isinstance(message, str) and "release" in message
     assert validate(scene=PANORAMA_SCENE, task="auto", cache_mode="release", output_folder="x") is True
     shutil.rmtree(scene_out)
+
+
+def test_panorama_scene_from_image_feeds_the_loop(ws):
+    """One equirectangular image (+ its depth) -> the scene folder in output/ -> the loop's panorama task."""
+    from synthetic_scene import panorama_room
+
+    equirect = ws.core("geometry.equirect")
+    pano, distance = panorama_room().equirect(64, 128)
+    image = torch.from_numpy(pano).float()[None] / 255.0
+    node = ws.mappings["WorldStereoPanoramaSceneFromImage"]
+    args = dict(image=image, prompt="An empty room.", name="room", output_folder="ws/pano", views=1, explorations=0,
+                reconstructs=0, frames=21, bank_width=48, bank_height=32)
+    with pytest.raises(ws.errors.InputError, match="connect a depth map"):
+        ws.run("WorldStereoPanoramaSceneFromImage", **args)
+    assert isinstance(node.validate_inputs(name="../up", output_folder="x", bank_width=48, bank_height=32), str)
+    assert isinstance(node.validate_inputs(name="room", output_folder="../x", bank_width=48, bank_height=32), str)
+    assert isinstance(node.validate_inputs(name="room", output_folder="x", bank_width=47, bank_height=32), str)
+    assert node.validate_inputs(name="room", output_folder="x", bank_width=48, bank_height=32) is True
+
+    ws.stub.utils.updates.clear()
+    depth = ws.nodes("types").Depth(distance.float())
+    scene, views = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
+    out_dir = os.path.join(ws.stub.folder_paths.get_output_directory(), "ws", "pano")
+    assert str(scene.folder) == os.path.join(out_dir, "panorama_scenes", "room") and not scene.reused
+    _keys, _cams, crops = equirect.panorama_bank_crops(pano, 48, 32)
+    assert views.shape == (27, 32, 48, 3) and torch.equal(views, torch.from_numpy(np.stack(crops)).float() / 255.0)
+    ticks = [u[:2] for u in ws.stub.utils.updates]
+    assert ticks and ticks[-1][0] == ticks[-1][1] and len({t for _v, t in ticks}) == 1
+    assert ws.last_ui["text"][0].startswith("output/ws/pano/panorama_scenes/room: ")
+    again, _ = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
+    assert again.reused and again.folder == scene.folder  # a finished scene is reused as it is
+    with pytest.raises(ws.errors.InputError):  # ... and one made from another image is refused, not overwritten
+        ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **dict(args, image=image.flip(2)))
+
+    parts = _parts(ws, "worldstereo-memory")
+    loop = dict(scene="(the image input)", task="panorama", cache_mode="release", prompt="", steps=1, cfg=5.0,
+                shift=0.0, seed=3, output_folder="ws/pano", panorama_scene=scene, **parts)
+    with pytest.raises(ws.errors.InputError, match="panorama task"):
+        ws.run("WorldStereoMultiTrajectoryLoop", **dict(loop, task="reconstruction"))
+    frames, bank, folder, _cloud = ws.run("WorldStereoMultiTrajectoryLoop", **loop)
+    statuses = json.loads(ws.last_ui["text"][0].split(": ", 1)[1])
+    assert folder == "ws/pano/room" and sorted(statuses) == ["view0/traj0", "view0/traj1", "view0/traj2"]
+    assert set(statuses.values()) == {"generated"} and frames.shape[0] == 3 * 21 and len(bank) > 27
 
 
 def test_model_loader_runtime_options(ws):

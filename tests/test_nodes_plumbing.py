@@ -260,6 +260,9 @@ def test_worldstereo_variants_found_in_every_root(comfy_stub, errors, tmp_path):
         loaders.resolve_worldstereo_variant(MODEL_TYPES[1])
     message = str(info.value)
     assert str(root / MODEL_TYPES[1]) in message and HF_REPO_ID in message and "model.safetensors" in message
+    hub = _core(comfy_stub, "hub")
+    assert f"({hub.FILE_SIZES[HF_REPO_ID, MODEL_TYPES[1] + '/model.safetensors']})" in message
+    assert "download to true" in message
     with pytest.raises(errors.InputError, match="model_type"):
         loaders.resolve_worldstereo_variant("worldstereo-huge")
     assert "not-a-model-type" in loaders.model_dirs("worldstereo", loaders.VARIANT_FILES)
@@ -274,8 +277,33 @@ def test_model_files_and_resolution(comfy_stub, errors, tmp_path):
     (moge / "README.md").write_text("not weights")
     assert loaders.model_files("moge") == ["moge-2-vitl-normal.pt", "sub/other.safetensors"]
     assert loaders.resolve_model_file("moge", "sub/other.safetensors") == moge / "sub" / "other.safetensors"
-    with pytest.raises(errors.MissingWeightsError, match="'moge' model folder"):
+    with pytest.raises(errors.MissingWeightsError, match="'moge' model folder") as info:
         loaders.resolve_model_file("moge", "missing.pt")
+    assert "huggingface.co" not in str(info.value)  # no source invented for an unknown file
+
+
+def test_model_loader_reports_a_missing_variant_and_base_together(comfy_stub):
+    loaders = _nodes(comfy_stub).loaders
+    hub = _core(comfy_stub, "hub")
+    model_type = _core(comfy_stub, "constants").MODEL_TYPES[0]
+    base = loaders.DEFAULT_FILES["diffusion_models"]
+    message = loaders.WorldStereoModelLoader.validate_inputs(model_type=model_type, base=base, download=False)
+    assert isinstance(message, str)
+    assert f"WorldStereo variant {model_type!r} is not installed" in message  # the variant ...
+    assert hub.COMFY_FILES["diffusion_models", base] in message and repr(base) in message  # ... and the base file
+
+
+def test_missing_comfy_file_names_folder_repository_path_and_size(comfy_stub, errors, tmp_path):
+    loaders = _nodes(comfy_stub).loaders
+    hub = _core(comfy_stub, "hub")
+    for folder, name in loaders.DEFAULT_FILES.items():
+        with pytest.raises(errors.MissingWeightsError) as info:
+            loaders.resolve_model_file(folder, name)
+        message = str(info.value)
+        path = hub.COMFY_FILES[folder, name]
+        assert repr(name) in message and str(tmp_path / "comfyui" / "models" / folder) in message
+        assert f"{hub.COMFY_WAN_REPO}/resolve/main/{path}" in message
+        assert f"({hub.FILE_SIZES[hub.COMFY_WAN_REPO, path]})" in message
     with pytest.raises(errors.InputError, match="no model folder"):
         loaders.folder_roots("not_a_folder")
 

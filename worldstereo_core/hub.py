@@ -7,6 +7,13 @@ A models root has the ComfyUI-style layout the nodes use too::
     <models>/moge/<repo-name>/model.pt                                  Ruicheng/moge-2-vitl-normal
     <models>/dinov2/<repo-name>/{config.json, ...}                      facebook/dinov2-base
 
+ComfyUI users keep the Wan2.1 parts as single files in ComfyUI's own folders (``diffusion_models``,
+``text_encoders``, ``clip_vision``, ``vae``), from :data:`COMFY_WAN_REPO`: :data:`COMFY_FILES`
+says where each file is in that repository and :func:`comfy_file_source` how to get it.
+:data:`FILE_SIZES` holds the download size of every weight file a user fetches (the public
+repository pages; README's model table says the same, a test checks), so every missing-file
+message can state it.
+
 :func:`fetch_files` is the one download routine: files already present are used as they are; a
 missing file is fetched with ``huggingface_hub.hf_hub_download(local_dir=...)`` only when
 ``download`` is set and ``HF_HUB_OFFLINE`` is not, logging target path and size and calling
@@ -41,6 +48,35 @@ WAN_BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 WAN_BASE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
 DINOV2_REPO = "facebook/dinov2-base"
 DINOV2_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
+#: ComfyUI's repackaged Wan2.1 single files (the files ComfyUI's own Wan workflows load).
+COMFY_WAN_REPO = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
+#: (ComfyUI model folder, file name) -> path of the file in :data:`COMFY_WAN_REPO`.
+COMFY_FILES = {
+    (folder, name): f"split_files/{folder}/{name}"
+    for folder, names in {
+        "diffusion_models": ("wan2.1_i2v_480p_14B_bf16.safetensors", "wan2.1_i2v_480p_14B_fp16.safetensors",
+                             "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"),
+        "text_encoders": ("umt5_xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+        "clip_vision": ("clip_vision_h.safetensors",),
+        "vae": ("wan_2.1_vae.safetensors",),
+    }.items() for name in names
+}
+#: (repo, path in the repo) -> download size, as the repository pages state it.
+FILE_SIZES = {
+    (HF_REPO_ID, "worldstereo-camera/model.safetensors"): "10.9 GB",
+    (HF_REPO_ID, "worldstereo-memory/model.safetensors"): "22.3 GB",
+    (HF_REPO_ID, "worldstereo-memory-dmd/model.safetensors"): "34.9 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_bf16.safetensors"]): "32.8 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_fp16.safetensors"]): "32.8 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"]): "16.4 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["text_encoders", "umt5_xxl_fp16.safetensors"]): "11.4 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"]): "6.74 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["clip_vision", "clip_vision_h.safetensors"]): "1.26 GB",
+    (COMFY_WAN_REPO, COMFY_FILES["vae", "wan_2.1_vae.safetensors"]): "254 MB",
+    (MOGE_REPO, "model.pt"): "~1.3 GB",
+    (DINOV2_REPO, "model.safetensors"): "~350 MB",
+}
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -74,10 +110,27 @@ def download_command(repo_id: str, local_dir: str | os.PathLike, files: Sequence
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _missing(what: str, local_dir: Path, names: Sequence[str], reason: str, command: str) -> MissingWeightsError:
+def download_size(repo_id: str, paths: Iterable[str]) -> str:
+    """``" (<size>)"`` of the weights among ``paths`` of ``repo_id`` when :data:`FILE_SIZES` knows it, else ``""``."""
+    sizes = [FILE_SIZES[repo_id, p] for p in paths if (repo_id, p) in FILE_SIZES]
+    return f" ({sizes[0]})" if sizes else ""
+
+
+def comfy_file_source(folder: str, name: str) -> str | None:
+    """How to get ComfyUI's single file ``name`` of model folder ``folder`` (URL and size), or None
+    for a file :data:`COMFY_FILES` does not know."""
+    path = COMFY_FILES.get((folder, name))
+    if path is None:
+        return None
+    return (f"download it{download_size(COMFY_WAN_REPO, [path])} from "
+            f"https://huggingface.co/{COMFY_WAN_REPO}/resolve/main/{path}")
+
+
+def _missing(what: str, local_dir: Path, names: Sequence[str], reason: str, command: str,
+             size: str = "") -> MissingWeightsError:
     listed = ", ".join(names[:6]) + (f" ... ({len(names)} files)" if len(names) > 6 else "")
     return MissingWeightsError(
-        f"{what}: {listed} not found in {local_dir} ({reason}). Download it with\n  {command}\n"
+        f"{what}{size}: {listed} not found in {local_dir} ({reason}). Download it with\n  {command}\n"
         "(older huggingface_hub: huggingface-cli download ...), or pass --download / download=True "
         "to fetch it automatically.")
 
@@ -99,10 +152,11 @@ def fetch_files(repo_id: str, filenames: Sequence[str], local_dir: str | os.Path
         return paths
     names = [name for name, _ in missing]
     command = command or download_command(repo_id, local_dir, names)
+    size = download_size(repo_id, names)
     if not download:
-        raise _missing(what, local_dir, names, "automatic download is off", command)
+        raise _missing(what, local_dir, names, "automatic download is off", command, size)
     if hub_offline():
-        raise _missing(what, local_dir, names, "HF_HUB_OFFLINE is set, so nothing is downloaded", command)
+        raise _missing(what, local_dir, names, "HF_HUB_OFFLINE is set, so nothing is downloaded", command, size)
     import huggingface_hub
 
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +166,10 @@ def fetch_files(repo_id: str, filenames: Sequence[str], local_dir: str | os.Path
         try:
             huggingface_hub.hf_hub_download(repo_id=repo_id, filename=name, local_dir=local_dir, **extra)
         except Exception as exc:  # network, auth, missing file: all end the same way for the user
-            raise _missing(what, local_dir, names, f"download failed: {type(exc).__name__}: {exc}", command) from exc
+            raise _missing(what, local_dir, names, f"download failed: {type(exc).__name__}: {exc}", command,
+                           size) from exc
         if not path.is_file():
-            raise _missing(what, local_dir, names, f"the download did not produce {path}", command)
+            raise _missing(what, local_dir, names, f"the download did not produce {path}", command, size)
         log.info("downloaded %s (%.1f MB)", path, path.stat().st_size / 2**20)
         report(progress, done, len(missing))
     return paths

@@ -56,6 +56,8 @@ FILES = {
 TINY_SCALE_MAP = [[32, 48], [48, 32], [32, 32]]
 PANORAMA_SCENE = "worldstereo_panorama_scene"
 EXAMPLE_IMAGE = "example.png"
+#: Example inputs shipped with the workflows (users copy them into ComfyUI's input/).
+SHIPPED_INPUTS = Path(__file__).resolve().parents[2] / "example_workflows" / "input"
 VAE_BASE_DIM = 4
 #: The tiny UMT5's sizes besides its width (the text_dim).
 UMT5_SIZES = dict(vocab_size=128, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
@@ -294,6 +296,10 @@ def write_panorama_scene(input_dir: str | Path, *, bank_size: tuple[int, int] = 
 
 
 def write_example_inputs(input_dir: str | Path, comfy_dir: Optional[str | Path] = None) -> Path:
+    """What the example workflows load from input/: example.png, the shipped 360-degree example
+    (``example_workflows/input/``) and a small panorama scene folder."""
     write_example_image(input_dir, comfy_dir)
+    for shipped in sorted(SHIPPED_INPUTS.iterdir()):
+        shutil.copyfile(shipped, Path(input_dir) / shipped.name)
     write_panorama_scene(input_dir)
     return Path(input_dir)

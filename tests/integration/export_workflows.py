@@ -43,6 +43,9 @@ SINGLE_FILES = {
     "clip_vision": {"clip_vision": "clip_vision_h.safetensors", "download": False},
 }
 DIFFUSERS = "diffusers/Wan2.1-I2V-14B-480P-Diffusers"
+#: The shipped 360-degree example (example_workflows/input/, copied into input/ by write_example_inputs).
+PANORAMA_IMAGE = "worldstereo_panorama_room.png"
+PANORAMA_PROMPT = "An empty room with checkered walls in soft coloured light, realistic photo."
 
 
 def node(key, type_, pos, widgets=None, links=None, title=None) -> dict:
@@ -166,18 +169,28 @@ def fast_dmd() -> list[dict]:
 
 
 def panorama() -> list[dict]:
+    """One equirectangular image in input/ -> Panorama Scene From Image (MoGe depth) -> the loop."""
     return loaders("worldstereo-memory") + [
-        node("dinov2", "WorldStereoDINOv2Loader", (420, 420), {"model": "dinov2-base", "download": False}),
-        node("loop", "WorldStereoMultiTrajectoryLoop", (760, 0),
-             {"scene": "worldstereo_panorama_scene", "task": "panorama", "cache_mode": "release", "prompt": "",
+        node("image", "LoadImage", (420, 0), {"image": PANORAMA_IMAGE}),
+        node("moge", "WorldStereoMoGeLoader", (420, 420), {"checkpoint": "moge-2-vitl-normal/model.pt",
+                                                          "download": False}),
+        node("dinov2", "WorldStereoDINOv2Loader", (420, 560), {"model": "dinov2-base", "download": False}),
+        node("scene", "WorldStereoPanoramaSceneFromImage", (760, 0),
+             {"prompt": PANORAMA_PROMPT, "name": "panorama_room", "output_folder": "WorldStereo/panorama",
+              "views": 4, "explorations": 2, "reconstructs": 1, "frames": 21, "bank_width": 832, "bank_height": 480},
+             {"image": ("image", "IMAGE"), "moge": ("moge", "moge")}),
+        node("bank_views", "PreviewImage", (760, 560), links={"images": ("scene", "bank_views")}),
+        node("loop", "WorldStereoMultiTrajectoryLoop", (1160, 0),
+             {"scene": "(the image input)", "task": "panorama", "cache_mode": "release", "prompt": "",
               "steps": 40, "cfg": 5.0, "shift": 0.0, "seed": 1024, "control_after_generate": "fixed",
               "output_folder": "WorldStereo/panorama"},
              {"model": ("model", "model"), "vae": ("vae", "vae"), "text_encoder": ("te", "text_encoder"),
-              "clip_vision": ("clip", "clip_vision"), "dinov2": ("dinov2", "dinov2")}),
-        node("save", "WorldStereoSaveVideo", (1200, 0), {"filename_prefix": "WorldStereo/panorama", "fps": 16},
+              "clip_vision": ("clip", "clip_vision"), "moge": ("moge", "moge"), "dinov2": ("dinov2", "dinov2"),
+              "panorama_scene": ("scene", "panorama_scene")}),
+        node("save", "WorldStereoSaveVideo", (1600, 0), {"filename_prefix": "WorldStereo/panorama", "fps": 16},
              {"images": ("loop", "frames")}),
-        node("worldmirror", "WorldStereoExportWorldMirror", (1200, 380),
-             {"folder_prefix": "WorldStereo/panorama_worldmirror", "scene": "panorama"},
+        node("worldmirror", "WorldStereoExportWorldMirror", (1600, 380),
+             {"folder_prefix": "WorldStereo/panorama_worldmirror", "scene": "panorama_room"},
              {"memory_bank": ("loop", "memory_bank")}),
     ]
 

@@ -83,7 +83,8 @@ def test_model_folders_registered(server):
     status, files = server.get("/models/moge")
     assert status == 200 and "moge-2-vitl-normal/model.pt" in files
     info = server.object_info()
-    assert "wan_2.1_vae.safetensors" in info["WorldStereoVAELoader"]["input"]["required"]["vae"][0]
+    kind, options = info["WorldStereoVAELoader"]["input"]["required"]["vae"]
+    assert kind == "COMBO" and "wan_2.1_vae.safetensors" in options["options"]  # a V3 combo
 
 
 def test_web_extension_served(server):
@@ -157,8 +158,18 @@ def _api_prompts() -> list[Path]:
     return sorted(API_PROMPTS.glob("*.api.json")) if API_PROMPTS.is_dir() else []
 
 
+#: Sizes the tiny checkpoints run at, per node type: the panorama scene's bank views at the tiny
+#: models' first working size (32 x 48) and one view group (3 trajectories) instead of the shipped 7.
+TINY_SETTINGS = {"WorldStereoPanoramaSceneFromImage": {"bank_width": 48, "bank_height": 32, "views": 1,
+                                                       "explorations": 0, "reconstructs": 0}}
+
+
 def _load(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """An API twin with :data:`TINY_SETTINGS` applied."""
+    prompt = json.loads(path.read_text(encoding="utf-8"))
+    for node in prompt.values():
+        node["inputs"].update(TINY_SETTINGS.get(node["class_type"], {}))
+    return prompt
 
 
 def test_api_prompts_reference_known_nodes(server):
@@ -195,6 +206,29 @@ def test_api_prompt_runs(server, path):
             (text,) = run.outputs[nid]["text"]
             folder = server.output_dir / text.split(":")[0].removeprefix("output/")
             assert (folder / "cameras.json").is_file() and any((folder / "images").iterdir())
+
+
+def test_panorama_example_starts_from_one_image(server):
+    """The panorama example runs from the 360-degree image in input/: its scene folder (27 bank views,
+    one trajectory folder per planned trajectory) is made in the output folder, and the loop runs
+    every planned trajectory of it."""
+    prompt = _load(API_PROMPTS / "worldstereo_panorama.api.json")
+    kinds = {n["class_type"]: nid for nid, n in prompt.items()}
+    assert "WorldStereoMemoryBankCreate" not in kinds and "LoadImage" in kinds
+    scene_id, loop_id = kinds["WorldStereoPanoramaSceneFromImage"], kinds["WorldStereoMultiTrajectoryLoop"]
+    assert prompt[loop_id]["inputs"]["panorama_scene"] == [scene_id, 0]
+    image = prompt[kinds["LoadImage"]]["inputs"]["image"]
+    assert (REPO / "example_workflows" / "input" / image).is_file(), "the example image is not shipped"
+    prompt[scene_id]["inputs"]["output_folder"] = prompt[loop_id]["inputs"]["output_folder"] = "WorldStereo/pano_one"
+    run = server.run_prompt(prompt, timeout=900)
+    assert run.status == "success", json.dumps(run.data("execution_error"))[:3000]
+    assert {scene_id, loop_id} <= _progress_nodes(run)
+    name = prompt[scene_id]["inputs"]["name"]
+    folder = server.output_dir / "WorldStereo" / "pano_one" / "panorama_scenes" / name
+    assert len(list((folder / "pano_bank" / "images").glob("*.png"))) == 27
+    planned = sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob("*/*/camera.json"))
+    (summary,) = run.outputs[loop_id]["text"]
+    assert sorted(json.loads(summary.split(": ", 1)[1])) == planned and len(planned) == 3
 
 
 def test_rerun_is_cached(server):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
-from ..hub import fetch_files
+from ..hub import MOGE_REPO, fetch_files
 from ..io.atomic import safe_join
 from ..io.fingerprint import file_stamps
 from ..progress import ProgressFn
@@ -32,7 +32,7 @@ MOGE_REPOS: dict[str, str] = {
     "Ruicheng/moge-2-vitl": "v2",
     "Ruicheng/moge-vitl": "v1",
 }
-DEFAULT_MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
+DEFAULT_MOGE_REPO = MOGE_REPO
 CHECKPOINT_NAME = "model.pt"
 #: Constant buffers re-created identically at construction; a checkpoint may omit them.
 REBUILT_BUFFERS = ("image_mean", "image_std")

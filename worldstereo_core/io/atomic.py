@@ -125,6 +125,13 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     return candidate
 
 
+def plain_name(name: str, what: str = "name") -> str:
+    """``name`` when it is one plain folder or file name (no separator, not '.' or '..')."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError(f"{what} must be a plain folder name, got {name!r}")
+    return name
+
+
 def output_folder(path: str | os.PathLike, what: str = "output folder", *, create: bool = False) -> Path:
     """``path`` as an output folder, created when ``create``; refused when it is a file."""
     path = Path(path)

@@ -66,7 +66,7 @@ from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_
 from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, MAX_REFERENCE, NFRAME
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.trajectories import median_depth, reconstruction_trajectories
-from ..io.atomic import atomic_path, safe_join, write_json_atomic
+from ..io.atomic import atomic_path, plain_name, safe_join, write_json_atomic
 from ..io.camera_json import load_bank_cameras, load_camera_json
 from ..io.fingerprint import file_digest, text_digest
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
@@ -627,8 +627,7 @@ def run_panorama_image(panorama, out_dir: str | os.PathLike, generator: Generato
     opts.check()
     if name is None:
         name = Path(panorama).stem if isinstance(panorama, (str, os.PathLike)) else "panorama"
-    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-        raise InputError(f"name must be a plain folder name, got {name!r}")
+    plain_name(name)
     with locked_run_folder(safe_join(out_dir, name)):
         scene = make_panorama_scene(panorama, safe_join(out_dir, PANORAMA_SCENES, name), depth=depth,
                                     depth_fn=depth_fn, prompt=prompt, options=scene_options, progress=progress)
