@@ -36,6 +36,7 @@ from . import files, types
 from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
 from .saving import file_entry, relative_to_base
+from .trajectory_preview import PAYLOAD_KEY, preview_ui, trajectory_entry
 from .sampling import MAX_SEED, build_sampler_pipeline
 
 CATEGORY = "WorldStereo/loop"
@@ -201,6 +202,20 @@ class MultiTrajectoryLoop(io.ComfyNode):
         return io.NodeOutput(frames, result.bank, folder, cloud, ui=ui)
 
 
+def wander_preview(folder: Path, cloud) -> dict:
+    """The trajectory preview of a panorama scene: every planned trajectory (``<group>/<traj>/
+    camera.json``, labelled ``group/traj``) over a sample of the 360-degree cloud."""
+    from ..worldstereo_core.io.camera_json import load_camera_json
+
+    paths = sorted(p for p in folder.glob("*/*/camera.json") if p.parent.parent.name != "pano_bank")
+    entries = [trajectory_entry(load_camera_json(p), label=f"{p.parent.parent.name}/{p.parent.name}")
+               for p in paths]
+    if entries:
+        entries[0] = trajectory_entry(load_camera_json(paths[0]), label=entries[0]["label"], points=cloud.xyz,
+                                      colors=cloud.rgb)
+    return preview_ui(*entries)
+
+
 class PanoramaSceneFromImage(io.ComfyNode):
     """One 360-degree image -> a panorama scene folder for the loop (the CLI's ``multi-traj --task
     panorama <image>`` first step): the 27 bank crops, the panorama's depth (yours, or MoGe's split /
@@ -299,7 +314,7 @@ class PanoramaSceneFromImage(io.ComfyNode):
         text = f"output/{relative_to_base(scene.folder, 'output')}: " + json.dumps(
             {"reused": scene.reused, "cloud_points": scene.summary.get("cloud_points"),
              "trajectories": len(plan.get("trajectories", [])), "sphere_coverage": plan.get("coverage")})
-        return io.NodeOutput(scene, uint8_to_image(bank), ui={"text": [text]})
+        return io.NodeOutput(scene, uint8_to_image(bank), ui={"text": [text], **wander_preview(scene.folder, scene.cloud)})
 
 
 NODE_CLASS_MAPPINGS = {"WorldStereoMultiTrajectoryLoop": MultiTrajectoryLoop,

@@ -599,8 +599,17 @@ def test_panorama_scene_from_image_feeds_the_loop(ws):
     ticks = [u[:2] for u in ws.stub.utils.updates]
     assert ticks and ticks[-1][0] == ticks[-1][1] and len({t for _v, t in ticks}) == 1
     assert ws.last_ui["text"][0].startswith("output/ws/pano/panorama_scenes/room: ")
+    # the planned wander trajectories in the trajectory preview, over a sample of the 360-degree cloud
+    preview = ws.last_ui["worldstereo_trajectory"]
+    assert [e["label"] for e in preview] == ["view0/traj0", "view0/traj1", "view0/traj2"]
+    for entry in preview:
+        planned = ws.core("io.camera_json").load_camera_json(scene.folder / entry["label"] / "camera.json")
+        assert torch.allclose(torch.tensor(entry["c2w"], dtype=torch.float64), planned.c2w.double(), atol=1e-5)
+        assert (entry["width"], entry["height"]) == (48, 32)
+    assert 0 < len(preview[0]["points"]) <= min(4000, len(scene.cloud)) and "points" not in preview[1]
     again, _ = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
     assert again.reused and again.folder == scene.folder  # a finished scene is reused as it is
+    assert ws.last_ui["worldstereo_trajectory"] == preview
     with pytest.raises(ws.errors.InputError):  # ... and one made from another image is refused, not overwritten
         ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **dict(args, image=image.flip(2)))
 

@@ -14,7 +14,10 @@ const TRAJECTORY_NODE_TYPES = [
   "WorldStereoTrajectoryFromJSON",
   "WorldStereoCameraJSONLoad",
   "WorldStereoReconstructionTrajectories",
+  "WorldStereoPanoramaSceneFromImage",
 ];
+// Nodes whose trajectories exist only after they ran (planned from depth): no live requests.
+const EXECUTED_ONLY_NODE_TYPES = ["WorldStereoPanoramaSceneFromImage"];
 const PAYLOAD_KEY = "worldstereo_trajectory";
 const PREVIEW_ROUTE = "/worldstereo/trajectory_preview";
 const WIDGET_NAME = "trajectory_preview";
@@ -359,6 +362,7 @@ function attachPreview(node) {
   // so besides the onWidgetChanged hook the values are compared periodically.
   state.check = () => {
     if (!node.graph || document.hidden) return;
+    if (EXECUTED_ONLY_NODE_TYPES.includes(node.comfyClass || node.type)) return;
     let signature;
     try {
       signature = JSON.stringify(widgetValues(node));
@@ -371,6 +375,9 @@ function attachPreview(node) {
     }
   };
   state.poll = setInterval(state.check, POLL_MS);
+  if (EXECUTED_ONLY_NODE_TYPES.includes(node.comfyClass || node.type)) {
+    view.setMessage("the planned trajectories appear here once the node has run");
+  }
 
   const size = node.computeSize?.();
   if (size) node.setSize?.([Math.max(size[0], 340), Math.max(size[1], node.size?.[1] || 0)]);

@@ -51,10 +51,48 @@ def write_camera_json(path: Path, frames: int = 21) -> Path:
     return path
 
 
-def trajectory_node_types(pack_dir: Path) -> list[str]:
+def _js_list(pack_dir: Path, name: str) -> list[str]:
     source = (pack_dir / "web" / "trajectory_preview.js").read_text(encoding="utf-8")
-    block = re.search(r"const TRAJECTORY_NODE_TYPES = \[(.*?)\];", source, re.S)
+    block = re.search(rf"const {name} = \[(.*?)\];", source, re.S)
     return re.findall(r'"([^"]+)"', block.group(1)) if block else []
+
+
+def trajectory_node_types(pack_dir: Path) -> list[str]:
+    """The node types with a live preview (drawn from their widget values before they run)."""
+    executed_only = set(executed_only_node_types(pack_dir))
+    return [t for t in _js_list(pack_dir, "TRAJECTORY_NODE_TYPES") if t not in executed_only]
+
+
+def executed_only_node_types(pack_dir: Path) -> list[str]:
+    """The node types whose preview is drawn only from their executed payload."""
+    return _js_list(pack_dir, "EXECUTED_ONLY_NODE_TYPES")
+
+
+def check_executed_only_node(browser: "Browser", node_type: str, index: int) -> dict:
+    """The preview canvas exists, says it waits for a run, and sends no live request; a payload
+    handed to onExecuted (what the server's executed message carries) is drawn."""
+    result: dict = {"node_type": node_type, "errors": []}
+    browser.evaluate(f"window.__ws.add({json.dumps(node_type)}, {40 + 420 * index}, 460)")
+    state = browser.evaluate(f"window.__ws.state({json.dumps(node_type)})")
+    if not state:
+        result["errors"].append("no preview widget")
+        return result
+    if "once the node has run" not in state["message"]:
+        result["errors"].append(f"unexpected preview message before a run: {state['message']!r}")
+    payload = {"worldstereo_trajectory": [{"c2w": [[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, z], [0, 0, 0, 1]]
+                                                   for z in (0.0, 0.5)],
+                                           "K": [[[50, 0, 32], [0, 50, 24], [0, 0, 1]]] * 2, "width": 64,
+                                           "height": 48, "label": "view0/traj0",
+                                           "points": [[0, 0, 3, 200, 10, 10], [1, 0, 3, 10, 200, 10]]}]}
+    drawn = browser.evaluate(f"""(() => {{
+        const node = window.__ws.node({json.dumps(node_type)});
+        node.onExecuted({json.dumps(payload)});
+        return window.__ws.state({json.dumps(node_type)});
+    }})()""")
+    result["executed"] = drawn
+    if not drawn or drawn["cams"] != 2 or drawn["points"] != 2:
+        result["errors"].append(f"an executed payload was not drawn: {drawn}")
+    return result
 
 
 class Browser:
@@ -308,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             report["trajectory_nodes_present"] = present
             for i, node_type in enumerate(present):
                 report["nodes"].append(check_node(browser, server, node_type, object_info[node_type], i, out))
+            executed_only = [t for t in executed_only_node_types(Path(args.pack_dir)) if t in object_info]
+            report["executed_only_nodes_present"] = executed_only
+            for i, node_type in enumerate(executed_only):
+                report["nodes"].append(check_executed_only_node(browser, node_type, i))
             report["screenshot"] = str(browser.screenshot(out / "ui.png"))
             all_errors = browser.console_errors()
             ours = [e for e in all_errors if "worldstereo" in e.lower() or PACK_FOLDER.lower() in e.lower()]

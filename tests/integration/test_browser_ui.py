@@ -28,8 +28,13 @@ def test_extension_loads_and_previews(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["extension_registered"], report
     assert code == 0, json.dumps(report["errors"], indent=2)
+    executed_only = set(report["executed_only_nodes_present"])
+    assert executed_only, "the panorama scene node previews its planned trajectories after it ran"
     for node in report["nodes"]:  # trajectory nodes that exist get a live, updating preview
-        assert node["live"]["cams"] > 0 and node["after_change"]["cams"] > 0, node
+        if node["node_type"] in executed_only:
+            assert node["executed"]["cams"] > 0 and node["executed"]["points"] > 0, node
+        else:
+            assert node["live"]["cams"] > 0 and node["after_change"]["cams"] > 0, node
 
 
 def test_example_workflows_load_without_missing_nodes(tmp_path):
