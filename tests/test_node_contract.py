@@ -422,22 +422,24 @@ def test_mappings_are_consistent(comfy_stub):
     assert pack.WEB_DIRECTORY == "./web" and (REPO / "web").is_dir()
 
 
-def _js_trajectory_types() -> list[str]:
+def _js_list(name: str) -> list[str]:
     source = (REPO / "web" / "trajectory_preview.js").read_text(encoding="utf-8")
-    block = re.search(r"const TRAJECTORY_NODE_TYPES = \[(.*?)\];", source, re.S)
-    assert block, "TRAJECTORY_NODE_TYPES constant not found in web/trajectory_preview.js"
+    block = re.search(rf"const {name} = \[(.*?)\];", source, re.S)
+    assert block, f"{name} constant not found in web/trajectory_preview.js"
     return re.findall(r'"([^"]+)"', block.group(1))
 
 
 def test_preview_nodes_and_js_list_agree(comfy_stub):
     """Every node serving live previews is listed in the JS, and every listed id that exists
-    serves them (ids not written yet are allowed)."""
+    serves them (ids not written yet are allowed), except the executed-only ones, which are listed
+    too and serve none (their trajectories exist only after they ran)."""
     mappings = comfy_stub.pack.NODE_CLASS_MAPPINGS
-    listed = _js_trajectory_types()
-    assert listed and all(t.startswith(ID_PREFIX) for t in listed)
+    listed, executed_only = _js_list("TRAJECTORY_NODE_TYPES"), set(_js_list("EXECUTED_ONLY_NODE_TYPES"))
+    assert listed and all(t.startswith(ID_PREFIX) for t in listed) and executed_only <= set(listed)
     serving = {nid for nid, cls in mappings.items() if hasattr(cls, "preview_trajectory")}
     assert serving <= set(listed), f"add {sorted(serving - set(listed))} to TRAJECTORY_NODE_TYPES"
-    missing = [t for t in listed if t in mappings and t not in serving]
+    assert not serving & executed_only, f"{sorted(serving & executed_only)} serve live previews: not executed-only"
+    missing = [t for t in listed if t in mappings and t not in serving | executed_only]
     assert not missing, f"{missing} are listed for preview but have no preview_trajectory classmethod"
 
 
