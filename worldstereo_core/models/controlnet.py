@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionFn, BranchSelfAttention
 from .config import ControlNetConfig
+from .transfer import host_to_device
 from .ops import TORCH_OPS, check_ops
 from .rope import grid_positions, rope_cos_sin
 from .sequence import WHOLE_SEQUENCE, SequenceSplit
@@ -137,21 +138,29 @@ class GGMControlNet(nn.Module):
         cond = render_mask if camera_embedding is None else torch.cat([render_mask, camera_embedding], dim=1)
         return self.controlnet_mask_embedding(cond.to(dtype)).flatten(2).transpose(1, 2)
 
+    def rotary(self, grid: tuple[int, int, int], device: torch.device,
+               split: SequenceSplit = WHOLE_SEQUENCE) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of a ``grid`` of tokens (this process's part), on ``device`` without a host sync."""
+        return rope_cos_sin(host_to_device(split.local(grid_positions(*grid), "ControlNet", dim=0), device),
+                            self.head_dim)
+
     def residuals(self, hidden_states: torch.Tensor, render_latent: torch.Tensor, condition: torch.Tensor,
                   temb: torch.Tensor, *, attention: AttentionFn | None = None,
-                  split: SequenceSplit = WHOLE_SEQUENCE) -> Iterator[torch.Tensor]:
+                  split: SequenceSplit = WHOLE_SEQUENCE, rotary=None) -> Iterator[torch.Tensor]:
         """Yield residual j ([B, N, D], this process's part of the sequence) for j = 0..L_c-1,
         computing each block only when asked (one residual alive at a time).
 
         ``condition``: :meth:`embed_condition`'s tokens; its batch may divide the batch of
         ``hidden_states`` (e.g. 1 for both CFG halves). ``attention``: the kernel for every block
-        (default: each block's own processor)."""
+        (default: each block's own processor). ``rotary``: :meth:`rotary` of the token grid, when
+        the caller keeps it (computed here otherwise)."""
         cn_in = torch.cat([hidden_states[:, : self.cond_channels], render_latent], dim=1)
         x = self.controlnet_patch_embedding(cn_in)
         grid = tuple(x.shape[2:])
         x = _add_batched(x.flatten(2).transpose(1, 2), condition.to(x.dtype))
         x = split.local(self.proj_in(x), "ControlNet")
-        rotary = rope_cos_sin(split.local(grid_positions(*grid), "ControlNet", dim=0).to(x.device), self.head_dim)
+        if rotary is None:
+            rotary = self.rotary(grid, x.device, split)
         temb = temb.to(x.dtype)
         for block, proj in zip(self.controlnet_blocks, self.proj_out):
             x = block(x, temb, rotary, attention)

@@ -8,7 +8,7 @@ width-stitched reference RoPE, and the head.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ from .ops import TORCH_OPS
 from .rope import grid_positions
 from .sequence import WHOLE_SEQUENCE, SequenceSplit
 from .ssm import PairGroups, add_pose, camera_pose_mlp, joint_positions
+from .transfer import host_to_device
 
 
 class HostConditioning(Protocol):
@@ -93,26 +94,43 @@ class WorldStereoBranches(nn.Module):
             setattr(self, name, module)
 
 
+def _kept(cache: dict | None, key: tuple, make: Callable[[], Any], owner: Any = None) -> Any:
+    """``make()``, remembered in ``cache`` under ``key`` (None: not remembered). ``owner``: the
+    object whose ``id`` the key holds, kept alive with the entry so that the id stays its own."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = (owner, make())
+    return cache[key][1]
+
+
 def run_worldstereo(host: WanHost, controlnet: GGMControlNet, inp: VideoInputs, mem: MemoryInputs | None = None, *,
                     camera_embedding: nn.Module | None = None, update_ref: bool = True,
-                    attention_scope: str = "full", split: SequenceSplit = WHOLE_SEQUENCE) -> torch.Tensor:
+                    attention_scope: str = "full", split: SequenceSplit = WHOLE_SEQUENCE,
+                    clip_cache: dict | None = None) -> torch.Tensor:
     """The WorldStereo forward on ``host``: the flow velocity [B, C_out, F, h, w].
 
     ``mem`` (memory models): reference latents, ``ref_index`` (on the CPU) and poses, with
     ``camera_embedding`` the pose MLP (None if the variant has none) and ``update_ref`` whether
     reference tokens are carried from block to block. ``inp.controlnet_condition`` must hold the
-    clip's ControlNet condition tokens (:meth:`GGMControlNet.embed_condition`)."""
+    clip's ControlNet condition tokens (:meth:`GGMControlNet.embed_condition`). ``clip_cache``: a
+    dict living as long as one clip, where the RoPE tables (and ``pairs`` groups) are kept between
+    its steps; positions reach the device without a host sync either way."""
     hidden = inp.hidden_states
     p_t, p_h, p_w = host.patch_size
     grid = (hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
+    device = hidden.device
     cond = host.conditioning(inp.timestep, inp.encoder_hidden_states, inp.encoder_hidden_states_image)
+    cn_rotary = _kept(clip_cache, ("controlnet rotary", grid, device, id(split)),
+                      lambda: controlnet.rotary(grid, device, split))
     residuals = controlnet.residuals(hidden, inp.render_latent, inp.controlnet_condition, cond.temb,
-                                     attention=host.branch_attention, split=split)
+                                     attention=host.branch_attention, split=split, rotary=cn_rotary)
     x = host.embed(hidden)
     n_residuals = controlnet.num_layers
     if mem is None:
         x = split.local(x, "video")
-        rotary = host.rotary(split.local(grid_positions(*grid), "video", dim=0).to(x.device))
+        rotary = _kept(clip_cache, ("rotary", grid, device, id(split)), lambda: host.rotary(
+            host_to_device(split.local(grid_positions(*grid), "video", dim=0), device)))
         for i in range(host.num_blocks):
             x = host.block(i, x, cond, rotary)
             if i < n_residuals:
@@ -123,14 +141,20 @@ def run_worldstereo(host: WanHost, controlnet: GGMControlNet, inp: VideoInputs, 
             x = add_pose(x, camera_embedding(mem.camera_qt))
             r = add_pose(r, camera_embedding(mem.camera_qt_ref))
         x, r = split.local(x, "video"), split.local(r, "reference")
-        positions = joint_positions(mem.ref_index, *grid)
-        n_ref = mem.ref_index.numel() * grid[1] * grid[2]
-        positions = torch.cat([split.local(positions[:n_ref], "reference", dim=0),
-                               split.local(positions[n_ref:], "video", dim=0)])
-        rotary = host.rotary(positions.to(x.device))
+
+        def joint_rotary():
+            positions = joint_positions(mem.ref_index, *grid)
+            n_ref = mem.ref_index.numel() * grid[1] * grid[2]
+            positions = torch.cat([split.local(positions[:n_ref], "reference", dim=0),
+                                   split.local(positions[n_ref:], "video", dim=0)])
+            return host.rotary(host_to_device(positions, device))
+
+        ref_key = id(mem.ref_index)
+        rotary = _kept(clip_cache, ("joint rotary", grid, device, id(split), ref_key), joint_rotary, mem.ref_index)
         groups = None
         if attention_scope == "pairs":
-            groups = PairGroups.build(mem.ref_index, grid[0], grid[1] * grid[2], x.device)
+            groups = _kept(clip_cache, ("pairs", grid, device, ref_key),
+                           lambda: PairGroups.build(mem.ref_index, grid[0], grid[1] * grid[2], device), mem.ref_index)
         last = host.num_blocks - 1
         for i in range(host.num_blocks):
             # Reference outputs are only computed when the next block consumes them.

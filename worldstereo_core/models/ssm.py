@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .attention import AttentionFn, key_mask_bias
 from .controlnet import zero_init
+from .transfer import host_to_device
 from .ops import TORCH_OPS
 from .rope import grid_positions
 
@@ -74,7 +75,7 @@ class PairGroups:
 
     @classmethod
     def build(cls, ref_index: torch.Tensor, num_frames: int, tokens_per_frame: int, device) -> "PairGroups":
-        """Built on the CPU from the (host) ``ref_index``, then moved to ``device``: no device sync."""
+        """Built on the CPU from the (host) ``ref_index``, then copied to ``device`` without a host sync."""
         ref_index = ref_index.to(device="cpu", dtype=torch.long)
         n_refs, tpf = ref_index.numel(), tokens_per_frame
         frame = ref_index + 1
@@ -100,7 +101,8 @@ class PairGroups:
         inverse = torch.empty(n_refs * tpf + num_frames * tpf, dtype=torch.long)
         flat_valid = key_mask.flatten()
         inverse[index.flatten()[flat_valid]] = torch.arange(index.numel())[flat_valid]
-        return cls(index.to(device), None if bool(key_mask.all()) else key_mask.to(device), inverse.to(device))
+        return cls(host_to_device(index, device), None if bool(key_mask.all()) else host_to_device(key_mask, device),
+                   host_to_device(inverse, device))
 
 
 @dataclass

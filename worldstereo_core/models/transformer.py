@@ -113,7 +113,10 @@ class DiffusersWanHost:
 
     def head(self, x: torch.Tensor, cond: DiffusersConditioning) -> torch.Tensor:
         model = self.model
-        shift, scale = (model.scale_shift_table.to(cond.temb.device) + cond.temb.unsqueeze(1)).chunk(2, dim=1)
+        table = model.scale_shift_table
+        if table.device != cond.temb.device:  # a model spread over devices
+            table = table.to(cond.temb.device)
+        shift, scale = (table + cond.temb.unsqueeze(1)).chunk(2, dim=1)
         x = (model.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         return model.proj_out(x)
 
@@ -162,7 +165,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
                 module.processor = DiffusersAttention()
         #: How the token sequence is split over processes (set by ``runtime.parallel.enable_sequence_parallel``).
         self.sequence_split = WHOLE_SEQUENCE
-        self._condition_cache: dict | None = None
+        self._clip_cache: dict | None = None
 
     def _branch_processors(self) -> Iterator[DiffusersAttention]:
         for module in self.controlnet.modules():
@@ -194,35 +197,39 @@ class WorldStereoTransformer(WanTransformer3DModel):
 
     @contextlib.contextmanager
     def reusing_condition(self) -> Iterator[None]:
-        """Inside the block, calls with the same ``render_mask`` / ``camera_embedding`` tensor objects
-        compute the ControlNet's condition embedding once (a sampling loop wraps one clip in it)."""
-        self._condition_cache = {}
+        """Inside the block, calls with the same ``render_mask`` / ``camera_embedding`` (and
+        ``ref_index``) tensor objects compute the ControlNet's condition embedding and the RoPE tables
+        once (a sampling loop wraps one clip in it)."""
+        self._clip_cache = {}
         try:
             yield
         finally:
-            self._condition_cache = None
+            self._clip_cache = None
 
-    def _controlnet_condition(self, render_mask: torch.Tensor, camera_embedding: torch.Tensor | None,
-                              batch: int) -> torch.Tensor:
-        """The condition tokens of the (checked) mask and rays, at their own batch when it is 1."""
-        key = (id(render_mask), id(camera_embedding), batch)
-        cache = self._condition_cache
-        if cache is not None and key in cache:
-            return cache[key][-1]
+    def _controlnet_condition(self, render_mask: torch.Tensor, camera_embedding: torch.Tensor | None
+                              ) -> torch.Tensor:
+        """The condition tokens of the (checked) mask and rays, at their own batch (shared by a CFG batch)."""
         conditions = [render_mask, camera_embedding]
-        if any(t is not None and t.shape[0] != 1 for t in conditions):
-            conditions = [None if t is None else t.expand(batch, *t.shape[1:]) for t in conditions]
-        tokens = self.controlnet.embed_condition(*conditions, self.compute_dtype)
-        if cache is not None:  # the inputs are kept so that their ids stay theirs
-            cache[key] = (render_mask, camera_embedding, tokens)
-        return tokens
+        n = max(t.shape[0] for t in conditions if t is not None)
+        if any(t is not None and t.shape[0] not in (1, n) for t in conditions):
+            raise InputError(f"render_mask and camera_embedding have batch sizes {render_mask.shape[0]} and "
+                             f"{camera_embedding.shape[0]}; give them the same batch size (or 1)")
+        conditions = [None if t is None else t.expand(n, *t.shape[1:]) for t in conditions]
+        return self.controlnet.embed_condition(*conditions, self.compute_dtype)
 
     def _video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                       render_latent, render_mask, camera_embedding, extrinsics, intrinsics):
+        cache = self._clip_cache
+        key = ("condition", id(render_mask), id(camera_embedding))
+        tokens = cache[key][1] if cache is not None and key in cache else None
         inp = check_video_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, hidden_states, timestep,
                                  encoder_hidden_states, encoder_hidden_states_image, render_latent, render_mask,
-                                 camera_embedding, extrinsics, intrinsics)
-        inp.controlnet_condition = self._controlnet_condition(render_mask, camera_embedding, hidden_states.shape[0])
+                                 camera_embedding, extrinsics, intrinsics, controlnet_condition=tokens)
+        if tokens is None:
+            tokens = self._controlnet_condition(render_mask, camera_embedding)
+            if cache is not None:  # the inputs are kept so that their ids stay theirs
+                cache[key] = ((render_mask, camera_embedding), tokens)
+        inp.controlnet_condition = tokens
         return inp
 
     # ----- forward -------------------------------------------------------------------------------
@@ -247,7 +254,8 @@ class WorldStereoTransformer(WanTransformer3DModel):
         _no_attention_kwargs(attention_kwargs)
         inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                                  render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
-        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split)
+        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split,
+                              clip_cache=self._clip_cache)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -304,7 +312,8 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
                                   reference_latent, ref_index, camera_qt, camera_qt_ref)
         out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, mem,
                               camera_embedding=self.camera_embedding, update_ref=self.controlnet_cfg.update_ref,
-                              attention_scope=self.attention_scope, split=self.sequence_split)
+                              attention_scope=self.attention_scope, split=self.sequence_split,
+                              clip_cache=self._clip_cache)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

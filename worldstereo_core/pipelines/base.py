@@ -10,6 +10,12 @@ it is used and moved home afterwards, unless ``keep_on_device=True``. Results co
 CPU. A progress callback may raise to interrupt; the run then stops after the current step (or
 conditioning stage: the callback is also called with 0 steps done between the text, CLIP and VAE
 encodings), components go home and the CUDA cache is emptied.
+
+Work is not repeated: text embeddings are kept for the next runs with the same prompt
+(:class:`.conditioning.PromptCache`), the ControlNet's condition embedding is computed once per
+clip, and the step loop makes no host sync (timesteps go to the device before it, the schedules
+step with host scalars). The CUDA cache is emptied after a run only when memory was handed back
+(components moved home, streamed blocks) or the run failed.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from ..constants import DEFAULT_SEED, TEXT_SEQ_LEN
 from ..errors import InputError, MissingWeightsError
 from ..progress import ProgressFn, report
 from ..sizes import SIZE_MULTIPLE
-from .conditioning import encode_image, encode_prompt, preprocess_image
+from .conditioning import PromptCache, encode_image, encode_prompt, preprocess_image
 from .schedulers import Sampler, initial_noise, make_generator
 from .vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode_keyframes, encode_keyframes,
                   encode_video, frames_from_video, i2v_mask, image_condition_latent, latent_frames,
@@ -163,6 +169,8 @@ class KeyframePipeline(abc.ABC):
         self.clip_no_rescale = clip_no_rescale
         self.device = _exact_device(torch.device(device) if device is not None else _device_of(transformer))
         self.keep_on_device = keep_on_device
+        self.prompt_cache = PromptCache()
+        self._released = False  # whether this run handed device memory back (see __call__)
 
     # ----------------------------------------------------------------------------------------
     # Subclass hooks
@@ -184,6 +192,7 @@ class KeyframePipeline(abc.ABC):
         A module with a ``placement`` (e.g. ``runtime.block_swap.BlockSwap``) places itself."""
         placement = getattr(module, "placement", None)
         if placement is not None:
+            self._released |= not self.keep_on_device
             with placement(self.device, keep=self.keep_on_device):
                 yield module
             return
@@ -194,6 +203,7 @@ class KeyframePipeline(abc.ABC):
         finally:
             if not self.keep_on_device and home != self.device:
                 module.to(home)
+                self._released = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Half-precision runs go under autocast, as the reference's run scripts do; fp32 runs do not."""
@@ -259,6 +269,7 @@ class KeyframePipeline(abc.ABC):
 
         t_start = time.perf_counter()
         timings: dict[str, Any] = {}
+        self._released, failed = False, True
         try:
             with torch.inference_mode(), self._autocast():
                 geom = self._check_inputs(render_video, render_mask, camera_embedding, reference_video, ref_index,
@@ -287,8 +298,9 @@ class KeyframePipeline(abc.ABC):
                     timings["decode_s"] = time.perf_counter() - t0
                 latents_out = x.float().cpu()
                 del x
+            failed = False
         finally:
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and (failed or self._released):
                 torch.cuda.empty_cache()
         timings["total_s"] = time.perf_counter() - t_start
         return GenerationOutput(latents=latents_out, frames=frames,
@@ -373,8 +385,12 @@ class KeyframePipeline(abc.ABC):
                 raise MissingWeightsError(f"{name} given as text but the pipeline has no UMT5 text encoder/tokenizer; "
                                           "load the base model's text_encoder/ and tokenizer/ or pass "
                                           f"{name}_embeds")
-            with self._placed(self.text_encoder) as encoder:
-                embeds = encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN, device=self.device)
+            def encode() -> torch.Tensor:
+                with self._placed(self.text_encoder) as encoder:
+                    return encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN, device=self.device)
+
+            key = PromptCache.key(prompt, self.tokenizer, self.text_encoder, self.device, TEXT_SEQ_LEN)
+            embeds = self.prompt_cache.get(key, encode)
         if embeds.dim() != 3 or embeds.shape[1] != TEXT_SEQ_LEN:
             raise InputError(f"{name}_embeds must be [B,{TEXT_SEQ_LEN},text_dim]; got {_shape(embeds)}")
         return _batched(embeds, batch, f"{name}_embeds").to(self.device, _dtype_of(self.transformer))
@@ -449,47 +465,48 @@ class KeyframePipeline(abc.ABC):
     def _denoise(self, sampler: Sampler, x: torch.Tensor, cond: Conditions, guidance_scale: float, do_cfg: bool,
                  batch_cfg: bool, progress: ProgressFn | None, hook: ModelCallHook | None,
                  timings: dict[str, Any]) -> torch.Tensor:
-        batch, tdtype = x.shape[0], _dtype_of(self.transformer)
-        static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
-        doubled = None
-        if do_cfg and batch_cfg:
-            doubled = {k: v if k == "ref_index" else torch.cat([v, v]) for k, v in static.items()}
-            doubled["encoder_hidden_states"] = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
-            doubled["encoder_hidden_states_image"] = torch.cat([cond.image_embeds, cond.image_embeds])
-        total = len(sampler.timesteps)
-        step_times: list[float] = []
-        timings["step_s"] = step_times
         t_loop = time.perf_counter()
-        marks = []  # per-step times are read after the loop: no host sync per step
         with self._placed(self.transformer) as model, _reusing_condition(model):
-            marks.append(_mark(self.device))
-            for i, t in enumerate(sampler.timesteps):
-                model_in = torch.cat([x, cond.condition], dim=1).to(tdtype)
-                timestep = t.to(self.device).expand(batch)
-                if doubled is not None:
-                    out = model(hidden_states=torch.cat([model_in, model_in]), timestep=timestep.repeat(2),
-                                **doubled, return_dict=False)[0].float()
-                    v_cond, v_uncond = out.chunk(2)
-                else:
-                    v_cond = model(hidden_states=model_in, timestep=timestep,
-                                   encoder_hidden_states=cond.prompt_embeds,
-                                   encoder_hidden_states_image=cond.image_embeds, **static,
-                                   return_dict=False)[0].float()
-                    v_uncond = None
-                    if do_cfg:
-                        v_uncond = model(hidden_states=model_in, timestep=timestep,
-                                         encoder_hidden_states=cond.negative_prompt_embeds,
-                                         encoder_hidden_states_image=cond.image_embeds, **static,
-                                         return_dict=False)[0].float()
-                if hook is not None:
-                    hook(ModelCall(i, "cond", timestep, model_in, v_cond))
-                    if v_uncond is not None:
-                        hook(ModelCall(i, "uncond", timestep, model_in, v_uncond))
-                noise_pred = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
-                x = sampler.advance(noise_pred, i, x)
-                del model_in, noise_pred, v_cond, v_uncond
-                marks.append(_mark(self.device))
-                report(progress, i + 1, total)
-            step_times.extend(_intervals(marks))
+            x, marks = self._step_loop(model, sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress, hook)
+        timings["step_s"] = _intervals(marks)  # read after the loop: no host sync per step
         timings["denoise_s"] = time.perf_counter() - t_loop
         return x
+
+    def _step_loop(self, model: torch.nn.Module, sampler: Sampler, x: torch.Tensor, cond: Conditions,
+                   guidance_scale: float, do_cfg: bool, batch_cfg: bool, progress: ProgressFn | None,
+                   hook: ModelCallHook | None) -> tuple[torch.Tensor, list]:
+        """The denoising steps: (final latents, a time mark per step boundary). No host sync."""
+        batch, tdtype = x.shape[0], _dtype_of(self.transformer)
+        static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
+        static["encoder_hidden_states_image"] = cond.image_embeds
+        doubled = None
+        if do_cfg and batch_cfg:  # the CFG halves differ in the text only; the rest is shared (batch B)
+            doubled = dict(static, encoder_hidden_states=torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]))
+        timesteps = sampler.timesteps.to(self.device)
+        total = len(timesteps)
+        marks = [_mark(self.device)]
+        for i in range(total):
+            model_in = torch.cat([x, cond.condition], dim=1).to(tdtype)
+            timestep = timesteps[i].expand(batch)
+            if doubled is not None:
+                out = model(hidden_states=torch.cat([model_in, model_in]), timestep=timestep.repeat(2),
+                            **doubled, return_dict=False)[0].float()
+                v_cond, v_uncond = out.chunk(2)
+            else:
+                v_cond = model(hidden_states=model_in, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
+                               **static, return_dict=False)[0].float()
+                v_uncond = None
+                if do_cfg:
+                    v_uncond = model(hidden_states=model_in, timestep=timestep,
+                                     encoder_hidden_states=cond.negative_prompt_embeds, **static,
+                                     return_dict=False)[0].float()
+            if hook is not None:
+                hook(ModelCall(i, "cond", timestep, model_in, v_cond))
+                if v_uncond is not None:
+                    hook(ModelCall(i, "uncond", timestep, model_in, v_uncond))
+            noise_pred = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
+            x = sampler.advance(noise_pred, i, x)
+            del model_in, noise_pred, v_cond, v_uncond
+            marks.append(_mark(self.device))
+            report(progress, i + 1, total)
+        return x, marks

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Any, Sequence
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,39 @@ def encode_prompt(tokenizer, text_encoder, prompt: str | Sequence[str], *,
     lengths = mask.gt(0).sum(dim=1)
     keep = torch.arange(hidden.shape[1], device=device)[None, :] < lengths[:, None]
     return hidden * keep[..., None].to(hidden.dtype)
+
+
+class PromptCache:
+    """The last ``size`` text embeddings, so that trajectories sharing a prompt encode it once.
+
+    An entry is found only for the same prompt text, tokenizer and encoder objects, the encoder's
+    parameter dtypes and weight versions (an in-place weight change, e.g. ``load_state_dict``,
+    bumps them), the execution device and the token length: anything that changes the embedding
+    misses. Where the encoder currently lives (it may be offloaded between runs) does not matter."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(prompt: str | Sequence[str], tokenizer, text_encoder: torch.nn.Module, device: torch.device,
+            max_length: int) -> Hashable:
+        tensors = [*text_encoder.parameters(), *text_encoder.buffers()]
+        return ((prompt,) if isinstance(prompt, str) else tuple(prompt), id(tokenizer), id(text_encoder),
+                tuple(t.dtype for t in tensors), tuple(t._version for t in tensors), str(device), max_length)
+
+    def get(self, key: Hashable, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached embedding for ``key``, else ``encode()`` (remembered, oldest entry dropped)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        embeds = self._entries[key] = encode()
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return embeds
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def to_pil_rgb(image: Any) -> Image.Image:

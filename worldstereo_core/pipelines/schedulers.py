@@ -66,11 +66,32 @@ def _check_flow_config(config: Mapping[str, Any]) -> None:
         )
 
 
+#: UniPC settings the host-side sampler implements (the Wan2.1 scheduler configs use these).
+UNIPC_SUPPORTED = {"predict_x0": (True,), "solver_type": ("bh2",), "thresholding": (False,),
+                   "disable_corrector": ([],), "solver_p": (None,)}
+
+
+def _check_unipc_config(config: Mapping[str, Any]) -> None:
+    for key, allowed in UNIPC_SUPPORTED.items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise CheckpointError(f"scheduler config: {key}={value!r} is not supported by the WorldStereo UniPC sampler "
+                                  f"(supported: {list(allowed)}); use the scheduler/ folder of a Wan2.1-I2V Diffusers "
+                                  "repo")
+
+
 class UniPCFlowSampler:
     """A fresh UniPC flow-matching schedule for one run.
 
     ``config`` is the base model's ``scheduler/scheduler_config.json`` (a dict); ``flow_shift``
     overrides its shift. ``sigma_grid="reference"`` (default) reproduces diffusers 0.36.0.
+
+    diffusers' ``UniPCMultistepScheduler`` sets the grid; the steps (UniPC predictor + corrector,
+    x0 prediction, ``bh2``, any ``solver_order``, ``lower_order_final``) run here with every coefficient a
+    float32 scalar on the CPU, computed by the same operations as diffusers' on the same float32
+    sigmas, so a step launches kernels on the latents only: no host copy, no device sync (diffusers
+    moves each sigma to the device and solves the order-2 system there, a sync per step). On the
+    CPU the results equal diffusers' to the bit.
     """
 
     def __init__(self, config: Mapping[str, Any], num_steps: int = DEFAULT_NUM_STEPS, *,
@@ -84,24 +105,85 @@ class UniPCFlowSampler:
             raise InputError(f"num_inference_steps must be >= 1, got {num_steps}")
         config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         _check_flow_config(config)
+        _check_unipc_config(config)
         if flow_shift is not None:
             config["flow_shift"] = float(flow_shift)
-        self.scheduler = UniPCMultistepScheduler.from_config(config)
-        self.scheduler.set_timesteps(num_steps, device=device)
+        scheduler = UniPCMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(num_steps, device=device)
+        sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
         if sigma_grid == "reference":
-            sigmas, timesteps = reference_flow_sigmas(
-                num_steps, float(self.scheduler.config.flow_shift), int(self.scheduler.config.num_train_timesteps))
-            self.scheduler.sigmas = torch.from_numpy(sigmas)
-            self.scheduler.timesteps = torch.from_numpy(timesteps).to(device)
-        self.scheduler.set_begin_index(0)
-        self.timesteps: torch.Tensor = self.scheduler.timesteps
-        self.sigmas: torch.Tensor = self.scheduler.sigmas
-        self.flow_shift = float(self.scheduler.config.flow_shift)
+            ref_sigmas, ref_timesteps = reference_flow_sigmas(
+                num_steps, float(scheduler.config.flow_shift), int(scheduler.config.num_train_timesteps))
+            sigmas, timesteps = torch.from_numpy(ref_sigmas), torch.from_numpy(ref_timesteps).to(device)
+        self.timesteps: torch.Tensor = timesteps
+        self.sigmas: torch.Tensor = sigmas.to("cpu", torch.float32)
+        self.flow_shift = float(scheduler.config.flow_shift)
+        self.order = int(scheduler.config.solver_order)
+        self.lower_order_final = bool(scheduler.config.lower_order_final)
+        self._x0: list[torch.Tensor] = []      # x0 predictions of the last steps, newest last
+        self._last: torch.Tensor | None = None  # the (corrected) sample the last predictor started from
+        self._last_order = 0
+        self._step = 0
+
+    def _coefficients(self, base: int, order: int):
+        """Scalars of the update from sigma[base] to sigma[base + 1] using ``order`` x0 predictions.
+
+        Returns (sigma ratio, alpha_t * h_phi_1, alpha_t * B(h), r_k of the older predictions, R, b),
+        with B(h) = h_phi_1 (``bh2``)."""
+        def alpha_lambda(i):
+            sigma = self.sigmas[i]
+            alpha = 1 - sigma
+            return alpha, torch.log(alpha) - torch.log(sigma)
+
+        alpha_t, lambda_t = alpha_lambda(base + 1)
+        _, lambda_s0 = alpha_lambda(base)
+        h = lambda_t - lambda_s0
+        rks = [(alpha_lambda(base - k)[1] - lambda_s0) / h for k in range(1, order)]
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        b_h = torch.expm1(hh)
+        powers, rhs = [], []
+        h_phi_k, factorial = h_phi_1 / hh - 1, 1
+        r = torch.stack([*rks, torch.ones(())])
+        for i in range(1, order + 1):
+            powers.append(torch.pow(r, i - 1))
+            rhs.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        ratio = self.sigmas[base + 1] / self.sigmas[base]
+        return ratio, alpha_t * h_phi_1, alpha_t * b_h, rks, torch.stack(powers), torch.stack(rhs)
+
+    def _update(self, x: torch.Tensor, base: int, order: int, x0: list[torch.Tensor],
+                corrected: torch.Tensor | None) -> torch.Tensor:
+        """One UniPC update from ``x`` at sigma[base]; ``x0`` newest last, ending with the one at ``base``.
+        ``corrected``: the x0 prediction at sigma[base + 1] (corrector), None for the predictor."""
+        ratio, a_phi, a_bh, rks, powers, rhs = self._coefficients(base, order)
+        m0 = x0[-1]
+        diffs = [(x0[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
+        out = ratio * x - a_phi * m0
+        if corrected is None:
+            if not diffs:
+                return out
+            rhos = [0.5] if order == 2 else torch.linalg.solve(powers[:-1, :-1], rhs[:-1]).unbind()
+            return out - a_bh * sum(rho * d for rho, d in zip(rhos, diffs))
+        rhos = [0.5] if order == 1 else torch.linalg.solve(powers, rhs).unbind()
+        res = rhos[-1] * (corrected - m0)
+        if diffs:
+            res = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + res
+        return out - a_bh * res
 
     def advance(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
-        if self.scheduler.step_index is not None and self.scheduler.step_index != index:
-            raise RuntimeError(f"UniPC steps must run in order: expected step {self.scheduler.step_index}, got {index}")
-        return self.scheduler.step(noise_pred, self.timesteps[index], latents, return_dict=False)[0]
+        if index != self._step:
+            raise RuntimeError(f"UniPC steps must run in order: expected step {self._step}, got {index}")
+        x0 = latents - self.sigmas[index] * noise_pred
+        if self._last is not None:  # correct the last prediction with this step's x0 (UniC)
+            latents = self._update(self._last, index - 1, self._last_order, self._x0, x0)
+        self._x0 = (self._x0 + [x0])[-self.order:]
+        order = min(self.order, len(self.timesteps) - index) if self.lower_order_final else self.order
+        order = min(order, len(self._x0))
+        self._last, self._last_order = latents, order
+        self._step += 1
+        return self._update(latents, index, order, self._x0, None)
 
 
 class DMDScheduler:
