@@ -619,3 +619,22 @@ def test_flop_formula_at_the_real_14b_config():
     formula = transformer_flops(tcfg, ccfg, latent_frames=21, latent_height=60, latent_width=96)
     assert formula.total == counted
     assert 1.5e15 < formula.total < 1.7e15  # the "about 1.6 PFLOP per forward" at 480x768, 21 keyframes
+
+
+@pytest.mark.parametrize("capability,available,expected", [
+    ((9, 0), {"flash3", "flash"}, "flash3"),     # Hopper (H100/H200)
+    ((9, 0), {"flash"}, "flash"),
+    ((9, 0), set(), "sdpa"),
+    ((10, 0), {"flash3", "flash"}, "flash"),     # Blackwell datacenter: no flash-attn 3 kernels
+    ((12, 0), {"flash3", "flash"}, "flash"),     # Blackwell desktop
+    ((12, 0), {"flash3"}, "sdpa"),
+    ((8, 9), {"flash3", "flash"}, "flash"),      # Ada
+    ((8, 0), {"flash", "sage"}, "flash"),        # Ampere
+    ((8, 6), {"sage", "xformers"}, "sdpa"),      # sage is approximate: never chosen by auto
+    ((7, 5), {"flash3", "flash"}, "sdpa"),       # Turing: flash-attn 2 needs >= 8.0
+    (None, {"flash3", "flash"}, "sdpa"),         # not a CUDA device
+])
+def test_auto_attention_backend_per_capability(capability, available, expected):
+    assert attention.auto_backend(capability, available) == expected
+    assert attention.auto_backend(capability, available, needs_mask=True) == "sdpa"
+    assert attention.auto_backend(capability, available, half_precision=False) == "sdpa"

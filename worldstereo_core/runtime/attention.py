@@ -11,7 +11,10 @@ processors only (no process-wide default is changed), after checking that the ba
   ``sdpa-cudnn`` / ``sdpa-math`` force one of its kernels.
 * ``flash`` (flash-attn 2), ``flash3`` (flash-attn 3, Hopper), ``sage`` (SageAttention: int8 QK,
   approximate), ``xformers``: when the package is installed, CUDA only, half precision.
-* ``auto``: ``flash3`` on a Hopper GPU with flash-attn 3 installed, else ``sdpa``.
+* ``auto``: what is installed and runs on the device (:func:`auto_backend`): ``flash3`` on Hopper
+  (compute capability 9.x; its kernels are built for sm_90, not for Blackwell's 10.x/12.x),
+  ``flash`` (flash-attn 2, Ampere and newer: >= 8.0, Blackwell included), else ``sdpa``. The
+  ``pairs`` scope's mask keeps it on ``sdpa``; ``sage`` is approximate and only ever chosen by name.
 
 The memory models' optional ``pairs`` attention scope needs a backend that takes a mask, and
 sequence parallelism (:mod:`worldstereo_core.distributed`) one that diffusers can parallelise.
@@ -19,6 +22,7 @@ sequence parallelism (:mod:`worldstereo_core.distributed`) one that diffusers ca
 from __future__ import annotations
 
 import importlib.util
+from typing import Collection
 
 import torch
 import torch.nn as nn
@@ -65,15 +69,31 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(PACKAGES[name][0]) is not None
 
 
-def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+def auto_backend(capability: tuple[int, int] | None, available: Collection[str], *, needs_mask: bool = False,
+                 half_precision: bool = True) -> str:
+    """The ``auto`` choice for a CUDA device of compute ``capability`` (None: not a CUDA device)
+    given the ``available`` optional backends (names of :data:`PACKAGES` that are installed);
+    the flash kernels take fp16/bf16 only."""
+    if capability is None or needs_mask or not half_precision:
+        return DEFAULT_BACKEND
+    if capability[0] == 9 and "flash3" in available:
+        return "flash3"
+    if capability >= (8, 0) and "flash" in available:
+        return "flash"
+    return DEFAULT_BACKEND
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None, *, needs_mask: bool = False,
+                    half_precision: bool = True) -> str:
     """Our backend name for ``name`` (``auto`` resolved for ``device``); InputError if unknown."""
     name = (name or "auto").lower()
     if name == "auto":
         device = torch.device(device) if device is not None else None
-        if (device is not None and device.type == "cuda" and torch.cuda.is_available()
-                and torch.cuda.get_device_capability(device) >= (9, 0) and installed("flash3")):
-            return "flash3"
-        return DEFAULT_BACKEND
+        capability = None
+        if device is not None and device.type == "cuda" and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability(device)
+        return auto_backend(capability, [n for n in PACKAGES if installed(n)], needs_mask=needs_mask,
+                            half_precision=half_precision)
     if name not in BACKENDS:
         raise InputError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
     return name
@@ -112,8 +132,9 @@ def set_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
     model's); returns the resolved name."""
     if device is None:
         device = next(model.parameters()).device
-    resolved = resolve_backend(name, device)
     needs_mask = getattr(model, "attention_scope", "full") == "pairs"
+    half = getattr(model, "compute_dtype", torch.bfloat16) in (torch.float16, torch.bfloat16)
+    resolved = resolve_backend(name, device, needs_mask=needs_mask, half_precision=half)
     parallel = any(getattr(p, "_parallel_config", None) is not None for p in _processors(model))
     check_backend(resolved, device, needs_mask=needs_mask, context_parallel=parallel)
     from diffusers.models.attention_dispatch import AttentionBackendName

@@ -89,7 +89,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the transformer blocks (optional mode; first step is slow)")
     g.add_argument("--attention", default="auto", choices=("auto", *BACKENDS),
-                   help="attention backend (default auto: flash-attn 3 on Hopper if installed, else torch SDPA)")
+                   help="attention backend (default auto: flash-attn 3 on Hopper, else flash-attn 2 on compute "
+                        "capability >= 8.0 when installed, else torch SDPA)")
     g.add_argument("--vae-tiling", action="store_true", help="tiled VAE encode/decode (less VAE memory)")
     g.add_argument("--offload", action="store_true",
                    help="keep text encoder, CLIP and VAE in CPU memory and move each to the GPU only while used")
