@@ -436,3 +436,99 @@ def test_sharded_and_pickle_weights(tiny_base, tmp_path):
     torch.save({"w": torch.zeros(1)}, clip / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_base_components(base, text=False, scheduler=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step loop makes no host sync; text embeddings are kept across runs
+# ------------------------------------------------------------------------------------------------
+def _short_run_kwargs(case: Path, cfg: dict) -> dict:
+    kw = _call_kwargs(case, cfg)
+    if "num_inference_steps" in kw:      # UniPC: enough steps for the corrector and the order-2 predictor
+        kw["num_inference_steps"] = 3
+    return kw
+
+
+@pytest.mark.parametrize("scope", ["full", "pairs"])
+@pytest.mark.parametrize("case", PIPELINE_DIRS or [None], ids=lambda p: p.name if p else "absent")
+def test_step_loop_makes_no_host_sync(case, scope, common, monkeypatch):
+    """Every step of every pipeline (CFG batched and separate) under the sync probe; on CUDA also
+    under torch's sync debug mode "error"."""
+    from sync_probe import probe_step_loop
+    from worldstereo_core.pipelines.base import KeyframePipeline
+
+    _need_fixtures()
+    pipe, cfg = _pipeline(case, common)
+    if scope == "pairs":
+        if not pipe.uses_references:
+            pytest.skip("the pairs scope is a memory-model option")
+        pipe.transformer.set_attention_scope(scope)
+    kw = _short_run_kwargs(case, cfg)
+    expected = pipe(**kw, output_type="latent").latents
+    probed = probe_step_loop(monkeypatch, KeyframePipeline)
+    steps = []
+    for batch_cfg in (True, False):
+        out = pipe(**kw, output_type="latent", batch_cfg=batch_cfg, progress=lambda done, total: steps.append(done))
+        assert torch.allclose(out.latents, expected, atol=1e-5)
+    assert len(probed) == 2 and steps.count(len(out.timesteps)) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU form runs above)")
+@pytest.mark.parametrize("case", PIPELINE_DIRS or [None], ids=lambda p: p.name if p else "absent")
+def test_step_loop_makes_no_cuda_sync(case, common, monkeypatch):
+    from sync_probe import probe_step_loop
+    from worldstereo_core.pipelines.base import KeyframePipeline
+
+    _need_fixtures()
+    pipe, cfg = _pipeline(case, common, device="cuda", keep_on_device=True)
+    kw = _short_run_kwargs(case, cfg)
+    pipe(**kw, output_type="latent")     # first run: lazy CUDA initialisation outside the probe
+    probed = probe_step_loop(monkeypatch, KeyframePipeline)
+    pipe(**kw, output_type="latent")
+    assert probed == [1]
+
+
+@pytest.mark.parametrize("sync", ["item", "tolist", "cpu", "numpy", "to_cpu"])
+def test_sync_probe_catches_an_inserted_sync(sync, memory_case, common, monkeypatch):
+    """The probe can fail: a model-call hook that reads the prediction on the host is caught."""
+    from sync_probe import HostSyncError, probe_step_loop
+    from worldstereo_core.pipelines.base import KeyframePipeline
+
+    pipe, cfg = _pipeline(memory_case, common)
+    kw = _short_run_kwargs(memory_case, cfg)
+    reads = {"item": lambda t: t.abs().max().item(), "tolist": lambda t: t.flatten()[:2].tolist(),
+             "cpu": lambda t: t.cpu(), "numpy": lambda t: t.detach().numpy(), "to_cpu": lambda t: t.to("cpu")}
+    hook = lambda call: reads[sync](call.noise_pred)  # noqa: E731
+    pipe(**kw, output_type="latent", model_call_hook=hook)    # outside the probe: allowed
+    probe_step_loop(monkeypatch, KeyframePipeline)
+    with pytest.raises(HostSyncError, match="step loop"):
+        pipe(**kw, output_type="latent", model_call_hook=hook)
+    pipe(**kw, output_type="latent")                          # the probe itself leaves the run alone
+
+
+def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
+    """Four trajectories with one prompt encode each distinct text (prompt, negative prompt) once;
+    a new prompt, or a change of the encoder's weights, is encoded anew."""
+    base = load_base_components(camera_case_base)
+    cfg = json.loads((camera_case / "config.json").read_text())
+    folder = (camera_case / cfg["transformer_fixture"].split()[0]).resolve()
+    controlnet_cfg = json.loads((folder / "config.json").read_text())["controlnet_cfg"]
+    config = WorldStereoConfig.from_dict({"base_model": str(camera_case_base), "negative_prompt": "blurry",
+                                          "controlnet_cfg": controlnet_cfg}, "worldstereo-camera")
+    pipe = build_pipeline(config, _transformer(camera_case, memory=False), base)
+    encoded: list[tuple] = []
+    pipe.text_encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape))
+    kw = _drop(_call_kwargs(camera_case, cfg), "prompt_embeds", "negative_prompt_embeds", "num_inference_steps")
+    runs = [pipe(**kw, prompt="a quiet street", num_inference_steps=1, output_type="latent").latents
+            for _ in range(4)]
+    assert len(encoded) == 2                                   # "a quiet street" and "blurry", once each
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    other = pipe(**kw, prompt="a stormy sea", num_inference_steps=1, output_type="latent").latents
+    assert len(encoded) == 3 and not torch.equal(other, runs[0])
+    with torch.no_grad():                                      # an in-place weight change: nothing stale
+        next(pipe.text_encoder.parameters()).mul_(1.5)
+    changed = pipe(**kw, prompt="a quiet street", num_inference_steps=1, output_type="latent").latents
+    assert len(encoded) == 5 and not torch.equal(changed, runs[0])
+    pipe.prompt_cache.clear()
+    assert torch.equal(pipe(**kw, prompt="a quiet street", num_inference_steps=1, output_type="latent").latents,
+                       changed)
+    assert len(encoded) == 7

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 
 from .attention import AttentionFn, key_mask_bias
+from ..errors import InputError
 from .controlnet import zero_init
-from .transfer import host_to_device
 from .ops import TORCH_OPS
 from .rope import grid_positions
+from .transfer import host_to_device
 
 ATTENTION_SCOPES = ("full", "pairs")
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -75,8 +76,10 @@ class PairGroups:
 
     @classmethod
     def build(cls, ref_index: torch.Tensor, num_frames: int, tokens_per_frame: int, device) -> "PairGroups":
-        """Built on the CPU from the (host) ``ref_index``, then copied to ``device`` without a host sync."""
-        ref_index = ref_index.to(device="cpu", dtype=torch.long)
+        """Built on the CPU from the host tensor ``ref_index``, then copied to ``device`` without a host sync."""
+        if ref_index.device.type != "cpu":
+            raise InputError("ref_index must be a CPU tensor (reading it from the device would wait for the device)")
+        ref_index = ref_index.long()
         n_refs, tpf = ref_index.numel(), tokens_per_frame
         frame = ref_index + 1
         counts = torch.bincount(frame, minlength=num_frames)

@@ -385,9 +385,10 @@ class KeyframePipeline(abc.ABC):
                 raise MissingWeightsError(f"{name} given as text but the pipeline has no UMT5 text encoder/tokenizer; "
                                           "load the base model's text_encoder/ and tokenizer/ or pass "
                                           f"{name}_embeds")
-            def encode() -> torch.Tensor:
+            def encode() -> torch.Tensor:  # kept on the CPU: a run leaves nothing on the device
                 with self._placed(self.text_encoder) as encoder:
-                    return encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN, device=self.device)
+                    return encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN,
+                                         device=self.device).cpu()
 
             key = PromptCache.key(prompt, self.tokenizer, self.text_encoder, self.device, TEXT_SEQ_LEN)
             embeds = self.prompt_cache.get(key, encode)
@@ -466,23 +467,25 @@ class KeyframePipeline(abc.ABC):
                  batch_cfg: bool, progress: ProgressFn | None, hook: ModelCallHook | None,
                  timings: dict[str, Any]) -> torch.Tensor:
         t_loop = time.perf_counter()
+        timesteps = sampler.timesteps.to(self.device)  # once, before the loop
         with self._placed(self.transformer) as model, _reusing_condition(model):
-            x, marks = self._step_loop(model, sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress, hook)
+            x, marks = self._step_loop(model, sampler, timesteps, x, cond, guidance_scale, do_cfg, batch_cfg,
+                                       progress, hook)
         timings["step_s"] = _intervals(marks)  # read after the loop: no host sync per step
         timings["denoise_s"] = time.perf_counter() - t_loop
         return x
 
-    def _step_loop(self, model: torch.nn.Module, sampler: Sampler, x: torch.Tensor, cond: Conditions,
-                   guidance_scale: float, do_cfg: bool, batch_cfg: bool, progress: ProgressFn | None,
-                   hook: ModelCallHook | None) -> tuple[torch.Tensor, list]:
-        """The denoising steps: (final latents, a time mark per step boundary). No host sync."""
+    def _step_loop(self, model: torch.nn.Module, sampler: Sampler, timesteps: torch.Tensor, x: torch.Tensor,
+                   cond: Conditions, guidance_scale: float, do_cfg: bool, batch_cfg: bool,
+                   progress: ProgressFn | None, hook: ModelCallHook | None) -> tuple[torch.Tensor, list]:
+        """The denoising steps (``timesteps`` on the device): (final latents, a time mark per step
+        boundary). No host sync: nothing here waits for the device."""
         batch, tdtype = x.shape[0], _dtype_of(self.transformer)
         static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
         static["encoder_hidden_states_image"] = cond.image_embeds
         doubled = None
         if do_cfg and batch_cfg:  # the CFG halves differ in the text only; the rest is shared (batch B)
             doubled = dict(static, encoder_hidden_states=torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]))
-        timesteps = sampler.timesteps.to(self.device)
         total = len(timesteps)
         marks = [_mark(self.device)]
         for i in range(total):

@@ -54,7 +54,8 @@ def encode_prompt(tokenizer, text_encoder, prompt: str | Sequence[str], *,
 
 
 class PromptCache:
-    """The last ``size`` text embeddings, so that trajectories sharing a prompt encode it once.
+    """The last ``size`` text embeddings, so that trajectories sharing a prompt encode it once
+    (the pipelines keep them on the CPU: 8 MB each for UMT5-XXL).
 
     An entry is found only for the same prompt text, tokenizer and encoder objects, the encoder's
     parameter dtypes and weight versions (an in-place weight change, e.g. ``load_state_dict``,

@@ -218,13 +218,14 @@ class DMDScheduler:
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor, idx: int
              ) -> torch.Tensor:
-        """One Euler step from ``timesteps[idx]`` to ``timesteps[idx+1]`` (sigma 0 after the last)."""
+        """One Euler step from ``timesteps[idx]`` to ``timesteps[idx+1]`` (sigma 0 after the last);
+        ``timesteps`` on the CPU (the step size is a host scalar)."""
         sigma = timesteps[idx] / self.num_train_timesteps
         if idx + 1 < len(timesteps):
             sigma_next = timesteps[idx + 1] / self.num_train_timesteps
         else:
             sigma_next = torch.zeros_like(sigma)
-        return sample + (sigma_next - sigma).to(sample.device) * model_output
+        return sample + (sigma_next - sigma) * model_output  # a CPU scalar: no copy to the device
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) * x0 + sigma * noise`` with ``sigma = t / T`` per sample (t: [B])."""
