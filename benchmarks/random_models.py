@@ -71,6 +71,21 @@ def _fill(shape, dtype, device, name: str, gen_device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=gen_device).normal_(0, std).to(device)
 
 
+def randomize(module: nn.Module) -> nn.Module:
+    """Overwrite every parameter of ``module`` (allocated but not initialised, e.g. a ComfyUI model
+    built with ``comfy.ops.disable_weight_init``) with random values, one tensor at a time."""
+    gen_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(_fill(tuple(param.shape), param.dtype, param.device, name, gen_device))
+    return module
+
+
+def peak_host_mb() -> float:
+    """Peak resident set of this process so far (MiB)."""
+    return _status_mb("VmHWM")
+
+
 def materialize(model: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Module:
     """Give every parameter still on the meta device random values on ``device`` (in its own dtype,
     or ``dtype``), one tensor at a time (generated on the GPU when there is one)."""

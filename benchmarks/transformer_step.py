@@ -32,6 +32,7 @@ import random_models as rm  # noqa: E402
 
 from worldstereo_core.io.atomic import write_json_atomic  # noqa: E402
 from worldstereo_core.runtime.flops import transformer_flops  # noqa: E402
+from worldstereo_core.runtime.fp8 import fp8_matmul_paths  # noqa: E402
 
 CASES = ("plain", "block_swap", "fp8", "fp8_block_swap", "compile")
 STEPS = {rm.MEMORY_DMD: 4, rm.MEMORY: 40, rm.CAMERA: 40}
@@ -99,7 +100,9 @@ def _run_case(case: str, args, queue) -> None:
         "step_s_median": round(statistics.median(times), 4), "steps_per_clip": STEPS[args.model],
         "clip_s": round(step * STEPS[args.model], 2), "flops_per_step": flops,
         "achieved_tflops": round(flops / step / 1e12, 3), "peak_memory_mb": round(peak, 1),
+        "peak_host_memory_mb": round(rm.peak_host_mb(), 1),
         **({"block_swap_stats": placement.stats()} if placement else {}),
+        **({"fp8_matmul_paths": fp8_matmul_paths(model)} if opts["fp8"] else {}),
     })
 
 
