@@ -506,8 +506,9 @@ def test_sync_probe_catches_an_inserted_sync(sync, memory_case, common, monkeypa
 
 
 def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
-    """Four trajectories with one prompt encode each distinct text (prompt, negative prompt) once;
-    a new prompt, or a change of the encoder's weights, is encoded anew."""
+    """Four trajectories with one prompt encode each distinct text (prompt, negative prompt) once,
+    also through another pipeline over the same encoder; a new prompt, or a change of the
+    encoder's weights, is encoded anew."""
     base = load_base_components(camera_case_base)
     cfg = json.loads((camera_case / "config.json").read_text())
     folder = (camera_case / cfg["transformer_fixture"].split()[0]).resolve()
@@ -515,6 +516,7 @@ def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
     config = WorldStereoConfig.from_dict({"base_model": str(camera_case_base), "negative_prompt": "blurry",
                                           "controlnet_cfg": controlnet_cfg}, "worldstereo-camera")
     pipe = build_pipeline(config, _transformer(camera_case, memory=False), base)
+    pipe.prompt_cache.clear()
     encoded: list[tuple] = []
     pipe.text_encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape))
     kw = _drop(_call_kwargs(camera_case, cfg), "prompt_embeds", "negative_prompt_embeds", "num_inference_steps")
@@ -522,6 +524,10 @@ def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
             for _ in range(4)]
     assert len(encoded) == 2                                   # "a quiet street" and "blurry", once each
     assert all(torch.equal(r, runs[0]) for r in runs)
+    again = build_pipeline(config, pipe.transformer, base)     # a new pipeline over the same encoder (a node)
+    assert torch.equal(again(**kw, prompt="a quiet street", num_inference_steps=1, output_type="latent").latents,
+                       runs[0])
+    assert len(encoded) == 2
     other = pipe(**kw, prompt="a stormy sea", num_inference_steps=1, output_type="latent").latents
     assert len(encoded) == 3 and not torch.equal(other, runs[0])
     with torch.no_grad():                                      # an in-place weight change: nothing stale

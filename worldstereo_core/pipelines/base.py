@@ -11,8 +11,8 @@ CPU. A progress callback may raise to interrupt; the run then stops after the cu
 conditioning stage: the callback is also called with 0 steps done between the text, CLIP and VAE
 encodings), components go home and the CUDA cache is emptied.
 
-Work is not repeated: text embeddings are kept for the next runs with the same prompt
-(:class:`.conditioning.PromptCache`), the ControlNet's condition embedding is computed once per
+Work is not repeated: text embeddings are kept for the next runs with the same prompt and
+encoder (:class:`.conditioning.PromptCache`, shared by the pipelines), the ControlNet's condition embedding is computed once per
 clip, and the step loop makes no host sync (timesteps go to the device before it, the schedules
 step with host scalars). The CUDA cache is emptied after a run only when memory was handed back
 (components moved home, streamed blocks) or the run failed.
@@ -32,7 +32,7 @@ from ..constants import DEFAULT_SEED, TEXT_SEQ_LEN
 from ..errors import InputError, MissingWeightsError
 from ..progress import ProgressFn, report
 from ..sizes import SIZE_MULTIPLE
-from .conditioning import PromptCache, encode_image, encode_prompt, preprocess_image
+from .conditioning import PROMPT_CACHE, encode_image, encode_prompt, preprocess_image
 from .schedulers import Sampler, initial_noise, make_generator
 from .vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode_keyframes, encode_keyframes,
                   encode_video, frames_from_video, i2v_mask, image_condition_latent, latent_frames,
@@ -169,7 +169,7 @@ class KeyframePipeline(abc.ABC):
         self.clip_no_rescale = clip_no_rescale
         self.device = _exact_device(torch.device(device) if device is not None else _device_of(transformer))
         self.keep_on_device = keep_on_device
-        self.prompt_cache = PromptCache()
+        self.prompt_cache = PROMPT_CACHE
         self._released = False  # whether this run handed device memory back (see __call__)
 
     # ----------------------------------------------------------------------------------------
@@ -390,8 +390,7 @@ class KeyframePipeline(abc.ABC):
                     return encode_prompt(self.tokenizer, encoder, prompt, max_length=TEXT_SEQ_LEN,
                                          device=self.device).cpu()
 
-            key = PromptCache.key(prompt, self.tokenizer, self.text_encoder, self.device, TEXT_SEQ_LEN)
-            embeds = self.prompt_cache.get(key, encode)
+            embeds = self.prompt_cache.get(prompt, self.tokenizer, self.text_encoder, self.device, TEXT_SEQ_LEN, encode)
         if embeds.dim() != 3 or embeds.shape[1] != TEXT_SEQ_LEN:
             raise InputError(f"{name}_embeds must be [B,{TEXT_SEQ_LEN},text_dim]; got {_shape(embeds)}")
         return _batched(embeds, batch, f"{name}_embeds").to(self.device, _dtype_of(self.transformer))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Sequence
 
@@ -54,37 +55,42 @@ def encode_prompt(tokenizer, text_encoder, prompt: str | Sequence[str], *,
 
 
 class PromptCache:
-    """The last ``size`` text embeddings, so that trajectories sharing a prompt encode it once
-    (the pipelines keep them on the CPU: 8 MB each for UMT5-XXL).
+    """The last ``size`` text embeddings, so that trajectories sharing a prompt encode it once.
 
-    An entry is found only for the same prompt text, tokenizer and encoder objects, the encoder's
-    parameter dtypes and weight versions (an in-place weight change, e.g. ``load_state_dict``,
-    bumps them), the execution device and the token length: anything that changes the embedding
-    misses. Where the encoder currently lives (it may be offloaded between runs) does not matter."""
+    An entry is used only for the same prompt text, the same tokenizer and encoder objects (held
+    by weak references: an entry of a freed encoder is never matched by a new one at the same
+    address), the encoder's parameter dtypes and weight versions (an in-place weight change, e.g.
+    ``load_state_dict``, bumps them), the execution device and the token length: anything that
+    changes the embedding misses. Where the encoder lives between runs (offloaded) does not matter.
+    The pipelines share :data:`PROMPT_CACHE` and keep the embeddings on the CPU (8 MB each for
+    UMT5-XXL), so separate pipelines over one encoder (ComfyUI's sampler node) share them too."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[weakref.ref, weakref.ref, torch.Tensor]] = OrderedDict()
 
-    @staticmethod
-    def key(prompt: str | Sequence[str], tokenizer, text_encoder: torch.nn.Module, device: torch.device,
-            max_length: int) -> Hashable:
+    def get(self, prompt: str | Sequence[str], tokenizer, text_encoder: torch.nn.Module, device: torch.device,
+            max_length: int, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The embedding of ``prompt`` by ``text_encoder``: kept from an earlier call, else ``encode()``."""
         tensors = [*text_encoder.parameters(), *text_encoder.buffers()]
-        return ((prompt,) if isinstance(prompt, str) else tuple(prompt), id(tokenizer), id(text_encoder),
-                tuple(t.dtype for t in tensors), tuple(t._version for t in tensors), str(device), max_length)
-
-    def get(self, key: Hashable, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The cached embedding for ``key``, else ``encode()`` (remembered, oldest entry dropped)."""
-        if key in self._entries:
+        key = ((prompt,) if isinstance(prompt, str) else tuple(prompt), id(tokenizer), id(text_encoder),
+               tuple(t.dtype for t in tensors), tuple(t._version for t in tensors), str(device), max_length)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tokenizer and entry[1]() is text_encoder:
             self._entries.move_to_end(key)
-            return self._entries[key]
-        embeds = self._entries[key] = encode()
+            return entry[2]
+        embeds = encode()
+        self._entries[key] = (weakref.ref(tokenizer), weakref.ref(text_encoder), embeds)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return embeds
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+#: The prompt cache of every pipeline of this process.
+PROMPT_CACHE = PromptCache()
 
 
 def to_pil_rgb(image: Any) -> Image.Image:
