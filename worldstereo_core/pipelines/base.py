@@ -12,10 +12,11 @@ conditioning stage: the callback is also called with 0 steps done between the te
 encodings), components go home and the CUDA cache is emptied.
 
 Work is not repeated: text embeddings are kept for the next runs with the same prompt and
-encoder (:class:`.conditioning.PromptCache`, shared by the pipelines), the ControlNet's condition embedding is computed once per
-clip, and the step loop makes no host sync (timesteps go to the device before it, the schedules
-step with host scalars). The CUDA cache is emptied after a run only when memory was handed back
-(components moved home, streamed blocks) or the run failed.
+encoder (:class:`.conditioning.PromptCache`, shared by the pipelines), the ControlNet's condition
+embedding and the RoPE tables are computed once per clip, and the step loop makes no host sync
+(timesteps go to the device before it, the schedules step with host scalars). The CUDA cache is
+emptied after a run only when memory was handed back (components moved home, streamed blocks) or
+the run failed.
 """
 from __future__ import annotations
 
