@@ -448,20 +448,23 @@ def _short_run_kwargs(case: Path, cfg: dict) -> dict:
     return kw
 
 
-@pytest.mark.parametrize("scope", ["full", "pairs"])
+@pytest.mark.parametrize("variant", ["plain", "pairs", "fp8"])
 @pytest.mark.parametrize("case", PIPELINE_DIRS or [None], ids=lambda p: p.name if p else "absent")
-def test_step_loop_makes_no_host_sync(case, scope, common, monkeypatch):
-    """Every step of every pipeline (CFG batched and separate) under the sync probe; on CUDA also
-    under torch's sync debug mode "error"."""
+def test_step_loop_makes_no_host_sync(case, variant, common, monkeypatch):
+    """Every step of every pipeline (CFG batched and separate; the pairs scope; fp8 weights) under
+    the sync probe; on CUDA the probe also turns on torch's sync debug mode "error"."""
     from sync_probe import probe_step_loop
     from worldstereo_core.pipelines.base import KeyframePipeline
+    from worldstereo_core.runtime.fp8 import convert_worldstereo_fp8
 
     _need_fixtures()
     pipe, cfg = _pipeline(case, common)
-    if scope == "pairs":
+    if variant == "pairs":
         if not pipe.uses_references:
             pytest.skip("the pairs scope is a memory-model option")
-        pipe.transformer.set_attention_scope(scope)
+        pipe.transformer.set_attention_scope("pairs")
+    if variant == "fp8":
+        convert_worldstereo_fp8(pipe.transformer, "channel")
     kw = _short_run_kwargs(case, cfg)
     expected = pipe(**kw, output_type="latent").latents
     probed = probe_step_loop(monkeypatch, KeyframePipeline)
@@ -487,22 +490,22 @@ def test_step_loop_makes_no_cuda_sync(case, common, monkeypatch):
     assert probed == [1]
 
 
-@pytest.mark.parametrize("sync", ["item", "tolist", "cpu", "numpy", "to_cpu"])
-def test_sync_probe_catches_an_inserted_sync(sync, memory_case, common, monkeypatch):
-    """The probe can fail: a model-call hook that reads the prediction on the host is caught."""
+def test_sync_probe_catches_an_inserted_sync(memory_case, common, monkeypatch):
+    """The probe can fail: a model-call hook that reads the prediction on the host is caught, for
+    each kind of read."""
     from sync_probe import HostSyncError, probe_step_loop
     from worldstereo_core.pipelines.base import KeyframePipeline
 
     pipe, cfg = _pipeline(memory_case, common)
-    kw = _short_run_kwargs(memory_case, cfg)
+    kw = {**_short_run_kwargs(memory_case, cfg), "output_type": "latent"}
     reads = {"item": lambda t: t.abs().max().item(), "tolist": lambda t: t.flatten()[:2].tolist(),
              "cpu": lambda t: t.cpu(), "numpy": lambda t: t.detach().numpy(), "to_cpu": lambda t: t.to("cpu")}
-    hook = lambda call: reads[sync](call.noise_pred)  # noqa: E731
-    pipe(**kw, output_type="latent", model_call_hook=hook)    # outside the probe: allowed
+    pipe(**kw, model_call_hook=lambda call: [read(call.noise_pred) for read in reads.values()])  # unprobed: fine
     probe_step_loop(monkeypatch, KeyframePipeline)
-    with pytest.raises(HostSyncError, match="step loop"):
-        pipe(**kw, output_type="latent", model_call_hook=hook)
-    pipe(**kw, output_type="latent")                          # the probe itself leaves the run alone
+    for name, read in reads.items():
+        with pytest.raises(HostSyncError, match="step loop"):
+            pipe(**kw, model_call_hook=lambda call: read(call.noise_pred))
+    pipe(**kw)                                                           # the probe leaves a clean run alone
 
 
 def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
