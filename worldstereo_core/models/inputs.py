@@ -1,9 +1,8 @@
 """Forward-input checks for the WorldStereo models: each wrong tensor fails with its name.
 
 The checks know a backbone only through a :class:`BackboneSpec`, so every host uses them.
-Conditioning tensors with batch size 1 (or a divisor) are broadcast (repeated) to the batch of
-``hidden_states`` (exact), so a classifier-free-guidance batch can share one set of
-render/reference conditions. Floating
+Conditioning tensors with batch size 1 are broadcast to the batch of ``hidden_states`` (exact),
+so a classifier-free-guidance batch can share one set of render/reference conditions. Floating
 inputs are cast to the model's compute dtype; ``ref_index`` stays on the CPU (no device syncs).
 """
 from __future__ import annotations
@@ -34,17 +33,11 @@ class BackboneSpec:
 
 
 def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """``t`` at the batch of ``hidden_states``: a batch of 1 broadcast, a divisor of it repeated
-    (a CFG batch [cond; uncond] shares one set of conditions)."""
-    n = t.shape[0]
-    if n == batch:
+    if t.shape[0] == batch:
         return t
-    if n == 1:
+    if t.shape[0] == 1:
         return t.expand(batch, *t.shape[1:])
-    if n and batch % n == 0:
-        return t.repeat(batch // n, *([1] * (t.dim() - 1)))
-    raise InputError(f"{name} has batch size {n} but hidden_states has {batch}; pass 1, {batch} or a divisor "
-                     f"of {batch}")
+    raise InputError(f"{name} has batch size {t.shape[0]} but hidden_states has {batch}; pass 1 or {batch}")
 
 
 def _shape(t, name: str, expected: tuple, hint: str = "") -> torch.Tensor:
@@ -117,7 +110,7 @@ def check_video_inputs(spec: BackboneSpec, cn: ControlNetConfig, dtype: torch.dt
         tokens = (frames // p_t) * (height // p_h) * (width // p_w)
         _shape(controlnet_condition, "controlnet_condition", (None, tokens, cn.conv_out_dim),
                "the ControlNet's condition tokens of this clip (controlnet_condition())")
-        if not controlnet_condition.shape[0] or batch % controlnet_condition.shape[0]:
+        if batch % controlnet_condition.shape[0]:
             raise InputError(f"controlnet_condition has batch size {controlnet_condition.shape[0]}, which does not "
                              f"divide the batch of hidden_states ({batch})")
     else:

@@ -206,27 +206,24 @@ class WorldStereoTransformer(WanTransformer3DModel):
         finally:
             self._clip_cache = None
 
-    def _controlnet_condition(self, render_mask: torch.Tensor, camera_embedding: torch.Tensor | None
-                              ) -> torch.Tensor:
-        """The condition tokens of the (checked) mask and rays, at their own batch (shared by a CFG batch)."""
+    def _controlnet_condition(self, render_mask: torch.Tensor, camera_embedding: torch.Tensor | None,
+                              batch: int) -> torch.Tensor:
+        """The condition tokens of the (checked) mask and rays, at their own batch when it is 1."""
         conditions = [render_mask, camera_embedding]
-        n = max(t.shape[0] for t in conditions if t is not None)
-        if any(t is not None and t.shape[0] not in (1, n) for t in conditions):
-            raise InputError(f"render_mask and camera_embedding have batch sizes {render_mask.shape[0]} and "
-                             f"{camera_embedding.shape[0]}; give them the same batch size (or 1)")
-        conditions = [None if t is None else t.expand(n, *t.shape[1:]) for t in conditions]
+        if any(t is not None and t.shape[0] != 1 for t in conditions):
+            conditions = [None if t is None else t.expand(batch, *t.shape[1:]) for t in conditions]
         return self.controlnet.embed_condition(*conditions, self.compute_dtype)
 
     def _video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
                       render_latent, render_mask, camera_embedding, extrinsics, intrinsics):
-        cache = self._clip_cache
-        key = ("condition", id(render_mask), id(camera_embedding))
+        cache, batch = self._clip_cache, hidden_states.shape[0]
+        key = ("condition", id(render_mask), id(camera_embedding), batch)
         tokens = cache[key][1] if cache is not None and key in cache else None
         inp = check_video_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, hidden_states, timestep,
                                  encoder_hidden_states, encoder_hidden_states_image, render_latent, render_mask,
                                  camera_embedding, extrinsics, intrinsics, controlnet_condition=tokens)
         if tokens is None:
-            tokens = self._controlnet_condition(render_mask, camera_embedding)
+            tokens = self._controlnet_condition(render_mask, camera_embedding, batch)
             if cache is not None:  # the inputs are kept so that their ids stay theirs
                 cache[key] = ((render_mask, camera_embedding), tokens)
         inp.controlnet_condition = tokens

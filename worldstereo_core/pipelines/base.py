@@ -484,8 +484,9 @@ class KeyframePipeline(abc.ABC):
         static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
         static["encoder_hidden_states_image"] = cond.image_embeds
         doubled = None
-        if do_cfg and batch_cfg:  # the CFG halves differ in the text only; the rest is shared (batch B)
-            doubled = dict(static, encoder_hidden_states=torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]))
+        if do_cfg and batch_cfg:  # the CFG halves differ in the text only (concatenated once per clip)
+            doubled = {k: v if k == "ref_index" else torch.cat([v, v]) for k, v in static.items()}
+            doubled["encoder_hidden_states"] = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
         total = len(timesteps)
         marks = [_mark(self.device)]
         for i in range(total):
