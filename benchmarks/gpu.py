@@ -204,13 +204,16 @@ def native_case(spec: dict) -> dict:
     clips = {
         "dmd_clip": (rm.MEMORY_DMD, lambda folder: sampling.dmd_sigmas(load_worldstereo_config(folder)),
                      env.comfy.samplers.sampler_object("euler"), 1.0),
-        "clip_40_steps": (rm.MEMORY, lambda folder: sampling.release_unipc_sigmas(40, FLOW_SHIFT)[:spec["steps_40"] + 1],
+        "clip_40_steps": (rm.MEMORY, lambda folder: sampling.release_unipc_sigmas(40, FLOW_SHIFT),
                           sampling.release_unipc_sampler(2), CFG),
     }
+    steps_run = {"dmd_clip": None, "clip_40_steps": spec["steps_40"]}
     for name, (model_type, make_sigmas, sampler, cfg) in clips.items():
         native_model = env.native.model.apply_variant(base, variants[model_type])
         positive, negative, noise = conditioning(env, native_model, tcfg, grid, spec["refs"])
         sigmas = make_sigmas(variants[model_type])
+        if steps_run[name] is not None:  # the first steps of the schedule only
+            sigmas = sigmas[:steps_run[name] + 1]
         t0 = time.perf_counter()  # loads the model (whole or partially) and warms the kernels
         sample_clip(env, native_model, sigmas[:2], sampler, cfg, positive, negative, noise, device)
         run = sample_clip(env, native_model, sigmas, sampler, cfg, positive, negative, noise, device)

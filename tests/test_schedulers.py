@@ -165,3 +165,32 @@ def test_generators_reproducible():
     c = initial_noise((2, 16, 3, 4, 6), make_generator(1025, "cpu"), "cpu")
     assert a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a, torch.randn((2, 16, 3, 4, 6), generator=torch.Generator().manual_seed(1024)))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [1, 2, 5, 8])
+def test_unipc_steps_equal_diffusers_bit_for_bit(order, steps):
+    """The host-scalar UniPC steps against diffusers' UniPCMultistepScheduler (an independent
+    implementation of the same solver) on the same grid: identical latents after every step."""
+    from diffusers import UniPCMultistepScheduler
+
+    config = dict(FLOW_CONFIG, solver_order=order)
+    ours = UniPCFlowSampler(config, steps, sigma_grid="installed")
+    stock = UniPCMultistepScheduler.from_config(config)
+    stock.set_timesteps(steps)
+    stock.set_begin_index(0)
+    g = torch.Generator().manual_seed(order * 10 + steps)
+    x = torch.randn(1, 4, 2, 3, 5, generator=g)
+    y = x.clone()
+    for i in range(steps):
+        v = torch.randn(x.shape, generator=g)
+        x = ours.advance(v, i, x)
+        y = stock.step(v, stock.timesteps[i], y, return_dict=False)[0]
+        assert torch.equal(x, y), f"step {i}"
+
+
+@pytest.mark.parametrize("field,value", [("solver_type", "bh1"), ("predict_x0", False), ("thresholding", True),
+                                         ("disable_corrector", [0])])
+def test_unipc_refuses_settings_it_does_not_implement(field, value):
+    with pytest.raises(CheckpointError, match=field):
+        UniPCFlowSampler(dict(FLOW_CONFIG, **{field: value}), 4)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from .attention import AttentionFn, BranchSelfAttention
 from .config import ControlNetConfig
-from .transfer import host_to_device
 from .ops import TORCH_OPS, check_ops
 from .rope import grid_positions, rope_cos_sin
 from .sequence import WHOLE_SEQUENCE, SequenceSplit
+from .transfer import host_to_device
 
 #: Pixel-to-token stride of the mask encoder: VAE factor 8, then the (1, 2, 2) patch.
 MASK_PIXEL_STRIDE = 8

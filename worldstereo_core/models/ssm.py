@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .attention import AttentionFn, key_mask_bias
 from ..errors import InputError
+from .attention import AttentionFn, key_mask_bias
 from .controlnet import zero_init
 from .ops import TORCH_OPS
 from .rope import grid_positions

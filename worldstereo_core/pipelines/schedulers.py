@@ -75,9 +75,9 @@ def _check_unipc_config(config: Mapping[str, Any]) -> None:
     for key, allowed in UNIPC_SUPPORTED.items():
         value = config.get(key, allowed[0])
         if value not in allowed:
-            raise CheckpointError(f"scheduler config: {key}={value!r} is not supported by the WorldStereo UniPC sampler "
-                                  f"(supported: {list(allowed)}); use the scheduler/ folder of a Wan2.1-I2V Diffusers "
-                                  "repo")
+            raise CheckpointError(f"scheduler config: {key}={value!r} is not supported by the WorldStereo UniPC "
+                                  f"sampler (supported: {list(allowed)}); use the scheduler/ folder of a Wan2.1-I2V "
+                                  "Diffusers repo")
 
 
 class UniPCFlowSampler:
