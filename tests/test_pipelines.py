@@ -541,3 +541,15 @@ def test_prompt_embeddings_are_kept_across_runs(camera_case_base, camera_case):
     assert torch.equal(pipe(**kw, prompt="a quiet street", num_inference_steps=1, output_type="latent").latents,
                        changed)
     assert len(encoded) == 7
+
+
+def test_prompt_cache_takes_encoders_loaded_in_inference_mode():
+    """ComfyUI creates models under inference mode: their weights have no version counter."""
+    from worldstereo_core.pipelines.conditioning import PromptCache
+
+    with torch.inference_mode():
+        encoder = torch.nn.Linear(3, 3)
+    cache, calls = PromptCache(), []
+    for _ in range(2):
+        cache.get("a prompt", object, encoder, torch.device("cpu"), 512, lambda: calls.append(1) or torch.zeros(1))
+    assert calls == [1]

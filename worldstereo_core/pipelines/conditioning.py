@@ -62,6 +62,8 @@ class PromptCache:
     address), the encoder's parameter dtypes and weight versions (an in-place weight change, e.g.
     ``load_state_dict``, bumps them), the execution device and the token length: anything that
     changes the embedding misses. Where the encoder lives between runs (offloaded) does not matter.
+    Weights created under ``torch.inference_mode`` (ComfyUI loads models so) carry no version: an
+    in-place change to them inside inference mode is not seen; call :meth:`clear` after one.
     The pipelines share :data:`PROMPT_CACHE` and keep the embeddings on the CPU (8 MB each for
     UMT5-XXL), so separate pipelines over one encoder (ComfyUI's sampler node) share them too."""
 
@@ -74,7 +76,8 @@ class PromptCache:
         """The embedding of ``prompt`` by ``text_encoder``: kept from an earlier call, else ``encode()``."""
         tensors = [*text_encoder.parameters(), *text_encoder.buffers()]
         key = ((prompt,) if isinstance(prompt, str) else tuple(prompt), id(tokenizer), id(text_encoder),
-               tuple(t.dtype for t in tensors), tuple(t._version for t in tensors), str(device), max_length)
+               tuple(t.dtype for t in tensors), tuple(None if t.is_inference() else t._version for t in tensors),
+               str(device), max_length)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is tokenizer and entry[1]() is text_encoder:
             self._entries.move_to_end(key)
