@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import multiprocessing as mp
@@ -57,7 +58,7 @@ from worldstereo_core.io.atomic import write_json_atomic  # noqa: E402
 
 OUT = rm.REPO / "benchmarks" / "results" / "gpu.json"
 COMFYUI_DIR = rm.REPO.parent / "shared" / "comfyui" / "ComfyUI"
-NATIVE_PACKAGE = "worldstereo_native"
+PACK_PACKAGE = "worldstereo_pack"
 DIFFUSERS_CASES = ("plain", "block_swap", "fp8", "fp8_block_swap")
 #: The 480P base's flow shift and the release's CFG scale (40-step clip).
 FLOW_SHIFT, CFG = 3.0, 5.0
@@ -78,13 +79,12 @@ def import_comfy(comfy_dir: Path, *, cpu: bool, reserve_gib: float | None) -> Si
     args.reserve_vram = reserve_gib
     for name in ("model_management", "model_patcher", "sample", "samplers", "supported_models", "clip_vision"):
         importlib.import_module(f"comfy.{name}")
-    native_dir = rm.REPO / "nodes" / "native"
-    spec = importlib.util.spec_from_file_location(NATIVE_PACKAGE, native_dir / "__init__.py",
-                                                  submodule_search_locations=[str(native_dir)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[NATIVE_PACKAGE] = package
-    spec.loader.exec_module(package)
-    native = SimpleNamespace(**{n: importlib.import_module(f"{NATIVE_PACKAGE}.{n}")
+    # the pack as a package (its relative imports), without running its __init__ (node registration)
+    for name, folder in ((PACK_PACKAGE, rm.REPO), (f"{PACK_PACKAGE}.nodes", rm.REPO / "nodes")):
+        module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+        module.__path__ = [str(folder)]
+        sys.modules[name] = module
+    native = SimpleNamespace(**{n: importlib.import_module(f"{PACK_PACKAGE}.nodes.native.{n}")
                                 for n in ("conds", "model", "sampling")})
     return SimpleNamespace(comfy=comfy, native=native)
 
