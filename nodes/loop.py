@@ -1,6 +1,10 @@
 """The multi-trajectory loop (reconstruction / panorama) as one node over ``tasks.loop``, and the
 node that makes a panorama scene from one 360-degree image for it.
 
+The loop runs on the native MODEL (WorldStereo Apply Variant / Load Complete Variant) with the core
+CLIP, VAE and CLIP vision, through :class:`.native.generator.NativeGenerator`; it samples as the
+release does unless SIGMAS, a SAMPLER or a CFG are given (:func:`.native.sampling.release_sampling`).
+
 The scene comes from a folder in ``input/`` (the release's layout: ``image.png`` + ``prompt.json``
 with optional ``renders/traj_*``, or a panorama scene with ``pano_bank/``), from a connected
 ``panorama_scene`` (made by *Panorama Scene From Image* in ``output/<output_folder>/panorama_scenes/
@@ -37,7 +41,7 @@ from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
 from .saving import file_entry, relative_to_base
 from .trajectory_preview import PAYLOAD_KEY, preview_ui, trajectory_entry
-from .sampling import MAX_SEED, build_sampler_pipeline
+from .sampling import MAX_SEED
 
 CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"
@@ -77,10 +81,13 @@ class MultiTrajectoryLoop(io.ComfyNode):
                          "cloud. Re-queue to resume an interrupted run."),
             is_output_node=True,
             inputs=[
-                S.MODEL.Input("model", tooltip="A memory variant (worldstereo-memory or worldstereo-memory-dmd)."),
-                S.VAE.Input("vae", tooltip="The Wan2.1 VAE."),
-                S.TEXT_ENCODER.Input("text_encoder", tooltip="The UMT5 text encoder."),
-                S.CLIP_VISION.Input("clip_vision", tooltip="The CLIP vision encoder."),
+                io.Model.Input("model", tooltip=
+                               "A memory variant (worldstereo-memory or worldstereo-memory-dmd) on the core MODEL: "
+                               "WorldStereo Apply Variant or Load Complete Variant (LoRAs after it)."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE from Load VAE."),
+                io.Clip.Input("clip", tooltip="The UMT5 text encoder from Load CLIP (type wan): encodes the "
+                                              "scene's prompts and the variant's negative prompt."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H from Load CLIP Vision."),
                 io.Combo.Input("scene", options=scene_choices(), tooltip=
                                "A scene folder in input/, or the image input (not used when a panorama_scene is "
                                "connected)."),
@@ -92,11 +99,13 @@ class MultiTrajectoryLoop(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="", tooltip=
                                 "Scene description, for the image input (folders bring their own)."),
                 io.Int.Input("steps", default=40, min=1, max=200, tooltip=
-                             "Denoising steps per trajectory (the DMD variant always takes its 4)."),
-                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, tooltip=
-                               "Text guidance scale (5.0 as the release; not used by DMD)."),
+                             "UniPC steps per trajectory (the DMD variant always takes its 4; not used when sigmas "
+                             "is connected)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, tooltip=
+                               "Text guidance scale; 0 = the release's (5.0, or 1 for DMD, which has no CFG)."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=
-                               "Flow shift; 0 = the base scheduler's (DMD: the variant's gen_shift)."),
+                               "Flow shift of the UniPC sigmas; 0 = the base's (3 for 480P, 5 for 720P). Not used "
+                               "by DMD or when sigmas is connected."),
                 io.Int.Input("seed", default=DEFAULT_SEED, min=0, max=MAX_SEED, control_after_generate=True, tooltip=
                              "Seeds one noise generator that every trajectory draws from in turn, as the release."),
                 io.String.Input("output_folder", default="WorldStereo/loop", tooltip=
@@ -110,6 +119,12 @@ class MultiTrajectoryLoop(io.ComfyNode):
                 S.PANORAMA_SCENE.Input("panorama_scene", optional=True, tooltip=
                                        "A scene made by Panorama Scene From Image: runs the panorama task on it "
                                        "(the scene widget is then not used)."),
+                io.Sigmas.Input("sigmas", optional=True, tooltip=
+                                "Overrides the schedule (default: WorldStereo Release Sigmas from steps and shift, "
+                                "or the DMD sigmas)."),
+                io.Sampler.Input("sampler", optional=True, tooltip=
+                                 "Overrides the sampler (default: WorldStereo Release UniPC Sampler, or core euler "
+                                 "for DMD)."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Every generated clip, one after the other."),
@@ -149,13 +164,16 @@ class MultiTrajectoryLoop(io.ComfyNode):
 
     @classmethod
     @node_errors(DISPLAY_NAME)
-    def execute(cls, model, vae, text_encoder, clip_vision, scene, task, cache_mode, prompt, steps, cfg, shift, seed,
-                output_folder, moge=None, dinov2=None, image=None, panorama_scene=None) -> io.NodeOutput:
+    def execute(cls, model, vae, clip, clip_vision, scene, task, cache_mode, prompt, steps, cfg, shift, seed,
+                output_folder, moge=None, dinov2=None, image=None, panorama_scene=None, sigmas=None,
+                sampler=None) -> io.NodeOutput:
         from ..worldstereo_core.geometry.panorama_depth import moge_view_depth_fn
         from ..worldstereo_core.memory.cache import moge_depth_fn
         from ..worldstereo_core.memory.selector import CameraSelector
-        from ..worldstereo_core.tasks.generate import PipelineGenerator
         from ..worldstereo_core.tasks.loop import LoopOptions, run_image_scene, run_multi_trajectory
+        from .native.generator import NativeGenerator
+        from .native.model import variant_config
+        from .native.sampling import release_sampling
 
         out_root = files.output_folder(output_folder, "output_folder")
         if panorama_scene is not None:
@@ -170,15 +188,15 @@ class MultiTrajectoryLoop(io.ComfyNode):
         else:
             scene_dir = files.input_path(scene, "scene", folder=True)
             task = resolve_task(task, scene_dir)
-        config = model.config
+        config = variant_config(model)
         if not config.is_memory:
-            raise InputError("the multi-trajectory loop conditions on the memory bank; load worldstereo-memory or "
+            raise InputError("the multi-trajectory loop conditions on the memory bank; apply worldstereo-memory or "
                              "worldstereo-memory-dmd")
-        pipeline = build_sampler_pipeline(model, vae, text_encoder, clip_vision, shift)
-        generator = PipelineGenerator(pipeline, num_inference_steps=None if config.is_dmd else steps,
-                                      guidance_scale=None if config.is_dmd else cfg,
-                                      weights=[model.variant_dir, model.base, vae.source, text_encoder.source,
-                                               clip_vision.source])
+        release_sigmas, release_sampler, release_cfg = release_sampling(config, steps, shift)
+        generator = NativeGenerator(model, clip, vae, clip_vision,
+                                    sigmas=release_sigmas if sigmas is None else sigmas,
+                                    sampler=release_sampler if sampler is None else sampler,
+                                    cfg=cfg if cfg > 0 else release_cfg)
         options = LoopOptions(task=task, model_name=config.model_type, cache_mode=cache_mode, seed=int(seed),
                               nframe=config.nframe, scale_map=config.scale_map)
         kwargs = dict(options=options, selector=CameraSelector(feature_fn=dinov2) if dinov2 is not None else None,

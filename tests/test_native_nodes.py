@@ -279,10 +279,12 @@ def test_conditioning_node_memory_fallback_and_errors(env, tmp_path):
 # ----- the loop's generator on the native MODEL ----------------------------------------------------
 
 class FixedText:
-    """A stand-in for the core CLIP text encoder: the fixture's embeddings for its two prompts."""
+    """A stand-in for the core CLIP text encoder: the fixture's embeddings for its two prompts (and a
+    patcher, whose identity joins the generator's resume key, as the core CLIP has)."""
 
-    def __init__(self, embeddings: dict[str, torch.Tensor]) -> None:
+    def __init__(self, env, embeddings: dict[str, torch.Tensor]) -> None:
         self.embeddings = embeddings
+        self.patcher = env.comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu")
 
     def tokenize(self, text: str) -> str:
         return text
@@ -338,7 +340,7 @@ def test_native_generator_matches_the_pipeline_generator(env, case, tmp_path):
     native = ComfyHost(env, tmp_path).load(_variant(case, tmp_path))
     sigmas, sampler, cfg = _sigmas_and_sampler(env, case, native)
     generator_module = importlib.import_module(f"{env.package}.nodes.native.generator")
-    generator = generator_module.NativeGenerator(native, FixedText(texts), core_vae(env, common),
+    generator = generator_module.NativeGenerator(native, FixedText(env, texts), core_vae(env, common),
                                                  fixture_clip_vision(env, common, tmp_path), sigmas=sigmas,
                                                  sampler=sampler, cfg=cfg, negative_prompt="negative")
     assert generator.memory == reference.memory and generator.steps == reference.steps

@@ -27,7 +27,8 @@ from comfy_api.latest import io  # noqa: E402  (the real V3 schema, from the Com
 
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 #: ComfyUI's own socket types our nodes use.
-CORE_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "VAE", "CLIP", "CLIP_VISION", "CONDITIONING", "VIDEO", "COMBO"}
+CORE_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "VAE", "CLIP", "CLIP_VISION", "CONDITIONING", "VIDEO", "SIGMAS",
+              "SAMPLER", "COMBO"}
 #: Socket types of ours named before the V3 prefix rule: saved workflows' links carry them, so they stay.
 LEGACY_TYPES = {"MOGE_MODEL", "DINOV2_MODEL", "POINT_CLOUD", "CAMERA_TRAJECTORY", "MEMORY_BANK"}
 OWN_TYPE_PREFIX = "WORLDSTEREO_"

@@ -6,20 +6,26 @@ SIGMAS / SAMPLER and decoded keyframe by keyframe.
 
 The initial noise is the release's: one CPU generator seeded with the request's seed, after
 ``noise_index`` draws of the clip's shape (every trajectory of a run draws from one generator).
+Its :meth:`~NativeGenerator.resume_key` identifies the models by their weights and patches
+(:mod:`.identity`) and the variant by its files, so a run resumes only with what it was made with.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import comfy.sample
 
+from ...worldstereo_core.io.fingerprint import file_stamps
 from ...worldstereo_core.pipelines.schedulers import initial_noise, make_generator
 from ...worldstereo_core.pipelines.vae import decode_keyframes, frames_from_video, normalize_latents
 from ...worldstereo_core.progress import ProgressFn, report
 from ...worldstereo_core.tasks.generate import GenerationRequest, model_inputs
 from .conditioning import worldstereo_conditioning
-from .model import variant_config
+from .identity import patcher_identity
+from .model import worldstereo_forward
 from .vae import KeyframeVae
 
 
@@ -32,7 +38,8 @@ class NativeGenerator:
     def __init__(self, model, clip, vae, clip_vision, *, sigmas: torch.Tensor, sampler, cfg: float,
                  negative_prompt: str | None = None) -> None:
         self.model, self.clip, self.vae, self.clip_vision = model, clip, vae, clip_vision
-        self.config = variant_config(model)
+        self.forward = worldstereo_forward(model)
+        self.config = self.forward.config
         self.sigmas, self.sampler, self.cfg = sigmas, sampler, float(cfg)
         self.negative_prompt = self.config.negative_prompt if negative_prompt is None else negative_prompt
 
@@ -45,15 +52,22 @@ class NativeGenerator:
         return len(self.sigmas) - 1
 
     def resume_key(self) -> dict:
-        """What shapes the clips besides the scene: variant, weight dtype and patches (LoRAs), the
-        schedule, sampler, CFG and negative prompt."""
+        """What shapes the clips besides the scene: the variant (its files by name, size and mtime,
+        attention scope), the models' weights and patches (LoRAs) by :func:`.identity.patcher_identity`,
+        the weight dtype, the schedule, sampler, CFG and negative prompt."""
+        sampler = self.sampler
+        patchers = {"model": self.model, "clip": self.clip.patcher, "vae": self.vae.patcher,
+                    "clip_vision": self.clip_vision.patcher}
         return {
             "generator": "native",
             "variant": self.config.model_type,
+            "variant_files": file_stamps(Path(self.forward.source).parent),
+            "attention_scope": self.forward.attention_scope,
+            "models": {name: patcher_identity(patcher) for name, patcher in patchers.items()},
             "dtype": str(self.model.model_dtype()),
-            "weight_patches": {key: len(patches) for key, patches in sorted(self.model.patches.items())},
             "sigmas": [round(float(s), 6) for s in self.sigmas],
-            "sampler": getattr(self.sampler.sampler_function, "__name__", type(self.sampler).__name__),
+            "sampler": getattr(sampler.sampler_function, "__name__", type(sampler).__name__),
+            "sampler_options": {k: repr(v) for k, v in sorted(getattr(sampler, "extra_options", {}).items())},
             "cfg": self.cfg,
             "negative_prompt": self.negative_prompt,
         }

@@ -90,13 +90,18 @@ def wan_model(model) -> comfy.ldm.wan.model.WanModel:
     return wan
 
 
-def variant_config(model) -> WorldStereoConfig:
-    """The WorldStereo variant config of a native MODEL, or an InputError for any other MODEL."""
+def worldstereo_forward(model) -> "WorldStereoForward":
+    """The WorldStereo forward of a native MODEL, or an InputError for any other MODEL."""
     forward = model.get_wrappers(WrappersMP.DIFFUSION_MODEL, WORLDSTEREO_KEY)
     if not forward:
         raise InputError("the MODEL does not run WorldStereo; connect the MODEL of WorldStereo Apply Variant (or "
                          "WorldStereo Load Complete Variant)")
-    return forward[0].config
+    return forward[0]
+
+
+def variant_config(model) -> WorldStereoConfig:
+    """The WorldStereo variant config of a native MODEL, or an InputError for any other MODEL."""
+    return worldstereo_forward(model).config
 
 
 def backbone_spec(wan) -> BackboneSpec:
@@ -189,7 +194,7 @@ def attach_branches(model, variant: Variant, *, attention_scope: str = "full"):
                                                offload_device=model.offload_device)
     model.set_additional_models(WORLDSTEREO_KEY, [patcher])
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WORLDSTEREO_KEY,
-                               WorldStereoForward(branches, cfg, attention_scope))
+                               WorldStereoForward(branches, cfg, attention_scope, variant.source))
     model.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WORLDSTEREO_KEY, condition_cache_per_run)
     return model
 
@@ -216,10 +221,12 @@ def condition_cache_per_run(executor, *args, **kwargs):
 
 
 class WorldStereoForward:
-    """The ``DIFFUSION_MODEL`` wrapper: the WorldStereo forward on the native Wan blocks."""
+    """The ``DIFFUSION_MODEL`` wrapper: the WorldStereo forward on the native Wan blocks
+    (``source``: the variant file the branches were read from)."""
 
-    def __init__(self, branches: WorldStereoBranches, config: WorldStereoConfig, attention_scope: str) -> None:
-        self.branches, self.config, self.attention_scope = branches, config, attention_scope
+    def __init__(self, branches: WorldStereoBranches, config: WorldStereoConfig, attention_scope: str,
+                 source: str) -> None:
+        self.branches, self.config, self.attention_scope, self.source = branches, config, attention_scope, source
 
     def __deepcopy__(self, memo):  # model options are deep-copied; the branches are shared, never copied
         return self

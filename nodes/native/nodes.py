@@ -19,7 +19,6 @@ from comfy_api.latest import InputImpl, Types, io
 from ...worldstereo_core.constants import FPS
 from ...worldstereo_core.errors import InputError
 from ...worldstereo_core.pipelines.schedulers import DEFAULT_NUM_STEPS
-from ...worldstereo_core.pipelines.single_file import default_scheduler_config
 from ...worldstereo_core.pipelines.vae import decode_keyframes, normalize_latents
 from ...worldstereo_core.tasks.generate import model_inputs
 from .. import types
@@ -29,7 +28,7 @@ from ..loaders import MODEL_TYPES, resolve_worldstereo_variant
 from ..sampling import generation_request, single_view_memory
 from .conditioning import conditioning_steps, worldstereo_conditioning
 from .model import apply_variant, load_complete_variant, variant_config
-from .sampling import dmd_sigmas, release_unipc_sampler, release_unipc_sigmas
+from .sampling import dmd_sigmas, release_shift, release_unipc_sampler, release_unipc_sigmas
 from .vae import KeyframeVae
 
 CATEGORY = "WorldStereo/native"
@@ -176,10 +175,7 @@ class ReleaseSigmas(io.ComfyNode):
     @classmethod
     @node_errors("WorldStereo Release Sigmas")
     def execute(cls, model, steps, shift) -> io.NodeOutput:
-        config = variant_config(model)
-        if shift <= 0:
-            shift = default_scheduler_config(base_model=config.base_model)["flow_shift"]
-        return io.NodeOutput(release_unipc_sigmas(steps, shift))
+        return io.NodeOutput(release_unipc_sigmas(steps, release_shift(variant_config(model), shift)))
 
 
 class DMDSigmas(io.ComfyNode):

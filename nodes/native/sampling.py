@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import trange
 
 from ...worldstereo_core.models.config import WorldStereoConfig
-from ...worldstereo_core.pipelines.schedulers import DMDScheduler, reference_flow_sigmas
+from ...worldstereo_core.pipelines.schedulers import DEFAULT_GUIDANCE_SCALE, DMDScheduler, reference_flow_sigmas
+from ...worldstereo_core.pipelines.single_file import default_scheduler_config
 
 #: Timesteps per unit sigma of the Wan flow models (ComfyUI's flow multiplier and the release's T).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -29,6 +30,23 @@ def dmd_sigmas(config: WorldStereoConfig) -> torch.Tensor:
     SIGMAS: float32 ``t / T`` per step, then 0."""
     sigmas = DMDScheduler.from_worldstereo_config(config).sigmas
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def release_shift(config: WorldStereoConfig, shift: float = 0.0) -> float:
+    """``shift``, or when it is 0 that of the variant's base (3 for 480P, 5 for 720P)."""
+    return shift if shift > 0 else default_scheduler_config(base_model=config.base_model)["flow_shift"]
+
+
+def release_sampling(config: WorldStereoConfig, steps: int, shift: float = 0.0) -> tuple[torch.Tensor, object, float]:
+    """(SIGMAS, SAMPLER, CFG) the release samples ``config`` with: the DMD schedule with core euler
+    at CFG 1, else ``steps`` UniPC steps (:func:`release_unipc_sigmas` at :func:`release_shift`)
+    with :func:`release_unipc_sampler` at CFG 5."""
+    import comfy.samplers
+
+    if config.is_dmd:
+        return dmd_sigmas(config), comfy.samplers.sampler_object("euler"), 1.0
+    return (release_unipc_sigmas(steps, release_shift(config, shift)), release_unipc_sampler(),
+            DEFAULT_GUIDANCE_SCALE)
 
 
 def release_unipc_sigmas(steps: int, shift: float) -> torch.Tensor:
