@@ -99,7 +99,8 @@ class ResizeToBucket(io.ComfyNode):
             description=("Resize an image to the working size the model was trained on: the bucket of the "
                          "variant's scale_map (default 480x768 family) closest in aspect ratio."),
             inputs=[io.Image.Input("image", tooltip="Start image (the first frame of a batch is used)."),
-                    types.Socket.MODEL.Input("model", optional=True, tooltip="Use this variant's scale_map buckets.")],
+                    io.Model.Input("model", optional=True, tooltip=
+                                   "The MODEL of WorldStereo Apply Variant: use its variant's scale_map buckets.")],
             outputs=[io.Image.Output(display_name="image", tooltip="The image at the working size."),
                      io.Int.Output(display_name="width", tooltip="Working width."),
                      io.Int.Output(display_name="height", tooltip="Working height.")],
@@ -109,7 +110,11 @@ class ResizeToBucket(io.ComfyNode):
     @node_errors(DISPLAY_NAME)
     def execute(cls, image, model=None) -> io.NodeOutput:
         rgb = first_image_uint8(image, "image")
-        scale_map = getattr(getattr(model, "config", None), "scale_map", None) or DEFAULT_SCALE_MAP
+        scale_map = DEFAULT_SCALE_MAP
+        if model is not None:  # a MODEL exists only where ComfyUI's model code (and so nodes.native) does
+            from .native.model import variant_config
+
+            scale_map = variant_config(model).scale_map
         height, width = assign_scale(rgb.shape[0], rgb.shape[1], scale_map)
         return io.NodeOutput(uint8_to_image(resize_bicubic(rgb, (height, width))), width, height)
 

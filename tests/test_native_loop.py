@@ -267,3 +267,11 @@ def test_patcher_identity_is_stable_under_loading_and_sees_patches(env, parts):
     assert identity(_with_lora(env, parts["memory"], 0.25)) != before
     assert identity(parts["memory"]) != before
     assert identity(_with_changed_base(parts["memory"])) != identity(parts["memory"])
+
+
+def test_resize_to_bucket_uses_the_variant_scale_map(env, parts):
+    geometry = importlib.import_module(f"{env.package}.nodes.geometry")
+    image = torch.rand(1, 90, 150, 3, generator=torch.Generator().manual_seed(1))
+    out, width, height = geometry.ResizeToBucket.execute(image, parts["memory"]).args
+    expected = min(TINY_SCALE_MAP, key=lambda b: abs(b[0] / b[1] - 90 / 150))
+    assert (height, width) == tuple(expected) and out.shape == (1, height, width, 3)

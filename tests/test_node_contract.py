@@ -462,7 +462,17 @@ def test_web_folder_holds_only_extensions():
 WORKFLOWS = REPO / "example_workflows"
 API_PROMPTS = REPO / "tests" / "api_prompts"
 #: Core ComfyUI nodes the examples use, with the frontend's widget names (None = frontend-only widget).
-CORE_WIDGETS = {"LoadImage": ["image", None], "PreviewImage": [], "Preview3D": ["model_file", "image"]}
+CORE_WIDGETS = {"LoadImage": ["image", None], "PreviewImage": [], "Preview3D": ["model_file", "image"],
+                "UNETLoader": ["unet_name", "weight_dtype"], "CLIPLoader": ["clip_name", "type", "device"],
+                "VAELoader": ["vae_name"], "CLIPVisionLoader": ["clip_name"], "CLIPTextEncode": ["text"],
+                "RandomNoise": ["noise_seed", "control_after_generate"], "CFGGuider": ["cfg"],
+                "KSamplerSelect": ["sampler_name"], "SamplerCustomAdvanced": [], "CreateVideo": ["fps"],
+                "SaveVideo": ["filename_prefix", "format", "codec"]}
+#: Widgets of the native nodes, which need ComfyUI's model code and so are absent from the stub (their
+#: definitions are checked against the shipped workflows in the real frontend: export_workflows.py).
+CORE_WIDGETS.update({"WorldStereoApplyVariant": ["variant", "attention_scope"], "WorldStereoConditioning": [],
+                     "WorldStereoReleaseSigmas": ["steps", "shift"], "WorldStereoDMDSigmas": [],
+                     "WorldStereoReleaseUniPCSampler": ["solver_order"], "WorldStereoVAEDecodeKeyframes": ["fps"]})
 #: Frontend-only widget added after an INT input named like this.
 SEED_NAMES = ("seed", "noise_seed")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")

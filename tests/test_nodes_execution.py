@@ -78,14 +78,15 @@ def _plane_scene(ws, height=32, width=48, depth=2.0):
 # Geometry
 # --------------------------------------------------------------------------------------------
 
-def test_resize_to_bucket_uses_the_variant_scale_map(ws):
-    (model,) = ws.run("WorldStereoModelLoader", model_type="worldstereo-camera", base=FILES["diffusion_models"],
-                      dtype="fp32", download=False)
+def test_resize_to_bucket_default_buckets(ws):
+    """Without a MODEL, the release's buckets (with one: test_native_loop)."""
+    from worldstereo_core.constants import DEFAULT_SCALE_MAP
+
     image = torch.rand(2, 90, 150, 3, generator=torch.Generator().manual_seed(1))
     before = image.clone()
-    out, width, height = ws.run("WorldStereoResizeToBucket", image=image, model=model)
+    out, width, height = ws.run("WorldStereoResizeToBucket", image=image)
     ratio = 90 / 150
-    expected = min(TINY_SCALE_MAP, key=lambda b: abs(b[0] / b[1] - ratio))
+    expected = min(DEFAULT_SCALE_MAP, key=lambda b: abs(b[0] / b[1] - ratio))
     assert (height, width) == tuple(expected) and out.shape == (1, height, width, 3)
     u8 = np.round(image[0].numpy() * 255).astype(np.uint8)
     pil = np.asarray(Image.fromarray(u8).resize((width, height), Image.Resampling.BICUBIC))

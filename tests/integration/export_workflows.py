@@ -35,14 +35,11 @@ THUMB_WIDTH = 800
 
 PROMPT = ("A quiet old town street in warm afternoon light, stone houses with wooden shutters, potted plants "
           "and a cobblestone road, realistic photo.")
-SINGLE_FILES = {
-    "model": {"base": "wan2.1_i2v_480p_14B_bf16.safetensors", "dtype": "auto", "download": False},
-    "vae": {"vae": "wan_2.1_vae.safetensors", "dtype": "auto", "download": False},
-    "text_encoder": {"text_encoder": "umt5_xxl_fp16.safetensors", "tokenizer": "auto", "dtype": "fp32",
-                     "download": False},
-    "clip_vision": {"clip_vision": "clip_vision_h.safetensors", "download": False},
-}
-DIFFUSERS = "diffusers/Wan2.1-I2V-14B-480P-Diffusers"
+#: The core single files (Comfy-Org/Wan_2.1_ComfyUI_repackaged) in the core model folders.
+CORE_FILES = {"unet": "wan2.1_i2v_480p_14B_bf16.safetensors", "clip": "umt5_xxl_fp16.safetensors",
+              "vae": "wan_2.1_vae.safetensors", "clip_vision": "clip_vision_h.safetensors"}
+NEGATIVE = ""
+SEED = 1024
 #: The shipped 360-degree example (example_workflows/input/, copied into input/ by write_example_inputs).
 PANORAMA_IMAGE = "worldstereo_panorama_room.png"
 PANORAMA_PROMPT = "An empty room with checkered walls in soft coloured light, realistic photo."
@@ -53,32 +50,43 @@ def node(key, type_, pos, widgets=None, links=None, title=None) -> dict:
             "title": title}
 
 
-def loaders(model_type: str, *, files: bool = True, y: int = 0) -> list[dict]:
-    """The four Wan/WorldStereo loaders: ComfyUI single files or the diffusers repo."""
-    if files:
-        parts = SINGLE_FILES
-    else:
-        parts = {"model": {"base": "auto (the variant's base_model)", "dtype": "auto", "download": False},
-                 "vae": {"vae": DIFFUSERS, "dtype": "auto", "download": False},
-                 "text_encoder": {"text_encoder": DIFFUSERS, "tokenizer": "auto", "dtype": "fp32", "download": False},
-                 "clip_vision": {"clip_vision": DIFFUSERS, "download": False}}
+def loaders(variant: str, *, y: int = 0) -> list[dict]:
+    """Core loaders (Load Diffusion Model, Load CLIP type wan, Load VAE, Load CLIP Vision) and
+    WorldStereo Apply Variant on the diffusion model."""
     return [
-        node("model", "WorldStereoModelLoader", (20, y), {"model_type": model_type, **parts["model"]}),
-        node("vae", "WorldStereoVAELoader", (20, y + 240), parts["vae"]),
-        node("te", "WorldStereoTextEncoderLoader", (20, y + 410), parts["text_encoder"]),
-        node("clip", "WorldStereoCLIPVisionLoader", (20, y + 580), parts["clip_vision"]),
+        node("unet", "UNETLoader", (20, y), {"unet_name": CORE_FILES["unet"], "weight_dtype": "default"}),
+        node("model", "WorldStereoApplyVariant", (20, y + 150), {"variant": variant, "attention_scope": "full"},
+             {"model": ("unet", "MODEL")}),
+        node("clip", "CLIPLoader", (20, y + 300), {"clip_name": CORE_FILES["clip"], "type": "wan"}),
+        node("vae", "VAELoader", (20, y + 470), {"vae_name": CORE_FILES["vae"]}),
+        node("clipvision", "CLIPVisionLoader", (20, y + 580), {"clip_name": CORE_FILES["clip_vision"]}),
     ]
 
 
-def sampler(pos, *, steps: int, cfg: float, memory: str | None = None) -> dict:
-    links = {"model": ("model", "model"), "vae": ("vae", "vae"), "text_encoder": ("te", "text_encoder"),
-             "clip_vision": ("clip", "clip_vision"), "image": ("resize", "image"), "render": ("render", "render"),
-             "hole_mask": ("render", "hole_mask"), "trajectory": ("traj", "trajectory")}
+def text(x: int, y: int) -> list[dict]:
+    """The prompt and the negative prompt through CLIP Text Encode."""
+    return [node("pos", "CLIPTextEncode", (x, y), {"text": PROMPT}, {"clip": ("clip", "CLIP")}, title="Prompt"),
+            node("neg", "CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, {"clip": ("clip", "CLIP")},
+                 title="Negative prompt")]
+
+
+def conditioning(pos, *, memory: str | None = None) -> dict:
+    links = {"model": ("model", "MODEL"), "positive": ("pos", "CONDITIONING"), "negative": ("neg", "CONDITIONING"),
+             "vae": ("vae", "VAE"), "clip_vision": ("clipvision", "CLIP_VISION"), "start_image": ("resize", "image"),
+             "render": ("render", "render"), "hole_mask": ("render", "hole_mask"), "trajectory": ("traj", "trajectory")}
     if memory:
         links["memory"] = (memory, "memory")
-    return node("sampler", "WorldStereoSampler", pos,
-                {"prompt": PROMPT, "negative_prompt": "", "steps": steps, "cfg": cfg, "shift": 0.0, "seed": 1024,
-                 "control_after_generate": "fixed"}, links)
+    return node("cond", "WorldStereoConditioning", pos, links=links)
+
+
+def decode_and_save(x: int, latent: tuple[str, str], prefix: str) -> list[dict]:
+    """WorldStereo VAE Decode Keyframes -> core Save Video."""
+    return [
+        node("decode", "WorldStereoVAEDecodeKeyframes", (x, 0), {"fps": 16.0},
+             {"vae": ("vae", "VAE"), "samples": latent}),
+        node("save", "SaveVideo", (x, 160), {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
+             {"video": ("decode", "video")}),
+    ]
 
 
 def image_scene(x: int) -> list[dict]:
@@ -88,7 +96,7 @@ def image_scene(x: int) -> list[dict]:
         node("moge", "WorldStereoMoGeLoader", (x, 420), {"checkpoint": "moge-2-vitl-normal/model.pt",
                                                         "download": False}),
         node("resize", "WorldStereoResizeToBucket", (x, 560), links={"image": ("image", "IMAGE"),
-                                                                   "model": ("model", "model")}),
+                                                                   "model": ("model", "MODEL")}),
         node("depth", "WorldStereoMoGeDepth", (x + 400, 0), {"resolution_level": 9},
              {"moge": ("moge", "moge"), "image": ("resize", "image")}),
         node("lift", "WorldStereoLiftDepth", (x + 400, 160), {"fov_deg": 60.0, "sobel_threshold": 0.35, "contract": 8.0},
@@ -97,23 +105,46 @@ def image_scene(x: int) -> list[dict]:
 
 
 def camera_control() -> list[dict]:
-    return loaders("worldstereo-camera") + image_scene(420) + [
+    """worldstereo-camera sampled as the release: SamplerCustomAdvanced with WorldStereo Release Sigmas,
+    the Release UniPC Sampler and CFG 5."""
+    return loaders("worldstereo-camera") + image_scene(420) + text(1220, 760) + [
         node("traj", "WorldStereoTrajectoryPreset", (820, 340), {"preset": "orbit_left", "frames": 21, "scale": 1.0},
              {"point_cloud": ("lift", "point_cloud")}),
         node("render", "WorldStereoRenderWarps", (1220, 0), {"backend": "auto"},
              {"point_cloud": ("lift", "point_cloud"), "trajectory": ("traj", "trajectory"),
               "image": ("resize", "image")}),
         node("render_preview", "PreviewImage", (1220, 160), links={"images": ("render", "render")}),
-        node("cloud", "WorldStereoSavePointCloud", (1220, 560),
+        node("cloud", "WorldStereoSavePointCloud", (820, 620),
              {"filename_prefix": "WorldStereo/camera_control_cloud", "format": "glb", "world_up": "-y"},
              {"point_cloud": ("lift", "point_cloud"), "trajectory": ("traj", "trajectory")}),
-        sampler((1620, 0), steps=40, cfg=5.0),
-        node("preview3d", "Preview3D", (1620, 480), links={"model_file": ("cloud", "model_file")}),
-        node("decode", "WorldStereoDecodeKeyframes", (2060, 0), links={"vae": ("vae", "vae"),
-                                                                        "keyframes": ("sampler", "keyframes")}),
-        node("save", "WorldStereoSaveVideo", (2060, 120), {"filename_prefix": "WorldStereo/camera_control", "fps": 16},
-             {"images": ("decode", "images")}),
+        node("preview3d", "Preview3D", (1620, 560), links={"model_file": ("cloud", "model_file")}),
+        conditioning((1620, 0)),
+        node("sigmas", "WorldStereoReleaseSigmas", (1620, 420), {"steps": 40, "shift": 0.0},
+             {"model": ("model", "MODEL")}),
+        node("ksampler", "WorldStereoReleaseUniPCSampler", (1620, 560), {"solver_order": 2}),
+    ] + custom_sampler(5.0) + decode_and_save(2380, ("sampler", "output"), "WorldStereo/camera_control")
+
+
+def custom_sampler(cfg: float) -> list[dict]:
+    """SamplerCustomAdvanced over the conditioning with the "sigmas" and "ksampler" nodes."""
+    return [
+        node("noise", "RandomNoise", (1620, 660), {"noise_seed": SEED, "control_after_generate": "fixed"}),
+        node("guider", "CFGGuider", (1620, 780), {"cfg": cfg},
+             {"model": ("model", "MODEL"), "positive": ("cond", "positive"), "negative": ("cond", "negative")}),
+        node("sampler", "SamplerCustomAdvanced", (2000, 0), links={
+            "noise": ("noise", "NOISE"), "guider": ("guider", "GUIDER"), "sampler": ("ksampler", "SAMPLER"),
+            "sigmas": ("sigmas", "SIGMAS"), "latent_image": ("cond", "latent")}),
     ]
+
+
+def loop(pos, widgets: dict, links: dict) -> dict:
+    """The Multi-Trajectory Loop on the native MODEL and the core encoders (release sampling: cfg 0)."""
+    return node("loop", "WorldStereoMultiTrajectoryLoop", pos,
+                {"cache_mode": "release", "steps": 40, "cfg": 0.0, "shift": 0.0, "seed": SEED,
+                 "control_after_generate": "fixed", **widgets},
+                {"model": ("model", "MODEL"), "vae": ("vae", "VAE"), "clip": ("clip", "CLIP"),
+                 "clip_vision": ("clipvision", "CLIP_VISION"), "moge": ("moge", "moge"),
+                 "dinov2": ("dinov2", "dinov2"), **links})
 
 
 def reconstruction() -> list[dict]:
@@ -122,15 +153,11 @@ def reconstruction() -> list[dict]:
                                                           "download": False}),
         node("dinov2", "WorldStereoDINOv2Loader", (420, 560), {"model": "dinov2-base", "download": False}),
         node("image", "LoadImage", (420, 0), {"image": "example.png"}),
-        node("loop", "WorldStereoMultiTrajectoryLoop", (760, 0),
-             {"scene": "(the image input)", "task": "reconstruction", "cache_mode": "release", "prompt": PROMPT,
-              "steps": 40, "cfg": 5.0, "shift": 0.0, "seed": 1024, "control_after_generate": "fixed",
-              "output_folder": "WorldStereo/reconstruction"},
-             {"model": ("model", "model"), "vae": ("vae", "vae"), "text_encoder": ("te", "text_encoder"),
-              "clip_vision": ("clip", "clip_vision"), "moge": ("moge", "moge"), "dinov2": ("dinov2", "dinov2"),
-              "image": ("image", "IMAGE")}),
-        node("save", "WorldStereoSaveVideo", (1200, 0), {"filename_prefix": "WorldStereo/reconstruction", "fps": 16},
-             {"images": ("loop", "frames")}),
+        loop((760, 0), {"scene": "(the image input)", "task": "reconstruction", "prompt": PROMPT,
+                        "output_folder": "WorldStereo/reconstruction"}, {"image": ("image", "IMAGE")}),
+        node("frames", "CreateVideo", (1200, 0), {"fps": 16.0}, {"images": ("loop", "frames")}),
+        node("save", "SaveVideo", (1200, 140), {"filename_prefix": "WorldStereo/reconstruction", "format": "auto",
+                                                "codec": "auto"}, {"video": ("frames", "VIDEO")}),
         node("worldmirror", "WorldStereoExportWorldMirror", (1200, 380),
              {"folder_prefix": "WorldStereo/reconstruction_worldmirror", "scene": "example"},
              {"memory_bank": ("loop", "memory_bank")}),
@@ -139,9 +166,10 @@ def reconstruction() -> list[dict]:
 
 
 def fast_dmd() -> list[dict]:
+    """worldstereo-memory-dmd with SamplerCustomAdvanced: its DMD sigmas, core euler, CFG 1."""
     moves = json.dumps([{"type": "normal", "rotation": [25.0, 0.0], "frames": 10},
                         {"type": "normal", "backward-forward": 0.3, "frames": 10}], indent=1)
-    return loaders("worldstereo-memory-dmd", files=False) + image_scene(420) + [
+    return loaders("worldstereo-memory-dmd") + image_scene(420) + text(1220, 900) + [
         node("traj", "WorldStereoTrajectoryFromJSON", (820, 340), {"json_text": moves, "frames": 21, "scale": 1.0},
              {"point_cloud": ("lift", "point_cloud")}),
         node("bank", "WorldStereoMemoryBankCreate", (1220, 0),
@@ -153,19 +181,18 @@ def fast_dmd() -> list[dict]:
         node("render", "WorldStereoRenderWarps", (1220, 660), {"backend": "auto"},
              {"point_cloud": ("lift", "point_cloud"), "trajectory": ("traj", "trajectory"),
               "image": ("resize", "image")}),
-        sampler((1620, 0), steps=4, cfg=1.0, memory="retrieve"),
-        node("decode", "WorldStereoDecodeKeyframes", (2060, 0), links={"vae": ("vae", "vae"),
-                                                                        "keyframes": ("sampler", "keyframes")}),
-        node("save", "WorldStereoSaveVideo", (2060, 120), {"filename_prefix": "WorldStereo/dmd", "fps": 16},
-             {"images": ("decode", "images")}),
-        node("add", "WorldStereoMemoryBankAddClip", (1620, 480),
+        conditioning((1620, 0), memory="retrieve"),
+        node("sigmas", "WorldStereoDMDSigmas", (1620, 420), links={"model": ("model", "MODEL")}),
+        node("ksampler", "KSamplerSelect", (1620, 560), {"sampler_name": "euler"}),
+    ] + custom_sampler(1.0) + [
+        node("add", "WorldStereoMemoryBankAddClip", (2380, 420),
              {"view_id": "comfy", "traj_id": "traj0", "save_folder": "WorldStereo/dmd_bank"},
              {"memory_bank": ("bank", "memory_bank"), "frames": ("decode", "images"),
               "trajectory": ("traj", "trajectory")}),
-        node("worldmirror", "WorldStereoExportWorldMirror", (2060, 480),
+        node("worldmirror", "WorldStereoExportWorldMirror", (2380, 700),
              {"folder_prefix": "WorldStereo/dmd_worldmirror", "scene": "example"},
              {"memory_bank": ("add", "memory_bank")}),
-    ]
+    ] + decode_and_save(2380, ("sampler", "output"), "WorldStereo/dmd")
 
 
 def panorama() -> list[dict]:
@@ -180,18 +207,15 @@ def panorama() -> list[dict]:
               "views": 4, "explorations": 2, "reconstructs": 1, "frames": 21, "bank_width": 832, "bank_height": 480},
              {"image": ("image", "IMAGE"), "moge": ("moge", "moge")}),
         node("bank_views", "PreviewImage", (760, 560), links={"images": ("scene", "bank_views")}),
-        node("loop", "WorldStereoMultiTrajectoryLoop", (1160, 0),
-             {"scene": "(the image input)", "task": "panorama", "cache_mode": "release", "prompt": "",
-              "steps": 40, "cfg": 5.0, "shift": 0.0, "seed": 1024, "control_after_generate": "fixed",
-              "output_folder": "WorldStereo/panorama"},
-             {"model": ("model", "model"), "vae": ("vae", "vae"), "text_encoder": ("te", "text_encoder"),
-              "clip_vision": ("clip", "clip_vision"), "moge": ("moge", "moge"), "dinov2": ("dinov2", "dinov2"),
-              "panorama_scene": ("scene", "panorama_scene")}),
-        node("save", "WorldStereoSaveVideo", (1600, 0), {"filename_prefix": "WorldStereo/panorama", "fps": 16},
-             {"images": ("loop", "frames")}),
+        loop((1160, 0), {"scene": "(the image input)", "task": "panorama", "prompt": "",
+                         "output_folder": "WorldStereo/panorama"}, {"panorama_scene": ("scene", "panorama_scene")}),
+        node("frames", "CreateVideo", (1600, 0), {"fps": 16.0}, {"images": ("loop", "frames")}),
+        node("save", "SaveVideo", (1600, 140), {"filename_prefix": "WorldStereo/panorama", "format": "auto",
+                                                "codec": "auto"}, {"video": ("frames", "VIDEO")}),
         node("worldmirror", "WorldStereoExportWorldMirror", (1600, 380),
              {"folder_prefix": "WorldStereo/panorama_worldmirror", "scene": "panorama_room"},
              {"memory_bank": ("loop", "memory_bank")}),
+        node("preview3d", "Preview3D", (2000, 0), links={"model_file": ("loop", "cloud_file")}),
     ]
 
 

@@ -22,6 +22,7 @@ COMFYUI_DIR = comfyui_dir()
 
 import comfy_stub  # noqa: E402
 from comfyui_harness import PACK_FOLDER, REPO, ComfyUIServer, PromptRun  # noqa: E402
+from test_native_server import TINY_NODE, install_tiny_sizes_node  # noqa: E402
 
 API_PROMPTS = REPO / "tests" / "api_prompts"
 
@@ -29,14 +30,16 @@ API_PROMPTS = REPO / "tests" / "api_prompts"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A headless ComfyUI whose models/ holds tiny checkpoints under the real file names and whose
-    input/ holds what the example workflows load (example.png, a small panorama scene)."""
+    input/ holds what the example workflows load (example.png, a small panorama scene); the
+    test-only sizes node lets the core loaders load the tiny checkpoints (test_native_server)."""
     from comfy_stub.tiny_models import write_example_inputs, write_tiny_models
 
     python = os.environ.get("COMFYUI_PYTHON")
-    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=python)
+    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=python, extra_nodes=(TINY_NODE,))
     srv.prepare()
-    write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
+    models = write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
     write_example_inputs(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
+    install_tiny_sizes_node(srv, models)
     srv.start()
     try:
         yield srv
@@ -83,8 +86,8 @@ def test_model_folders_registered(server):
     status, files = server.get("/models/moge")
     assert status == 200 and "moge-2-vitl-normal/model.pt" in files
     info = server.object_info()
-    kind, options = info["WorldStereoVAELoader"]["input"]["required"]["vae"]
-    assert kind == "COMBO" and "wan_2.1_vae.safetensors" in options["options"]  # a V3 combo
+    kind, options = info["WorldStereoApplyVariant"]["input"]["required"]["variant"]
+    assert kind == "COMBO" and "worldstereo-memory" in options["options"]  # a V3 combo
 
 
 def test_web_extension_served(server):
@@ -180,6 +183,11 @@ def test_api_prompts_reference_known_nodes(server):
         assert not unknown, f"{path.name}: unknown node types {unknown}"
 
 
+#: The nodes that sample (progress per step) and the core loaders every example loads its models with.
+HEAVY_NODES = ("SamplerCustomAdvanced", "KSampler", "WorldStereoMultiTrajectoryLoop")
+CORE_LOADERS = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPVisionLoader"}
+
+
 def _progress_nodes(run: PromptRun) -> set[str]:
     return {d["node"] for d in run.data("progress")}
 
@@ -192,15 +200,17 @@ def test_api_prompt_runs(server, path):
     run = server.run_prompt(prompt, timeout=900)
     assert run.status == "success", json.dumps(run.data("execution_error"))[:3000]
     assert run.history["status"]["status_str"] == "success"
-    heavy = {nid for nid, n in prompt.items() if n["class_type"] in ("WorldStereoSampler", "WorldStereoMultiTrajectoryLoop")}
+    heavy = {nid for nid, n in prompt.items() if n["class_type"] in HEAVY_NODES}
     assert heavy and heavy <= _progress_nodes(run), "sampler / loop sent no progress"
-    videos = [(nid, o) for nid, o in run.outputs.items() if prompt[nid]["class_type"] == "WorldStereoSaveVideo"]
+    videos = [(nid, o) for nid, o in run.outputs.items() if prompt[nid]["class_type"] == "SaveVideo"]
     assert videos, f"no video output in {sorted(run.outputs)}"
     for _nid, out in videos:
         (entry,) = out["images"]
-        assert out["animated"] == [True] and entry["type"] == "output" and entry["filename"].endswith(".mp4")
+        assert entry["type"] == "output" and entry["filename"].endswith(".mp4")
         file = server.output_dir / entry["subfolder"] / entry["filename"]
         assert file.is_file() and file.stat().st_size > 0
+    loaders = {n["class_type"] for n in prompt.values()} & CORE_LOADERS
+    assert loaders == CORE_LOADERS, f"{path.name} does not load the models with the core loaders"
     for nid, node in prompt.items():
         if node["class_type"] == "WorldStereoExportWorldMirror":
             (text,) = run.outputs[nid]["text"]

@@ -51,6 +51,15 @@ def _sizes(models: Path) -> dict:
     return {"wan": wan, "vae": {"dim": VAE_BASE_DIM}, "umt5": umt5, "clip_vision": clip}
 
 
+def install_tiny_sizes_node(server: ComfyUIServer, models: Path) -> None:
+    """Copy ``tiny_sizes_node.py`` (with its sizes.json) into the server's custom_nodes/ (the server
+    must name :data:`TINY_NODE` in its ``extra_nodes``)."""
+    node = server.base_dir / "custom_nodes" / TINY_NODE
+    node.mkdir()
+    shutil.copyfile(HERE / "tiny_sizes_node.py", node / "__init__.py")
+    (node / "sizes.json").write_text(json.dumps(_sizes(models)))
+
+
 #: Layers the tiny LoRA adapts (ComfyUI Wan names).
 LORA_TARGETS = ("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.2.cross_attn.k_img")
 
@@ -82,10 +91,7 @@ def server(tmp_path_factory):
     models = write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
     _write_lora(models)
     write_example_image(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
-    node = srv.base_dir / "custom_nodes" / TINY_NODE
-    node.mkdir()
-    shutil.copyfile(HERE / "tiny_sizes_node.py", node / "__init__.py")
-    (node / "sizes.json").write_text(json.dumps(_sizes(models)))
+    install_tiny_sizes_node(srv, models)
     srv.start()
     try:
         yield srv
