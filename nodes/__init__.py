@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 
-from . import export, geometry, loaders, loop, memory, render, sampling, trajectory
+from . import export, geometry, loaders, loop, memory, render, trajectory
 from ._comfy import in_comfyui
 from .trajectory_preview import register_routes
 
-_STAGES = (loaders, geometry, trajectory, render, memory, sampling, loop, export)
+_STAGES = (loaders, geometry, trajectory, render, memory, loop, export)
 
 
 def _has_comfy_models() -> bool:

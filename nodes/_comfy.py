@@ -64,17 +64,6 @@ def offload_device() -> torch.device:
     return model_management().unet_offload_device()
 
 
-def compute_dtype(device: Optional[torch.device] = None) -> torch.dtype:
-    """bf16 where ComfyUI would use it on ``device``, else fp16, else fp32 (reference order)."""
-    mm = model_management()
-    device = device if device is not None else mm.get_torch_device()
-    if mm.should_use_bf16(device):
-        return torch.bfloat16
-    if mm.should_use_fp16(device):
-        return torch.float16
-    return torch.float32
-
-
 def free_memory(num_bytes: Optional[int] = None, device: Optional[torch.device] = None) -> None:
     """Make ComfyUI evict its own models: enough for ``num_bytes``, or all of them when None."""
     mm = model_management()
@@ -87,17 +76,6 @@ def free_memory(num_bytes: Optional[int] = None, device: Optional[torch.device] 
 
 def soft_empty_cache() -> None:
     model_management().soft_empty_cache()
-
-
-@contextlib.contextmanager
-def big_load(num_bytes: Optional[int] = None, device: Optional[torch.device] = None) -> Iterator[None]:
-    """Free ComfyUI's models before a large load and empty the allocator cache afterwards
-    (also when the load fails or is interrupted)."""
-    free_memory(num_bytes, device)
-    try:
-        yield
-    finally:
-        soft_empty_cache()
 
 
 def module_bytes(*modules: Optional[torch.nn.Module]) -> int:

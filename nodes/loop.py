@@ -40,8 +40,8 @@ from . import files, types
 from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
 from .saving import file_entry, relative_to_base
+from .requests import MAX_SEED
 from .trajectory_preview import PAYLOAD_KEY, preview_ui, trajectory_entry
-from .sampling import MAX_SEED
 
 CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"

@@ -9,20 +9,15 @@ The names without the ``WORLDSTEREO_`` prefix predate it; saved workflows' links
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.geometry.pointcloud import PointCloud
 
 # Socket types (upper-case strings; a link joins only identical names).
-MODEL = "WORLDSTEREO_MODEL"
-VAE = "WORLDSTEREO_VAE"
-TEXT_ENCODER = "WORLDSTEREO_TEXT_ENCODER"
-CLIP_VISION = "WORLDSTEREO_CLIP_VISION"
 MOGE = "MOGE_MODEL"
 DINOV2 = "DINOV2_MODEL"
 DEPTH = "WORLDSTEREO_DEPTH"
@@ -30,18 +25,13 @@ POINT_CLOUD = "POINT_CLOUD"
 TRAJECTORY = "CAMERA_TRAJECTORY"
 MEMORY_BANK = "MEMORY_BANK"
 MEMORY = "WORLDSTEREO_MEMORY"
-LATENT = "WORLDSTEREO_LATENT"
 #: A scene folder made by Panorama Scene From Image (``worldstereo_core.tasks.panorama_scene.PanoramaScene``).
 PANORAMA_SCENE = "WORLDSTEREO_PANORAMA_SCENE"
 
 
 class Socket:
-    """V3 socket classes of the types above: ``Socket.MODEL.Input("model", tooltip=...)``."""
+    """V3 socket classes of the types above: ``Socket.MOGE.Input("moge", tooltip=...)``."""
 
-    MODEL = io.Custom(MODEL)
-    VAE = io.Custom(VAE)
-    TEXT_ENCODER = io.Custom(TEXT_ENCODER)
-    CLIP_VISION = io.Custom(CLIP_VISION)
     MOGE = io.Custom(MOGE)
     DINOV2 = io.Custom(DINOV2)
     DEPTH = io.Custom(DEPTH)
@@ -49,7 +39,6 @@ class Socket:
     TRAJECTORY = io.Custom(TRAJECTORY)
     MEMORY_BANK = io.Custom(MEMORY_BANK)
     MEMORY = io.Custom(MEMORY)
-    LATENT = io.Custom(LATENT)
     PANORAMA_SCENE = io.Custom(PANORAMA_SCENE)
 
 
@@ -92,44 +81,6 @@ class Scene:
 
 
 @dataclass(frozen=True)
-class ModelBundle:
-    """A loaded WorldStereo transformer with its variant config and where it came from."""
-
-    transformer: torch.nn.Module
-    config: Any  # worldstereo_core.models.WorldStereoConfig
-    variant_dir: str
-    base: str
-    scheduler_config: Optional[dict] = None
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    """UMT5 encoder + tokenizer (the pipeline encodes prompts itself)."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class ClipVision:
-    """CLIP vision encoder + its image processor."""
-
-    model: torch.nn.Module
-    processor: Any
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class VaeModel:
-    """The Wan VAE (keyframe encode/decode) and, from a diffusers folder, the UniPC scheduler config."""
-
-    vae: torch.nn.Module
-    source: str = ""
-    scheduler_config: Optional[dict] = None
-
-
-@dataclass(frozen=True)
 class Memory:
     """Retrieved references for one target trajectory (what a memory model is conditioned on).
 
@@ -141,14 +92,3 @@ class Memory:
     ref_index: torch.Tensor
     w2c: torch.Tensor
     retrieved: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Keyframes:
-    """Sampler output: normalised keyframe latents [B, 16, F, h, w] and the generation size."""
-
-    samples: torch.Tensor
-    height: int
-    width: int
-    model_type: str = ""
-    trajectory: Optional[CameraTrajectory] = None

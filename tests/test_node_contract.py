@@ -378,11 +378,25 @@ def _saved_interface() -> dict:
     return json.loads(INTERFACE.read_text(encoding="utf-8"))["nodes"]
 
 
+def _retired() -> dict:
+    """Node ids that left the node set on purpose -> the reason and what replaces them."""
+    return json.loads(INTERFACE.read_text(encoding="utf-8"))["retired"]
+
+
 def test_nodes_keep_the_saved_interface(comfy_stub):
     saved = _saved_interface()
-    assert len(saved) >= 27
+    assert len(saved) >= 21
     errors = interface_errors(saved, comfy_stub.pack.NODE_CLASS_MAPPINGS)
     assert errors == [], "\n".join(errors)
+
+
+def test_retired_nodes_are_gone_and_only_those(comfy_stub):
+    """Removal is explicit: a retired id (with its reason) is no longer registered, and no other
+    saved id is missing (test_nodes_keep_the_saved_interface)."""
+    retired, saved = _retired(), _saved_interface()
+    assert retired and all(isinstance(reason, str) and reason for reason in retired.values())
+    assert not retired.keys() & saved.keys()
+    assert not retired.keys() & comfy_stub.pack.NODE_CLASS_MAPPINGS.keys()
 
 
 def test_interface_checker_can_fail(comfy_stub):

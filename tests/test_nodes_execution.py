@@ -4,11 +4,11 @@ Each test calls node classes the way ComfyUI does (``comfy_stub.execute``: V1 or
 checks the results against independent computations (pinhole formulas, PIL resizing, matrix
 algebra, files read back with other readers), the ComfyUI conventions (IMAGE / MASK shapes,
 ``ui`` entries, no mutation of inputs) and the behaviour around them (validation messages,
-progress ticks, interruption, caching of loaded models, resuming the loop).
+progress ticks, caching of loaded models). The native nodes and the loop run in the real ComfyUI
+(``test_native_nodes``, ``test_native_loop``).
 """
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import math
@@ -21,10 +21,8 @@ import comfy_stub as comfy_stub_module
 from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from PIL import Image
 
-from comfy_stub.tiny_models import (EXAMPLE_IMAGE, FILES, PANORAMA_SCENE, TINY_SCALE_MAP, write_example_image,
+from comfy_stub.tiny_models import (EXAMPLE_IMAGE, FILES, PANORAMA_SCENE, write_example_image,
                                     write_panorama_scene, write_tiny_models)
-
-DIFFUSERS = "diffusers/Wan2.1-I2V-14B-480P-Diffusers"
 
 
 @pytest.fixture(scope="module")
@@ -398,126 +396,6 @@ def test_bank_save_keeps_a_users_folder(ws):
 
 
 # --------------------------------------------------------------------------------------------
-# Loaders
-# --------------------------------------------------------------------------------------------
-
-def test_loader_validation_names_folder_and_file(ws):
-    message = ws.mappings["WorldStereoVAELoader"].validate_inputs(vae="missing.safetensors", download=False)
-    assert isinstance(message, str) and "missing.safetensors" in message and "'vae' model folder" in message
-    message = ws.mappings["WorldStereoTextEncoderLoader"].validate_inputs(text_encoder="diffusers/Nope", tokenizer="auto",
-                                                                           download=False)
-    assert "text_encoder/" in message and "hf download" in message
-    assert ws.mappings["WorldStereoModelLoader"].validate_inputs(model_type="worldstereo-camera",
-                                                                 base=FILES["diffusion_models"], download=False) is True
-    for cls_name, folder in (("WorldStereoVAELoader", "vae"), ("WorldStereoCLIPVisionLoader", "clip_vision")):
-        choices = comfy_stub_module.v1_input_types(ws.mappings[cls_name])["required"][folder][0]
-        assert FILES[folder] in choices and DIFFUSERS in choices
-
-
-def test_single_file_and_diffusers_bases_give_the_same_transformer(ws):
-    loaders = ws.nodes("loaders")
-    (a,) = ws.run("WorldStereoModelLoader", model_type="worldstereo-memory", base=FILES["diffusion_models"],
-                  dtype="fp32", download=False)
-    (b,) = ws.run("WorldStereoModelLoader", model_type="worldstereo-memory", base="auto (the variant's base_model)",
-                  dtype="fp32", download=False)
-    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.scheduler_config is None and b.scheduler_config["prediction_type"] == "flow_prediction"
-    (again,) = ws.run("WorldStereoModelLoader", model_type="worldstereo-memory", base=FILES["diffusion_models"],
-                      dtype="fp32", download=False)
-    assert again is a  # held by a caller: reused, not loaded twice
-    assert ("unload_all_models", ()) in ws.stub.model_management.calls  # big loads free ComfyUI's models first
-    gc.collect()
-    held = len(loaders.MODEL_CACHE)
-    del a, again, sa
-    gc.collect()
-    assert len(loaders.MODEL_CACHE) == held - 1  # the cache alone keeps nothing alive
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-
-def _parts(ws, model_type, files=True):
-    base = FILES["diffusion_models"] if files else "auto (the variant's base_model)"
-    (model,) = ws.run("WorldStereoModelLoader", model_type=model_type, base=base, dtype="fp32", download=False)
-    (vae,) = ws.run("WorldStereoVAELoader", vae=FILES["vae"] if files else DIFFUSERS, dtype="fp32", download=False)
-    (te,) = ws.run("WorldStereoTextEncoderLoader", text_encoder=FILES["text_encoders"] if files else DIFFUSERS,
-                   tokenizer=DIFFUSERS, dtype="fp32", download=False)
-    (clip,) = ws.run("WorldStereoCLIPVisionLoader", clip_vision=FILES["clip_vision"] if files else DIFFUSERS,
-                     download=False)
-    return dict(model=model, vae=vae, text_encoder=te, clip_vision=clip)
-
-
-def _conditioning(ws, frames=5):
-    image, scene = _plane_scene(ws)
-    (traj,) = ws.run("WorldStereoTrajectoryPreset", preset="orbit_left", frames=frames, scale=1.0, point_cloud=scene)
-    render, holes = ws.run("WorldStereoRenderWarps", point_cloud=scene, trajectory=traj, image=image, backend="torch")
-    return dict(image=image, render=render, hole_mask=holes, trajectory=traj), scene
-
-
-def test_single_file_base_samples_with_the_shift_of_the_named_base(ws):
-    """Without a scheduler/ folder the shift is that of the repo the variant's base_model names."""
-    import dataclasses
-
-    parts = _parts(ws, "worldstereo-camera")
-    sampling = ws.nodes("sampling")
-    shifts = {}
-    for repo in ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"):
-        model = dataclasses.replace(parts["model"], config=dataclasses.replace(parts["model"].config, base_model=repo))
-        pipeline = sampling.build_sampler_pipeline(model, parts["vae"], parts["text_encoder"], parts["clip_vision"],
-                                                   shift=0.0)
-        shifts[repo] = pipeline.make_sampler(2).flow_shift
-    assert list(shifts.values()) == [3.0, 5.0]
-
-
-def test_camera_sampler_and_decode(ws):
-    parts = _parts(ws, "worldstereo-camera")
-    cond, _ = _conditioning(ws)
-    ws.stub.utils.updates.clear()
-    common = dict(prompt="a bridge", negative_prompt="", steps=2, cfg=5.0, shift=0.0, **parts, **cond)
-    (keyframes,) = ws.run("WorldStereoSampler", seed=7, **common)
-    assert keyframes.samples.shape == (1, 16, 5, 4, 6) and keyframes.model_type == "worldstereo-camera"
-    assert [u[:2] for u in ws.stub.utils.updates if u[0]] == [(1, 2), (2, 2)]
-    (same,) = ws.run("WorldStereoSampler", seed=7, **common)
-    (other,) = ws.run("WorldStereoSampler", seed=8, **common)
-    assert torch.equal(same.samples, keyframes.samples) and not torch.equal(other.samples, keyframes.samples)
-    (images,) = ws.run("WorldStereoDecodeKeyframes", vae=parts["vae"], keyframes=keyframes)
-    assert images.shape == (5, 32, 48, 3) and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
-    with pytest.raises(ws.errors.InputError, match="WorldStereo Sampler: .*takes no memory"):
-        memory = ws.nodes("types").Memory(frames=np.zeros((1, 32, 48, 3), np.uint8), ref_index=torch.zeros(1).long(),
-                                          w2c=torch.eye(4)[None])
-        ws.run("WorldStereoSampler", seed=7, memory=memory, **common)
-    bad = dict(common, trajectory=cond["trajectory"].select([0, 1, 2]))
-    with pytest.raises(ws.errors.InputError, match="3 cameras but the render 5 frames"):
-        ws.run("WorldStereoSampler", seed=7, **bad)
-
-
-def test_dmd_sampler_with_memory_ignores_steps_and_cfg(ws):
-    parts = _parts(ws, "worldstereo-memory-dmd", files=False)
-    cond, scene = _conditioning(ws)
-    (bank,) = ws.run("WorldStereoMemoryBankCreate", source="start image", folder="", max_reference=8, align_nframe=2,
-                     point_cloud=scene)
-    memory, *_ = ws.run("WorldStereoMemoryRetrieve", memory_bank=bank, trajectory=cond["trajectory"], view_id="comfy",
-                        traj_id="")
-    ws.stub.utils.updates.clear()
-    (keyframes,) = ws.run("WorldStereoSampler", prompt="a bridge", negative_prompt="", steps=40, cfg=7.0, shift=0.0,
-                          seed=1, memory=memory, **parts, **cond)
-    assert [u[:2] for u in ws.stub.utils.updates if u[0]] == [(i, 4) for i in range(1, 5)]
-    assert ws.stub.utils.updates[0][:2] == (0, 4)  # checked for Cancel before the first step
-    assert keyframes.samples.shape == (1, 16, 5, 4, 6) and bool(torch.isfinite(keyframes.samples).all())
-
-
-def test_sampler_interrupt_passes_through(ws):
-    parts = _parts(ws, "worldstereo-memory")
-    cond, _ = _conditioning(ws, frames=3)
-    ws.stub.interrupt()
-    with pytest.raises(ws.stub.model_management.InterruptProcessingException):
-        ws.run("WorldStereoSampler", prompt="x", negative_prompt="", steps=3, cfg=5.0, shift=0.0, seed=1, **parts, **cond)
-    assert all(p.device.type == "cpu" for p in parts["model"].transformer.parameters())
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -575,21 +453,3 @@ def test_panorama_scene_from_image(ws):
     assert ws.last_ui["worldstereo_trajectory"] == preview
     with pytest.raises(ws.errors.InputError):  # ... and one made from another image is refused, not overwritten
         ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **dict(args, image=image.flip(2)))
-
-
-
-def test_model_loader_runtime_options(ws):
-    """block_swap and fp8 reach the core runtime: the swapped model places itself and samples exactly
-    like the unswapped one; fp8 stores the block weights as float8."""
-    cond, _ = _conditioning(ws, frames=3)
-    parts = _parts(ws, "worldstereo-camera")
-    outs = {}
-    for swap in (0, 1):
-        (model,) = ws.run("WorldStereoModelLoader", model_type="worldstereo-camera", base=FILES["diffusion_models"],
-                          dtype="fp32", download=False, block_swap=swap, fp8="channel", attention="auto")
-        assert (getattr(model.transformer, "placement", None) is not None) == bool(swap)
-        assert any(p.dtype == torch.float8_e4m3fn for p in model.transformer.parameters())
-        (keyframes,) = ws.run("WorldStereoSampler", prompt="a bridge", negative_prompt="", steps=2, cfg=5.0, shift=0.0,
-                              seed=3, **dict(parts, model=model), **cond)
-        outs[swap] = keyframes.samples
-    assert torch.equal(outs[0], outs[1])

@@ -134,7 +134,7 @@ def test_node_errors_as_decorator(comfy_stub, errors):
 
 # --- memory --------------------------------------------------------------------------------
 
-def test_free_memory_and_big_load(comfy_stub):
+def test_free_memory(comfy_stub):
     comfy = _nodes(comfy_stub)._comfy
     calls = comfy_stub.model_management.calls
     comfy.free_memory(None)
@@ -142,23 +142,32 @@ def test_free_memory_and_big_load(comfy_stub):
     calls.clear()
     comfy.free_memory(123)
     assert calls[0] == ("free_memory", (123, torch.device("cpu")))
-    calls.clear()
-    with pytest.raises(RuntimeError):
-        with comfy.big_load(10):
-            assert [c[0] for c in calls] == ["free_memory", "soft_empty_cache"]
-            raise RuntimeError("load failed")
-    assert [c[0] for c in calls] == ["free_memory", "soft_empty_cache", "soft_empty_cache"]
 
 
-def test_device_and_dtype_follow_model_management(comfy_stub, monkeypatch):
+def test_devices_follow_model_management(comfy_stub):
     comfy = _nodes(comfy_stub)._comfy
-    mm = comfy_stub.model_management
     assert comfy.torch_device() == torch.device("cpu") and comfy.offload_device() == torch.device("cpu")
-    assert comfy.compute_dtype() == torch.float32
-    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: True)
-    assert comfy.compute_dtype() == torch.float16
-    monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: True)
-    assert comfy.compute_dtype() == torch.bfloat16
+
+
+def test_model_cache_holds_loaded_models_weakly(comfy_stub):
+    """A loader reuses a model while something still holds it, and keeps nothing alive itself."""
+    import gc
+
+    cache = _nodes(comfy_stub).loaders.ModelCache()
+    loads = []
+
+    def load():
+        loads.append(1)
+        return torch.nn.Linear(1, 1)
+
+    model = cache.get_or_load(("moge", "a"), load)
+    assert cache.get_or_load(("moge", "a"), load) is model and len(loads) == 1
+    assert cache.get_or_load(("moge", "b"), load) is not model and len(loads) == 2
+    gc.collect()
+    assert len(cache) == 1  # the "b" model was dropped at once
+    del model
+    gc.collect()
+    assert len(cache) == 0
 
 
 # --- IMAGE / MASK --------------------------------------------------------------------------
@@ -235,8 +244,6 @@ def test_model_folders_registered(comfy_stub):
     loaders = _nodes(comfy_stub).loaders
     for name in loaders.OWN_FOLDERS:
         assert fp.get_folder_paths(name)[0] == str(fp.models_dir) + f"/{name}"
-    for name in loaders.CORE_FOLDERS:
-        assert fp.get_folder_paths(name)
     _nodes(comfy_stub).register_with_comfy()  # idempotent
     assert len(fp.get_folder_paths("worldstereo")) == 1
 
@@ -262,7 +269,7 @@ def test_worldstereo_variants_found_in_every_root(comfy_stub, errors, tmp_path):
     assert str(root / MODEL_TYPES[1]) in message and HF_REPO_ID in message and "model.safetensors" in message
     hub = _core(comfy_stub, "hub")
     assert f"({hub.FILE_SIZES[HF_REPO_ID, MODEL_TYPES[1] + '/model.safetensors']})" in message
-    assert "download to true" in message
+    assert f"hf download {HF_REPO_ID}" in message
     with pytest.raises(errors.InputError, match="model_type"):
         loaders.resolve_worldstereo_variant("worldstereo-huge")
     assert "not-a-model-type" in loaders.model_dirs("worldstereo", loaders.VARIANT_FILES)
@@ -282,21 +289,10 @@ def test_model_files_and_resolution(comfy_stub, errors, tmp_path):
     assert "huggingface.co" not in str(info.value)  # no source invented for an unknown file
 
 
-def test_model_loader_reports_a_missing_variant_and_base_together(comfy_stub):
-    loaders = _nodes(comfy_stub).loaders
-    hub = _core(comfy_stub, "hub")
-    model_type = _core(comfy_stub, "constants").MODEL_TYPES[0]
-    base = loaders.DEFAULT_FILES["diffusion_models"]
-    message = loaders.WorldStereoModelLoader.validate_inputs(model_type=model_type, base=base, download=False)
-    assert isinstance(message, str)
-    assert f"WorldStereo variant {model_type!r} is not installed" in message  # the variant ...
-    assert hub.COMFY_FILES["diffusion_models", base] in message and repr(base) in message  # ... and the base file
-
-
 def test_missing_comfy_file_names_folder_repository_path_and_size(comfy_stub, errors, tmp_path):
     loaders = _nodes(comfy_stub).loaders
     hub = _core(comfy_stub, "hub")
-    for folder, name in loaders.DEFAULT_FILES.items():
+    for folder, name in hub.COMFY_FILES:
         with pytest.raises(errors.MissingWeightsError) as info:
             loaders.resolve_model_file(folder, name)
         message = str(info.value)

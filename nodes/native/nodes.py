@@ -25,7 +25,7 @@ from .. import types
 from .._comfy import comfy_progress, node_errors
 from ..images import frames_to_image
 from ..loaders import MODEL_TYPES, resolve_worldstereo_variant
-from ..sampling import generation_request, single_view_memory
+from ..requests import generation_request, single_view_memory
 from .conditioning import conditioning_steps, worldstereo_conditioning
 from .model import apply_variant, load_complete_variant, variant_config
 from .sampling import dmd_sigmas, release_shift, release_unipc_sampler, release_unipc_sigmas
