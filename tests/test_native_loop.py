@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,15 @@ def test_resume_needs_the_same_models(env, parts):
             mm.interrupt_current_processing(True)
 
     model = _with_lora(env, parts["memory"], 0.5)
+    run_folder = env.output_dir / out / scene  # held by another (live) process: refused before any work
+    run_folder.mkdir(parents=True)
+    lock = run_folder / ".worldstereo.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(env.errors.RunFolderLocked, match=f"Loop: .* in use by another run: pid {os.getppid()} "):
+        node.execute(**_loop_args(parts, model, scene, out))
+    assert os.listdir(run_folder) == [lock.name]
+    lock.unlink()
+
     utils.set_progress_bar_global_hook(interrupt_after_first)
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):

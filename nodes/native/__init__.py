@@ -10,5 +10,7 @@ This package imports ``comfy`` (``worldstereo_core`` never does):
 * :mod:`.vae`: the core ``VAE`` as the keyframe VAE of ``worldstereo_core.pipelines.vae``;
 * :mod:`.conditioning`: one clip's conditioning and keyframe latent, computed as the release does;
 * :mod:`.sampling`: the release's schedules and UniPC as ComfyUI ``SIGMAS`` / ``SAMPLER``;
+* :mod:`.generator`: the tasks' clip generator on the native MODEL (the multi-trajectory loop's);
+* :mod:`.identity`: what a loaded core model is (weights and patches), for a run's resume key;
 * :mod:`.nodes`: the native nodes (V3 schema).
 """

@@ -4,8 +4,6 @@ plus the inputs the example workflows expect, so the example prompts run unchang
 ``write_tiny_models(models_dir)`` writes::
 
     worldstereo/worldstereo-{camera,memory,memory-dmd}/{config.json, model.safetensors}
-    diffusers/Wan2.1-I2V-14B-480P-Diffusers/{transformer,vae,text_encoder,tokenizer,image_encoder,
-                                             image_processor,scheduler}/
     diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors   (original Wan keys, model.diffusion_model.)
     vae/wan_2.1_vae.safetensors                              (original Wan keys when ComfyUI is at hand)
     text_encoders/umt5_xxl_fp16.safetensors                  (T5 keys; embedded spiece_model when possible)
@@ -44,7 +42,6 @@ for _path in (TESTS, TESTS.parent):
         sys.path.insert(0, str(_path))
 
 BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
-BASE_NAME = "Wan2.1-I2V-14B-480P-Diffusers"
 FILES = {
     "diffusion_models": "wan2.1_i2v_480p_14B_bf16.safetensors",
     "vae": "wan_2.1_vae.safetensors",
@@ -91,16 +88,6 @@ def write_worldstereo(models: Path) -> dict:
                       scale_map=TINY_SCALE_MAP, negative_prompt="blurry, low quality",
                       latent_cond_mode="first_frame_only")
     return {"config": tcfg, "backbone": backbone}
-
-
-def write_diffusers_repo(models: Path, tcfg: dict, backbone: dict) -> Path:
-    from tiny_checkpoints import write_diffusers_base
-    from tiny_components import write_tiny_base
-
-    root = models / "diffusers" / BASE_NAME
-    write_tiny_base(root)
-    write_diffusers_base(root, tcfg, backbone)
-    return root
 
 
 def write_single_transformer(models: Path, backbone: dict) -> Path:
@@ -224,7 +211,6 @@ def write_tiny_models(models_dir: str | Path, *, comfy_dir: Optional[str | Path]
 
     models = Path(models_dir)
     parts = write_worldstereo(models)
-    write_diffusers_repo(models, parts["config"], parts["backbone"])
     write_single_transformer(models, parts["backbone"])
     write_vae_file(models, Path(comfy_dir) if comfy_dir else None, python)
     write_text_encoder_file(models, TEXT_DIM, python)
