@@ -29,9 +29,9 @@ from typing import Iterator
 
 import torch
 
-from conftest import REPO, integration_unavailable
+from conftest import REPO, comfyui_checkout, integration_unavailable
 
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or REPO.parent / "shared" / "comfyui" / "ComfyUI")
+COMFYUI_DIR = comfyui_checkout()
 #: ComfyUI's Wan2.1 CLIP-feature width (ViT-H/14).
 COMFY_IMAGE_DIM = 1280
 PACK_PACKAGE = "worldstereo_pack_under_test"

@@ -83,14 +83,22 @@ def integration_unavailable(reason: str):
     pytest.skip(reason, allow_module_level=True)
 
 
-def comfyui_dir() -> str:
-    """``COMFYUI_DIR`` (a ComfyUI checkout), or skip / fail the caller (see the module docstring)."""
+def comfyui_checkout() -> Path:
+    """The ComfyUI checkout the tests import ``comfy`` / ``comfy_api`` from: ``$COMFYUI_DIR`` (a relative
+    path is taken from the directory pytest started in and made absolute, so subprocesses started
+    elsewhere find it too) or ``../shared/comfyui/ComfyUI``."""
     path = os.environ.get("COMFYUI_DIR")
-    if not path:
+    return Path(path).resolve() if path else (REPO.parent / "shared" / "comfyui" / "ComfyUI").resolve()
+
+
+def comfyui_dir() -> str:
+    """``COMFYUI_DIR`` (a ComfyUI checkout, absolute), or skip / fail the caller (see the module docstring)."""
+    if not os.environ.get("COMFYUI_DIR"):
         integration_unavailable("COMFYUI_DIR is not set (path of a ComfyUI checkout); see tests/integration/README.md")
-    if not (Path(path) / "main.py").is_file():
+    path = comfyui_checkout()
+    if not (path / "main.py").is_file():
         integration_unavailable(f"COMFYUI_DIR={path} is not a ComfyUI checkout (no main.py)")
-    return path
+    return str(path)
 
 
 def chromium() -> str:

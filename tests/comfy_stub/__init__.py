@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import comfyui_checkout
 
 MODULES_DIR = Path(__file__).resolve().parent / "modules"
-REPO = Path(__file__).resolve().parents[2]
 #: Real ComfyUI modules the stub's ``comfy`` package takes over as they are (``comfy_api`` imports them).
 REAL_COMFY_MODULES = ("options", "cli_args")
-
-
-def comfyui_checkout() -> Path:
-    """The ComfyUI checkout whose ``comfy_api`` the node tests use."""
-    return Path(os.environ.get("COMFYUI_DIR") or REPO.parent / "shared" / "comfyui" / "ComfyUI")
 
 
 def _import_real_comfy_api() -> None:
