@@ -12,7 +12,8 @@ import torch
 from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import intrinsics_from_fov, invert_rigid, scale_intrinsics
-from ..worldstereo_core.constants import DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, SOBEL_EDGE_THRESHOLD
+from ..worldstereo_core.constants import (DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, FALLBACK_FOV_DEG,
+                                           SOBEL_EDGE_THRESHOLD)
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.depth import (PNG_DEPTH_SCALE, lift_depth, load_depth_map, load_point_map,
                                                points_from_pointmap, resize_depth)
@@ -28,7 +29,6 @@ CATEGORY = "WorldStereo/geometry"
 DEPTH_ENCODINGS = ("depth = value x scale", "bright = near (near..far)", "bright = far (near..far)")
 DEPTH_FILE_EXTENSIONS = (".npy", ".npz", ".png")
 POINT_MAP_EXTENSIONS = (".npy", ".npz")
-DEFAULT_FOV = 60.0
 
 
 def first_image_uint8(image: torch.Tensor, name: str) -> np.ndarray:
@@ -270,7 +270,7 @@ class LiftDepth(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="Start image at the working size; gives the colours."),
                 types.Socket.DEPTH.Input("depth", tooltip="The start image's depth (MoGe Depth, Load Depth File ...)."),
-                io.Float.Input("fov_deg", default=DEFAULT_FOV, min=1.0, max=179.0, step=0.5, tooltip=
+                io.Float.Input("fov_deg", default=FALLBACK_FOV_DEG, min=1.0, max=179.0, step=0.5, tooltip=
                                "Horizontal field of view, used only when the depth has no intrinsics (MoGe has)."),
                 io.Float.Input("sobel_threshold", default=SOBEL_EDGE_THRESHOLD, min=0.0, max=10.0, step=0.01, tooltip=
                                "Depth-edge threshold on the disparity gradient."),
@@ -304,7 +304,7 @@ class LoadPointMap(io.ComfyNode):
                 io.Image.Input("image", tooltip="Start image; gives the colours (resized to the map when needed)."),
                 io.Combo.Input("point_map_file", options=files.input_files(POINT_MAP_EXTENSIONS), tooltip=
                                "An (H, W, 3) .npy / .npz file in ComfyUI's input folder."),
-                io.Float.Input("fov_deg", default=DEFAULT_FOV, min=1.0, max=179.0, step=0.5, tooltip=
+                io.Float.Input("fov_deg", default=FALLBACK_FOV_DEG, min=1.0, max=179.0, step=0.5, tooltip=
                                "Horizontal field of view of the start camera."),
                 io.String.Input("npz_key", default="", tooltip="Array name in an .npz (empty: the only one)."),
             ],

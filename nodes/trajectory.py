@@ -16,7 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import CameraTrajectory, anchor_w2c, intrinsics_from_fov
-from ..worldstereo_core.constants import NFRAME
+from ..worldstereo_core.constants import FALLBACK_FOV_DEG, NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.pointcloud import PointCloud
 from ..worldstereo_core.geometry.presets import PRESETS, preset_moves
@@ -36,14 +36,13 @@ EXAMPLE_MOVES = json.dumps([{"type": "normal", "rotation": [30.0, 0.0], "frames"
 
 #: Stand-in start view for previews without a scene: 768x480, 60 deg horizontal FoV, m = 2.
 PREVIEW_SIZE = (480, 768)
-PREVIEW_FOV = 60.0
 PREVIEW_DEPTH = 2.0
 
 
 def default_scene() -> types.Scene:
     """The stand-in start camera used when no ``POINT_CLOUD`` is connected (identity pose)."""
     height, width = PREVIEW_SIZE
-    return types.Scene(cloud=PointCloud.empty(), K=intrinsics_from_fov(width, height, PREVIEW_FOV),
+    return types.Scene(cloud=PointCloud.empty(), K=intrinsics_from_fov(width, height, FALLBACK_FOV_DEG),
                        w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
                        median_depth=PREVIEW_DEPTH, label="no scene connected")
 

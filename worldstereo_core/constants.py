@@ -29,6 +29,16 @@ ALIGN_NFRAME = 8
 FRUSTUM_NEAR = 0.1
 FRUSTUM_FAR = 10.0
 
+#: The DMD generator schedule's defaults (release config keys dmd_start_steps, dmd_end_steps,
+#: gen_shift, dmd_steps).
+DMD_START_STEPS = 250
+DMD_END_STEPS = 1000
+DMD_SHIFT = 5.0
+DMD_STEPS = 4
+
+#: Horizontal field of view (degrees) assumed for an image whose intrinsics are unknown.
+FALLBACK_FOV_DEG = 60.0
+
 #: Camera normalisation scale used for Plücker maps and pose tokens.
 CAMERA_SCALE = 2.0
 

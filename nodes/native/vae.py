@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 
 from ...worldstereo_core.errors import InputError
+from ...worldstereo_core.pipelines.vae import SPATIAL_FACTOR
 
-#: The Wan2.1 VAE's latent channels and spatial factor.
+#: The Wan2.1 VAE's latent channels.
 LATENT_CHANNELS = 16
-SPATIAL_FACTOR = 8
 
 
 class _Posterior:

@@ -42,11 +42,10 @@ from ..cameras import CameraTrajectory, opencv_to_pytorch3d, project_points
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from ..errors import InputError
 from ..progress import ProgressFn, report
+from ..sizes import MAX_IMAGE_SIDE
 from ..threads import thread_map
 
 BACKENDS = ("auto", "torch", "numba", "pytorch3d")
-#: Largest accepted image side (guards against absurd sizes that would exhaust memory).
-MAX_IMAGE_SIDE = 16384
 #: Largest points_per_pixel accepted.
 MAX_POINTS_PER_PIXEL = 256
 #: Rows per task of the numba kernel (frames x bands run on a thread pool), at most.

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..constants import DEFAULT_SCALE_MAP, HF_REPO_ID, MODEL_TYPES, NFRAME
+from ..constants import (DEFAULT_SCALE_MAP, DMD_END_STEPS, DMD_SHIFT, DMD_START_STEPS, DMD_STEPS, HF_REPO_ID, MODEL_TYPES,
+                         NFRAME)
 from ..errors import InputError, MissingWeightsError
 from ..io.json_files import read_json_object as _read_json_object
 
@@ -117,10 +118,10 @@ class WorldStereoConfig:
     nframe: int = NFRAME
     scale_map: tuple[tuple[int, int], ...] = DEFAULT_SCALE_MAP
     freeze_backbone: bool | None = None
-    dmd_start_steps: int = 250
-    dmd_end_steps: int = 1000
-    gen_shift: float = 5.0
-    dmd_steps: int = 4
+    dmd_start_steps: int = DMD_START_STEPS
+    dmd_end_steps: int = DMD_END_STEPS
+    gen_shift: float = DMD_SHIFT
+    dmd_steps: int = DMD_STEPS
     #: Diffusers transformer config embedded in the file (test fixtures only; releases have none).
     transformer_config: dict | None = None
     extra: dict = field(default_factory=dict)

@@ -19,6 +19,7 @@ from PIL import Image
 from ..constants import TEXT_SEQ_LEN
 from ..errors import InputError
 from ..image_processors import pixel_values
+from .vae import SPATIAL_FACTOR
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -150,4 +151,4 @@ def preprocess_image(image: Any, height: int, width: int) -> torch.Tensor:
     """The input image as [1,3,H,W] float32 in [-1,1] at the bucket size (diffusers VideoProcessor)."""
     from diffusers.video_processor import VideoProcessor
 
-    return VideoProcessor(vae_scale_factor=8).preprocess(to_pil_rgb(image), height=height, width=width).float()
+    return VideoProcessor(vae_scale_factor=SPATIAL_FACTOR).preprocess(to_pil_rgb(image), height=height, width=width).float()

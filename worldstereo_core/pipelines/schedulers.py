@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping, Protocol
 import numpy as np
 import torch
 
+from ..constants import DMD_END_STEPS, DMD_SHIFT, DMD_START_STEPS, DMD_STEPS
 from ..errors import CheckpointError, InputError
 
 #: Defaults of the camera and memory variants (the release's run scripts).
@@ -193,8 +194,8 @@ class DMDScheduler:
     s=250, T=1000, k=5, n=4).
     """
 
-    def __init__(self, start_timesteps: float = 250, num_train_timesteps: float = 1000,
-                 shift: float = 5.0, dmd_steps: int = 4) -> None:
+    def __init__(self, start_timesteps: float = DMD_START_STEPS, num_train_timesteps: float = DMD_END_STEPS,
+                 shift: float = DMD_SHIFT, dmd_steps: int = DMD_STEPS) -> None:
         if dmd_steps < 1:
             raise InputError(f"dmd_steps must be >= 1, got {dmd_steps}")
         if not 0 <= start_timesteps <= num_train_timesteps or num_train_timesteps <= 0:
@@ -213,8 +214,9 @@ class DMDScheduler:
         """Build from a WorldStereo config (attributes or mapping with dmd_start_steps, dmd_end_steps,
         gen_shift, dmd_steps)."""
         get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
-        return cls(start_timesteps=get("dmd_start_steps", 250), num_train_timesteps=get("dmd_end_steps", 1000),
-                   shift=get("gen_shift", 5.0), dmd_steps=get("dmd_steps", 4))
+        return cls(start_timesteps=get("dmd_start_steps", DMD_START_STEPS),
+                   num_train_timesteps=get("dmd_end_steps", DMD_END_STEPS), shift=get("gen_shift", DMD_SHIFT),
+                   dmd_steps=get("dmd_steps", DMD_STEPS))
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor, idx: int
              ) -> torch.Tensor:

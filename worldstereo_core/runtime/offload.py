@@ -19,13 +19,12 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..pipelines.vae import SPATIAL_FACTOR
 
 HOME = torch.device("cpu")
 #: diffusers' AutoencoderKLWan tiling defaults (pixels): 256 px tiles every 192 px (64 px overlap).
 DEFAULT_TILE = 256
 DEFAULT_TILE_STRIDE = 192
-#: Spatial pixels per latent of the Wan VAE (tiles must be multiples of it).
-VAE_SPATIAL_FACTOR = 8
 
 
 def enable_vae_tiling(vae: Any, *, tile: int = DEFAULT_TILE, stride: int = DEFAULT_TILE_STRIDE) -> None:
@@ -33,8 +32,8 @@ def enable_vae_tiling(vae: Any, *, tile: int = DEFAULT_TILE, stride: int = DEFAU
     one tile are processed whole, exactly as without tiling)."""
     if not hasattr(vae, "enable_tiling"):
         raise InputError(f"{type(vae).__name__} has no tiling support (expected diffusers' AutoencoderKLWan)")
-    if tile % VAE_SPATIAL_FACTOR or stride % VAE_SPATIAL_FACTOR or not 0 < stride <= tile:
-        raise InputError(f"VAE tiles need 0 < stride <= tile, both multiples of {VAE_SPATIAL_FACTOR} pixels; "
+    if tile % SPATIAL_FACTOR or stride % SPATIAL_FACTOR or not 0 < stride <= tile:
+        raise InputError(f"VAE tiles need 0 < stride <= tile, both multiples of {SPATIAL_FACTOR} pixels; "
                          f"got tile {tile}, stride {stride}")
     vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
                       tile_sample_stride_height=stride, tile_sample_stride_width=stride)

@@ -63,7 +63,7 @@ from PIL import Image
 
 from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, scale_intrinsics,
                        subsample_indices)
-from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, MAX_REFERENCE, NFRAME
+from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FALLBACK_FOV_DEG, FPS, MAX_REFERENCE, NFRAME
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.trajectories import median_depth, reconstruction_trajectories
 from ..io.atomic import atomic_path, plain_name, safe_join, write_json_atomic
@@ -120,7 +120,7 @@ class LoopOptions:
     scene_renders: bool = True
     #: Horizontal field of view assumed for an image-only reconstruction scene whose depth function
     #: does not estimate intrinsics (MoGe does).
-    fov_deg: float = 60.0
+    fov_deg: float = FALLBACK_FOV_DEG
     cache: CacheSettings = field(default_factory=CacheSettings)
     #: WorldMirror folder, cloud PLY/GLB at the end; ``run_worldmirror`` also runs HY-World 2.0 if installed.
     exports: bool = True
