@@ -41,7 +41,7 @@ from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
 from .saving import file_entry, relative_to_base
 from .requests import MAX_SEED
-from .trajectory_preview import PAYLOAD_KEY, preview_ui, trajectory_entry
+from .trajectory_preview import preview_ui, trajectory_entry
 
 CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"
@@ -226,12 +226,9 @@ def wander_preview(folder: Path, cloud) -> dict:
     from ..worldstereo_core.io.camera_json import load_camera_json
 
     paths = sorted(p for p in folder.glob("*/*/camera.json") if p.parent.parent.name != "pano_bank")
-    entries = [trajectory_entry(load_camera_json(p), label=f"{p.parent.parent.name}/{p.parent.name}")
-               for p in paths]
-    if entries:
-        entries[0] = trajectory_entry(load_camera_json(paths[0]), label=entries[0]["label"], points=cloud.xyz,
-                                      colors=cloud.rgb)
-    return preview_ui(*entries)
+    cloud_once = [{"points": cloud.xyz, "colors": cloud.rgb}] + [{}] * max(0, len(paths) - 1)
+    return preview_ui(*(trajectory_entry(load_camera_json(p), label=f"{p.parent.parent.name}/{p.parent.name}",
+                                         **extra) for p, extra in zip(paths, cloud_once)))
 
 
 class PanoramaSceneFromImage(io.ComfyNode):
@@ -332,7 +329,8 @@ class PanoramaSceneFromImage(io.ComfyNode):
         text = f"output/{relative_to_base(scene.folder, 'output')}: " + json.dumps(
             {"reused": scene.reused, "cloud_points": scene.summary.get("cloud_points"),
              "trajectories": len(plan.get("trajectories", [])), "sphere_coverage": plan.get("coverage")})
-        return io.NodeOutput(scene, uint8_to_image(bank), ui={"text": [text], **wander_preview(scene.folder, scene.cloud)})
+        ui = {"text": [text], **wander_preview(scene.folder, scene.cloud)}
+        return io.NodeOutput(scene, uint8_to_image(bank), ui=ui)
 
 
 NODE_CLASS_MAPPINGS = {"WorldStereoMultiTrajectoryLoop": MultiTrajectoryLoop,
