@@ -141,8 +141,6 @@ class MemoryBankAddClip(io.ComfyNode):
         clip = image_to_uint8(frames, "frames").numpy()
         if len(clip) != len(trajectory):
             raise InputError(f"frames has {len(clip)} images but the trajectory has {len(trajectory)} cameras")
-        if trajectory.height is None or trajectory.width is None:
-            raise InputError("the trajectory states no image size; connect a scene to the trajectory node")
         view_id = view_id.strip() or DEFAULT_VIEW
         bank = copy.deepcopy(memory_bank)
         traj_id = traj_id.strip() or auto_traj_id(bank, view_id)
@@ -186,8 +184,6 @@ class MemoryRetrieve(io.ComfyNode):
     @classmethod
     @node_errors(DISPLAY_NAME)
     def execute(cls, memory_bank, trajectory, view_id, traj_id, dinov2=None) -> io.NodeOutput:
-        if trajectory.height is None or trajectory.width is None:
-            raise InputError("the trajectory states no image size; connect a scene to the trajectory node")
         height, width = trajectory.height, trajectory.width
         selector = CameraSelector(feature_fn=dinov2) if dinov2 is not None else None
         found = retrieve(memory_bank, trajectory.w2c, trajectory.K, view_id.strip() or DEFAULT_VIEW,

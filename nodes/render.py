@@ -118,8 +118,7 @@ class LoadRenderFolder(io.ComfyNode):
         if frames and len(render) > frames:
             keep = subsample_indices(len(render), frames)
             render, mask, traj = render[keep], mask[keep], traj.select(keep)
-        if traj.width is not None and traj.height is not None and (traj.height, traj.width) != (height, width):
-            traj = traj.resized(height, width)
+        traj = traj.resized(height, width)
         return io.NodeOutput(frames_to_image(render), mask_to_comfy(mask), traj)
 
 

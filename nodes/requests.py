@@ -28,9 +28,7 @@ def generation_request(image, render, hole_mask, trajectory, prompt: str, seed: 
     if len(trajectory) != n:
         raise InputError(f"the trajectory has {len(trajectory)} cameras but the render {n} frames; render the same "
                          "trajectory")
-    if trajectory.width is None or trajectory.height is None:
-        raise InputError("the trajectory states no image size; connect a scene (point_cloud) to the trajectory node")
-    traj = trajectory if (trajectory.height, trajectory.width) == (height, width) else trajectory.resized(height, width)
+    traj = trajectory.resized(height, width)
     start = first_image_uint8(image, "image")
     if start.shape[:2] != (height, width):
         start = resize_bicubic(start, (height, width))

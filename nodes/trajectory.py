@@ -88,28 +88,17 @@ def from_moves(moves: list, scene: types.Scene, frames: int, scale: float) -> Ca
 
 
 def fit_to_scene(traj: CameraTrajectory, scene: Optional[types.Scene], *, frames: int, anchor: bool,
-                 scale: float, file_size: tuple[int, int] = (0, 0)) -> CameraTrajectory:
+                 scale: float) -> CameraTrajectory:
     """A loaded trajectory subsampled to ``frames`` (0 = all), K in pixels of the scene's image and,
     with ``anchor``, moved so its first camera is the scene's start camera (relative translations
     times ``scale``)."""
     if frames:
         traj = traj.subsample(_frames(frames))
-    width, height = file_size
-    if traj.width is None or traj.height is None:
-        if width and height:
-            traj.width, traj.height = int(width), int(height)
-        elif scene is not None:
-            traj.width, traj.height = scene.width, scene.height
     if scene is None:
         return traj
-    if traj.width is None or traj.height is None:
-        raise InputError("the camera file states no image size; set file_width/file_height to the size its "
-                         "intrinsics refer to")
-    if (traj.height, traj.width) != (scene.height, scene.width):
-        traj = traj.resized(scene.height, scene.width)
+    traj = traj.resized(scene.height, scene.width)
     if anchor:
-        traj = CameraTrajectory(w2c=anchor_w2c(traj.w2c, scene.w2c, _scale(scale)), K=traj.K, width=traj.width,
-                                height=traj.height, meta=dict(traj.meta))
+        traj = traj.with_w2c(anchor_w2c(traj.w2c, scene.w2c, _scale(scale)))
     return traj
 
 
@@ -204,7 +193,7 @@ class TrajectoryFromJSON(io.ComfyNode):
         value = parse_json_text(json_text)
         scene = point_cloud or default_scene()
         if isinstance(value, dict):
-            traj = camera_trajectory_from_dict(value, source="json_text")
+            traj = camera_trajectory_from_dict(value, source="json_text", default_size=(scene.height, scene.width))
             return fit_to_scene(traj, scene, frames=frames, anchor=True, scale=scale), scene
         return from_moves(value, scene, frames, scale), scene
 
@@ -256,14 +245,15 @@ class CameraJSONLoad(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, camera_json):
-        return files.validation_message(lambda: load_camera_json(files.input_path(camera_json, "camera_json")))
+        return files.validation_message(lambda: load_camera_json(files.input_path(camera_json, "camera_json"),
+                                                                 default_size=PREVIEW_SIZE))  # any size: checks the file
 
     @classmethod
     def build_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
-        traj = load_camera_json(files.input_path(camera_json, "camera_json"))
         scene = point_cloud or default_scene()
-        return fit_to_scene(traj, scene, frames=frames, anchor=anchor, scale=scale,
-                            file_size=(file_width, file_height)), scene
+        size = (file_height, file_width) if file_width and file_height else (scene.height, scene.width)
+        traj = load_camera_json(files.input_path(camera_json, "camera_json"), default_size=size)
+        return fit_to_scene(traj, scene, frames=frames, anchor=anchor, scale=scale), scene
 
     @classmethod
     def preview_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):

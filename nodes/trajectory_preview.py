@@ -57,18 +57,15 @@ def trajectory_entry(
     """One payload entry for ``trajectory``.
 
     ``points`` (N,3) world coordinates with optional ``colors`` (N,3) (uint8, or float 0..1),
-    randomly subsampled (fixed ``seed``) to at most ``max_points``. ``width``/``height`` default
-    to twice the principal point when the trajectory does not state them.
+    randomly subsampled (fixed ``seed``) to at most ``max_points``.
     """
     n = len(trajectory)
     if n == 0:
         raise InputError("trajectory preview: the trajectory has no cameras")
     if n > MAX_CAMERAS:
         trajectory = trajectory.select(torch.linspace(0, n - 1, MAX_CAMERAS).round().long().tolist())
-    K = trajectory.K
-    width = trajectory.width if trajectory.width is not None else int(round(2 * float(K[0, 0, 2])))
-    height = trajectory.height if trajectory.height is not None else int(round(2 * float(K[0, 1, 2])))
-    entry: dict = {"c2w": _nested(trajectory.c2w, 6), "K": _nested(K, 4), "width": int(width), "height": int(height)}
+    entry: dict = {"c2w": _nested(trajectory.c2w, 6), "K": _nested(trajectory.K, 4), "width": trajectory.width,
+                   "height": trajectory.height}
     if label:
         entry["label"] = str(label)
     if depth_range is not None:

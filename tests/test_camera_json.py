@@ -33,13 +33,13 @@ def _write(tmp_path, obj, name="camera.json"):
 ])
 def test_round_trip_all_schemas(tmp_path, extra):
     d = _traj_dict(**extra)
-    traj = load_camera_json(_write(tmp_path, d))
+    traj = load_camera_json(_write(tmp_path, d), default_size=(480, 640))  # single-view files state no size
     assert len(traj) == 5 and traj.w2c.dtype == torch.float64
-    assert (traj.width, traj.height) == (extra.get("width"), extra.get("height"))
+    assert (traj.width, traj.height) == (640, 480)
     assert traj.meta == {k: v for k, v in extra.items() if k not in ("width", "height")}
     out = save_camera_json(traj, tmp_path / "out" / "camera.json")
     back = json.loads(out.read_text())
-    assert json.dumps(back, sort_keys=True) == json.dumps(d, sort_keys=True)
+    assert json.dumps(back, sort_keys=True) == json.dumps({**d, "width": 640, "height": 480}, sort_keys=True)
     assert camera_json_dict(load_camera_json(out)) == camera_json_dict(traj)
 
 
@@ -50,6 +50,11 @@ def test_folder_path_and_size_arguments(tmp_path):
     _write(tmp_path, _traj_dict(width=640, height=480))
     with pytest.raises(InputError, match="states width 640 but 800"):
         load_camera_json(tmp_path, width=800)
+    # a stated size wins over default_size; no size at all is an error naming the fix
+    assert load_camera_json(tmp_path, default_size=(10, 20)).width == 640
+    _write(tmp_path, _traj_dict())
+    with pytest.raises(InputError, match="state no image size.*give the size"):
+        load_camera_json(tmp_path)
 
 
 @pytest.mark.parametrize("field", ["width", "height"])
@@ -120,15 +125,15 @@ def test_not_an_object_and_bank_hint(tmp_path):
 
 
 def test_save_rejects_bad_trajectory(tmp_path):
-    traj = camera_trajectory_from_dict(_traj_dict())
-    bad = CameraTrajectory(w2c=traj.w2c * 2, K=traj.K)
+    traj = camera_trajectory_from_dict(_traj_dict(), default_size=(480, 640))
+    bad = CameraTrajectory(w2c=traj.w2c * 2, K=traj.K, width=640, height=480)
     with pytest.raises(InputError, match="not a rigid"):
         save_camera_json(bad, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(InputError, match="JSON cannot store"):
-        save_camera_json(CameraTrajectory(w2c=traj.w2c, K=traj.K, meta={"f": object()}), tmp_path / "y.json")
+        save_camera_json(CameraTrajectory(w2c=traj.w2c, K=traj.K, width=640, height=480, meta={"f": object()}), tmp_path / "y.json")
     with pytest.raises(InputError, match="core field"):
-        camera_json_dict(CameraTrajectory(w2c=traj.w2c, K=traj.K, meta={"extrinsic": 1}))
+        camera_json_dict(CameraTrajectory(w2c=traj.w2c, K=traj.K, width=640, height=480, meta={"extrinsic": 1}))
 
 
 def test_bank_round_trip_and_errors(tmp_path):
@@ -136,7 +141,7 @@ def test_bank_round_trip_and_errors(tmp_path):
     bank = {k: {"intrinsic": d["intrinsic"][i], "extrinsic": d["extrinsic"][i]}
             for i, k in enumerate(["0002", "0000", "0001"])}
     path = _write(tmp_path, bank, "cameras.json")
-    keys, traj = load_bank_cameras(tmp_path)
+    keys, traj = load_bank_cameras(tmp_path, width=640, height=480)
     assert keys == ["0000", "0001", "0002"]
     torch.testing.assert_close(traj.w2c[0], torch.tensor(bank["0000"]["extrinsic"], dtype=torch.float64))
     out = save_bank_cameras(keys, traj, tmp_path / "b" / "cameras.json")
@@ -147,8 +152,8 @@ def test_bank_round_trip_and_errors(tmp_path):
     broken = copy.deepcopy(bank)
     del broken["0001"]["intrinsic"]
     with pytest.raises(InputError, match=r"'0001'.*missing field 'intrinsic'"):
-        load_bank_cameras(_write(tmp_path, broken, "cameras.json"))
+        load_bank_cameras(_write(tmp_path, broken, "cameras.json"), width=640, height=480)
     broken = copy.deepcopy(bank)
     broken["0002"]["extrinsic"][0][0] = 3.0
     with pytest.raises(InputError, match="not a rigid"):
-        load_bank_cameras(_write(tmp_path, broken, "cameras.json"))
+        load_bank_cameras(_write(tmp_path, broken, "cameras.json"), width=640, height=480)

@@ -112,3 +112,68 @@ def test_unproject_project_round_trip():
 def test_subsample_indices_81_to_21():
     assert C.subsample_indices(81, 21) == list(range(0, 81, 4))
     assert C.subsample_indices(10, 21) == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------
+# CameraTrajectory: immutable, always sized, inverted once; non-finite cameras refused
+# ---------------------------------------------------------------------------------------------
+
+def _trajectory(n: int = 4) -> C.CameraTrajectory:
+    K = C.intrinsics_from_fov(64, 48, 60.0)
+    return C.CameraTrajectory(w2c=_random_rigid(torch.Generator().manual_seed(3), n), K=K, width=64, height=48)
+
+
+def test_trajectory_is_frozen_and_methods_return_new_objects():
+    import dataclasses
+
+    traj = _trajectory()
+    for name, value in (("w2c", traj.w2c * 2), ("K", traj.K), ("width", 10), ("meta", {})):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(traj, name, value)
+    w2c, K = traj.w2c.clone(), traj.K.clone()
+    half = traj.resized(24, 32)
+    moved = traj.with_w2c(traj.w2c.flip(0))
+    picked = traj.select([2, 0])
+    assert {id(half), id(moved), id(picked)}.isdisjoint({id(traj)})
+    assert (traj.width, traj.height) == (64, 48) and torch.equal(traj.w2c, w2c) and torch.equal(traj.K, K)
+    assert (half.width, half.height) == (32, 24) and torch.equal(half.K[:, 0, 0], K[:, 0, 0] / 2)
+    assert torch.equal(moved.w2c, w2c.flip(0)) and torch.equal(picked.w2c, w2c[[2, 0]])
+
+
+@pytest.mark.parametrize("size", [dict(), dict(width=64), dict(width=None, height=48), dict(width=0, height=48),
+                                  dict(width=64.5, height=48), dict(width=True, height=48)])
+def test_trajectory_size_is_mandatory(size):
+    traj = _trajectory()
+    with pytest.raises((TypeError, C.InputError)) as err:
+        C.CameraTrajectory(w2c=traj.w2c, K=traj.K, **size)
+    if err.type is C.InputError:
+        assert "image width" in str(err.value) or "image height" in str(err.value)
+
+
+def test_trajectory_c2w_is_computed_once(monkeypatch):
+    traj = _trajectory()
+    calls = []
+    original = C.invert_rigid
+    monkeypatch.setattr(C, "invert_rigid", lambda T: calls.append(1) or original(T))
+    first = traj.c2w
+    assert traj.c2w is first and traj.centers is not None and len(calls) == 1
+    torch.testing.assert_close(first, torch.linalg.inv(traj.w2c), atol=1e-12, rtol=0)
+    torch.testing.assert_close(traj.centers, C.camera_centers(traj.w2c), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("field, index", [("w2c", (2, 0, 3)), ("K", (1, 0, 0))])
+def test_non_finite_camera_raises_naming_input_and_frame(field, index):
+    traj = _trajectory()
+    w2c, K = traj.w2c.clone(), traj.K.clone()
+    (w2c if field == "w2c" else K)[index] = math.nan
+    with pytest.raises(C.InputError, match=rf"my_cameras: camera {index[0]} has NaN or infinite values in its "
+                                           rf"{field}; fix the camera file"):
+        C.plucker_embedding(K, w2c, 48, 64, name="my_cameras")
+
+
+def test_singular_intrinsics_raise_instead_of_zero_rays():
+    traj = _trajectory()
+    K = traj.K.clone()
+    K[3, 0, 0] = K[3, 1, 1] = 1e-320  # finite, but its inverse is not
+    with pytest.raises(C.InputError, match="trajectory: camera 3 gives non-finite Plücker rays"):
+        C.plucker_embedding(K, traj.w2c, 48, 64)

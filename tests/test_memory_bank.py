@@ -167,7 +167,7 @@ def _pano_fixture():
 
 def _pano_bank(fx, scene) -> MemoryBank:
     W, H = fx["image_wh"]
-    keys, cams = load_bank_cameras(scene / "pano_bank" / "cameras.json")
+    keys, cams = load_bank_cameras(scene / "pano_bank" / "cameras.json", width=W, height=H)
     return MemoryBank.panorama(fx["scene"], keys, cams, _frames(len(keys), H, W, 0))
 
 
@@ -194,7 +194,7 @@ def test_panorama_loop_matches_fixture():
 
 def test_panorama_bank_from_folder(tmp_path):
     fx, scene = _pano_fixture()
-    keys, cams = load_bank_cameras(scene / "pano_bank" / "cameras.json")
+    keys, cams = load_bank_cameras(scene / "pano_bank" / "cameras.json", width=40, height=24)
     # the examples ship only some bank images: the folder loader must say which are missing
     if len(list((scene / "pano_bank" / "images").glob("*.png"))) < len(keys):
         with pytest.raises(InputError, match="missing"):

@@ -53,13 +53,6 @@ def test_entry_holds_c2w_and_K(tp, core):
     assert "points" not in entry and "depth_range" not in entry
 
 
-def test_entry_size_falls_back_to_principal_point(tp, core):
-    traj = _trajectory(core, width=80, height=60)
-    traj.width = traj.height = None
-    entry = tp.trajectory_entry(traj)
-    assert (entry["width"], entry["height"]) == (80, 60)
-
-
 def test_points_are_subsampled_deterministically(tp, core):
     traj = _trajectory(core)
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +103,8 @@ class _PreviewNode:
             raise cls.errors.InputError("frames: must be at least 1")
         w2c = torch.eye(4).repeat(frames, 1, 1)
         w2c[:, 0, 3] = torch.arange(frames) * radius
-        traj = cls.cameras.CameraTrajectory(w2c=w2c, K=torch.tensor([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]]))
+        traj = cls.cameras.CameraTrajectory(w2c=w2c, K=torch.tensor([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]]),
+                                            width=16, height=12)
         return cls.tp.preview_ui(cls.tp.trajectory_entry(traj))
 
 

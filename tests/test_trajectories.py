@@ -284,14 +284,15 @@ def test_trajectory_from_moves_chains_and_counts():
     torch.testing.assert_close(traj.c2w[9:], second, atol=1e-12, rtol=0)
     # frames that do not add up are resampled to nframe, and kept with nframe=None
     long = [{"type": "normal", "rotation": [20.0, 0.0], "frames": 30}]
-    assert len(trajectory_from_moves(start, K, long, 2.0)) == 21
-    assert len(trajectory_from_moves(start, K, long, 2.0, nframe=None)) == 31
+    assert len(trajectory_from_moves(start, K, long, 2.0, width=768, height=512)) == 21
+    assert len(trajectory_from_moves(start, K, long, 2.0, width=768, height=512, nframe=None)) == 31
     with pytest.raises(InputError, match="at least one move"):
-        trajectory_from_moves(start, K, [], 2.0)
+        trajectory_from_moves(start, K, [], 2.0, width=768, height=512)
     with pytest.raises(InputError, match="must be a dict"):
-        trajectory_from_moves(start, K, ["orbit_left"], 2.0)
+        trajectory_from_moves(start, K, ["orbit_left"], 2.0, width=768, height=512)
     with pytest.raises(InputError, match="frames"):
-        trajectory_from_moves(start, K, [{"type": "eloop", "radius_x": 0.1, "radius_y": 0.1, "frames": 0}], 2.0)
+        trajectory_from_moves(start, K, [{"type": "eloop", "radius_x": 0.1, "radius_y": 0.1, "frames": 0}], 2.0,
+                              width=768, height=512)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -312,7 +313,7 @@ def test_preset_directions():
     start = invert_rigid(make_pose(torch.eye(3), _t([0, 0, -m])))
 
     def last(name):
-        return trajectory_from_moves(start, K, preset_moves(name), m).c2w[-1]
+        return trajectory_from_moves(start, K, preset_moves(name), m, width=768, height=512).c2w[-1]
 
     assert float(last("orbit_left")[0, 3]) < 0 < float(last("orbit_right")[0, 3])
     assert float(last("truck_left")[0, 3]) < 0 < float(last("truck_right")[0, 3])

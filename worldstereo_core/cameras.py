@@ -14,12 +14,15 @@ accepts numpy arrays or nested lists, which are converted with :func:`as_tensor`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .constants import CAMERA_SCALE
+from .errors import InputError
 
 def as_tensor(x, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """Convert ``x`` (tensor, ndarray or nested list) to a tensor of ``dtype``."""
@@ -295,17 +298,23 @@ def camera_qt(w2c) -> torch.Tensor:
 
 
 def plucker_embedding(K, w2c, height: int, width: int, normalize: bool = True,
-                      scale: float = CAMERA_SCALE) -> torch.Tensor:
+                      scale: float = CAMERA_SCALE, name: str = "trajectory") -> torch.Tensor:
     """Per-pixel Plücker rays ``[d, o x d]`` of shape (1, 6, F, H, W) (reference layout).
 
     ``K`` (F,3,3) is in pixels of the (H, W) grid; the grid is (u - 0.5, v + 0.5) as in the
     reference. With ``normalize`` the cameras first go through :func:`camera_center_normalization`.
-    Non-finite results are replaced by zeros.
+    A camera with NaN/inf values, or one whose rays are not finite (singular K), raises an
+    InputError naming ``name`` and the frame.
     """
     w2c = as_tensor(w2c, dtype=w2c.dtype if isinstance(w2c, torch.Tensor) and w2c.is_floating_point() else torch.float64)
     K = as_tensor(K, dtype=w2c.dtype, device=w2c.device)
     if K.dim() == 2:
         K = K.expand(w2c.shape[0], 3, 3)
+    for what, value in (("w2c", w2c), ("K", K)):
+        bad = ~torch.isfinite(value).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            raise InputError(f"{name}: camera {int(bad.nonzero()[0])} has NaN or infinite values in its {what}; "
+                             "fix the camera file or the trajectory that made it")
     if normalize:
         w2c = camera_center_normalization(w2c, scale)
     c2w = invert_rigid(w2c)
@@ -315,8 +324,10 @@ def plucker_embedding(K, w2c, height: int, width: int, normalize: bool = True,
     origin = c2w[:, None, None, :3, 3].expand_as(dirs)
     emb = torch.cat([dirs, torch.linalg.cross(origin, dirs, dim=-1)], dim=-1)  # F,H,W,6
     emb = emb.permute(3, 0, 1, 2).unsqueeze(0).contiguous()
-    if not bool(torch.isfinite(emb).all()):
-        emb = torch.zeros_like(emb)
+    bad = ~torch.isfinite(emb[0]).flatten(2).all(dim=2).all(dim=0)
+    if bool(bad.any()):
+        raise InputError(f"{name}: camera {int(bad.nonzero()[0])} gives non-finite Plücker rays (a singular "
+                         "intrinsic matrix K, or cameras too far apart to normalise); check its K and pose")
     return emb
 
 
@@ -336,45 +347,55 @@ def opencv_to_pytorch3d(w2c) -> tuple[torch.Tensor, torch.Tensor]:
 # A camera sequence (what a camera.json holds)
 # --------------------------------------------------------------------------------------------
 
-from dataclasses import dataclass, field, replace  # noqa: E402
-
-
-@dataclass
+@dataclass(frozen=True, eq=False)
 class CameraTrajectory:
-    """A sequence of pinhole cameras: w2c (F,4,4) and pixel K (F,3,3) for (height, width).
+    """A sequence of pinhole cameras: w2c (F,4,4) and pixel K (F,3,3) for a ``height`` x ``width`` image.
 
-    ``width``/``height`` may be None when the source file does not state them (single-view
-    camera.json files are in pixels of their image.png). ``meta`` keeps every other field of the
-    source file (``motion_list``, ``id``, ``type``, ``eloop_rotation`` ...) so a round trip
-    through camera.json preserves it.
+    Immutable: the fields cannot be reassigned and every method returns a new trajectory (do not
+    modify the tensors in place either: :attr:`c2w` is computed once and kept). ``meta`` keeps
+    every other field of the source file (``motion_list``, ``id``, ``type``, ``eloop_rotation``
+    ...) so a round trip through camera.json preserves it.
     """
 
     w2c: torch.Tensor
     K: torch.Tensor
-    width: int | None = None
-    height: int | None = None
+    width: int
+    height: int
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.w2c = as_tensor(self.w2c)
-        self.K = as_tensor(self.K)
-        if self.K.dim() == 2:
-            self.K = self.K.expand(self.w2c.shape[0], 3, 3).clone()
+        w2c = as_tensor(self.w2c)
+        K = as_tensor(self.K)
+        if K.dim() == 2:
+            K = K.expand(w2c.shape[0], 3, 3).clone()
+        if w2c.dim() != 3 or w2c.shape[1:] != (4, 4) or K.shape != (w2c.shape[0], 3, 3):
+            raise InputError(f"a camera trajectory needs w2c (F,4,4) and K (F,3,3) or (3,3); got "
+                             f"{tuple(w2c.shape)} and {tuple(K.shape)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise InputError(f"a camera trajectory needs its image {name} (a positive whole number of pixels "
+                                 f"its K refers to); got {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "w2c", w2c)
+        object.__setattr__(self, "K", K)
+        object.__setattr__(self, "meta", dict(self.meta))
 
     def __len__(self) -> int:
         return int(self.w2c.shape[0])
 
-    @property
+    @cached_property
     def c2w(self) -> torch.Tensor:
+        """Camera-to-world poses (F,4,4), inverted once per trajectory."""
         return invert_rigid(self.w2c)
 
     @property
     def centers(self) -> torch.Tensor:
-        return camera_centers(self.w2c)
+        return self.c2w[..., :3, 3]
 
     def select(self, indices: Sequence[int]) -> "CameraTrajectory":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return replace(self, w2c=self.w2c[idx].clone(), K=self.K[idx].clone(), meta=dict(self.meta))
+        return replace(self, w2c=self.w2c[idx].clone(), K=self.K[idx].clone())
 
     def subsample(self, nframe: int) -> "CameraTrajectory":
         """Keep ``floor(linspace(0, F-1, nframe))`` frames (no-op when F <= nframe)."""
@@ -382,10 +403,14 @@ class CameraTrajectory:
 
     def resized(self, height: int, width: int) -> "CameraTrajectory":
         """The same cameras with K rescaled to a (height, width) image."""
-        if self.width is None or self.height is None:
-            raise ValueError("CameraTrajectory.resized needs the source width/height; set them first")
+        if (height, width) == (self.height, self.width):
+            return self
         K = scale_intrinsics(self.K, (self.height, self.width), (height, width))
-        return replace(self, K=K, width=width, height=height, meta=dict(self.meta))
+        return replace(self, K=K, width=width, height=height)
+
+    def with_w2c(self, w2c) -> "CameraTrajectory":
+        """The same intrinsics, size and meta with other poses."""
+        return replace(self, w2c=w2c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,8 +138,6 @@ def perspective_from_equirect(panorama, cameras: CameraTrajectory, mode: str = "
     Only the rotations are used: every camera sits at the panorama's centre. Pixel centres are
     (u + 0.5, v + 0.5) as everywhere in the pack. uint8 panoramas give uint8 views, others float32.
     """
-    if cameras.height is None or cameras.width is None:
-        raise InputError("cameras need width and height (the size of the views to make)")
     rays = pixel_rays(cameras.K, cameras.height, cameras.width)  # F, H, W, 3 (camera frame)
     R_c2w = cameras.w2c[:, :3, :3].transpose(-1, -2)
     views = [sample_equirect(panorama, rays[f] @ R_c2w[f].T, mode) for f in range(len(cameras))]

@@ -156,12 +156,7 @@ def render_warps(points, colors, trajectory: CameraTrajectory, image, height: in
     if len(trajectory) == 0:
         raise InputError("trajectory has no cameras; give at least one pose")
     _check_size(height, width)
-    if (trajectory.height, trajectory.width) != (height, width):
-        if trajectory.height is None or trajectory.width is None:
-            raise InputError("trajectory has no width/height, so its intrinsics cannot be rescaled to "
-                             f"{height}x{width}; set trajectory.width/height to the image size its K "
-                             "refers to (e.g. the original image.png size)")
-        trajectory = trajectory.resized(height, width)
+    trajectory = trajectory.resized(height, width)
     image = torch.as_tensor(image)
     if image.shape != (3, height, width):
         raise InputError(f"image must be (3, {height}, {width}) in [-1, 1] to fill frame 0, got "

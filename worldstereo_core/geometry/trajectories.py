@@ -250,7 +250,7 @@ def _level_orbit(c2w0: torch.Tensor, pitch: float, d: float, phis, thetas) -> to
     return torch.stack([L @ native_camera_rotation(eye, d, p, t) @ rel for p, t in zip(phis, thetas)])
 
 
-def reconstruction_trajectories(start_w2c, K, width: int | None, height: int | None, median_depth: float,
+def reconstruction_trajectories(start_w2c, K, width: int, height: int, median_depth: float,
                                 up_distance: float | None = None, *, pitch_deg: float | None = None,
                                 nframe: int = NFRAME) -> dict[str, CameraTrajectory]:
     """``traj_eloop``, ``traj_up``, ``traj_left``, ``traj_right`` from a start w2c and scene scale m.
@@ -367,8 +367,7 @@ def _split_frames(moves: Sequence[Mapping], total: int) -> list[int]:
 
 
 def trajectory_from_moves(start_w2c, K, moves: Sequence[Mapping], median_depth: float, *,
-                          width: int | None = None, height: int | None = None,
-                          air_bound: float | None = None, nframe: int | None = NFRAME,
+                          width: int, height: int, air_bound: float | None = None, nframe: int | None = NFRAME,
                           up=(0.0, -1.0, 0.0), scene_points=None) -> CameraTrajectory:
     """Chain ``get_c2w`` moves, each starting from the last pose of the previous one.
 

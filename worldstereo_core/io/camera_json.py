@@ -5,7 +5,8 @@ Trajectory files (one schema for all three data families)::
     {"extrinsic": [F x 4x4 w2c], "intrinsic": [F x 3x3 K], ["width": int, "height": int], ...}
 
 * single-view ``examples/images/<scene>/camera.json`` adds ``motion_list`` and has no size (K is in
-  pixels of the scene's image.png: pass ``width``/``height`` to :func:`load_camera_json`);
+  pixels of the scene's image.png: pass ``width``/``height`` or ``default_size`` to
+  :func:`load_camera_json`; a trajectory always has a size, and files written here state it);
 * reconstruction ``renders/traj_*/camera.json`` has ``width``/``height``;
 * panorama ``<view>/traj<k>/camera.json`` adds ``id``, ``type``, optional ``eloop_rotation`` ...
 
@@ -50,35 +51,41 @@ def _resolve(path: str | os.PathLike, default_name: str) -> Path:
     return path / default_name if path.is_dir() else path
 
 
-def load_camera_json(path: str | os.PathLike, *, width: int | None = None,
-                     height: int | None = None) -> CameraTrajectory:
+def load_camera_json(path: str | os.PathLike, *, width: int | None = None, height: int | None = None,
+                     default_size: tuple[int, int] | None = None) -> CameraTrajectory:
     """Read a trajectory camera.json (a folder means ``<folder>/camera.json``).
 
     ``width``/``height`` give the image size for files that do not state it (single-view); when
     the file states a different size an InputError is raised (use ``CameraTrajectory.resized``).
+    ``default_size`` (height, width) is the size of a file that states none, without that check.
     """
     path = _resolve(path, "camera.json")
     data = read_json(path)
     if isinstance(data, dict) and "extrinsic" not in data and data and all(
             isinstance(v, dict) and "extrinsic" in v for v in data.values()):
         raise InputError(f"{path}: this is a panorama bank cameras.json; read it with load_bank_cameras")
-    traj = camera_trajectory_from_dict(data, source=str(path))
-    for name, given in (("width", width), ("height", height)):
-        if given is None:
-            continue
-        given = check_image_side(given, str(path), f"{name} argument")
-        stated = getattr(traj, name)
-        if stated is not None and stated != given:
-            raise InputError(
-                f"{path}: file states {name} {stated} but {given} was requested; load without the "
-                "size and call .resized(height, width) to rescale the intrinsics"
-            )
-        setattr(traj, name, given)
-    return traj
+    if isinstance(data, dict):
+        for name, given in (("width", width), ("height", height)):
+            if given is None:
+                continue
+            given = check_image_side(given, str(path), f"{name} argument")
+            stated = _size_field(data, name, str(path))
+            if stated is not None and stated != given:
+                raise InputError(
+                    f"{path}: file states {name} {stated} but {given} was requested; load without the "
+                    "size and call .resized(height, width) to rescale the intrinsics"
+                )
+        if width is not None and height is not None:
+            default_size = (height, width)
+    return camera_trajectory_from_dict(data, source=str(path), default_size=default_size)
 
 
-def camera_trajectory_from_dict(d: Any, *, source: str = "camera.json") -> CameraTrajectory:
-    """Validate a parsed trajectory dict and build a :class:`CameraTrajectory` (float64)."""
+def camera_trajectory_from_dict(d: Any, *, source: str = "camera.json",
+                                default_size: tuple[int, int] | None = None) -> CameraTrajectory:
+    """Validate a parsed trajectory dict and build a :class:`CameraTrajectory` (float64).
+
+    ``default_size`` (height, width): the image size when ``d`` states none; without it such a
+    dict raises an InputError (a trajectory's K means nothing without its image size)."""
     if not isinstance(d, dict):
         raise InputError(f"{source}: expected a JSON object with 'extrinsic' and 'intrinsic', got "
                          f"{type(d).__name__}")
@@ -96,6 +103,12 @@ def camera_trajectory_from_dict(d: Any, *, source: str = "camera.json") -> Camer
             "intrinsic per extrinsic"
         )
     validate_cameras(w2c, K, source)
+    if width is None and height is None and default_size is not None:
+        height, width = check_image_size(*default_size, f"{source}: image size")
+    if width is None or height is None:
+        raise InputError(f"{source}: the cameras state no image size ('width' and 'height'); give the size of "
+                         "the image their intrinsics refer to (e.g. the file_width/file_height of the node, or "
+                         "the scene's image size)")
     meta = {k: v for k, v in d.items() if k not in _CORE_FIELDS}
     return CameraTrajectory(w2c=w2c, K=K, width=width, height=height, meta=meta)
 
@@ -167,13 +180,10 @@ def validate_cameras(w2c: torch.Tensor, K: torch.Tensor, source: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def camera_json_dict(traj: CameraTrajectory) -> dict:
-    """The camera.json dict of ``traj``: extrinsic, intrinsic, width/height (when known), meta."""
+    """The camera.json dict of ``traj``: extrinsic, intrinsic, width, height, meta."""
     out: dict = {"extrinsic": traj.w2c.detach().cpu().to(torch.float64).tolist(),
-                 "intrinsic": traj.K.detach().cpu().to(torch.float64).tolist()}
-    if traj.width is not None:
-        out["width"] = int(traj.width)
-    if traj.height is not None:
-        out["height"] = int(traj.height)
+                 "intrinsic": traj.K.detach().cpu().to(torch.float64).tolist(),
+                 "width": traj.width, "height": traj.height}
     for key, value in traj.meta.items():
         if key in _CORE_FIELDS:
             raise InputError(f"CameraTrajectory.meta may not contain the core field '{key}'")
@@ -201,17 +211,26 @@ def _check_json_serialisable(d: dict, path: Path) -> None:
 # Panorama bank (pano_bank/cameras.json)
 # --------------------------------------------------------------------------------------------
 
-def load_bank_cameras(path: str | os.PathLike, *, width: int | None = None,
-                      height: int | None = None) -> tuple[list[str], CameraTrajectory]:
-    """Read ``pano_bank/cameras.json`` (a folder means ``<folder>/cameras.json``).
-
-    Returns the keys in sorted order and their cameras stacked in that order. The file does not
-    state the image size; pass ``width``/``height`` to attach it.
-    """
+def _bank_json(path: str | os.PathLike) -> tuple[Path, dict]:
     path = _resolve(path, "cameras.json")
     data = read_json(path)
     if not isinstance(data, dict) or not data:
         raise InputError(f"{path}: expected a non-empty object {{\"0000\": {{\"intrinsic\", \"extrinsic\"}}, ...}}")
+    return path, data
+
+
+def bank_keys(path: str | os.PathLike) -> list[str]:
+    """The keys of ``pano_bank/cameras.json`` (a folder means ``<folder>/cameras.json``), sorted."""
+    return sorted(_bank_json(path)[1])
+
+
+def load_bank_cameras(path: str | os.PathLike, *, width: int, height: int) -> tuple[list[str], CameraTrajectory]:
+    """Read ``pano_bank/cameras.json`` (a folder means ``<folder>/cameras.json``).
+
+    Returns the keys in sorted order and their cameras stacked in that order. The file does not
+    state the image size: ``width``/``height`` are the size of the bank images (their K's pixels).
+    """
+    path, data = _bank_json(path)
     keys = sorted(data)
     w2c, K = [], []
     for key in keys:
@@ -226,10 +245,7 @@ def load_bank_cameras(path: str | os.PathLike, *, width: int | None = None,
         K.append(_matrix_stack([entry["intrinsic"]], 3, "intrinsic", src)[0])
     w2c_t, K_t = torch.stack(w2c), torch.stack(K)
     validate_cameras(w2c_t, K_t, str(path))
-    if width is not None or height is not None:
-        if width is None or height is None:
-            raise InputError(f"{path}: give both width and height, or neither")
-        height, width = check_image_size(height, width, f"{path}: bank image size")
+    height, width = check_image_size(height, width, f"{path}: bank image size")
     return keys, CameraTrajectory(w2c=w2c_t, K=K_t, width=width, height=height)
 
 

@@ -78,7 +78,7 @@ def load_render_folder(folder: str | os.PathLike, height: int, width: int, image
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
             raise InputError(f"{name} must be a positive int, got {val!r}")
     height, width = int(height), int(width)
-    trajectory = load_camera_json(folder / CAMERA_JSON)
+    trajectory = load_camera_json(folder / CAMERA_JSON, default_size=(height, width))
     video = torch.from_numpy(read_video(folder / RENDER_VIDEO)).permute(0, 3, 1, 2).float()
     holes = torch.from_numpy(read_mask_video(folder / MASK_VIDEO))[:, None]
     if not len(video) == len(holes) == len(trajectory):

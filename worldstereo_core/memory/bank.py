@@ -250,16 +250,19 @@ class MemoryBank:
     @classmethod
     def from_panorama_folder(cls, scene_dir: str | os.PathLike, **kwargs) -> "MemoryBank":
         """Bank of a panorama scene folder: ``pano_bank/cameras.json`` + ``pano_bank/images/<key>.png``."""
-        from ..io.camera_json import load_bank_cameras
+        from ..io.camera_json import bank_keys, load_bank_cameras
 
         scene_dir = Path(scene_dir)
-        keys, cams = load_bank_cameras(scene_dir / "pano_bank" / "cameras.json")
-        paths = [scene_dir / "pano_bank" / "images" / f"{k}.png" for k in keys]
+        cameras_json = scene_dir / "pano_bank" / "cameras.json"
+        paths = [scene_dir / "pano_bank" / "images" / f"{k}.png" for k in bank_keys(cameras_json)]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise InputError(f"{scene_dir / 'pano_bank' / 'images'}: missing {len(missing)} bank image(s) "
                              f"({', '.join(missing[:5])}...); every key of cameras.json needs <key>.png")
-        return cls.panorama(scene_dir.name, keys, cams, [load_image(p) for p in paths], **kwargs)
+        images = [load_image(p) for p in paths]
+        height, width = images[0].shape[:2]  # the bank's K is in pixels of its images
+        keys, cams = load_bank_cameras(cameras_json, width=width, height=height)
+        return cls.panorama(scene_dir.name, keys, cams, images, **kwargs)
 
     @classmethod
     def from_reconstruction_folder(cls, scene_dir: str | os.PathLike,
@@ -271,8 +274,8 @@ class MemoryBank:
 
         scene_dir = Path(scene_dir)
         image = load_image(scene_dir / "image.png")
-        traj = load_camera_json(scene_dir / "renders" / "traj_eloop" / "camera.json")
         height, width = image.shape[:2]
+        traj = load_camera_json(scene_dir / "renders" / "traj_eloop" / "camera.json", default_size=(height, width))
         if working_hw is not None and tuple(working_hw) != (height, width):
             image = resize_bicubic(image, tuple(working_hw))
         return cls.reconstruction(image, traj.K[0], width, height, **kwargs)

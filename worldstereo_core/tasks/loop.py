@@ -67,7 +67,7 @@ from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FALLBACK_
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.trajectories import median_depth, reconstruction_trajectories
 from ..io.atomic import atomic_path, plain_name, safe_join, write_json_atomic
-from ..io.camera_json import load_bank_cameras, load_camera_json
+from ..io.camera_json import bank_keys, load_camera_json
 from ..io.fingerprint import file_digest, text_digest
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
@@ -232,10 +232,7 @@ class _Scene:
 
 
 def _trajectory(path: Path, nframe: int, size_hw: tuple[int, int]) -> CameraTrajectory:
-    traj = load_camera_json(path)
-    if traj.width is None or traj.height is None:
-        traj.height, traj.width = size_hw
-    return traj.subsample(nframe)
+    return load_camera_json(path, default_size=size_hw).subsample(nframe)
 
 
 def _has_renders(folder: Path) -> bool:
@@ -320,7 +317,7 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
     size = assign_scale(h0, w0, opts.scale_map)
     jobs, texts = [], {}
     bank_dir = scene_dir / "pano_bank"
-    keys, _ = load_bank_cameras(bank_dir / "cameras.json")
+    keys = bank_keys(bank_dir / "cameras.json")
     files = {_relative(scene_dir, p): p for p in [bank_dir / "cameras.json", *(bank_dir / "images" / f"{k}.png"
                                                                               for k in keys)] if p.is_file()}
     for tj in tjobs:
