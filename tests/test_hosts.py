@@ -96,14 +96,20 @@ class ComfyHost:
         return comfy_forward(self.env, native, inputs)
 
 
+def _memory(env, inputs: dict):
+    """The memory inputs of fixture-style ``inputs`` (None without references)."""
+    if inputs.get("reference_latent") is None:
+        return None
+    return env.native.conds.MemoryInputs(inputs["reference_latent"], inputs.get("ref_index"), inputs.get("camera_qt"),
+                                         inputs.get("camera_qt_ref"))
+
+
 def comfy_forward(env, native, inputs: dict, *, load: bool = True) -> torch.Tensor:
     """``native``'s diffusion model on fixture-style inputs, called as ComfyUI's samplers call it:
     weights loaded (patched) by model management (unless ``load`` is False: the caller loaded
     them), WorldStereo inputs as processed model_conds."""
     conds = env.native.conds.worldstereo_model_conds(
-        inputs["render_latent"], inputs["render_mask"], inputs.get("camera_embedding"),
-        reference_latent=inputs.get("reference_latent"), ref_index=inputs.get("ref_index"),
-        camera_qt=inputs.get("camera_qt"), camera_qt_ref=inputs.get("camera_qt_ref"))
+        inputs["render_latent"], inputs["render_mask"], inputs.get("camera_embedding"), _memory(env, inputs))
     batch = inputs["hidden_states"].shape[0]
     kwargs = {name: cond.process_cond(batch_size=batch, area=None).cond for name, cond in conds.items()}
     wrappers = {kind: {key: list(fns) for key, fns in entries.items()} for kind, entries in native.wrappers.items()}
@@ -419,8 +425,7 @@ def _release_conditioning(env, case: Path, latent_format, text: torch.Tensor, mo
     if model_conds is None:
         model_conds = env.native.conds.worldstereo_model_conds(
             outputs["render_latent"], inputs["render_mask"], inputs["camera_embedding"],
-            reference_latent=outputs.get("reference_latent"), ref_index=inputs.get("ref_index"),
-            camera_qt=inputs.get("camera_qt"), camera_qt_ref=inputs.get("camera_qt_ref"))
+            _memory(env, {**inputs, "reference_latent": outputs.get("reference_latent")}))
     options = {"concat_latent_image": latent_format.process_out(condition), "concat_mask": 1.0 - i2v_mask,
                "clip_vision_output": clip}
     return env.native.conds.with_model_conds([[text, options]], model_conds), noise

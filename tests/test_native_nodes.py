@@ -192,7 +192,7 @@ def test_pipeline_fixture_through_native_nodes(env, case, tmp_path):
     with torch.inference_mode():
         positive, negative, latent = env.conditioning.worldstereo_conditioning(
             [[inputs["prompt_embeds"], {}]], [[inputs["negative_prompt_embeds"], {}]], vae, clip_vision,
-            inputs["image_uint8_hwc"].numpy(), {k: inputs[k] for k in names},
+            inputs["image_uint8_hwc"].numpy(), env.conditioning.ClipInputs(**{k: inputs[k] for k in names}),
             latent_cond_mode=fixture["call_kwargs"]["latent_cond_mode"],
             progress=lambda done, total: seen.append((done, total)))
     keyframes = inputs["render_video"].shape[2] + (inputs["reference_video"].shape[2] if config.is_memory else 0)

@@ -406,7 +406,10 @@ class CameraTrajectory:
         if (height, width) == (self.height, self.width):
             return self
         K = scale_intrinsics(self.K, (self.height, self.width), (height, width))
-        return replace(self, K=K, width=width, height=height)
+        out = replace(self, K=K, width=width, height=height)
+        if "c2w" in self.__dict__:  # the same poses: keep their inverse
+            out.__dict__["c2w"] = self.__dict__["c2w"]
+        return out
 
     def with_w2c(self, w2c) -> "CameraTrajectory":
         """The same intrinsics, size and meta with other poses."""

@@ -26,6 +26,8 @@ import comfy.model_management
 import node_helpers
 
 from ...worldstereo_core.errors import InputError
+from ...worldstereo_core.models.inputs import MemoryInputs
+from ...worldstereo_core.pipelines.base import ClipInputs
 from ...worldstereo_core.pipelines.conditioning import clip_pixel_values, preprocess_image
 from ...worldstereo_core.pipelines.single_file import clip_image_processor
 from ...worldstereo_core.pipelines.vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR,
@@ -59,23 +61,22 @@ def _keyframe_latents(keyframes: KeyframeVae, video: torch.Tensor, name: str, ti
     return torch.cat(latents, dim=2)
 
 
-def conditioning_steps(inputs: dict[str, torch.Tensor]) -> int:
+def conditioning_steps(inputs: ClipInputs) -> int:
     """Progress ticks of :func:`worldstereo_conditioning`: CLIP, the image condition, every keyframe."""
-    references = inputs["reference_video"].shape[2] if "reference_video" in inputs else 0
-    return 2 + inputs["render_video"].shape[2] + references
+    references = 0 if inputs.reference_video is None else inputs.reference_video.shape[2]
+    return 2 + inputs.render_video.shape[2] + references
 
 
-def worldstereo_conditioning(positive: list, negative: list, vae, clip_vision, image: Any,
-                             inputs: dict[str, torch.Tensor], *, latent_cond_mode: str = "full_vae",
-                             progress: ProgressFn | None = None) -> tuple[list, list, dict]:
+def worldstereo_conditioning(positive: list, negative: list, vae, clip_vision, image: Any, inputs: ClipInputs, *,
+                             latent_cond_mode: str = "full_vae", progress: ProgressFn | None = None
+                             ) -> tuple[list, list, dict]:
     """(positive, negative, keyframe LATENT) of one clip.
 
     ``image``: the start image (uint8 [H, W, 3], PIL, or as ``to_pil_rgb`` takes it); ``inputs``:
-    the clip's model inputs as ``worldstereo_core.tasks.generate.model_inputs`` gives them
-    (``render_video`` [1, 3, F, H, W] in [-1, 1], ``render_mask``, ``camera_embedding``, and for
-    memory variants ``reference_video``, ``ref_index``, ``camera_qt``, ``camera_qt_ref``). The
-    LATENT is empty (zeros: the samplers start from noise) with F keyframes. ``progress(done,
-    total)`` after each of the :func:`conditioning_steps` encodings (it may raise to stop)."""
+    the clip's tensors as ``worldstereo_core.tasks.generate.model_inputs`` gives them (batch 1;
+    the references only for memory variants). The LATENT is empty (zeros: the samplers start from
+    noise) with F keyframes. ``progress(done, total)`` after each of the :func:`conditioning_steps`
+    encodings (it may raise to stop)."""
     if latent_cond_mode not in LATENT_COND_MODES:
         raise InputError(f"latent_cond_mode must be one of {LATENT_COND_MODES}, got {latent_cond_mode!r}")
     total, done = conditioning_steps(inputs), [0]
@@ -84,7 +85,7 @@ def worldstereo_conditioning(positive: list, negative: list, vae, clip_vision, i
         done[0] += 1
         report(progress, done[0], total)
 
-    render = inputs["render_video"]
+    render = inputs.render_video
     batch, _, frames, height, width = render.shape
     keyframes = KeyframeVae(vae)
     clip = clip_vision_output(clip_vision, image)
@@ -93,13 +94,12 @@ def worldstereo_conditioning(positive: list, negative: list, vae, clip_vision, i
     condition = image_condition_latent(keyframes, start, TEMPORAL_FACTOR * (frames - 1) + 1, latent_cond_mode)
     tick()
     render_latent = _keyframe_latents(keyframes, render, "render", tick)
-    memory = {}
-    if "reference_video" in inputs:
-        reference = reference_latent_layout(_keyframe_latents(keyframes, inputs["reference_video"], "references",
-                                                              tick))
-        memory = dict(reference_latent=reference, ref_index=inputs["ref_index"], camera_qt=inputs["camera_qt"],
-                      camera_qt_ref=inputs["camera_qt_ref"])
-    model_conds = worldstereo_model_conds(render_latent, inputs["render_mask"], inputs["camera_embedding"], **memory)
+    memory = None
+    if inputs.reference_video is not None:
+        memory = MemoryInputs(reference_latent_layout(_keyframe_latents(keyframes, inputs.reference_video,
+                                                                        "references", tick)),
+                              inputs.ref_index, inputs.camera_qt, inputs.camera_qt_ref)
+    model_conds = worldstereo_model_conds(render_latent, inputs.render_mask, inputs.camera_embedding, memory)
     h, w = height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
     values = {"concat_latent_image": denormalize_latents(condition, keyframes),
               "concat_mask": 1.0 - i2v_mask(1, frames, h, w), "clip_vision_output": clip}

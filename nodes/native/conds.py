@@ -16,6 +16,8 @@ import torch
 
 import comfy.conds
 
+from ...worldstereo_core.models.inputs import MemoryInputs
+
 RENDER_LATENT = "worldstereo_render_latent"
 CONDITION = "worldstereo_condition"
 REFERENCE_LATENT = "worldstereo_reference_latent"
@@ -37,19 +39,18 @@ class ClipCondition:
 
 
 def worldstereo_model_conds(render_latent: torch.Tensor, render_mask: torch.Tensor,
-                            camera_embedding: torch.Tensor | None, *, reference_latent: torch.Tensor | None = None,
-                            ref_index=None, camera_qt: torch.Tensor | None = None,
-                            camera_qt_ref: torch.Tensor | None = None) -> dict:
+                            camera_embedding: torch.Tensor | None, memory: MemoryInputs | None = None) -> dict:
     """The ``model_conds`` entries of one clip (the memory inputs only when given)."""
     conds = {RENDER_LATENT: comfy.conds.CONDRegular(render_latent),
              CONDITION: comfy.conds.CONDConstant(ClipCondition(render_mask, camera_embedding))}
-    if reference_latent is not None:
-        conds[REFERENCE_LATENT] = comfy.conds.CONDRegular(reference_latent)
-        conds[REF_INDEX] = comfy.conds.CONDConstant(tuple(int(i) for i in torch.as_tensor(ref_index).tolist()))
-    if camera_qt is not None:
-        conds[CAMERA_QT] = comfy.conds.CONDRegular(camera_qt)
-    if camera_qt_ref is not None:
-        conds[CAMERA_QT_REF] = comfy.conds.CONDRegular(camera_qt_ref)
+    if memory is None:
+        return conds
+    conds[REFERENCE_LATENT] = comfy.conds.CONDRegular(memory.reference_latent)
+    conds[REF_INDEX] = comfy.conds.CONDConstant(tuple(int(i) for i in torch.as_tensor(memory.ref_index).tolist()))
+    if memory.camera_qt is not None:
+        conds[CAMERA_QT] = comfy.conds.CONDRegular(memory.camera_qt)
+    if memory.camera_qt_ref is not None:
+        conds[CAMERA_QT_REF] = comfy.conds.CONDRegular(memory.camera_qt_ref)
     return conds
 
 

@@ -35,7 +35,8 @@ from comfy.patcher_extension import WrappersMP
 from ...worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
 from ...worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
 from ...worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
-from ...worldstereo_core.models.inputs import BackboneSpec, check_condition, check_memory_inputs, check_video_inputs
+from ...worldstereo_core.models.inputs import (BackboneSpec, MemoryInputs, VideoInputs, check_condition,
+                                               check_memory_inputs, check_video_inputs)
 from ...worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS,
                                                 WORLDSTEREO_PREFIXES, check_keys)
 from ...worldstereo_core.models.safetensors_files import listing
@@ -256,14 +257,14 @@ class WorldStereoForward:
         cn = self.config.controlnet_cfg
         spec = backbone_spec(wan)
         tokens = self.condition_tokens(kwargs[CONDITION], spec, x, transformer_options)
-        inp = check_video_inputs(spec, cn, x.dtype, x, timestep, context, clip_fea, kwargs.get(RENDER_LATENT), None,
-                                 None, controlnet_condition=tokens)
+        inp = check_video_inputs(spec, cn, x.dtype, VideoInputs(x, timestep, context, clip_fea, kwargs.get(RENDER_LATENT),
+                                                                controlnet_condition=tokens))
         mem = None
         if self.config.is_memory:
             ref_index = kwargs.get(REF_INDEX)
-            mem = check_memory_inputs(spec, cn, x.dtype, inp.hidden_states, kwargs.get(REFERENCE_LATENT),
-                                      None if ref_index is None else torch.tensor(ref_index), kwargs.get(CAMERA_QT),
-                                      kwargs.get(CAMERA_QT_REF))
+            mem = check_memory_inputs(spec, cn, x.dtype, inp.hidden_states, MemoryInputs(
+                kwargs.get(REFERENCE_LATENT), None if ref_index is None else torch.tensor(ref_index),
+                kwargs.get(CAMERA_QT), kwargs.get(CAMERA_QT_REF)))
         return run_worldstereo(ComfyWanHost(wan, transformer_options), self.branches.controlnet, inp, mem,
                                camera_embedding=self.branches.camera_embedding, update_ref=bool(cn.update_ref),
                                attention_scope=self.attention_scope)

@@ -13,7 +13,7 @@ of sampling; inputs are checked here so a wrong tensor fails with its name.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -27,7 +27,7 @@ from ..errors import InputError
 from .attention import BranchSelfAttention
 from .config import ControlNetConfig, clean_transformer_config
 from .host import branch_modules, run_worldstereo
-from .inputs import BackboneSpec, check_memory_inputs, check_video_inputs
+from .inputs import BackboneSpec, MemoryInputs, VideoInputs, check_finite, check_memory_inputs, check_video_inputs
 from .rope import apply_rotary, rope_cos_sin
 from .sequence import WHOLE_SEQUENCE
 from .ssm import ATTENTION_SCOPES, BlockParts, PairGroups, joint_block
@@ -214,20 +214,18 @@ class WorldStereoTransformer(WanTransformer3DModel):
             conditions = [None if t is None else t.expand(batch, *t.shape[1:]) for t in conditions]
         return self.controlnet.embed_condition(*conditions, self.compute_dtype)
 
-    def _video_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                      render_latent, render_mask, camera_embedding, extrinsics, intrinsics):
-        cache, batch = self._clip_cache, hidden_states.shape[0]
-        key = ("condition", id(render_mask), id(camera_embedding), batch)
+    def _video_inputs(self, inp: VideoInputs) -> VideoInputs:
+        """``inp`` checked, with the ControlNet's condition tokens (kept for the clip when reused)."""
+        cache, batch = self._clip_cache, inp.hidden_states.shape[0]
+        key = ("condition", id(inp.render_mask), id(inp.camera_embedding), batch)
         tokens = cache[key][1] if cache is not None and key in cache else None
-        inp = check_video_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, hidden_states, timestep,
-                                 encoder_hidden_states, encoder_hidden_states_image, render_latent, render_mask,
-                                 camera_embedding, extrinsics, intrinsics, controlnet_condition=tokens)
+        checked = check_video_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype,
+                                     replace(inp, controlnet_condition=tokens))
         if tokens is None:
-            tokens = self._controlnet_condition(render_mask, camera_embedding, batch)
+            tokens = self._controlnet_condition(inp.render_mask, inp.camera_embedding, batch)
             if cache is not None:  # the inputs are kept so that their ids stay theirs
-                cache[key] = ((render_mask, camera_embedding), tokens)
-        inp.controlnet_condition = tokens
-        return inp
+                cache[key] = ((inp.render_mask, inp.camera_embedding), tokens)
+        return replace(checked, controlnet_condition=tokens)
 
     # ----- forward -------------------------------------------------------------------------------
     def forward(
@@ -249,8 +247,9 @@ class WorldStereoTransformer(WanTransformer3DModel):
         ``extrinsics``/``intrinsics`` are only checked for finite values; the reference ignores them.
         ``attention_kwargs`` exists for the reference's call signature and must be empty."""
         _no_attention_kwargs(attention_kwargs)
-        inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                 render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
+        check_finite(extrinsics=extrinsics, intrinsics=intrinsics)
+        inp = self._video_inputs(VideoInputs(hidden_states, timestep, encoder_hidden_states,
+                                             encoder_hidden_states_image, render_latent, render_mask, camera_embedding))
         out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split,
                               clip_cache=self._clip_cache)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
@@ -303,10 +302,11 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
 
         ``ref_index`` must be a CPU tensor (it sets token positions without waiting for the device)."""
         _no_attention_kwargs(attention_kwargs)
-        inp = self._video_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                 render_latent, render_mask, camera_embedding, extrinsics, intrinsics)
+        check_finite(extrinsics=extrinsics, intrinsics=intrinsics)
+        inp = self._video_inputs(VideoInputs(hidden_states, timestep, encoder_hidden_states,
+                                             encoder_hidden_states_image, render_latent, render_mask, camera_embedding))
         mem = check_memory_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, inp.hidden_states,
-                                  reference_latent, ref_index, camera_qt, camera_qt_ref)
+                                  MemoryInputs(reference_latent, ref_index, camera_qt, camera_qt_ref))
         out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, mem,
                               camera_embedding=self.camera_embedding, update_ref=self.controlnet_cfg.update_ref,
                               attention_scope=self.attention_scope, split=self.sequence_split,

@@ -31,6 +31,7 @@ import torch
 
 from ..constants import DEFAULT_SEED, TEXT_SEQ_LEN
 from ..errors import InputError, MissingWeightsError
+from ..models.inputs import MemoryInputs, batched, check_ref_index, describe
 from ..progress import ProgressFn, report
 from ..sizes import SIZE_MULTIPLE
 from .conditioning import PROMPT_CACHE, encode_image, encode_prompt, preprocess_image
@@ -68,15 +69,59 @@ class GenerationOutput:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
+class ClipInputs:
+    """The pixel-space tensors one clip is generated from (batch B; F keyframes of H x W).
+
+    ``render_video`` [B,3,F,H,W] in [-1,1] (the camera and DMD pipelines also take num_frames
+    frames, encoded as one causal video), ``render_mask`` [B|1,1,F,H,W] in {0,1},
+    ``camera_embedding`` [B|1,6,F,H,W] Plücker rays. Memory pipelines only: ``reference_video``
+    [B,3,F_ref,H,W], ``ref_index`` [F_ref] (value k attaches a reference to target frame k+1),
+    ``camera_qt`` [B|1,F,7] and ``camera_qt_ref`` [B|1,F_ref,7] pose tokens. Checked by the pipeline."""
+
+    render_video: torch.Tensor
+    render_mask: torch.Tensor
+    camera_embedding: torch.Tensor | None = None
+    reference_video: torch.Tensor | None = None
+    ref_index: torch.Tensor | None = None
+    camera_qt: torch.Tensor | None = None
+    camera_qt_ref: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """The sizes of one run: batch, latent frames, nominal frames, pixel and latent height/width."""
+
+    batch: int
+    frames: int
+    num_frames: int
+    height: int
+    width: int
+    h: int
+    w: int
+
+
+@dataclass(frozen=True)
 class Conditions:
-    """Everything the loop feeds the transformer besides the noisy latents (on the device)."""
+    """Everything the loop feeds the transformer besides the noisy latents (on the device, batched)."""
 
     condition: torch.Tensor          # [B,20,F,h,w]: I2V mask (4) + image-condition latent (16)
     prompt_embeds: torch.Tensor      # [B,512,text_dim]
     negative_prompt_embeds: torch.Tensor | None
     image_embeds: torch.Tensor       # [B,tokens,image_dim]
-    model_kwargs: dict[str, torch.Tensor]  # render_latent, render_mask, camera_embedding, (+ memory inputs)
+    render_latent: torch.Tensor      # [B,16,F,h,w]
+    render_mask: torch.Tensor        # [B,1,F,H,W]
+    camera_embedding: torch.Tensor | None  # [B,6,F,H,W]
+    memory: MemoryInputs | None      # memory pipelines: reference latents, ref_index (CPU), pose tokens
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The transformer's keyword arguments besides the latents, timestep and text."""
+        kwargs = {"render_latent": self.render_latent, "render_mask": self.render_mask,
+                  "camera_embedding": self.camera_embedding}
+        if self.memory is not None:
+            kwargs.update(vars(self.memory))
+        kwargs["encoder_hidden_states_image"] = self.image_embeds
+        return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -98,16 +143,8 @@ def _exact_device(device: torch.device) -> torch.device:
     return device
 
 
-def _shape(x: Any) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _batched(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if x.shape[0] == batch:
-        return x
-    if x.shape[0] == 1:
-        return x.expand(batch, *x.shape[1:])
-    raise InputError(f"{name} has batch size {x.shape[0]}, expected 1 or {batch} (the batch of render_video)")
+    return batched(x, batch, name, of="render_video")
 
 
 def _reusing_condition(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -217,33 +254,33 @@ class KeyframePipeline(abc.ABC):
     # Public entry point
     # ----------------------------------------------------------------------------------------
     def __call__(self, image: Any, render_video: torch.Tensor, render_mask: torch.Tensor,
-                 camera_embedding: torch.Tensor | None = None, *,
-                 prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt: str | list[str] | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None,
-                 image_embeds: torch.Tensor | None = None,
-                 reference_video: torch.Tensor | None = None, ref_index: torch.Tensor | None = None,
-                 camera_qt: torch.Tensor | None = None, camera_qt_ref: torch.Tensor | None = None,
+                 camera_embedding: torch.Tensor | None = None, *, reference_video: torch.Tensor | None = None,
+                 ref_index: torch.Tensor | None = None, camera_qt: torch.Tensor | None = None,
+                 camera_qt_ref: torch.Tensor | None = None, **options: Any) -> GenerationOutput:
+        """Generate keyframes (the diffusers-style entry point): the clip's tensors as
+        :class:`ClipInputs` describes them, every other keyword as :meth:`generate` takes it."""
+        clip = ClipInputs(render_video, render_mask, camera_embedding, reference_video, ref_index, camera_qt,
+                          camera_qt_ref)
+        return self.generate(image, clip, **options)
+
+    def generate(self, image: Any, clip: ClipInputs, *, prompt: str | list[str] | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt: str | list[str] | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, noise_index: int = 0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, latent_cond_mode: str | None = None,
-                 output_type: str = "np", batch_cfg: bool = True,
-                 progress: ProgressFn | None = None,
+                 output_type: str = "np", batch_cfg: bool = True, progress: ProgressFn | None = None,
                  model_call_hook: ModelCallHook | None = None) -> GenerationOutput:
-        """Generate keyframes.
+        """Generate the keyframes of one clip.
 
         Args (tensors may live on any device):
             image: the conditioning image (PIL, uint8 [H,W,3], or float [0,1] [H,W,3]/[3,H,W]/[1,H,W,3]).
-            render_video: point-cloud render [B,3,F,H,W] in [-1,1] (F keyframes; the camera and DMD
-                pipelines also accept num_frames frames, encoded as one causal video).
-            render_mask: visibility [B,1,F,H,W] in {0,1}. camera_embedding: Plücker rays [B,6,F,H,W].
+            clip: the render, its mask and rays, and for memory pipelines the references (:class:`ClipInputs`).
             prompt / prompt_embeds: text or precomputed UMT5 embeddings [B|1,512,text_dim].
             negative_prompt / negative_prompt_embeds: used only when CFG is on (default: the
                 pipeline's negative prompt).
             image_embeds: precomputed CLIP penultimate states [B|1,tokens,dim] (else computed).
-            reference_video [B,3,F_ref,H,W], ref_index [F_ref] (target frame k+1 for value k),
-                camera_qt [B,F,7], camera_qt_ref [B,F_ref,7]: memory pipelines only.
             height, width: pixel size (default: render_video's). num_frames: nominal frame count
                 (4k+1; default 4(F-1)+1).
             latents: initial noise [B,16,F,h,w]; else drawn with ``generator`` or ``seed``
@@ -273,18 +310,22 @@ class KeyframePipeline(abc.ABC):
         self._released, failed = False, True
         try:
             with torch.inference_mode(), self._autocast():
-                geom = self._check_inputs(render_video, render_mask, camera_embedding, reference_video, ref_index,
-                                          camera_qt, camera_qt_ref, height, width, num_frames, latents)
+                grid = self._check_inputs(clip, height, width, num_frames, latents)
                 sampler = self.make_sampler(num_inference_steps)
 
                 def beat() -> None:  # a chance to interrupt while preparing (0 steps done)
                     report(progress, 0, len(sampler.timesteps))
 
                 beat()
-                cond = self._prepare(image, geom, render_video, render_mask, camera_embedding, reference_video,
-                                     ref_index, camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt,
-                                     negative_prompt_embeds, image_embeds, mode, do_cfg, beat)
-                x = self._initial_latents(latents, generator, seed, noise_index, geom)
+                pos = self._text(prompt, prompt_embeds, "prompt", grid.batch)
+                neg = None
+                if do_cfg:
+                    if negative_prompt is None and negative_prompt_embeds is None:
+                        negative_prompt = self.negative_prompt
+                    neg = self._text(negative_prompt, negative_prompt_embeds, "negative_prompt", grid.batch)
+                beat()
+                cond = self._prepare(image, clip, grid, pos, neg, image_embeds, mode, beat)
+                x = self._initial_latents(latents, generator, seed, noise_index, grid)
                 _sync(self.device)
                 timings["prepare_s"] = time.perf_counter() - t_start
                 x = self._denoise(sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress,
@@ -310,10 +351,11 @@ class KeyframePipeline(abc.ABC):
     # ----------------------------------------------------------------------------------------
     # Validation
     # ----------------------------------------------------------------------------------------
-    def _check_inputs(self, render_video, render_mask, camera_embedding, reference_video, ref_index,
-                      camera_qt, camera_qt_ref, height, width, num_frames, latents) -> dict[str, int]:
+    def _check_inputs(self, clip: ClipInputs, height: int | None, width: int | None, num_frames: int | None,
+                      latents: torch.Tensor | None) -> LatentGrid:
+        render_video = clip.render_video
         if not isinstance(render_video, torch.Tensor) or render_video.dim() != 5 or render_video.shape[1] != 3:
-            raise InputError(f"render_video must be a tensor [B,3,frames,H,W] in [-1,1]; got {_shape(render_video)}")
+            raise InputError(f"render_video must be a tensor [B,3,frames,H,W] in [-1,1]; got {describe(render_video)}")
         batch, _, render_frames, rh, rw = render_video.shape
         height, width = height or rh, width or rw
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
@@ -336,44 +378,41 @@ class KeyframePipeline(abc.ABC):
             raise InputError(f"render_video has {render_frames} frames; expected {frames} keyframes"
                              + (f" or {num_frames} frames" if self.allows_causal_render else "")
                              + f" for num_frames={num_frames}")
-        expect = {"render_mask": (1, render_mask), "camera_embedding": (6, camera_embedding)}
+        expect = {"render_mask": (1, clip.render_mask), "camera_embedding": (6, clip.camera_embedding)}
         for name, (channels, value) in expect.items():
             if value is None and name == "camera_embedding":
                 continue
             if not isinstance(value, torch.Tensor) or tuple(value.shape[1:]) != (channels, frames, height, width) \
                     or value.shape[0] not in (1, batch):
                 raise InputError(f"{name} must be [B,{channels},{frames},{height},{width}] (B = {batch} or 1); "
-                                 f"got {_shape(value)}")
+                                 f"got {describe(value)}")
         h, w = height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
         if latents is not None and (not isinstance(latents, torch.Tensor)
                                     or tuple(latents.shape) != (batch, 16, frames, h, w)):
-            raise InputError(f"latents must be [{batch},16,{frames},{h},{w}]; got {_shape(latents)}")
-        refs = (reference_video, ref_index, camera_qt, camera_qt_ref)
+            raise InputError(f"latents must be [{batch},16,{frames},{h},{w}]; got {describe(latents)}")
+        grid = LatentGrid(batch=batch, frames=frames, num_frames=num_frames, height=height, width=width, h=h, w=w)
+        refs = dict(reference_video=clip.reference_video, ref_index=clip.ref_index, camera_qt=clip.camera_qt,
+                    camera_qt_ref=clip.camera_qt_ref)
         if not self.uses_references:
-            if any(r is not None for r in refs):
+            if any(r is not None for r in refs.values()):
                 raise InputError(f"{type(self).__name__} takes no reference_video/ref_index/camera_qt/camera_qt_ref; "
                                  "use a memory model for reference-conditioned generation")
-            return dict(batch=batch, frames=frames, num_frames=num_frames, height=height, width=width, h=h, w=w)
-        names = ("reference_video", "ref_index", "camera_qt", "camera_qt_ref")
-        for name, value in zip(names, refs):
+            return grid
+        for name, value in refs.items():
             if not isinstance(value, torch.Tensor):
-                raise InputError(f"{type(self).__name__} needs {name} (a tensor); got {_shape(value)}")
+                raise InputError(f"{type(self).__name__} needs {name} (a tensor); got {describe(value)}")
+        reference_video = clip.reference_video
         if reference_video.dim() != 5 or tuple(reference_video.shape[1:2] + reference_video.shape[3:]) != (3, height, width):
-            raise InputError(f"reference_video must be [B,3,F_ref,{height},{width}] in [-1,1]; got {_shape(reference_video)}")
+            raise InputError(f"reference_video must be [B,3,F_ref,{height},{width}] in [-1,1]; got {describe(reference_video)}")
         n_ref = reference_video.shape[2]
-        if ref_index.dim() != 1 or ref_index.shape[0] != n_ref or ref_index.is_floating_point():
-            raise InputError(f"ref_index must be an integer tensor [F_ref={n_ref}]; got {_shape(ref_index)} "
-                             f"({ref_index.dtype})")
-        if n_ref and (int(ref_index.min()) < 0 or int(ref_index.max()) > frames - 2):
-            raise InputError(f"ref_index values must lie in [0, {frames - 2}] (value k attaches a reference to "
-                             f"target frame k+1); got {ref_index.tolist()}")
-        for name, value, count in (("camera_qt", camera_qt, frames), ("camera_qt_ref", camera_qt_ref, n_ref)):
+        check_ref_index(clip.ref_index, n_ref, frames)
+        for name, value, count in (("camera_qt", clip.camera_qt, frames), ("camera_qt_ref", clip.camera_qt_ref, n_ref)):
             if value.dim() != 3 or tuple(value.shape[1:]) != (count, 7) or value.shape[0] not in (1, batch):
-                raise InputError(f"{name} must be [B,{count},7] (quaternion wxyz + translation); got {_shape(value)}")
-        for name, value in zip(names, refs):
+                raise InputError(f"{name} must be [B,{count},7] (quaternion wxyz + translation); got {describe(value)}")
+        for name, value in refs.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise InputError(f"{name} contains NaN or infinite values")
-        return dict(batch=batch, frames=frames, num_frames=num_frames, height=height, width=width, h=h, w=w)
+        return grid
 
     # ----------------------------------------------------------------------------------------
     # Conditioning
@@ -393,21 +432,13 @@ class KeyframePipeline(abc.ABC):
 
             embeds = self.prompt_cache.get(prompt, self.tokenizer, self.text_encoder, self.device, TEXT_SEQ_LEN, encode)
         if embeds.dim() != 3 or embeds.shape[1] != TEXT_SEQ_LEN:
-            raise InputError(f"{name}_embeds must be [B,{TEXT_SEQ_LEN},text_dim]; got {_shape(embeds)}")
+            raise InputError(f"{name}_embeds must be [B,{TEXT_SEQ_LEN},text_dim]; got {describe(embeds)}")
         return _batched(embeds, batch, f"{name}_embeds").to(self.device, _dtype_of(self.transformer))
 
-    def _prepare(self, image, geom, render_video, render_mask, camera_embedding, reference_video, ref_index,
-                 camera_qt, camera_qt_ref, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                 image_embeds, mode, do_cfg, beat: Callable[[], None]) -> Conditions:
-        batch, tdtype = geom["batch"], _dtype_of(self.transformer)
-        pos = self._text(prompt, prompt_embeds, "prompt", batch)
-        neg = None
-        if do_cfg:
-            if negative_prompt is None and negative_prompt_embeds is None:
-                negative_prompt = self.negative_prompt
-            neg = self._text(negative_prompt, negative_prompt_embeds, "negative_prompt", batch)
-        beat()
-
+    def _prepare(self, image, clip: ClipInputs, grid: LatentGrid, prompt_embeds: torch.Tensor,
+                 negative_prompt_embeds: torch.Tensor | None, image_embeds: torch.Tensor | None, mode: str,
+                 beat: Callable[[], None]) -> Conditions:
+        batch, tdtype = grid.batch, _dtype_of(self.transformer)
         if image_embeds is None:
             if self.image_encoder is None or self.image_processor is None:
                 raise MissingWeightsError("the pipeline has no CLIP image encoder/processor; load the base model's "
@@ -416,48 +447,47 @@ class KeyframePipeline(abc.ABC):
                 image_embeds = encode_image(encoder, self.image_processor, image,
                                             clip_no_rescale=self.clip_no_rescale, device=self.device)
         if image_embeds.dim() != 3:
-            raise InputError(f"image_embeds must be [B,tokens,dim]; got {_shape(image_embeds)}")
+            raise InputError(f"image_embeds must be [B,tokens,dim]; got {describe(image_embeds)}")
         image_embeds = _batched(image_embeds, batch, "image_embeds").to(self.device, tdtype)
         beat()
 
         with self._placed(self.vae):
-            pixels = preprocess_image(image, geom["height"], geom["width"]).to(self.device)
-            cond_latent = image_condition_latent(self.vae, pixels, geom["num_frames"], mode)
+            pixels = preprocess_image(image, grid.height, grid.width).to(self.device)
+            cond_latent = image_condition_latent(self.vae, pixels, grid.num_frames, mode)
             beat()
-            if render_video.shape[2] == geom["frames"]:
-                render_latent = encode_keyframes(self.vae, render_video, name="render_video")
+            if clip.render_video.shape[2] == grid.frames:
+                render_latent = encode_keyframes(self.vae, clip.render_video, name="render_video")
             else:
-                render_latent = encode_video(self.vae, render_video, name="render_video")
+                render_latent = encode_video(self.vae, clip.render_video, name="render_video")
             reference_latent = None
             if self.uses_references:
                 beat()
                 reference_latent = reference_latent_layout(
-                    encode_keyframes(self.vae, reference_video, name="reference_video"))
-        mask = i2v_mask(1, geom["frames"], geom["h"], geom["w"], device=self.device)
+                    encode_keyframes(self.vae, clip.reference_video, name="reference_video"))
+        mask = i2v_mask(1, grid.frames, grid.h, grid.w, device=self.device)
         condition = _batched(torch.cat([mask, cond_latent], dim=1), batch, "image")
-
-        kwargs = {
-            "render_latent": render_latent.to(tdtype),
-            "render_mask": _batched(render_mask, batch, "render_mask").to(self.device, torch.float32),
-            "camera_embedding": None if camera_embedding is None else
-            _batched(camera_embedding, batch, "camera_embedding").to(self.device, torch.float32),
-        }
+        memory = None
         if self.uses_references:
-            kwargs.update(
+            memory = MemoryInputs(
                 reference_latent=_batched(reference_latent, batch, "reference_video").to(tdtype),
-                ref_index=ref_index.to("cpu", torch.long),  # validated on the host at every call: no GPU sync
-                camera_qt=_batched(camera_qt, batch, "camera_qt").to(self.device, torch.float32),
-                camera_qt_ref=_batched(camera_qt_ref, batch, "camera_qt_ref").to(self.device, torch.float32),
-            )
-        return Conditions(condition=condition, prompt_embeds=pos, negative_prompt_embeds=neg,
-                          image_embeds=image_embeds, model_kwargs=kwargs)
+                ref_index=clip.ref_index.to("cpu", torch.long),  # validated on the host at every call: no GPU sync
+                camera_qt=_batched(clip.camera_qt, batch, "camera_qt").to(self.device, torch.float32),
+                camera_qt_ref=_batched(clip.camera_qt_ref, batch, "camera_qt_ref").to(self.device, torch.float32))
+        camera_embedding = clip.camera_embedding
+        return Conditions(
+            condition=condition, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            image_embeds=image_embeds, render_latent=render_latent.to(tdtype),
+            render_mask=_batched(clip.render_mask, batch, "render_mask").to(self.device, torch.float32),
+            camera_embedding=None if camera_embedding is None else
+            _batched(camera_embedding, batch, "camera_embedding").to(self.device, torch.float32),
+            memory=memory)
 
-    def _initial_latents(self, latents, generator, seed, noise_index, geom) -> torch.Tensor:
+    def _initial_latents(self, latents, generator, seed, noise_index, grid: LatentGrid) -> torch.Tensor:
         if latents is not None:
             return latents.to(self.device, torch.float32)
         if generator is None:
             generator = make_generator(DEFAULT_SEED if seed is None else seed, self.device)
-        shape = (geom["batch"], 16, geom["frames"], geom["h"], geom["w"])
+        shape = (grid.batch, 16, grid.frames, grid.h, grid.w)
         return initial_noise(shape, generator, self.device, skip=noise_index)
 
     # ----------------------------------------------------------------------------------------
@@ -481,8 +511,7 @@ class KeyframePipeline(abc.ABC):
         """The denoising steps (``timesteps`` on the device): (final latents, a time mark per step
         boundary). No host sync: nothing here waits for the device."""
         batch, tdtype = x.shape[0], _dtype_of(self.transformer)
-        static = {k: v for k, v in cond.model_kwargs.items() if v is not None}
-        static["encoder_hidden_states_image"] = cond.image_embeds
+        static = cond.model_kwargs()
         doubled = None
         if do_cfg and batch_cfg:  # the CFG halves differ in the text only (concatenated once per clip)
             doubled = {k: v if k == "ref_index" else torch.cat([v, v]) for k, v in static.items()}

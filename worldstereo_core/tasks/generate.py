@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +26,13 @@ from ..io.images import to_tensor_m11
 from ..progress import ProgressFn
 from ..runtime.options import RuntimeOptions, apply_runtime, load_device, load_kwargs
 
+if TYPE_CHECKING:
+    from ..pipelines.base import ClipInputs
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one clip is generated from (all at the working size H x W).
 
@@ -90,29 +93,28 @@ class GenerationRequest:
 Generator = Callable[[GenerationRequest, ProgressFn | None], Any]
 
 
-def model_inputs(request: GenerationRequest, *, memory: bool) -> dict[str, torch.Tensor]:
-    """Pipeline tensors of a request: render_video, render_mask, camera_embedding and, for memory
-    models, reference_video, ref_index, camera_qt and camera_qt_ref (batch 1, float32)."""
+def model_inputs(request: GenerationRequest, *, memory: bool) -> ClipInputs:
+    """The sampler inputs of a request (batch 1, float32): render, mask and rays and, for memory
+    models, the references with their ``ref_index`` and the pose tokens of targets and references."""
+    from ..pipelines.base import ClipInputs
+
     request.check()
     traj = request.trajectory
-    out = {
-        "render_video": request.render.permute(1, 0, 2, 3)[None].float(),
-        "render_mask": request.render_mask.permute(1, 0, 2, 3)[None].float(),
-        "camera_embedding": plucker_embedding(traj.K, traj.w2c, request.height, request.width).float(),
-    }
+    render = dict(render_video=request.render.permute(1, 0, 2, 3)[None].float(),
+                  render_mask=request.render_mask.permute(1, 0, 2, 3)[None].float(),
+                  camera_embedding=plucker_embedding(traj.K, traj.w2c, request.height, request.width,
+                                                     name=f"{request.name} trajectory").float())
     if not memory:
-        return out
+        return ClipInputs(**render)
     if request.references is None:
         raise InputError(f"{request.name}: a memory model needs reference frames (retrieved from the memory bank, "
                          "or the start image with ref_index [0] for a single clip)")
     targets, refs = unified_camera_normalization(traj.w2c, request.ref_w2cs)
-    out.update(
-        reference_video=torch.stack([to_tensor_m11(f) for f in request.references], dim=1)[None],
-        ref_index=torch.as_tensor(request.ref_index, dtype=torch.long),
-        camera_qt=camera_qt(targets)[None].float(),
-        camera_qt_ref=camera_qt(refs)[None].float(),
-    )
-    return out
+    return ClipInputs(**render,
+                      reference_video=torch.stack([to_tensor_m11(f) for f in request.references], dim=1)[None],
+                      ref_index=torch.as_tensor(request.ref_index, dtype=torch.long),
+                      camera_qt=camera_qt(targets)[None].float(),
+                      camera_qt_ref=camera_qt(refs)[None].float())
 
 
 class PipelineGenerator:
@@ -157,10 +159,10 @@ class PipelineGenerator:
         return len(self.pipeline.make_sampler(self.num_inference_steps).timesteps)
 
     def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> np.ndarray:
-        inputs = model_inputs(request, memory=self.memory)
-        out = self.pipeline(request.image, prompt=request.prompt, seed=request.seed, noise_index=request.noise_index,
-                            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                            output_type="np", progress=progress, **inputs, **self.call_kwargs)
+        out = self.pipeline.generate(request.image, model_inputs(request, memory=self.memory), prompt=request.prompt,
+                                     seed=request.seed, noise_index=request.noise_index,
+                                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                                     output_type="np", progress=progress, **self.call_kwargs)
         return np.asarray(out.frames[0])
 
 
