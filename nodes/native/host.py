@@ -19,7 +19,7 @@ from comfy.ldm.wan.model import sinusoidal_embedding_1d
 from ...worldstereo_core.models.ssm import BlockParts, joint_block
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComfyConditioning:
     temb: torch.Tensor         # [B, D]
     e: torch.Tensor            # [B, 1, D], the head's modulation input

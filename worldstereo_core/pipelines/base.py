@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES: tuple[str, ...] = ("latent", "pt", "np")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelCall:
     """One logical transformer call, given to a ``model_call_hook`` (debugging, tests)."""
 
