@@ -144,6 +144,7 @@ def _exact_device(device: torch.device) -> torch.device:
 
 
 def _batched(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """:func:`~..models.inputs.batched` against a pipeline run's batch (render_video's)."""
     return batched(x, batch, name, of="render_video")
 
 
