@@ -5,7 +5,7 @@ Run on a CUDA machine: ``python benchmarks/memory_24gb.py [--cap-gib 24] [--bloc
 
 Every component has the released shape and random weights: the transformer (Wan2.1-I2V-14B +
 a ControlNet assumed Uni3C-sized, see random_models.py), the Wan2.1 VAE, CLIP ViT-H/14 and UMT5-XXL
-(the shipped configs in pipelines/single_file_configs). The 24 GB recipe is applied through
+(the shipped configs in loading/single_file_configs). The 24 GB recipe is applied through
 :class:`worldstereo_core.runtime.options.RuntimeOptions`: fp8 blocks, block swap, encoders and VAE
 offloaded to CPU memory, UMT5 in bf16, VAE tiling. The process is capped with
 ``torch.cuda.set_per_process_memory_fraction`` at ``--cap-gib`` and runs the whole pipeline
@@ -44,8 +44,8 @@ def _real_components(dtype: torch.dtype):
                               UMT5EncoderModel)
 
     from tiny_components import _write_tokenizer
-    from worldstereo_core.pipelines.components import BaseComponents, tie_umt5_embeddings
-    from worldstereo_core.pipelines.single_file import shipped_config
+    from worldstereo_core.loading.components import BaseComponents, tie_umt5_embeddings
+    from worldstereo_core.loading.single_file import shipped_config
 
     def clean(cfg):
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -68,7 +68,7 @@ def _real_components(dtype: torch.dtype):
 
 def _smoke_components():
     from tiny_components import write_tiny_base
-    from worldstereo_core.pipelines import load_base_components
+    from worldstereo_core.loading import load_base_components
 
     return load_base_components(write_tiny_base(Path(tempfile.mkdtemp(prefix="ws_base_"))), scheduler=False)
 

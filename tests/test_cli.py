@@ -199,7 +199,7 @@ def test_runtime_flags_parse_for_both_commands():
 
 
 def test_block_swap_and_fp8_runs_match_their_references(models, image_inputs, tmp_path, monkeypatch):
-    from worldstereo_core import models as model_module
+    from worldstereo_core import loading as loading_module
     from worldstereo_core.runtime.block_swap import BlockSwap
     from worldstereo_core.runtime.fp8 import FP8_DTYPE, FP8Linear, fp8_roundtrip
 
@@ -225,7 +225,7 @@ def test_block_swap_and_fp8_runs_match_their_references(models, image_inputs, tm
     assert stored and all(mode == "channel" for mode in stored.values())
     assert all(quant.generator.pipeline.transformer.get_submodule(n).weight.dtype == FP8_DTYPE for n in stored)
 
-    real_loader = model_module.load_worldstereo_transformer
+    real_loader = loading_module.load_worldstereo_transformer
 
     def roundtripped(*args, **kwargs):  # the plain model with the fp8-stored layers' weights round-tripped
         model = real_loader(*args, **kwargs)
@@ -235,7 +235,7 @@ def test_block_swap_and_fp8_runs_match_their_references(models, image_inputs, tm
                 layer.weight.copy_(fp8_roundtrip(layer.weight, mode))
         return model
 
-    monkeypatch.setattr(model_module, "load_worldstereo_transformer", roundtripped)
+    monkeypatch.setattr(loading_module, "load_worldstereo_transformer", roundtripped)
     reference = Run(monkeypatch)
     ref_mp4 = reference(models, scenes, depths, tmp_path / "fp8_reference")
     for a, b, c in zip(quant.frames, reference.frames, plain.frames):

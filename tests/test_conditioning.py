@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import fixtures_root
 from tiny_components import load_fixture_common, reference_tiny_dirs, write_tiny_base
 from worldstereo_core.errors import InputError
-from worldstereo_core.pipelines.components import (clip_vision_from_state_dict, load_image_encoder,
+from worldstereo_core.loading.components import (clip_vision_from_state_dict, load_image_encoder,
                                                    load_image_processor, load_text_encoder, load_tokenizer,
                                                    load_vae)
 from worldstereo_core.pipelines.conditioning import (clean_prompt, clip_pixel_values, encode_image, encode_prompt,

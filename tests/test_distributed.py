@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 def _tiny(model_type, overrides):
     from tiny_checkpoints import random_state_dict, tiny_controlnet_cfg, tiny_inputs, tiny_transformer_config
-    from worldstereo_core.models import build_transformer, load_state_dict_strict
+    from worldstereo_core.loading import load_state_dict_strict
+    from worldstereo_core.models import build_transformer
 
     tcfg = tiny_transformer_config()
     ccfg = tiny_controlnet_cfg(model_type, tcfg, **overrides)

@@ -27,8 +27,9 @@ from conftest import fixtures_root
 from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, split_backbone, tiny_controlnet_cfg, tiny_inputs,
                               tiny_transformer_config, write_single_file_base, write_variant)
 from worldstereo_core.errors import CheckpointError, InputError
-from worldstereo_core.models import load_worldstereo_config, load_worldstereo_transformer
-from worldstereo_core.models.wan_keys import diffusers_to_original
+from worldstereo_core.loading import load_worldstereo_transformer
+from worldstereo_core.loading.wan_keys import diffusers_to_original
+from worldstereo_core.models import load_worldstereo_config
 
 ATOL = RTOL = 1e-4
 HOSTS = ("diffusers", "comfyui")

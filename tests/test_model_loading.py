@@ -12,10 +12,10 @@ from tiny_checkpoints import (CAMERA, MEMORY, MEMORY_DMD, TINY_BASE_MODEL, rando
                               write_single_file_base, write_variant)
 from worldstereo_core.constants import DEFAULT_SCALE_MAP, NFRAME
 from worldstereo_core.errors import CheckpointError, InputError, Interrupted, MissingWeightsError
-from worldstereo_core.models import (build_transformer, load_state_dict_strict, load_worldstereo_config,
-                                     load_worldstereo_transformer, shipped_base_config)
+from worldstereo_core.loading import load_state_dict_strict, load_worldstereo_transformer
+from worldstereo_core.loading.wan_keys import diffusers_to_original, original_to_diffusers
+from worldstereo_core.models import build_transformer, load_worldstereo_config, shipped_base_config
 from worldstereo_core.models.config import BASE_CONFIG_FILES, shipped_config_for_base_model
-from worldstereo_core.models.wan_keys import diffusers_to_original, original_to_diffusers
 
 
 def _forward(model, model_type, seed=0):

@@ -13,7 +13,8 @@ from conftest import fixtures_root
 from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, tiny_controlnet_cfg, tiny_inputs,
                               tiny_transformer_config)
 from worldstereo_core.errors import InputError
-from worldstereo_core.models import build_transformer, load_state_dict_strict, load_worldstereo_transformer
+from worldstereo_core.loading import load_state_dict_strict, load_worldstereo_transformer
+from worldstereo_core.models import build_transformer
 from worldstereo_core.models.attention import sdpa_attention
 from worldstereo_core.models.ssm import BlockParts, PairGroups, joint_attention
 

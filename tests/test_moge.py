@@ -97,20 +97,20 @@ def _edited(saved, tmp_path, edit):
 def test_strict_missing_key(saved, tmp_path):
     key = [k for k in saved[1].state_dict() if k.endswith(".weight")][-1]
     path = _edited(saved, tmp_path, lambda sd: sd.pop(key))
-    with pytest.raises(CheckpointError, match="missing keys: " + key.replace(".", r"\.")):
+    with pytest.raises(CheckpointError, match="missing tensors: " + key.replace(".", r"\.")):
         wm.load_moge(path)
 
 
 def test_strict_unexpected_key(saved, tmp_path):
     path = _edited(saved, tmp_path, lambda sd: sd.__setitem__("extra.head.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.head\.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: extra\.head\.weight"):
         wm.load_moge(path)
 
 
 def test_strict_wrong_shape(saved, tmp_path):
     key = [k for k, v in saved[1].state_dict().items() if v.dim() == 4][0]
     path = _edited(saved, tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(1, 1, 1, 1)))
-    with pytest.raises(CheckpointError, match="wrong shapes.*" + key.replace(".", r"\.")):
+    with pytest.raises(CheckpointError, match="wrongly shaped tensors: .*" + key.replace(".", r"\.")):
         wm.load_moge(path)
 
 

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from conftest import fixtures_root
 from tiny_components import load_fixture_common, reference_tiny_dirs, write_tiny_base
 from worldstereo_core.errors import CheckpointError, InputError, Interrupted, MissingWeightsError
-from worldstereo_core.models import WorldStereoConfig, build_transformer, load_state_dict_strict
+from worldstereo_core.loading import load_base_components, load_state_dict_strict
+from worldstereo_core.models import WorldStereoConfig, build_transformer
 from worldstereo_core.pipelines import (CameraPipeline, DMDScheduler, MemoryDMDPipeline, MemoryPipeline,
-                                        build_pipeline, load_base_components, make_generator)
+                                        build_pipeline, make_generator)
 from worldstereo_core.pipelines.schedulers import initial_noise
 
 TINY = fixtures_root() / "reference_tiny"
@@ -344,7 +345,8 @@ def test_real_layout_end_to_end(model_type, tiny_base, tmp_path):
     import shutil
     from tiny_checkpoints import (random_state_dict, split_backbone, tiny_transformer_config, write_diffusers_base,
                                   write_variant)
-    from worldstereo_core.models import load_worldstereo_config, load_worldstereo_transformer
+    from worldstereo_core.loading import load_worldstereo_transformer
+    from worldstereo_core.models import load_worldstereo_config
     base_dir = shutil.copytree(tiny_base, tmp_path / "Wan2.1-I2V-tiny-Diffusers")
     tcfg = tiny_transformer_config()
     backbone, extra = split_backbone(random_state_dict(model_type, tcfg))

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from worldstereo_core.errors import CheckpointError
-from worldstereo_core.models import (build_transformer, load_worldstereo_config, load_worldstereo_transformer,
-                                     shipped_base_config)
+from worldstereo_core.loading import load_worldstereo_transformer
+from worldstereo_core.models import build_transformer, load_worldstereo_config, shipped_base_config
 
 DMD = "worldstereo-memory-dmd"
 BASE_MODEL = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
@@ -88,7 +88,7 @@ def test_dmd_file_loads_at_its_real_size(dmd_shapes, tmp_path, caplog):
     assert weights.stat().st_size == DMD_FILE_BYTES  # header and data length as the released file
     if weights.stat().st_blocks * 512 > 1 << 24:
         pytest.skip("this filesystem does not keep sparse files sparse")
-    with caplog.at_level(logging.WARNING, logger="worldstereo_core.models.loading"):
+    with caplog.at_level(logging.WARNING, logger="worldstereo_core.loading.transformer"):
         model = load_worldstereo_transformer(folder, dtype=torch.bfloat16, device="meta")
     report = model.load_report
     assert report.n_from_variant == report.n_keys == DMD_TENSORS and report.n_from_base == 0

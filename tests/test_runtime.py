@@ -23,7 +23,8 @@ from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, split_backbone,
                               tiny_transformer_config, write_diffusers_base, write_variant)
 from tiny_components import load_fixture_common, reference_tiny_dirs
 from worldstereo_core.errors import InputError
-from worldstereo_core.models import build_transformer, load_state_dict_strict, load_worldstereo_transformer
+from worldstereo_core.loading import load_state_dict_strict, load_worldstereo_transformer
+from worldstereo_core.models import build_transformer
 from worldstereo_core.runtime import attention, fp8
 from worldstereo_core.runtime.block_swap import disable_block_swap, enable_block_swap, worldstereo_swap_groups
 from worldstereo_core.runtime.compile import compile_blocks, uncompile_blocks

@@ -1,4 +1,4 @@
-"""Loading the Wan2.1 base parts from ComfyUI-style single files (worldstereo_core.pipelines.single_file).
+"""Loading the Wan2.1 base parts from ComfyUI-style single files (worldstereo_core.loading.single_file).
 
 Tiny checkpoints are written in the layouts ComfyUI users have: the VAE with the original Wan key
 names, UMT5 with T5 key names (plain and "scaled fp8", with an embedded tokenizer blob), CLIP vision
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import comfyui_dir
 from worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
-from worldstereo_core.pipelines import single_file as sf
+from worldstereo_core.loading import single_file as sf
 
 
 def _umt5(vocab=96, d_model=32, heads=4, d_kv=8, d_ff=48, layers=2, seed=0):

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from worldstereo_core.models import build_transformer
-from worldstereo_core.models.loading import WORLDSTEREO_PREFIXES
-from worldstereo_core.models.wan_keys import COMFY_PREFIX, diffusers_to_original
+from worldstereo_core.loading.transformer import WORLDSTEREO_PREFIXES
+from worldstereo_core.loading.wan_keys import COMFY_PREFIX, diffusers_to_original
 
 CAMERA, MEMORY, MEMORY_DMD = "worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd"
 MODEL_TYPES = (CAMERA, MEMORY, MEMORY_DMD)

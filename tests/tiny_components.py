@@ -138,7 +138,7 @@ def load_fixture_common(common_dir: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import CLIPImageProcessor
 
-    from worldstereo_core.pipelines.components import clip_vision_from_state_dict, vae_from_state_dict
+    from worldstereo_core.loading.components import clip_vision_from_state_dict, vae_from_state_dict
 
     read = lambda name: json.loads((common_dir / name).read_text())  # noqa: E731
     return {

@@ -208,7 +208,7 @@ def _device(name: str | None, ctx: parallel.DistContext) -> torch.device:
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    from .pipelines import default_dtype
+    from .loading import default_dtype
 
     return default_dtype(device) if name == "auto" else DTYPES[name]
 

@@ -29,7 +29,7 @@ from ...worldstereo_core.errors import InputError
 from ...worldstereo_core.models.inputs import MemoryInputs
 from ...worldstereo_core.pipelines.base import ClipInputs
 from ...worldstereo_core.pipelines.conditioning import clip_pixel_values, preprocess_image
-from ...worldstereo_core.pipelines.single_file import clip_image_processor
+from ...worldstereo_core.loading.single_file import clip_image_processor
 from ...worldstereo_core.pipelines.vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR,
                                                denormalize_latents, encode_keyframes, i2v_mask,
                                                image_condition_latent, reference_latent_layout)

@@ -33,14 +33,15 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ...worldstereo_core.errors import CheckpointError, InputError, MissingWeightsError
+from ...worldstereo_core.loading.safetensors_files import listing
+from ...worldstereo_core.loading.strict import check_keys
+from ...worldstereo_core.loading.transformer import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS,
+                                                     WORLDSTEREO_PREFIXES)
+from ...worldstereo_core.loading.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 from ...worldstereo_core.models.config import WorldStereoConfig, load_worldstereo_config
 from ...worldstereo_core.models.host import WorldStereoBranches, run_worldstereo
 from ...worldstereo_core.models.inputs import (BackboneSpec, MemoryInputs, VideoInputs, check_condition,
                                                check_memory_inputs, check_video_inputs)
-from ...worldstereo_core.models.loading import (IGNORED_MODULES, UNUSED_BY_FORWARD, VARIANT_WEIGHTS,
-                                                WORLDSTEREO_PREFIXES, check_keys)
-from ...worldstereo_core.models.safetensors_files import listing
-from ...worldstereo_core.models.wan_keys import diffusers_to_original, is_original_wan_layout, strip_prefix
 
 from .conds import CAMERA_QT, CAMERA_QT_REF, CONDITION, REF_INDEX, REFERENCE_LATENT, RENDER_LATENT, ClipCondition
 from .host import ComfyWanHost

@@ -19,7 +19,7 @@ from tqdm.auto import trange
 
 from ...worldstereo_core.models.config import WorldStereoConfig
 from ...worldstereo_core.pipelines.schedulers import DEFAULT_GUIDANCE_SCALE, DMDScheduler, reference_flow_sigmas
-from ...worldstereo_core.pipelines.single_file import default_scheduler_config
+from ...worldstereo_core.loading.single_file import default_scheduler_config
 
 #: Timesteps per unit sigma of the Wan flow models (ComfyUI's flow multiplier and the release's T).
 NUM_TRAIN_TIMESTEPS = 1000

@@ -2,7 +2,8 @@
 
 Checkpoints are the official ``model.pt`` files, ``{"model_config": {...}, "model": state_dict}``,
 read with ``torch.load(weights_only=True)``. MoGe's own ``from_pretrained`` loads non-strictly,
-so :func:`load_moge` checks missing / unexpected keys and shapes itself and names them.
+so :func:`load_moge` checks missing / unexpected keys and shapes itself and names them
+(:func:`..loading.strict.check_keys`).
 The default layout of a models folder is ``<models_dir>/<repo-name>/model.pt``
 (e.g. ``models/moge/moge-2-vitl-normal/model.pt``).
 
@@ -23,6 +24,7 @@ from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..hub import MOGE_REPO, fetch_files
 from ..io.atomic import safe_join
 from ..io.fingerprint import file_stamps
+from ..loading.strict import check_keys, tensor_shapes
 from ..progress import ProgressFn
 from .depth import image_to_rgb01
 
@@ -108,33 +110,6 @@ def detect_moge_version(model_config: dict[str, Any], state_dict: dict[str, torc
                           "pass version='v1' or version='v2'")
 
 
-def _list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` naming missing / unexpected keys and shape mismatches.
-
-    Missing constant buffers listed in :data:`REBUILT_BUFFERS` are tolerated.
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and k.rsplit(".", 1)[-1] not in REBUILT_BUFFERS]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_list(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes (file != model): {_list(wrong)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the MoGe architecture of its model_config: "
-                              + "; ".join(problems) + ". Use an unmodified official model.pt")
-
-
 def _empty_weights():
     """Context that creates parameters on the meta device (no random init); buffers stay real."""
     try:
@@ -174,8 +149,11 @@ def load_moge(path: str | os.PathLike, *, version: str | None = None, device: st
     if version is not None and version != detected:
         raise CheckpointError(f"{path} holds a MoGe {detected} checkpoint but version={version!r} was requested")
     model = build_moge(config, detected, empty=True)
-    check_state_dict(model, state_dict, source=str(path))
-    # strictness was checked above; only rebuilt constant buffers may be absent (they are real already)
+    own = model.state_dict(keep_vars=True)
+    check_keys(tensor_shapes(own), tensor_shapes(state_dict), source=str(path),
+               optional=[k for k in own if k.rsplit(".", 1)[-1] in REBUILT_BUFFERS],
+               hint="Use an unmodified official model.pt (its model_config describes this architecture)")
+    # only the rebuilt constant buffers may be absent (they are real already)
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.checkpoint_stamps = file_stamps(path)  # what a run's resume key records of these weights
     return model.to(device=device, dtype=dtype).eval()

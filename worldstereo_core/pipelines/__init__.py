@@ -3,8 +3,7 @@
 * :class:`CameraPipeline` (worldstereo-camera), :class:`MemoryPipeline` (worldstereo-memory),
   :class:`MemoryDMDPipeline` (worldstereo-memory-dmd); :func:`build_pipeline` picks one from a
   WorldStereo config.
-* :func:`load_base_components` loads VAE, UMT5, CLIP and the scheduler config from a diffusers
-  Wan2.1-I2V folder.
+* The parts besides the transformer (:class:`BaseComponents`) load with :mod:`..loading`.
 """
 from __future__ import annotations
 
@@ -13,9 +12,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..loading.components import BaseComponents, check_widths
 from .base import GenerationOutput, KeyframePipeline, ModelCall, ModelCallHook
 from .camera import CameraPipeline
-from .components import BaseComponents, check_widths, default_dtype, load_base_components
 from .dmd import MemoryDMDPipeline
 from .memory import MemoryPipeline
 from .schedulers import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DMDScheduler, UniPCFlowSampler,
@@ -53,6 +52,5 @@ def build_pipeline(config: Any, transformer: torch.nn.Module, base: BaseComponen
 __all__ = [
     "BaseComponents", "CameraPipeline", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_NUM_STEPS", "DMDScheduler",
     "GenerationOutput", "KeyframePipeline", "MemoryDMDPipeline", "MemoryPipeline", "ModelCall",
-    "ModelCallHook", "PIPELINE_CLASSES", "UniPCFlowSampler", "build_pipeline", "default_dtype",
-    "load_base_components", "make_generator",
+    "ModelCallHook", "PIPELINE_CLASSES", "UniPCFlowSampler", "build_pipeline", "make_generator",
 ]

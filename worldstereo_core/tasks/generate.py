@@ -182,8 +182,9 @@ def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, 
     parallel under torchrun, attention, compile, sharding, block swap, VAE tiling, offload) gives
     the pipeline's keyword arguments."""
     from .. import hub
-    from ..models import load_worldstereo_config, load_worldstereo_transformer
-    from ..pipelines import build_pipeline, default_dtype, load_base_components
+    from ..loading import default_dtype, load_base_components, load_worldstereo_transformer
+    from ..models import load_worldstereo_config
+    from ..pipelines import build_pipeline
 
     runtime = runtime or RuntimeOptions()
     variant = hub.ensure_worldstereo(models_root, model_type, download=download)

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
-from ..models.safetensors_files import is_float_dtype, read_header, require_finite, require_weights
+from .safetensors_files import is_float_dtype, read_header, require_finite
+from .strict import load_state_dict_strict
 
 BASE_REPO_HINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae", "scheduler")
@@ -97,6 +98,17 @@ def _subfolder(base_dir: str | os.PathLike, sub: str, what: str) -> Path:
     return folder
 
 
+def _from_pretrained(cls, base_dir: str | os.PathLike, sub: str, stem: str, what: str, **kwargs: Any):
+    """``cls.from_pretrained`` on ``base_dir/sub`` (``config.json`` + ``stem`` safetensors weights, checked
+    first and after loading, see :func:`_check_loaded`); ``kwargs`` (the dtype) go to ``from_pretrained``."""
+    folder = _subfolder(base_dir, sub, what)
+    _require_file(folder, sub, ("config.json",), what)
+    _require_weights(folder, sub, stem, what)
+    model = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, **kwargs)
+    _check_loaded(model, folder, what)
+    return model
+
+
 def load_tokenizer(base_dir: str | os.PathLike):
     """The UMT5 tokenizer from ``tokenizer/``."""
     from transformers import AutoTokenizer
@@ -120,12 +132,8 @@ def load_text_encoder(base_dir: str | os.PathLike, *, device: torch.device | str
     """UMT5 encoder (float32, eval) from ``text_encoder/``."""
     from transformers import UMT5EncoderModel
 
-    folder = _subfolder(base_dir, "text_encoder", "UMT5 text encoder")
-    _require_file(folder, "text_encoder", ("config.json",), "UMT5 text encoder")
-    _require_weights(folder, "text_encoder", "model", "UMT5 text encoder")
-    model = UMT5EncoderModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
-                                             local_files_only=True)
-    _check_loaded(model, folder, "UMT5 text encoder")
+    model = _from_pretrained(UMT5EncoderModel, base_dir, "text_encoder", "model", "UMT5 text encoder",
+                             dtype=torch.float32)
     tie_umt5_embeddings(model)
     return model.to(device).eval().requires_grad_(False)
 
@@ -143,12 +151,8 @@ def load_image_encoder(base_dir: str | os.PathLike, *, device: torch.device | st
     """CLIP vision model (float32, eval) from ``image_encoder/``."""
     from transformers import CLIPVisionModel
 
-    folder = _subfolder(base_dir, "image_encoder", "CLIP image encoder")
-    _require_file(folder, "image_encoder", ("config.json",), "CLIP image encoder")
-    _require_weights(folder, "image_encoder", "model", "CLIP image encoder")
-    model = CLIPVisionModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
-                                            local_files_only=True)
-    _check_loaded(model, folder, "CLIP image encoder")
+    model = _from_pretrained(CLIPVisionModel, base_dir, "image_encoder", "model", "CLIP image encoder",
+                             dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -156,12 +160,8 @@ def load_vae(base_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
     """AutoencoderKLWan (eval) from ``vae/`` in ``dtype`` (default: :func:`default_dtype`)."""
     from diffusers import AutoencoderKLWan
 
-    folder = _subfolder(base_dir, "vae", "Wan VAE")
-    _require_file(folder, "vae", ("config.json",), "Wan VAE")
-    _require_weights(folder, "vae", "diffusion_pytorch_model", "Wan VAE")
-    vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype or default_dtype(device),
-                                           use_safetensors=True, local_files_only=True)
-    _check_loaded(vae, folder, "Wan VAE")
+    vae = _from_pretrained(AutoencoderKLWan, base_dir, "vae", "diffusion_pytorch_model", "Wan VAE",
+                           torch_dtype=dtype or default_dtype(device))
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -175,27 +175,13 @@ def load_scheduler_config(base_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download it. {_how_to_get('scheduler')}") from exc
 
 
-def _strict_load(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts)
-                              + ". Check that the file and its config belong together.")
-    require_weights(expected, state_dict, source)
-    model.load_state_dict(state_dict, strict=True)
-
-
 def vae_from_state_dict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
                         source: str = "VAE weights", dtype: torch.dtype = torch.float32):
     """AutoencoderKLWan from a config dict (``_``-keys ignored) and a full state dict, strictly."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan(**{k: v for k, v in config.items() if not k.startswith("_")})
-    _strict_load(vae, state_dict, source)
+    load_state_dict_strict(vae, state_dict, source=source)
     if dtype != torch.float32:
         vae = vae.to(dtype)
     return vae.eval().requires_grad_(False)
@@ -218,7 +204,7 @@ def clip_vision_from_state_dict(config: Mapping[str, Any], state_dict: Mapping[s
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     elif not any(k.startswith(prefix) for k in state_dict):
         state_dict = {prefix + k: v for k, v in state_dict.items()}
-    _strict_load(model, state_dict, source)
+    load_state_dict_strict(model, state_dict, source=source)
     return model.float().eval().requires_grad_(False)
 
 

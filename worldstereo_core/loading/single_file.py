@@ -34,7 +34,7 @@ import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..models.config import wan_identity
-from ..models.safetensors_files import require_weights
+from .strict import load_state_dict_strict
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "single_file_configs"
 #: Prefixes some single files put in front of every key (ComfyUI checkpoints, merged files).
@@ -42,6 +42,8 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "vae.", "text_
                   "umt5xxl.transformer.", "clip_vision_model.", "clip_vision.")
 #: Tensor holding the serialised SentencePiece model in ComfyUI's text-encoder files.
 SPIECE_KEY = "spiece_model"
+#: The fix when a single file's tensors do not fit the model its config describes.
+FILE_HINT = "Check that it is the right kind of file (or add a config JSON next to it)."
 #: ``flow_shift`` in scheduler/scheduler_config.json of Wan-AI/Wan2.1-I2V-14B-{480P,720P}-Diffusers.
 FLOW_SHIFT_BY_RESOLUTION = {"480p": 3.0, "720p": 5.0}
 
@@ -180,30 +182,9 @@ def load_vae_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     config = _sidecar_config(path) or vae_config_from_state(state, shipped_config("wan2.1_vae"))
     with torch.device("meta"):
         vae = AutoencoderKLWan(**config)
-    strict_assign(vae, state, f"Wan VAE {path.name}")
+    load_state_dict_strict(vae, state, source=f"Wan VAE {path.name}", hint=FILE_HINT)
     vae = vae.to(device) if dtype == torch.float32 else vae.to(device=device, dtype=dtype)
     return vae.eval().requires_grad_(False)
-
-
-def strict_assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict key/shape/dtype check (and no NaN / inf), then take the tensors as the parameters (the
-    model may be built on the meta device; floating tensors become float32, the caller casts afterwards)."""
-    model_state = model.state_dict()
-    expected = {k: tuple(v.shape) for k, v in model_state.items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts)
-                              + ". Check that it is the right kind of file (or add a config JSON next to it).")
-    require_weights(model_state, state, source)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                          strict=True, assign=True)
-    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{source}: {len(left)} tensors were not filled ({', '.join(left[:5])})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +223,7 @@ def load_umt5_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     config = UMT5Config(**(_sidecar_config(path) or umt5_config_from_state(state, shipped_config("umt5_xxl"))))
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    strict_assign(model, state, f"UMT5 text encoder {path.name}")
+    load_state_dict_strict(model, state, source=f"UMT5 text encoder {path.name}", hint=FILE_HINT)
     model.encoder.embed_tokens = model.shared
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -386,7 +367,7 @@ def load_clip_vision_file(path: str | os.PathLike, *, device: torch.device | str
     own = set(model.state_dict())
     if not any(k.startswith("vision_model.") for k in own):
         state = {k[len("vision_model."):]: v for k, v in state.items()}
-    strict_assign(model, state, f"CLIP vision encoder {path.name}")
+    load_state_dict_strict(model, state, source=f"CLIP vision encoder {path.name}", hint=FILE_HINT)
     return model.float().to(device).eval().requires_grad_(False), clip_image_processor(config.image_size)
 
 

@@ -17,20 +17,21 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
-import torch.nn as nn
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from ..constants import HF_REPO_ID
 from ..errors import CheckpointError, InputError, MissingWeightsError
-from ..progress import ProgressFn, report
+from ..models.config import (BASE_CONFIG_FILES, WorldStereoConfig, base_mismatch, clean_transformer_config,
+                             load_worldstereo_config, read_json_object, shipped_base_config,
+                             shipped_config_for_base_model)
+from ..models.transformer import WorldStereoTransformer, build_transformer
+from ..progress import ProgressFn
 from ..runtime.fp8 import convert_worldstereo_fp8, quantize_stream
-from .config import (BASE_CONFIG_FILES, WorldStereoConfig, base_mismatch, clean_transformer_config,
-                     load_worldstereo_config, read_json_object, shipped_base_config, shipped_config_for_base_model)
 from .safetensors_files import SafetensorsFiles, listing, read_header
-from .transformer import WorldStereoTransformer, build_transformer
+from .strict import assign_tensors, check_keys, tensor_shapes
 from .wan_keys import is_original_wan_layout, original_to_diffusers, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -43,78 +44,6 @@ WORLDSTEREO_PREFIXES = ("controlnet.", "camera_embedding.", "ref_index_embedding
 #: Model tensors the forward never reads, with the reference's initial value (spec models.md §2.3).
 UNUSED_BY_FORWARD = {"ref_index_embedding.weight": torch.zeros}
 VARIANT_WEIGHTS = "model.safetensors"
-#: Byte alignment every CPU parameter gets (what torch's allocator gives fresh tensors).
-ALIGNMENT = 64
-
-
-def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], *, source: str, hint: str) -> None:
-    """Compare key -> shape maps; raise :class:`CheckpointError` naming every kind of mismatch."""
-    problems = []
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {list(found[k])} (model expects {list(expected[k])})"
-             for k in found if k in expected and tuple(found[k]) != tuple(expected[k])]
-    if missing:
-        problems.append(f"missing tensors: {listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {listing(unexpected)}")
-    if wrong:
-        problems.append(f"wrongly shaped tensors: {listing(wrong)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems) + f". {hint}")
-
-
-def _expected_shapes(model: nn.Module) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-
-
-def _is_meta(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
-
-
-def _prepare(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    t = t.to(device=device if device is not None else t.device, dtype=dtype)
-    if t.device.type == "cpu" and t.data_ptr() % ALIGNMENT:
-        # safetensors hands out tensors at arbitrary offsets; SIMD kernels then take other code
-        # paths, so results would depend on where the bytes sat in the file.
-        t = t.clone()
-    return t
-
-
-def _assign(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]], device: torch.device | str | None,
-            progress: ProgressFn | None = None, total: int = 0) -> None:
-    """Fill ``model`` (meta or real) from checked ``(name, tensor)`` pairs, one tensor at a time.
-
-    Each tensor is cast/moved as it arrives, so peak memory is the model plus one tensor."""
-    params = model.state_dict(keep_vars=True)
-    if _is_meta(model):
-        ready = {}
-        for done, (name, tensor) in enumerate(items, 1):
-            ready[name] = _prepare(tensor, params[name].dtype, device)
-            report(progress, done, total)
-        model.load_state_dict(ready, strict=True, assign=True)
-    else:
-        with torch.no_grad():
-            for done, (name, tensor) in enumerate(items, 1):
-                params[name].copy_(tensor)
-                report(progress, done, total)
-    if device is not None:
-        model.to(device)  # buffers (RoPE tables) follow the parameters
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
-                           hint: str = "check that the checkpoint belongs to this model type and config",
-                           device: torch.device | str | None = None) -> nn.Module:
-    """Load a complete state dict with zero missing, zero unexpected and zero wrongly shaped keys.
-
-    A meta-device model (from ``build_transformer(device="meta")``) takes the tensors themselves
-    (cast to each parameter's dtype, moved to ``device`` if given); a real model copies them.
-    Raises :class:`CheckpointError` naming the offending tensors and ``source``."""
-    check_keys(_expected_shapes(model), {k: tuple(v.shape) for k, v in state_dict.items()},
-               source=source, hint=hint)
-    _assign(model, state_dict.items(), device)
-    return model
-
 
 # ----- base checkpoints ----------------------------------------------------------------------------
 
@@ -191,7 +120,7 @@ def _match_shipped_config(shapes: Mapping[str, tuple]) -> dict | None:
         cfg = shipped_base_config(name)
         with torch.device("meta"):
             probe = WanTransformer3DModel(**cfg)
-        expected = _expected_shapes(probe)
+        expected = tensor_shapes(probe.state_dict(keep_vars=True))
         if all(k in expected and tuple(v) == expected[k] for k, v in shapes.items()):
             return cfg
     return None
@@ -239,11 +168,10 @@ def _ignored(key: str) -> bool:
     return not IGNORED_MODULES.isdisjoint(key.split("."))
 
 
-def _wrong_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], source: str, hint: str) -> None:
-    wrong = [f"{k} {list(found[k])} (model expects {list(expected[k])})"
-             for k in found if k in expected and tuple(found[k]) != tuple(expected[k])]
-    if wrong:
-        raise CheckpointError(f"{source} does not match the model: wrongly shaped tensors: {listing(wrong)}. {hint}")
+def _check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], source: str, hint: str) -> None:
+    """:func:`.strict.check_keys` on the tensors both sides have (one file may hold only a part)."""
+    common = [k for k in found if k in expected]
+    check_keys({k: expected[k] for k in common}, {k: found[k] for k in common}, source=source, hint=hint)
 
 
 @dataclass
@@ -262,14 +190,14 @@ def _plan(expected: Mapping[str, tuple], cfg: WorldStereoConfig, variant: Safete
     hint_base = ("this is not a Wan2.1-I2V-14B transformer matching the variant's base_model "
                  f"{cfg.base_model!r}; use the Wan2.1-I2V base the variant was trained on")
     warnings = []
-    _wrong_shapes(expected, variant.shapes, str(variant_path), hint_variant)
+    _check_shapes(expected, variant.shapes, str(variant_path), hint_variant)
     from_variant = [k for k in variant.keys() if k in expected]
     unknown = {str(variant_path): [k for k in variant.keys() if k not in expected and not _ignored(k)]}
     from_base: list[str] = []
     if base is not None:
         backbone = {k: v for k, v in expected.items() if not k.startswith(WORLDSTEREO_PREFIXES)}
         base_shapes = {k: v for k, v in base.files.shapes.items() if not _ignored(k)}
-        _wrong_shapes(backbone, base_shapes, base.source, hint_base)
+        _check_shapes(backbone, base_shapes, base.source, hint_base)
         from_base = [k for k in base_shapes if k in backbone and k not in variant.shapes]
         unknown[base.source] = [k for k in base_shapes if k not in backbone]
         base.files.require_float(from_base)
@@ -341,7 +269,7 @@ def load_worldstereo_transformer(
                               dtype=dtype, attention_scope=attention_scope, attention_backend=attention_backend)
     if fp8 is not None:
         convert_worldstereo_fp8(model, fp8)
-    expected = _expected_shapes(model)
+    expected = tensor_shapes(model.state_dict(keep_vars=True))
     plan = _plan(expected, cfg, variant, variant_path, base_ckpt, hint_variant)
     warnings = list(cfg.warnings) + plan.warnings
     if base_ckpt is not None:
@@ -356,7 +284,7 @@ def load_worldstereo_transformer(
                                 ((k, UNUSED_BY_FORWARD[k](params[k].shape)) for k in plan.unused_missing))
         if fp8 is not None:
             items = quantize_stream(model, items)
-        _assign(model, items, device, progress, total=len(expected))
+        assign_tensors(model, items, device, progress, total=len(expected))
     model.eval()
 
     summary = LoadReport(
