@@ -112,6 +112,13 @@ def test_extrinsics_intrinsics_do_not_change_output_but_must_be_finite(camera_mo
         _run(model, **inputs, **cams)
 
 
+def test_camera_model_refuses_reference_inputs(camera_model, memory_model):
+    model, tcfg, ccfg = camera_model
+    memory_inputs = tiny_inputs(MEMORY, *memory_model[1:])
+    with pytest.raises(InputError, match="reference_latent.*memory models"):
+        _run(model, **tiny_inputs(CAMERA, tcfg, ccfg), reference_latent=memory_inputs["reference_latent"])
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda i: i.update(render_latent=i["render_latent"][:, :, :2]), "render_latent"),
     (lambda i: i.update(render_mask=i["render_mask"][..., :16, :]), "render_mask"),

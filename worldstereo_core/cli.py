@@ -316,17 +316,22 @@ def _summary(total: int, failed: list[str]) -> int:
     return 2
 
 
-def _run_scene(ctx: parallel.DistContext, scene: Path, run, failed: list[str]):
-    """``run()`` for one scene of a batch; a WorldStereoError is reported and the batch goes on (under
-    torchrun it ends the process, as the ranks of a group must stay in step)."""
+def _run_scene(ctx: parallel.DistContext, scene: Path, run, failed: list[str], *, desc: str):
+    """``run(bar)`` for one scene of a batch, with a progress bar ``<scene> <desc>`` on the writer rank
+    (None elsewhere); a WorldStereoError is reported and the batch goes on (under torchrun it ends the
+    process, as the ranks of a group must stay in step)."""
+    bar = TqdmProgress(desc=f"{scene.name} {desc}") if ctx.is_writer else None
     try:
-        return run()
+        return run(bar)
     except WorldStereoError as exc:
         if ctx.world_size > 1:
             raise
         failed.append(f"{scene}: {exc}")
         print(f"error: scene {scene}: {exc}", file=sys.stderr)
         return None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,19 +399,13 @@ def cmd_camera_control(args) -> int:
         _say_layout(ctx, generator)
         moge = LazyMoGeDepth(models, args.moge, args.download, device)
     for scene, _depth in work:
-        bar = TqdmProgress(desc=f"{scene.name} sampling") if ctx.is_writer else None
-
-        def run(scene=scene, bar=bar):
+        def run(bar, scene=scene):
             with parallel.rank_output_dir(args.out, scene.name, ctx) as out_dir:
                 return run_camera_control(scene, out_dir, generator, depth_fns.get(scene, moge),
                                           model_name=args.model_type, scale_map=scale_map, nframe=nframe,
                                           seed=args.seed, render_radius=args.render_radius,
                                           points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
-        try:
-            out = _run_scene(ctx, scene, run, failed)
-        finally:
-            if bar is not None:
-                bar.close()
+        out = _run_scene(ctx, scene, run, failed, desc="sampling")
         if out is not None and ctx.is_writer:
             print(f"{_tag(ctx)}wrote {out.result} ({out.num_frames} frames, {out.size[0]}x{out.size[1]}) and "
                   f"{out.frames_dir}", flush=True)
@@ -507,17 +506,11 @@ def cmd_multi_traj(args) -> int:
         selector = CameraSelector(dinov2_path=dinov2, device=device)
     tag = _tag(ctx)
     for (scene,) in work:
-        bar = TqdmProgress(desc=f"{scene.name} trajectories x steps") if ctx.is_writer else None
-
-        def run(scene=scene, bar=bar):
+        def run(bar, scene=scene):
             with parallel.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
                 return run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
                                             selector=selector, progress=bar)
-        try:
-            result = _run_scene(ctx, scene, run, failed)
-        finally:
-            if bar is not None:
-                bar.close()
+        result = _run_scene(ctx, scene, run, failed, desc="trajectories x steps")
         if result is None or not ctx.is_writer:
             continue
         for t in result.trajectories:

@@ -241,17 +241,35 @@ class WorldStereoTransformer(WanTransformer3DModel):
         intrinsics: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
+        *,
+        reference_latent: torch.Tensor | None = None,
+        ref_index: torch.Tensor | None = None,
+        camera_qt: torch.Tensor | None = None,
+        camera_qt_ref: torch.Tensor | None = None,
     ):
         """Predict the flow velocity [B, 16, F, h, w].
 
+        The memory models take reference frames as spatial-stereo memory (``reference_latent``,
+        ``ref_index`` as a CPU tensor: it sets token positions without waiting for the device,
+        ``camera_qt``, ``camera_qt_ref``); the camera model refuses them.
         ``extrinsics``/``intrinsics`` are only checked for finite values; the reference ignores them.
         ``attention_kwargs`` exists for the reference's call signature and must be empty."""
         _no_attention_kwargs(attention_kwargs)
         check_finite(extrinsics=extrinsics, intrinsics=intrinsics)
         inp = self._video_inputs(VideoInputs(hidden_states, timestep, encoder_hidden_states,
                                              encoder_hidden_states_image, render_latent, render_mask, camera_embedding))
-        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, split=self.sequence_split,
-                              clip_cache=self._clip_cache)
+        host = DiffusersWanHost(self)
+        if not self.uses_references:
+            if any(t is not None for t in (reference_latent, ref_index, camera_qt, camera_qt_ref)):
+                raise InputError("reference_latent, ref_index, camera_qt and camera_qt_ref are inputs of the memory "
+                                 "models; the camera model takes no reference frames: leave them out")
+            out = run_worldstereo(host, self.controlnet, inp, split=self.sequence_split, clip_cache=self._clip_cache)
+        else:
+            mem = check_memory_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, inp.hidden_states,
+                                      MemoryInputs(reference_latent, ref_index, camera_qt, camera_qt_ref))
+            out = run_worldstereo(host, self.controlnet, inp, mem, camera_embedding=self.camera_embedding,
+                                  update_ref=self.controlnet_cfg.update_ref, attention_scope=self.attention_scope,
+                                  split=self.sequence_split, clip_cache=self._clip_cache)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -279,39 +297,6 @@ class WorldStereoMemoryTransformer(WorldStereoTransformer):
         if scope not in ATTENTION_SCOPES:
             raise InputError(f"attention_scope must be one of {list(ATTENTION_SCOPES)}, got {scope!r}")
         self.attention_scope = scope
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_image: torch.Tensor | None = None,
-        render_latent: torch.Tensor | None = None,
-        render_mask: torch.Tensor | None = None,
-        camera_embedding: torch.Tensor | None = None,
-        reference_latent: torch.Tensor | None = None,
-        ref_index: torch.Tensor | None = None,
-        camera_qt: torch.Tensor | None = None,
-        camera_qt_ref: torch.Tensor | None = None,
-        extrinsics: torch.Tensor | None = None,
-        intrinsics: torch.Tensor | None = None,
-        return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-    ):
-        """Predict the flow velocity [B, 16, F, h, w] with reference frames as spatial-stereo memory.
-
-        ``ref_index`` must be a CPU tensor (it sets token positions without waiting for the device)."""
-        _no_attention_kwargs(attention_kwargs)
-        check_finite(extrinsics=extrinsics, intrinsics=intrinsics)
-        inp = self._video_inputs(VideoInputs(hidden_states, timestep, encoder_hidden_states,
-                                             encoder_hidden_states_image, render_latent, render_mask, camera_embedding))
-        mem = check_memory_inputs(self.backbone_spec, self.controlnet_cfg, self.compute_dtype, inp.hidden_states,
-                                  MemoryInputs(reference_latent, ref_index, camera_qt, camera_qt_ref))
-        out = run_worldstereo(DiffusersWanHost(self), self.controlnet, inp, mem,
-                              camera_embedding=self.camera_embedding, update_ref=self.controlnet_cfg.update_ref,
-                              attention_scope=self.attention_scope, split=self.sequence_split,
-                              clip_cache=self._clip_cache)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def _keep_in_fp32(name: str, model: nn.Module) -> bool:
