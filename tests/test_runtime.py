@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from conftest import fixtures_root
 from tiny_checkpoints import (CAMERA, MEMORY, random_state_dict, split_backbone, tiny_controlnet_cfg, tiny_inputs,
@@ -27,7 +28,7 @@ from worldstereo_core.loading import load_state_dict_strict, load_worldstereo_tr
 from worldstereo_core.models import build_transformer
 from worldstereo_core.runtime import attention, fp8
 from worldstereo_core.runtime.block_swap import disable_block_swap, enable_block_swap, worldstereo_swap_groups
-from worldstereo_core.runtime.compile import compile_blocks, uncompile_blocks
+from worldstereo_core.runtime.compile import compile_blocks
 from worldstereo_core.runtime.flops import transformer_flops
 from worldstereo_core.runtime.offload import disable_vae_tiling, enable_vae_tiling, offload_components
 from worldstereo_core.runtime.options import (RuntimeOptions, add_runtime_arguments, apply_runtime, load_device,
@@ -221,14 +222,14 @@ def test_cuda_graph_compile_is_refused_with_block_swap_or_sharding():
         RuntimeOptions(shard_weights=True, compile=True, compile_mode="max-autotune")
     for mode in ("default", "max-autotune-no-cudagraphs"):
         RuntimeOptions(block_swap=2, compile=True, compile_mode=mode)
-    model, _ = _model(CAMERA, layers=2)
-    compile_blocks(model, mode="reduce-overhead", backend="eager")  # lazy: nothing is compiled yet
+    compiled, _ = _model(CAMERA, layers=2)
+    compile_blocks(compiled, mode="reduce-overhead", backend="eager")  # lazy: nothing is compiled yet
     with pytest.raises(InputError, match="CUDA graphs"):
-        enable_block_swap(model, 1)
-    uncompile_blocks(model)
-    enable_block_swap(model, 1)
+        enable_block_swap(compiled, 1)
+    swapped, _ = _model(CAMERA, layers=2)
+    enable_block_swap(swapped, 1)
     with pytest.raises(InputError, match="CUDA graphs"):
-        compile_blocks(model, mode="max-autotune", backend="eager")
+        compile_blocks(swapped, mode="max-autotune", backend="eager")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,16 +420,19 @@ def test_regional_compile_matches_eager_with_block_swap(case):
     model_type, overrides = case
     model, inputs = _model(model_type, layers=3, **overrides)
     expected = _run(model, inputs)
-    count = compile_blocks(model, backend="aot_eager")
-    assert count == len(model.blocks) + len(model.controlnet.controlnet_blocks)
-    assert compile_blocks(model, backend="aot_eager") == 0  # idempotent
+    compile_blocks(model, backend="aot_eager")
+    compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+    blocks = [*model.blocks, *model.controlnet.controlnet_blocks]
+    assert len(compiled) == len(blocks) and all(any(m is b for b in blocks) for m in compiled)
+    counters.clear()
     assert torch.allclose(_run(model, inputs), expected, atol=1e-5)
-    swap = enable_block_swap(model, 2)
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks ran through dynamo (one graph per block kind)
+    trace = []
+    swap = enable_block_swap(model, 2, trace=trace)
     with swap("cpu"):
         assert torch.allclose(_run(model, inputs), expected, atol=1e-5)
+    assert all(("release", i) in trace for i in swap.streamed)  # the swap hooks ran around the compiled blocks
     disable_block_swap(model)
-    uncompile_blocks(model)
-    assert all(not getattr(b, "_worldstereo_compiled", False) for b in model.blocks)
     with pytest.raises(InputError, match="mode"):
         compile_blocks(model, mode="fastest")
 

@@ -7,7 +7,7 @@
 
 The forward itself is :func:`.host.run_worldstereo`; this module adapts diffusers' Wan modules to
 its host interface (:class:`DiffusersWanHost`). Every block is called as a module, in execution
-order, so module hooks (block swap, FSDP) and compiled block forwards apply. The models know nothing
+order, so module hooks (block swap, FSDP) and compiled blocks apply. The models know nothing
 of sampling; inputs are checked here so a wrong tensor fails with its name.
 """
 from __future__ import annotations
@@ -141,6 +141,8 @@ class WorldStereoTransformer(WanTransformer3DModel):
     the reference key names (Wan keys in diffusers naming + ``controlnet.*``)."""
 
     _no_split_modules = ["WanTransformerBlock", "MemoryTransformerBlock", "ControlNetBlock"]
+    #: The blocks diffusers' ``compile_repeated_blocks`` compiles (:mod:`..runtime.compile`).
+    _repeated_blocks = _no_split_modules
     #: Whether the model takes reference frames (the memory models).
     uses_references: ClassVar[bool] = False
 
@@ -326,7 +328,7 @@ def build_transformer(transformer_config: dict, controlnet_cfg: dict | ControlNe
     """Build a WorldStereo transformer.
 
     ``device="meta"``: parameters are placeholders (no memory) to be filled by
-    :func:`load_state_dict_strict` or the loader; buffers (RoPE tables) are real, on CPU.
+    :func:`..loading.strict.load_state_dict_strict` or the loader; buffers (RoPE tables) are real, on CPU.
     Otherwise the model is randomly initialised on ``device``. In half precision the backbone's
     time embedder, modulation tables and norms stay float32, as diffusers loads Wan.
     ``attention_backend``: a diffusers attention backend name (default: torch SDPA)."""

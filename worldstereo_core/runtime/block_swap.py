@@ -256,10 +256,10 @@ class BlockSwap:
         self._slots: list[_Slot] = []
         self.loads = self.misses = self.max_resident = 0
         self._handles = []
-        for i, group in enumerate(self.groups):
+        for i, group in enumerate(self.groups):  # the hooks run eagerly, also around compiled blocks
             for module in group:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(i)))
-            self._handles.append(group[-1].register_forward_hook(self._make_post_hook(i)))
+                self._handles.append(module.register_forward_pre_hook(torch.compiler.disable(self._make_pre_hook(i))))
+            self._handles.append(group[-1].register_forward_hook(torch.compiler.disable(self._make_post_hook(i))))
 
     # ----- bookkeeping -----------------------------------------------------------------------------
     def _log(self, what: str, i: int) -> None:
