@@ -2,7 +2,9 @@
 
 * PLY keeps the world coordinates as they are (OpenCV world of the scene). :func:`read_ply`
   reads binary (little/big endian) and ASCII files whose first element is ``vertex``; colours
-  may be uchar/ushort/float, missing colours become white.
+  may be uchar/ushort/float, missing colours become white. Not through trimesh: its point-cloud
+  export always adds an alpha channel, cannot carry normals or confidence, and writes and reads
+  more slowly (``benchmarks/ply_files.py``).
 * GLB holds one POINTS primitive with COLOR_0 and, optionally, camera frustums as a LINES
   primitive (:func:`camera_frustum_segments`). glTF is +Y up, so the points are rotated from the
   scene's up axis (``world_up``: '-y' for single-view / reconstruction worlds, '+z' for
