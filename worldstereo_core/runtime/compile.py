@@ -6,6 +6,8 @@ blocks of a kind share code, so the graph is traced once per kind and input layo
 the other blocks (their weights are graph inputs); compile time stays that of one block. What
 diffusers does not know is kept here: modes that record CUDA graphs (:data:`CUDA_GRAPH_MODES`) are
 refused together with block swap or sharded weights, whose weights move between forwards.
+A compiled block's whole call is compiled, module hooks included: block swap's hooks are
+``torch.compiler.disable``'d and FSDP2 disables dynamo in its own, so both run eagerly around the blocks.
 """
 from __future__ import annotations
 
