@@ -96,6 +96,15 @@ def fingerprint(path: Optional[Path]) -> str:
     return "|".join(parts)
 
 
+def fingerprint_of(fn, *args, **kwargs) -> str:
+    """:func:`fingerprint` of the path ``fn(*args, **kwargs)`` names; '' when that raises InputError
+    (what IS_CHANGED returns for an input that validation will reject)."""
+    try:
+        return fingerprint(fn(*args, **kwargs))
+    except InputError:
+        return ""
+
+
 def validation_message(fn, *args, **kwargs):
     """``True`` when ``fn(*args, **kwargs)`` succeeds, else the error's text (what VALIDATE_INPUTS
     returns; ComfyUI shows it on the node and rejects the prompt)."""

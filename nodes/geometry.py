@@ -1,9 +1,9 @@
 """Depth and point-cloud nodes: working size, MoGe depth, bring-your-own depth / point maps, lifting.
 
-A start image becomes a ``POINT_CLOUD`` (:class:`types.Scene`): the lifted cloud plus the start
-camera (identity pose, pixel K) and the scene scale m (median depth) that trajectory moves are
-measured in. Everything is computed by ``worldstereo_core``; these nodes only convert ComfyUI
-tensors and report errors.
+A ``WORLDSTEREO_DEPTH`` is a core :class:`ViewDepth`; a start image becomes a ``POINT_CLOUD``, a core
+:class:`StartView`: the lifted cloud plus the start camera (identity pose, pixel K) and the scene
+scale m (median depth) that trajectory moves are measured in. Everything is computed by
+``worldstereo_core``; these nodes only convert ComfyUI tensors and report errors.
 """
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import intrinsics_from_fov, invert_rigid, scale_intrinsics
+from ..worldstereo_core.cameras import invert_rigid
 from ..worldstereo_core.constants import (DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, FALLBACK_FOV_DEG,
                                            SOBEL_EDGE_THRESHOLD)
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.geometry.depth import (PNG_DEPTH_SCALE, lift_depth, load_depth_map, load_point_map,
-                                               points_from_pointmap, resize_depth)
-from ..worldstereo_core.geometry.trajectories import median_depth
+from ..worldstereo_core.geometry.depth import (DEPTH_ENCODINGS, PNG_DEPTH_SCALE, depth_from_values, load_depth_map,
+                                               load_point_map)
+from ..worldstereo_core.geometry.start_view import (StartView, ViewDepth, lift_start_view,
+                                                    start_view_from_point_map)
 from ..worldstereo_core.io.images import load_image, resize_bicubic
 from ..worldstereo_core.sizes import assign_scale
 from . import files, types
@@ -26,7 +27,6 @@ from .images import image_to_frames, image_to_uint8, mask_from_comfy
 from .saving import file_entry, next_paths
 
 CATEGORY = "WorldStereo/geometry"
-DEPTH_ENCODINGS = ("depth = value x scale", "bright = near (near..far)", "bright = far (near..far)")
 DEPTH_FILE_EXTENSIONS = (".npy", ".npz", ".png")
 POINT_MAP_EXTENSIONS = (".npy", ".npz")
 
@@ -56,7 +56,7 @@ def depth_preview(depth: torch.Tensor) -> torch.Tensor:
     return out[None, :, :, None].expand(1, *out.shape, 3).contiguous()
 
 
-def save_preview_cloud(scene: types.Scene, prefix: str = "WorldStereo/cloud") -> dict:
+def save_preview_cloud(scene: StartView, prefix: str = "WorldStereo/cloud") -> dict:
     """Write the scene's cloud as a GLB into ComfyUI's temp folder; its ``ui`` entry."""
     from ..worldstereo_core.io.pointcloud_files import camera_frustum_segments, write_glb
 
@@ -65,28 +65,6 @@ def save_preview_cloud(scene: types.Scene, prefix: str = "WorldStereo/cloud") ->
     segments = camera_frustum_segments(c2w, scene.K[None], scene.width, scene.height, 0.1 * scene.median_depth)
     write_glb(path, scene.cloud, frustum_segments=segments)
     return file_entry(path, "temp")
-
-
-def make_scene(image: np.ndarray, depth: types.Depth, fov_deg: float, sobel_threshold: float, contract: float,
-               label: str = "") -> types.Scene:
-    """Lift ``depth`` seen from the start camera (identity pose) with ``image``'s colours."""
-    height, width = image.shape[:2]
-    d, mask, K = depth.depth, depth.mask, depth.K
-    if (depth.height, depth.width) != (height, width):
-        if K is not None:
-            K = scale_intrinsics(K, (depth.height, depth.width), (height, width))
-        d = resize_depth(d, height, width)
-        if mask is not None:
-            mask = resize_depth(mask.float(), height, width) > 0.5
-    if K is None:
-        if not 1.0 < fov_deg < 179.0:
-            raise InputError(f"fov_deg must be between 1 and 179 degrees, got {fov_deg}")
-        K = intrinsics_from_fov(width, height, fov_deg)
-    w2c = torch.eye(4, dtype=torch.float64)
-    cloud = lift_depth(d, image, K, w2c, mask=mask, sobel_threshold=sobel_threshold,
-                       contract=contract if contract > 0 else None)
-    return types.Scene(cloud=cloud, K=torch.as_tensor(K, dtype=torch.float64), w2c=w2c, width=width, height=height,
-                       median_depth=median_depth(d, mask), image=image, label=label or depth.source)
 
 
 class ResizeToBucket(io.ComfyNode):
@@ -146,10 +124,8 @@ class MoGeDepth(io.ComfyNode):
         rgb = first_image_uint8(image, "image")
         with on_compute_device(moge):
             out = estimate_depth(moge, rgb, resolution_level=resolution_level)
-        h, w = rgb.shape[:2]
-        K = scale_intrinsics(out["intrinsics_normalised"].double(), (1, 1), (h, w))
-        depth = types.Depth(out["depth"].cpu(), out["mask"].cpu(), K, source="MoGe")
-        return io.NodeOutput(depth, depth_preview(depth.depth), out["mask"].float().cpu()[None])
+        depth = ViewDepth.of(out)
+        return io.NodeOutput(depth, depth_preview(depth.depth), depth.mask.float()[None])
 
 
 class DepthFromImage(io.ComfyNode):
@@ -201,22 +177,7 @@ class DepthFromImage(io.ComfyNode):
             if tuple(mask.shape) != tuple(depth.shape):
                 raise InputError(f"valid_mask is {tuple(mask.shape)} but the depth is {tuple(depth.shape)}")
             depth = torch.where(mask, depth, torch.zeros_like(depth))
-        out = types.Depth(depth, mask, None, source="depth image")
-        return io.NodeOutput(out, depth_preview(depth))
-
-
-def depth_from_values(values: torch.Tensor, encoding: str, scale: float, near: float, far: float) -> torch.Tensor:
-    """Depth (H, W) float32 from values in 0..1 according to ``encoding`` (see DEPTH_ENCODINGS)."""
-    v = values.float()
-    if encoding == DEPTH_ENCODINGS[0]:
-        return v * float(scale)
-    if not 0 < near < far:
-        raise InputError(f"need 0 < near < far, got near={near}, far={far}")
-    if encoding == DEPTH_ENCODINGS[1]:  # bright = near: linear in disparity
-        return 1.0 / (1.0 / far + v * (1.0 / near - 1.0 / far))
-    if encoding == DEPTH_ENCODINGS[2]:
-        return near + v * (far - near)
-    raise InputError(f"encoding must be one of {DEPTH_ENCODINGS}, got {encoding!r}")
+        return io.NodeOutput(ViewDepth(depth, mask), depth_preview(depth))
 
 
 class LoadDepthFile(io.ComfyNode):
@@ -240,10 +201,7 @@ class LoadDepthFile(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, depth_file, **_):
-        try:
-            return files.fingerprint(files.input_path(depth_file, "depth_file"))
-        except InputError:
-            return ""
+        return files.fingerprint_of(files.input_path, depth_file, "depth_file")
 
     @classmethod
     def validate_inputs(cls, depth_file):
@@ -255,7 +213,7 @@ class LoadDepthFile(io.ComfyNode):
         path = files.input_path(depth_file, "depth_file")
         depth = load_depth_map(path, key=npz_key or None, png_scale=png_scale)
         depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
-        return io.NodeOutput(types.Depth(depth, None, None, source=path.name), depth_preview(depth))
+        return io.NodeOutput(ViewDepth(depth), depth_preview(depth))
 
 
 class LiftDepth(io.ComfyNode):
@@ -285,7 +243,7 @@ class LiftDepth(io.ComfyNode):
     @node_errors(DISPLAY_NAME)
     def execute(cls, image, depth, fov_deg, sobel_threshold, contract) -> io.NodeOutput:
         rgb = first_image_uint8(image, "image")
-        scene = make_scene(rgb, depth, fov_deg, sobel_threshold, contract)
+        scene = lift_start_view(rgb, depth, fov_deg=fov_deg, sobel_threshold=sobel_threshold, contract=contract)
         ui = {"3d": [save_preview_cloud(scene)],
               "text": [f"{len(scene.cloud)} points, scene scale m = {scene.median_depth:.3f}"]}
         return io.NodeOutput(scene, ui=ui)
@@ -314,10 +272,7 @@ class LoadPointMap(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, point_map_file, **_):
-        try:
-            return files.fingerprint(files.input_path(point_map_file, "point_map_file"))
-        except InputError:
-            return ""
+        return files.fingerprint_of(files.input_path, point_map_file, "point_map_file")
 
     @classmethod
     def validate_inputs(cls, point_map_file):
@@ -327,17 +282,7 @@ class LoadPointMap(io.ComfyNode):
     @node_errors(DISPLAY_NAME)
     def execute(cls, image, point_map_file, fov_deg, npz_key) -> io.NodeOutput:
         points = load_point_map(files.input_path(point_map_file, "point_map_file"), key=npz_key or None)
-        height, width = points.shape[:2]
-        rgb = first_image_uint8(image, "image")
-        if rgb.shape[:2] != (height, width):
-            rgb = resize_bicubic(rgb, (height, width))
-        cloud = points_from_pointmap(points, rgb)
-        z = points[..., 2]
-        m = median_depth(torch.where(torch.isfinite(z), z, torch.zeros_like(z)))
-        scene = types.Scene(cloud=cloud, K=intrinsics_from_fov(width, height, fov_deg),
-                            w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
-                            median_depth=m, image=rgb, label=point_map_file)
-        return io.NodeOutput(scene)
+        return io.NodeOutput(start_view_from_point_map(first_image_uint8(image, "image"), points, fov_deg))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -34,7 +34,7 @@ from ..worldstereo_core.geometry.wander import WanderOptions
 from ..worldstereo_core.io.atomic import plain_name, safe_join
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
-from ..worldstereo_core.tasks.ordering import TASK_TYPES
+from ..worldstereo_core.tasks.ordering import TASK_TYPES, scene_task
 from ..worldstereo_core.tasks.panorama_scene import PANORAMA_SCENES, PanoramaSceneOptions
 from . import files, types
 from ._comfy import comfy_progress, node_errors, on_compute_device
@@ -63,7 +63,7 @@ def resolve_task(task: str, scene_dir) -> str:
                          "Scene From Image); the image input makes a reconstruction scene")
     if task != "auto":
         return task
-    return "panorama" if scene_dir is not None and (scene_dir / "pano_bank").is_dir() else "reconstruction"
+    return "reconstruction" if scene_dir is None else scene_task(scene_dir)
 
 
 class MultiTrajectoryLoop(io.ComfyNode):
@@ -157,10 +157,7 @@ class MultiTrajectoryLoop(io.ComfyNode):
     def fingerprint_inputs(cls, scene, **_):
         if scene == FROM_IMAGE:
             return ""
-        try:
-            return files.fingerprint(files.input_path(scene, "scene", folder=True))
-        except InputError:
-            return ""
+        return files.fingerprint_of(files.input_path, scene, "scene", folder=True)
 
     @classmethod
     @node_errors(DISPLAY_NAME)
@@ -221,14 +218,14 @@ class MultiTrajectoryLoop(io.ComfyNode):
 
 
 def wander_preview(folder: Path, cloud) -> dict:
-    """The trajectory preview of a panorama scene: every planned trajectory (``<group>/<traj>/
-    camera.json``, labelled ``group/traj``) over a sample of the 360-degree cloud."""
-    from ..worldstereo_core.io.camera_json import load_camera_json
+    """The trajectory preview of a panorama scene: every planned trajectory (labelled ``group/traj``)
+    over a sample of the 360-degree cloud."""
+    from ..worldstereo_core.tasks.panorama_scene import planned_trajectories
 
-    paths = sorted(p for p in folder.glob("*/*/camera.json") if p.parent.parent.name != "pano_bank")
-    cloud_once = [{"points": cloud.xyz, "colors": cloud.rgb}] + [{}] * max(0, len(paths) - 1)
-    return preview_ui(*(trajectory_entry(load_camera_json(p), label=f"{p.parent.parent.name}/{p.parent.name}",
-                                         **extra) for p, extra in zip(paths, cloud_once)))
+    trajs = planned_trajectories(folder)
+    cloud_once = [{"points": cloud.xyz, "colors": cloud.rgb}] + [{}] * max(0, len(trajs) - 1)
+    return preview_ui(*(trajectory_entry(traj, label=label, **extra)
+                        for (label, traj), extra in zip(trajs, cloud_once)))
 
 
 class PanoramaSceneFromImage(io.ComfyNode):

@@ -46,18 +46,6 @@ def _folder(source: str, folder: str):
     return None
 
 
-def auto_traj_id(bank: MemoryBank, view_id: str) -> str:
-    """The first ``traj<k>`` name not yet used under ``view_id`` in the bank."""
-    k = 0
-    while bank.has_trajectory(view_id, f"traj{k}"):
-        k += 1
-    return f"traj{k}"
-
-
-def bank_text(bank: MemoryBank) -> str:
-    return f"{len(bank)} entries, {bank.width}x{bank.height}"
-
-
 class MemoryBankCreate(io.ComfyNode):
     DISPLAY_NAME = "WorldStereo Memory Bank Create"
 
@@ -92,10 +80,7 @@ class MemoryBankCreate(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, source, folder, **_):
-        try:
-            return files.fingerprint(_folder(source, folder))
-        except InputError:
-            return ""
+        return files.fingerprint_of(_folder, source, folder)
 
     @classmethod
     @node_errors(DISPLAY_NAME)
@@ -110,7 +95,7 @@ class MemoryBankCreate(io.ComfyNode):
             bank = MemoryBank.from_panorama_folder(_folder(source, folder), **options)
         else:
             bank = MemoryBank.load(_folder(source, folder))
-        return io.NodeOutput(bank, ui={"text": [bank_text(bank)]})
+        return io.NodeOutput(bank, ui={"text": [bank.summary()]})
 
 
 class MemoryBankAddClip(io.ComfyNode):
@@ -143,7 +128,7 @@ class MemoryBankAddClip(io.ComfyNode):
             raise InputError(f"frames has {len(clip)} images but the trajectory has {len(trajectory)} cameras")
         view_id = view_id.strip() or DEFAULT_VIEW
         bank = copy.deepcopy(memory_bank)
-        traj_id = traj_id.strip() or auto_traj_id(bank, view_id)
+        traj_id = traj_id.strip() or bank.next_traj_id(view_id)
         if bank.has_trajectory(view_id, traj_id):
             raise InputError(f"the bank already holds {view_id}/{traj_id}; give this clip another traj_id")
         kept = bank.update_memory(list(clip), trajectory.w2c, trajectory.K, view_id, traj_id,
@@ -151,7 +136,7 @@ class MemoryBankAddClip(io.ComfyNode):
         if save_folder.strip():
             target = files.output_folder(save_folder, "save_folder")
             bank.save(target, progress=comfy_progress(len(bank)))
-        return io.NodeOutput(bank, ui={"text": [f"{bank_text(bank)}; kept frames {kept} of {view_id}/{traj_id}"]})
+        return io.NodeOutput(bank, ui={"text": [f"{bank.summary()}; kept frames {kept} of {view_id}/{traj_id}"]})
 
 
 class MemoryRetrieve(io.ComfyNode):

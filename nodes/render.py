@@ -93,10 +93,7 @@ class LoadRenderFolder(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, render_folder, **_):
-        try:
-            return files.fingerprint(cls._folder(render_folder))
-        except InputError:
-            return ""
+        return files.fingerprint_of(cls._folder, render_folder)
 
     @classmethod
     def validate_inputs(cls, render_folder):

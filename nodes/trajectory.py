@@ -4,24 +4,24 @@ scene's world, K in pixels of the scene's image size).
 
 Every node implements ``preview_trajectory`` (a classmethod over its widget values) so the web
 extension draws the trajectory while it is edited; without a connected scene that preview uses a
-stand-in start camera (:func:`default_scene`). After execution the node's ``ui`` carries the real
-trajectory over a sample of the scene's points.
+stand-in start camera (:func:`worldstereo_core.geometry.start_view.stand_in_view`). After execution
+the node's ``ui`` carries the real trajectory over a sample of the scene's points.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
 
-import torch
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import CameraTrajectory, anchor_w2c, intrinsics_from_fov
-from ..worldstereo_core.constants import FALLBACK_FOV_DEG, NFRAME
+from ..worldstereo_core.cameras import CameraTrajectory
+from ..worldstereo_core.constants import NFRAME
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.geometry.pointcloud import PointCloud
 from ..worldstereo_core.geometry.presets import PRESETS, preset_moves
-from ..worldstereo_core.geometry.trajectories import reconstruction_trajectories, trajectory_from_moves
-from ..worldstereo_core.io.camera_json import camera_trajectory_from_dict, load_camera_json
+from ..worldstereo_core.geometry.start_view import STAND_IN_SIZE, StartView, stand_in_view
+from ..worldstereo_core.geometry.trajectories import reconstruction_trajectories
+from ..worldstereo_core.geometry.view_trajectories import (fit_to_view, json_trajectory, moves_trajectory,
+                                                           parse_trajectory_json)
+from ..worldstereo_core.io.camera_json import load_camera_json
 from . import files, types
 from ._comfy import node_errors
 from .trajectory_preview import preview_ui, trajectory_entry
@@ -33,18 +33,6 @@ DEFAULT_PRESET = "orbit_left" if "orbit_left" in PRESETS else PRESET_NAMES[0]
 RECONSTRUCTION_NAMES = ("traj_eloop", "traj_up", "traj_left", "traj_right")
 EXAMPLE_MOVES = json.dumps([{"type": "normal", "rotation": [30.0, 0.0], "frames": 10},
                             {"type": "normal", "backward-forward": 0.3, "frames": 10}], indent=1)
-
-#: Stand-in start view for previews without a scene: 768x480, 60 deg horizontal FoV, m = 2.
-PREVIEW_SIZE = (480, 768)
-PREVIEW_DEPTH = 2.0
-
-
-def default_scene() -> types.Scene:
-    """The stand-in start camera used when no ``POINT_CLOUD`` is connected (identity pose)."""
-    height, width = PREVIEW_SIZE
-    return types.Scene(cloud=PointCloud.empty(), K=intrinsics_from_fov(width, height, FALLBACK_FOV_DEG),
-                       w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
-                       median_depth=PREVIEW_DEPTH, label="no scene connected")
 
 
 def _frames(frames: int) -> int:
@@ -59,7 +47,7 @@ def _scale(scale: float) -> float:
     return float(scale)
 
 
-def entry(traj: CameraTrajectory, scene: types.Scene, label: str) -> dict:
+def entry(traj: CameraTrajectory, scene: StartView, label: str) -> dict:
     """Preview entry: the cameras over the scene's points (or its depth range when it has none)."""
     if len(scene.cloud):
         return trajectory_entry(traj, label=label, points=scene.cloud.xyz, colors=scene.cloud.rgb)
@@ -67,7 +55,7 @@ def entry(traj: CameraTrajectory, scene: types.Scene, label: str) -> dict:
     return trajectory_entry(traj, label=label, depth_range=(0.25 * m, 2.0 * m))
 
 
-def result(trajs: list[tuple[str, CameraTrajectory]], scene: types.Scene) -> io.NodeOutput:
+def result(trajs: list[tuple[str, CameraTrajectory]], scene: StartView) -> io.NodeOutput:
     """A node's return value: the trajectories as outputs, their preview as ``ui``."""
     return io.NodeOutput(*(t for _, t in trajs), ui=preview_ui(*(entry(t, scene, name) for name, t in trajs)))
 
@@ -80,47 +68,6 @@ def scene_input(tooltip: str = "Start camera, size and scale m of the scene (a s
 def trajectory_output(name: str = "trajectory") -> io.Output:
     return types.Socket.TRAJECTORY.Output(display_name=name, tooltip="Cameras in the scene's world, K in pixels of "
                                                                       "the scene's image.")
-
-
-def from_moves(moves: list, scene: types.Scene, frames: int, scale: float) -> CameraTrajectory:
-    return trajectory_from_moves(scene.w2c, scene.K, moves, scene.median_depth * _scale(scale),
-                                 width=scene.width, height=scene.height, nframe=_frames(frames))
-
-
-def fit_to_scene(traj: CameraTrajectory, scene: Optional[types.Scene], *, frames: int, anchor: bool,
-                 scale: float) -> CameraTrajectory:
-    """A loaded trajectory subsampled to ``frames`` (0 = all), K in pixels of the scene's image and,
-    with ``anchor``, moved so its first camera is the scene's start camera (relative translations
-    times ``scale``)."""
-    if frames:
-        traj = traj.subsample(_frames(frames))
-    if scene is None:
-        return traj
-    traj = traj.resized(scene.height, scene.width)
-    if anchor:
-        traj = traj.with_w2c(anchor_w2c(traj.w2c, scene.w2c, _scale(scale)))
-    return traj
-
-
-def parse_json_text(text: str) -> Any:
-    """The value of the JSON widget: a moves list, ``{"moves": [...]}`` or a camera.json dict."""
-    if not isinstance(text, str) or not text.strip():
-        raise InputError("json_text is empty; give a list of moves or a camera.json object")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"json_text is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    if isinstance(value, dict) and "moves" in value and "extrinsic" not in value:
-        value = value["moves"]
-    if isinstance(value, dict):
-        if "extrinsic" not in value:
-            raise InputError("json_text object must be a camera.json ({\"extrinsic\": [...], \"intrinsic\": [...]}) "
-                             "or {\"moves\": [...]}")
-        return value
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-        raise InputError("json_text must be a non-empty list of move objects like {\"type\": \"normal\", "
-                         "\"rotation\": [30, 0]}, or a camera.json object")
-    return value
 
 
 class TrajectoryPreset(io.ComfyNode):
@@ -145,8 +92,8 @@ class TrajectoryPreset(io.ComfyNode):
 
     @classmethod
     def build_trajectory(cls, preset, frames, scale, point_cloud=None):
-        scene = point_cloud or default_scene()
-        return from_moves(preset_moves(preset), scene, frames, scale), scene
+        scene = point_cloud or stand_in_view()
+        return moves_trajectory(scene, preset_moves(preset), _frames(frames), _scale(scale)), scene
 
     @classmethod
     def preview_trajectory(cls, preset, frames, scale, point_cloud=None):
@@ -186,16 +133,12 @@ class TrajectoryFromJSON(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, json_text):
-        return files.validation_message(parse_json_text, json_text)
+        return files.validation_message(parse_trajectory_json, json_text)
 
     @classmethod
     def build_trajectory(cls, json_text, frames, scale, point_cloud=None):
-        value = parse_json_text(json_text)
-        scene = point_cloud or default_scene()
-        if isinstance(value, dict):
-            traj = camera_trajectory_from_dict(value, source="json_text", default_size=(scene.height, scene.width))
-            return fit_to_scene(traj, scene, frames=frames, anchor=True, scale=scale), scene
-        return from_moves(value, scene, frames, scale), scene
+        scene = point_cloud or stand_in_view()
+        return json_trajectory(json_text, scene, _frames(frames), _scale(scale)), scene
 
     @classmethod
     def preview_trajectory(cls, json_text, frames, scale, point_cloud=None):
@@ -238,22 +181,20 @@ class CameraJSONLoad(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, camera_json, **_):
-        try:
-            return files.fingerprint(files.input_path(camera_json, "camera_json"))
-        except InputError:
-            return ""
+        return files.fingerprint_of(files.input_path, camera_json, "camera_json")
 
     @classmethod
     def validate_inputs(cls, camera_json):
         return files.validation_message(lambda: load_camera_json(files.input_path(camera_json, "camera_json"),
-                                                                 default_size=PREVIEW_SIZE))  # any size: checks the file
+                                                                 default_size=STAND_IN_SIZE))  # any size: checks the file
 
     @classmethod
     def build_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
-        scene = point_cloud or default_scene()
+        scene = point_cloud or stand_in_view()
         size = (file_height, file_width) if file_width and file_height else (scene.height, scene.width)
         traj = load_camera_json(files.input_path(camera_json, "camera_json"), default_size=size)
-        return fit_to_scene(traj, scene, frames=frames, anchor=anchor, scale=scale), scene
+        return fit_to_view(traj, scene, nframe=frames and _frames(frames), anchor=anchor,
+                           scale=_scale(scale) if anchor else scale), scene
 
     @classmethod
     def preview_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
@@ -288,7 +229,7 @@ class ReconstructionTrajectories(io.ComfyNode):
 
     @classmethod
     def build_trajectories(cls, frames, up_distance, point_cloud=None):
-        scene = point_cloud or default_scene()
+        scene = point_cloud or stand_in_view()
         m = scene.median_depth
         trajs = reconstruction_trajectories(scene.w2c, scene.K, scene.width, scene.height, m,
                                             up_distance=(up_distance * m) if up_distance > 0 else None,

@@ -2,7 +2,7 @@
 
 Every camera placed inside sees a wall, the floor or the ceiling in every pixel, so depth is
 valid everywhere. :meth:`BoxRoom.depth_fn` is a deterministic depth function with the
-:data:`worldstereo_core.memory.cache.DepthFn` signature (optionally with a per-call scale drift,
+:data:`worldstereo_core.geometry.depth.DepthFn` signature (optionally with a per-call scale drift,
 as monocular metric depth has); :meth:`BoxRoom.image` renders a textured view.
 """
 from __future__ import annotations

@@ -15,10 +15,10 @@ from synthetic_scene import BoxRoom, room_for_scale
 from worldstereo_core.cameras import axis_angle_matrix, intrinsics_from_fov, invert_rigid
 from worldstereo_core.errors import CheckpointError, InputError
 from worldstereo_core.geometry.alignment import Similarity
-from worldstereo_core.geometry.depth import keep_mask
+from worldstereo_core.geometry.depth import depth_map, keep_mask
 from worldstereo_core.geometry.trajectories import reconstruction_trajectories
 from worldstereo_core.memory.bank import sample_align_nframe
-from worldstereo_core.memory.cache import CacheSettings, PointCache, align_frame, depth_map
+from worldstereo_core.memory.cache import CacheSettings, PointCache, align_frame
 from worldstereo_core.memory.cache_view import CacheView
 
 H, W = 72, 108

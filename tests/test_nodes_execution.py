@@ -431,7 +431,7 @@ def test_panorama_scene_from_image(ws):
     assert node.validate_inputs(name="room", output_folder="x", bank_width=48, bank_height=32) is True
 
     ws.stub.utils.updates.clear()
-    depth = ws.nodes("types").Depth(distance.float())
+    depth = ws.core("geometry.start_view").ViewDepth(distance.float())
     scene, views = ws.run("WorldStereoPanoramaSceneFromImage", depth=depth, **args)
     out_dir = os.path.join(ws.stub.folder_paths.get_output_directory(), "ws", "pano")
     assert str(scene.folder) == os.path.join(out_dir, "panorama_scenes", "room") and not scene.reused

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,8 +31,15 @@ from .pointcloud import PointCloud
 MIN_POINTS = 9
 #: Default PNG depth scale: stored value / scale = depth (millimetres -> metres).
 PNG_DEPTH_SCALE = 1000.0
+#: How values in 0..1 (a depth image from another model) map to depth (:func:`depth_from_values`).
+DEPTH_ENCODINGS = ("depth = value x scale", "bright = near (near..far)", "bright = far (near..far)")
 
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+
+#: ``depth_fn(image uint8 (H,W,3), K (3,3) for that image, w2c (4,4)) -> depth (H,W)`` (0 = invalid),
+#: or a dict with a ``"depth"`` entry and optionally ``"mask"`` and ``"intrinsics_normalised"`` (what
+#: :func:`.moge.estimate_depth` returns; :func:`.start_view.ViewDepth.of` reads all three).
+DepthFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor], Any]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +129,16 @@ def valid_depth(depth, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(valid.any()):
         raise InputError("depth is zero everywhere (no valid pixel); check the depth source or the mask")
     return d, valid
+
+
+def depth_map(output: Any) -> torch.Tensor:
+    """The (H, W) depth of a depth function's output (a tensor/array or a dict with ``"depth"``)."""
+    if isinstance(output, dict):
+        if "depth" not in output:
+            raise InputError(f"depth function returned a dict without 'depth' (keys {sorted(output)})")
+        output = output["depth"]
+    d = output if isinstance(output, torch.Tensor) else torch.as_tensor(np.asarray(output))
+    return d.detach().to("cpu", torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +239,20 @@ def resize_depth(depth, height: int, width: int) -> torch.Tensor:
     """Nearest-neighbour resize of a depth map (never blends valid depth with invalid zeros)."""
     d = _depth_tensor(depth)
     return F.interpolate(d[None, None], size=(height, width), mode="nearest-exact")[0, 0]
+
+
+def depth_from_values(values: torch.Tensor, encoding: str, scale: float, near: float, far: float) -> torch.Tensor:
+    """Depth (H, W) float32 from values in 0..1 according to ``encoding`` (see :data:`DEPTH_ENCODINGS`)."""
+    v = values.float()
+    if encoding == DEPTH_ENCODINGS[0]:
+        return v * float(scale)
+    if not 0 < near < far:
+        raise InputError(f"need 0 < near < far, got near={near}, far={far}")
+    if encoding == DEPTH_ENCODINGS[1]:  # bright = near: linear in disparity
+        return 1.0 / (1.0 / far + v * (1.0 / near - 1.0 / far))
+    if encoding == DEPTH_ENCODINGS[2]:
+        return near + v * (far - near)
+    raise InputError(f"encoding must be one of {DEPTH_ENCODINGS}, got {encoding!r}")
 
 
 # --------------------------------------------------------------------------------------------

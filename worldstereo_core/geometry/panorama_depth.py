@@ -6,7 +6,7 @@ Depth follows the method of MoGe's own panorama inference (split into views, inf
 
 1. **split**: perspective views of 90 x 90 deg looking at the 12 vertices of an icosahedron (they
    cover the sphere with overlap), world +z up in every view (:func:`split_cameras`);
-2. **infer**: a depth function (:data:`memory.cache.DepthFn`; MoGe told the views' field of view
+2. **infer**: a depth function (:data:`geometry.depth.DepthFn`; MoGe told the views' field of view
    in real runs, :func:`moge_view_depth_fn`; the exact depth in tests) gives each view a z-depth,
    turned into distance along the pixel rays;
 3. **merge** (:func:`merge_view_distances`): every view's log-distance is warped into the
@@ -39,9 +39,9 @@ from ..cameras import CameraTrajectory, as_tensor, intrinsics_from_fov, invert_r
     pixel_rays
 from ..constants import DEPTH_CONTRACT_FACTOR, SOBEL_EDGE_THRESHOLD
 from ..errors import InputError
-from ..memory.cache import DepthFn, depth_map
 from ..progress import ProgressFn, report
-from .depth import _check_count, _depth_tensor, boundary_mask, contract_depth, load_depth_map, resize_depth, valid_depth
+from .depth import (DepthFn, _check_count, _depth_tensor, boundary_mask, contract_depth, depth_map, load_depth_map,
+                    resize_depth, valid_depth)
 from .equirect import check_panorama_size, equirect_directions, perspective_from_equirect, project_directions, \
     sample_image
 from .pointcloud import PointCloud

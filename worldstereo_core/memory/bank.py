@@ -214,6 +214,17 @@ class MemoryBank:
         prefix = f"{view_id}/{traj_id}/"
         return any(f.startswith(prefix) for f in self.fnames)
 
+    def next_traj_id(self, view_id: str) -> str:
+        """The first ``traj<k>`` name not yet used under ``view_id``."""
+        k = 0
+        while self.has_trajectory(view_id, f"traj{k}"):
+            k += 1
+        return f"traj{k}"
+
+    def summary(self) -> str:
+        """One line: the number of entries and the frame size."""
+        return f"{len(self)} entries, {self.width}x{self.height}"
+
     def to_bank_intrinsics(self, K: torch.Tensor, k_size: tuple[int, int] | None) -> torch.Tensor:
         """``K`` expressed for a (height, width) = ``k_size`` image, rescaled to the bank size."""
         if k_size is None:

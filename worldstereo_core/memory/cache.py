@@ -1,7 +1,7 @@
 """The paper's global 3D cache (GGM memory), which the release leaves out (spec/geometry.md §12.3).
 
 The cache is a coloured point cloud in the world frame of the scene. It starts as the point cloud
-of the start view (``lift_depth``) and, in ``"global"`` mode, grows after every trajectory:
+of the start view (``lift_start_view``) and, in ``"global"`` mode, grows after every trajectory:
 
 1. each kept frame of the generated clip (the frames the memory bank keeps) gets a depth map from
    a depth function (MoGe in real runs, a deterministic synthetic one in tests);
@@ -40,7 +40,7 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +50,11 @@ from ..cameras import CameraTrajectory, as_tensor, invert_rigid, unproject_pixel
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
 from ..errors import CheckpointError, InputError
 from ..geometry.alignment import Similarity, umeyama_ransac
-from ..geometry.depth import MIN_POINTS, image_to_rgb01, keep_mask, lift_depth
+from ..geometry.depth import MIN_POINTS, DepthFn, depth_map, image_to_rgb01, keep_mask
 from ..geometry.pointcloud import (ADAPTIVE_VOXEL_TOLERANCE, PointCloud, adaptive_voxel_downsample_size,
                                    first_in_voxel, stable_argsort, statistical_outlier_removal, voxel_key_tensor)
 from ..geometry.renderer import render_warps
-from ..geometry.trajectories import median_depth
+from ..geometry.start_view import ViewDepth, lift_start_view
 from ..io.atomic import atomic_path
 from ..io.images import load_image
 from ..progress import ProgressFn, report
@@ -64,23 +64,8 @@ from .cache_view import CELL_FRACTION, CacheView, CellIndex, cell_keys
 CACHE_MODES = ("release", "global")
 CACHE_FILE_VERSION = 1
 
-#: ``depth_fn(image uint8 (H,W,3), K (3,3) for that image, w2c (4,4)) -> depth (H,W)`` (0 = invalid),
-#: or a dict with a ``"depth"`` entry (what :func:`geometry.moge.estimate_depth` returns).
-DepthFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor], Any]
-
-
-def depth_map(output: Any) -> torch.Tensor:
-    """The (H, W) depth of a depth function's output (a tensor/array or a dict with ``"depth"``)."""
-    if isinstance(output, dict):
-        if "depth" not in output:
-            raise InputError(f"depth function returned a dict without 'depth' (keys {sorted(output)})")
-        output = output["depth"]
-    d = output if isinstance(output, torch.Tensor) else torch.as_tensor(np.asarray(output))
-    return d.detach().to("cpu", torch.float32)
-
-
 def moge_depth_fn(model: torch.nn.Module, **estimate_kwargs: Any) -> DepthFn:
-    """A :data:`DepthFn` running MoGe (:func:`geometry.moge.estimate_depth`); cameras are ignored."""
+    """A :data:`geometry.depth.DepthFn` running MoGe (:func:`geometry.moge.estimate_depth`); cameras are ignored."""
     from ..geometry.moge import estimate_depth
 
     def fn(image: np.ndarray, K: torch.Tensor, w2c: torch.Tensor) -> dict:
@@ -328,13 +313,13 @@ class PointCache:
 
     @classmethod
     def from_depth(cls, image, depth, K, w2c, *, mode: str = "global", settings: CacheSettings | None = None,
-                   mask=None, device: torch.device | str | None = None) -> "PointCache":
-        """The start-view cloud (:func:`geometry.depth.lift_depth`, reference behaviour) as a cache;
-        the scene scale is the start view's median depth."""
-        d = depth_map(depth)
+                   device: torch.device | str | None = None) -> "PointCache":
+        """The start-view cloud (:func:`geometry.start_view.lift_start_view` of ``depth``, a map or a
+        :data:`geometry.depth.DepthFn` output, with the settings' edge threshold) as a cache; the scene scale is the
+        start view's median depth."""
         settings = settings or CacheSettings()
-        cloud = lift_depth(d, image, K, w2c, mask=mask, sobel_threshold=settings.edge_threshold)
-        return cls(cloud, median_depth(d, mask), mode=mode, settings=settings, device=device)
+        view = lift_start_view(image, ViewDepth.of(depth), K=K, w2c=w2c, sobel_threshold=settings.edge_threshold)
+        return cls(view.cloud, view.median_depth, mode=mode, settings=settings, device=device)
 
     # ------------------------------------------------------------------------------ rendering
     def render(self, trajectory: CameraTrajectory, image, height: int, width: int,
@@ -352,7 +337,7 @@ class PointCache:
         """Fold generated frames into the cache (``"global"`` mode; ``"release"`` records and returns).
 
         ``frames``: RGB images (uint8 (H,W,3) or anything :func:`io.images.load_image` takes); ``w2c`` (n,4,4) and ``K`` (n,3,3 or 3,3) their cameras, K in pixels
-        of the frame size. ``depth_fn`` (see :data:`DepthFn`) is required in global mode.
+        of the frame size. ``depth_fn`` (see :data:`geometry.depth.DepthFn`) is required in global mode.
         ``progress(done, n)`` after each frame; it may raise to stop (the cache then holds the
         frames folded in so far; the loop persists the cache only between trajectories).
         """

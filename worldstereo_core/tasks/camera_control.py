@@ -3,7 +3,7 @@
 Scene folder (``examples/images/<scene>``): ``image.png``, ``prompt.json`` (its ``"long caption"``)
 and ``camera.json`` (w2c + K in pixels of image.png, usually 81 frames, subsampled to ``nframe``).
 Steps: working size (``assign_scale``) -> bicubic resize -> depth of the working image (MoGe) ->
-start-view point cloud (:func:`geometry.depth.lift_depth`) -> warp renders along the trajectory,
+start-view point cloud (:func:`geometry.start_view.lift_start_view`) -> warp renders along the trajectory,
 written as ``render.mp4`` / ``render_mask.mp4`` / ``camera.json`` and read back as the reference
 does -> generation -> ``<out>/<scene>/<model>_result.mp4`` (16 fps) and its frames as PNG in
 ``<model>_frames/``. Memory models get the input frame as their only reference (``ref_index = [0]``).
@@ -23,15 +23,15 @@ from PIL import Image
 from ..cameras import CameraTrajectory
 from ..constants import DEFAULT_SCALE_MAP, DEFAULT_SEED, FPS, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from ..errors import InputError
-from ..geometry.depth import lift_depth
+from ..geometry.depth import DepthFn
 from ..geometry.renderer import render_warps
+from ..geometry.start_view import ViewDepth, lift_start_view
 from ..io.atomic import atomic_path, safe_join
 from ..io.camera_json import load_camera_json
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.render_folder import load_render_folder, save_render_folder
 from ..io.run_lock import locked_run_folder
 from ..io.video import read_video, write_video
-from ..memory.cache import DepthFn, depth_map
 from ..progress import ProgressFn
 from ..sizes import assign_scale
 from .generate import GenerationRequest, Generator
@@ -86,7 +86,7 @@ def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        progress: ProgressFn | None = None) -> CameraControlResult:
     """Generate one camera-controlled clip from a scene folder (see the module docstring).
 
-    ``generator``: a :data:`.generate.Generator`; ``depth_fn``: see :data:`memory.cache.DepthFn`
+    ``generator``: a :data:`.generate.Generator`; ``depth_fn``: see :data:`geometry.depth.DepthFn`
     (called once, on the working-size image with its K and frame-0 w2c). ``progress`` is passed
     to the generator (one tick per sampling step). Raises RunFolderLocked when another run holds
     the output folder.
@@ -98,8 +98,8 @@ def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike,
     start = resize_bicubic(image, size)
     image_t = to_tensor_m11(start)
     with locked_run_folder(safe_join(out_dir, scene_dir.name)) as scene_out:
-        depth = depth_map(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
-        cloud = lift_depth(depth, start, traj_w.K[0], traj_w.w2c[0])
+        depth = ViewDepth.of(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
+        cloud = lift_start_view(start, depth, K=traj_w.K[0], w2c=traj_w.w2c[0]).cloud
         rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_w, image_t, H, W, radius=render_radius,
                                  points_per_pixel=points_per_pixel)
         save_render_folder(scene_out, rgb, mask, traj_w)

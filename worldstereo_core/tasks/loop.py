@@ -61,11 +61,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, scale_intrinsics,
-                       subsample_indices)
+from ..cameras import CameraTrajectory, intrinsics_from_fov, invert_rigid, scale_intrinsics, subsample_indices
 from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FALLBACK_FOV_DEG, FPS, MAX_REFERENCE, NFRAME
 from ..errors import CheckpointError, InputError, WorldStereoError
-from ..geometry.trajectories import median_depth, reconstruction_trajectories
+from ..geometry.depth import DepthFn
+from ..geometry.start_view import ViewDepth, start_intrinsics
+from ..geometry.trajectories import reconstruction_trajectories
 from ..io.atomic import atomic_path, plain_name, safe_join, write_json_atomic
 from ..io.camera_json import bank_keys, load_camera_json
 from ..io.fingerprint import file_digest, text_digest
@@ -76,7 +77,7 @@ from ..io.run_lock import locked_run_folder
 from ..io.video import read_video, read_video_frames, write_video
 from ..io.worldmirror import export_worldmirror, run_worldmirror
 from ..memory.bank import RECONSTRUCTION_INPUT_FNAME, MemoryBank
-from ..memory.cache import CACHE_MODES, CacheSettings, DepthFn, PointCache, depth_map
+from ..memory.cache import CACHE_MODES, CacheSettings, PointCache
 from ..memory.retrieval import RetrievalResult, retrieve
 from ..progress import ProgressFn, report
 from ..sizes import assign_scale, validate_scale_map
@@ -249,18 +250,16 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
     size = assign_scale(h0, w0, opts.scale_map)
     image_w = resize_bicubic(image, size)
     identity = torch.eye(4, dtype=torch.float64)
-    start_depth: dict[str, torch.Tensor] = {}
+    start_depth: dict[str, ViewDepth] = {}
     files, texts = {"image.png": scene_dir / "image.png"}, {}
 
-    def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor):
+    def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor) -> ViewDepth:
         if "depth" not in start_depth:
             if depth_fn is None:
                 raise InputError(f"{scene_dir}: this run needs the depth of image.png (no pre-rendered renders/ "
                                  "to use, or the global cache); give a depth model (MoGe) or depth function")
-            out = depth_fn(image_w, K_w, w2c)
-            start_depth["depth"] = depth_map(out)
-            start_depth["raw"] = out
-        return start_depth["depth"], start_depth["raw"]
+            start_depth["depth"] = ViewDepth.of(depth_fn(image_w, K_w, w2c))
+        return start_depth["depth"]
 
     if any((scene_dir / RECONSTRUCTION_VIEW / t / "camera.json").is_file() for t in RECONSTRUCTION_ORDER):
         jobs = []
@@ -281,11 +280,9 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
         prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
         texts["prompt"] = prompt
         K_guess = intrinsics_from_fov(w0, h0, opts.fov_deg)
-        depth, raw = depth_of_start(scale_intrinsics(K_guess, (h0, w0), size), identity)
-        K0 = K_guess
-        if isinstance(raw, dict) and raw.get("intrinsics_normalised") is not None:
-            K0 = scale_intrinsics(as_tensor(raw["intrinsics_normalised"]), (1, 1), (h0, w0))
-        trajs = reconstruction_trajectories(identity, K0, w0, h0, median_depth(depth), nframe=opts.nframe)
+        depth = depth_of_start(scale_intrinsics(K_guess, (h0, w0), size), identity)
+        K0 = start_intrinsics(depth, w0, h0, opts.fov_deg)
+        trajs = reconstruction_trajectories(identity, K0, w0, h0, depth.median_depth, nframe=opts.nframe)
         jobs = [_Job(RECONSTRUCTION_VIEW, t, prompt, trajs[t], start_image=scene_dir / "image.png")
                 for t in RECONSTRUCTION_ORDER]
         w2c0 = identity
@@ -297,8 +294,8 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
 
     def cache() -> PointCache:
         K_w = scale_intrinsics(K0, (h0, w0), size)
-        depth, _ = depth_of_start(K_w, w2c0)
-        return PointCache.from_depth(image_w, depth, K_w, w2c0, mode=opts.cache_mode, settings=opts.cache)
+        return PointCache.from_depth(image_w, depth_of_start(K_w, w2c0), K_w, w2c0, mode=opts.cache_mode,
+                                     settings=opts.cache)
 
     return _Scene(scene_dir.name, "reconstruction", size, jobs, bank, cache, files, texts, uses_depth,
                   {RECONSTRUCTION_INPUT_FNAME: w2c0})
@@ -533,7 +530,7 @@ def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLik
     ``generator``: a :data:`.generate.Generator` (its ``steps`` attribute, if any, is the number of
     progress ticks per trajectory; its ``resume_key()``, if any, joins the run's key). ``depth_fn``:
     depth of the start image and, in global mode, of the kept frames (see
-    :data:`memory.cache.DepthFn`). ``selector``: a CameraSelector for retrievals over more than
+    :data:`geometry.depth.DepthFn`). ``selector``: a CameraSelector for retrievals over more than
     ``max_reference`` entries (default: camera features only). ``progress(done, total)`` may raise
     to interrupt; a rerun resumes. Raises RunFolderLocked when another run holds the run folder.
     """

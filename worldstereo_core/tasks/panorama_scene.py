@@ -44,6 +44,7 @@ from PIL import Image
 from ..cameras import CameraTrajectory
 from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
 from ..errors import InputError
+from ..geometry.depth import DepthFn
 from ..geometry.equirect import check_panorama_size, panorama_bank_crops, perspective_from_equirect
 from ..geometry.panorama_depth import (SPLIT_SIZE, load_panorama_distance, panorama_distance, panorama_points,
                                        split_cameras)
@@ -51,12 +52,12 @@ from ..geometry.pointcloud import PointCloud
 from ..geometry.renderer import render_point_cloud, render_warps
 from ..geometry.wander import PlannedTrajectory, WanderOptions, WanderPlan, plan_wander
 from ..io.atomic import atomic_path, safe_join, write_json_atomic
-from ..io.camera_json import save_bank_cameras, save_camera_json
+from ..io.camera_json import load_camera_json, save_bank_cameras, save_camera_json
 from ..io.images import ImageLike, load_image, to_tensor_m11
 from ..io.pointcloud_files import read_ply, write_ply
 from ..io.render_folder import save_render_folder
 from ..io.run_lock import LOCK_NAME, locked_run_folder
-from ..memory.cache import CacheSettings, DepthFn, PointCache
+from ..memory.cache import CacheSettings, PointCache
 from ..progress import ProgressFn, report
 
 MANIFEST = "panorama_scene.json"
@@ -190,7 +191,7 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
 
     ``panorama``: a path, PIL image, uint8/float array or ComfyUI IMAGE tensor, 2:1. ``depth``: the
     user's equirectangular distance map (array/tensor or .npy/.npz/16-bit .png; 0/NaN/inf =
-    unknown), else ``depth_fn`` (a :data:`memory.cache.DepthFn`, e.g.
+    unknown), else ``depth_fn`` (a :data:`geometry.depth.DepthFn`, e.g.
     :func:`geometry.panorama_depth.moge_view_depth_fn`) estimates it. ``prompt`` describes the
     scene; each trajectory's caption appends its motion. ``progress(done, total)`` ticks per depth
     view and per trajectory and may raise to interrupt; a rerun resumes. Raises RunFolderLocked
@@ -288,6 +289,12 @@ def check_made_scene(folder: str | os.PathLike) -> dict | None:
     if not (folder / CLOUD_FILE).is_file():
         raise InputError(f"{folder / CLOUD_FILE} is missing; delete {folder} and make the scene again")
     return data
+
+
+def planned_trajectories(folder: str | os.PathLike) -> list[tuple[str, CameraTrajectory]]:
+    """Every trajectory of a scene folder as (``"<group>/<traj>"``, its cameras), in folder order."""
+    paths = sorted(p for p in Path(folder).glob("*/*/camera.json") if p.parent.parent.name != "pano_bank")
+    return [(f"{p.parent.parent.name}/{p.parent.name}", load_camera_json(p)) for p in paths]
 
 
 def panorama_cache(folder: str | os.PathLike, *, mode: str = "global",
