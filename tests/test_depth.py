@@ -10,8 +10,8 @@ from conftest import fixtures_root
 from worldstereo_core.cameras import invert_rigid
 from worldstereo_core.errors import InputError
 from worldstereo_core.geometry.depth import (
-    boundary_mask, contract_depth, image_to_rgb01, lift_depth, load_depth_map, load_point_map,
-    points_from_pointmap, resize_depth,
+    DEPTH_ENCODINGS, boundary_mask, contract_depth, depth_from_values, image_to_rgb01, lift_depth, load_depth_map,
+    load_point_map, points_from_pointmap, resize_depth,
 )
 
 
@@ -241,3 +241,17 @@ def test_resize_depth_keeps_values():
     depth = torch.tensor([[0.0, 2.0], [3.0, 4.0]])
     out = resize_depth(depth, 4, 6)
     assert out.shape == (4, 6) and set(out.unique().tolist()) == {0.0, 2.0, 3.0, 4.0}
+
+
+def test_depth_from_values_encodings():
+    v = torch.tensor([[0.0, 0.25], [0.5, 1.0]])
+    scaled, near_bright, far_bright = DEPTH_ENCODINGS
+    assert torch.equal(depth_from_values(v, scaled, 4.0, 0.5, 10.0), v * 4.0)  # 0 stays invalid
+    near, far = 0.5, 10.0
+    disparity = 1.0 / far + v.double() * (1.0 / near - 1.0 / far)  # bright = near: linear in 1/depth
+    assert torch.allclose(depth_from_values(v, near_bright, 1.0, near, far).double(), 1.0 / disparity, rtol=1e-6)
+    assert torch.allclose(depth_from_values(v, far_bright, 1.0, near, far), torch.tensor([[0.5, 2.875], [5.25, 10.0]]))
+    with pytest.raises(InputError, match="near < far"):
+        depth_from_values(v, far_bright, 1.0, 10.0, 0.5)
+    with pytest.raises(InputError, match="encoding must be one of"):
+        depth_from_values(v, "inverse", 1.0, near, far)

@@ -245,6 +245,15 @@ def test_update_memory_rescales_intrinsics_to_bank_size():
     assert bank.K[0].tolist() == [[20.0, 0, 20], [0, 24, 12], [0, 0, 1]]
 
 
+def test_next_traj_id_and_summary():
+    bank = MemoryBank(40, 24)
+    assert bank.next_traj_id("v") == "traj0" and bank.summary() == "0 entries, 40x24"
+    for traj_id in ("traj0", "traj2"):
+        bank.update_memory(_frames(21, 24, 40, 0), torch.eye(4).repeat(21, 1, 1), torch.eye(3), "v", traj_id)
+    assert bank.next_traj_id("v") == "traj1" and bank.next_traj_id("other") == "traj0"
+    assert bank.summary() == f"{len(bank)} entries, 40x24" and len(bank) == 2 * bank.align_nframe
+
+
 def test_bad_updates_are_input_errors():
     bank = MemoryBank(40, 24)
     with pytest.raises(InputError, match="21 frames but 20 w2c"):

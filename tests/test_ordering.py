@@ -8,7 +8,8 @@ import pytest
 
 from conftest import example_dirs, fixture_file
 from worldstereo_core.errors import InputError
-from worldstereo_core.tasks.ordering import group_id, is_iterative, multi_traj_jobs, recon_sort_trajs, sort_trajs
+from worldstereo_core.tasks.ordering import (group_id, is_iterative, multi_traj_jobs, recon_sort_trajs, scene_task,
+                                             sort_trajs)
 
 
 def _write(path, obj):
@@ -126,3 +127,12 @@ def test_panorama_examples(scene):
     if fx["scene"] == scene.name:
         got = [f"{j.view_id}/{j.traj_id}/render.mp4" for j in jobs]
         assert got == [p for p in fx["sort_trajs_order"] if p in got]
+
+
+def test_scene_task(tmp_path):
+    assert scene_task(tmp_path) == "reconstruction"
+    (tmp_path / "pano_bank").write_text("")  # a file is not a bank folder
+    assert scene_task(tmp_path) == "reconstruction"
+    (tmp_path / "pano_bank").unlink()
+    (tmp_path / "pano_bank").mkdir()
+    assert scene_task(tmp_path) == "panorama"

@@ -29,7 +29,7 @@ from worldstereo_core.io.video import read_mask_video, read_video
 from worldstereo_core.tasks import generate
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
 from worldstereo_core.tasks.ordering import sort_trajs
-from worldstereo_core.tasks.panorama_scene import MANIFEST, PanoramaSceneOptions, make_panorama_scene
+from worldstereo_core.tasks.panorama_scene import MANIFEST, PanoramaSceneOptions, make_panorama_scene, planned_trajectories
 
 SIZE = (32, 48)
 #: Tiny images: a low edge threshold (see panorama_points) and wide splats (0.008 NDC is a quarter
@@ -101,6 +101,14 @@ def test_scene_layout(room, scene):
     assert np.array_equal(load_image(folder / "panorama.png"), pano)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["complete"] and manifest["plan"]["margin"] > 0 and manifest["cloud_points"] == len(cloud)
+
+
+def test_planned_trajectories(scene):
+    made, _ = scene
+    found = planned_trajectories(made.folder)
+    assert [label for label, _ in found] == sorted(f"{p.group}/{p.traj}" for p in made.plan.trajectories)
+    planned = {f"{p.group}/{p.traj}": p.trajectory for p in made.plan.trajectories}
+    assert all(torch.allclose(traj.w2c, planned[label].w2c) for label, traj in found)
 
 
 def test_scene_runs_through_the_loop(scene, tmp_path):
