@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import invert_rigid
 from ..worldstereo_core.constants import FPS
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
+from ..worldstereo_core.io.pointcloud_files import write_glb, write_ply
 from ..worldstereo_core.io.worldmirror import export_worldmirror
 from . import types
 from ._comfy import comfy_progress, node_errors
@@ -84,12 +83,7 @@ class SavePointCloud(io.ComfyNode):
         if format == "ply":
             write_ply(path, cloud)
         else:
-            w2c = point_cloud.w2c[None] if trajectory is None else trajectory.w2c
-            K = point_cloud.K[None] if trajectory is None else trajectory.K
-            width = point_cloud.width if trajectory is None else (trajectory.width or point_cloud.width)
-            height = point_cloud.height if trajectory is None else (trajectory.height or point_cloud.height)
-            segments = camera_frustum_segments(invert_rigid(w2c), K, width, height, 0.1 * point_cloud.median_depth)
-            write_glb(path, cloud, frustum_segments=segments, world_up=world_up)
+            write_glb(path, cloud, frustum_segments=point_cloud.camera_segments(trajectory), world_up=world_up)
         rel = relative_to_base(path, "output")
         return io.NodeOutput(rel, ui={"3d": [file_entry(path, "output")], "result": [rel, None]})
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import invert_rigid
 from ..worldstereo_core.constants import (DEFAULT_SCALE_MAP, DEPTH_CONTRACT_FACTOR, FALLBACK_FOV_DEG,
                                            SOBEL_EDGE_THRESHOLD)
 from ..worldstereo_core.errors import InputError
@@ -58,12 +57,10 @@ def depth_preview(depth: torch.Tensor) -> torch.Tensor:
 
 def save_preview_cloud(scene: StartView, prefix: str = "WorldStereo/cloud") -> dict:
     """Write the scene's cloud as a GLB into ComfyUI's temp folder; its ``ui`` entry."""
-    from ..worldstereo_core.io.pointcloud_files import camera_frustum_segments, write_glb
+    from ..worldstereo_core.io.pointcloud_files import write_glb
 
     (path,) = next_paths(prefix, "temp", 1, "glb")
-    c2w = invert_rigid(scene.w2c)[None]
-    segments = camera_frustum_segments(c2w, scene.K[None], scene.width, scene.height, 0.1 * scene.median_depth)
-    write_glb(path, scene.cloud, frustum_segments=segments)
+    write_glb(path, scene.cloud, frustum_segments=scene.camera_segments())
     return file_entry(path, "temp")
 
 

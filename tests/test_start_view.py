@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import fixtures_root
-from worldstereo_core.cameras import intrinsics_from_fov, scale_intrinsics
+from worldstereo_core.cameras import CameraTrajectory, intrinsics_from_fov, scale_intrinsics
 from worldstereo_core.errors import InputError
 from worldstereo_core.geometry.depth import lift_depth
-from worldstereo_core.geometry.start_view import (STAND_IN_DEPTH, STAND_IN_SIZE, ViewDepth, lift_start_view,
-                                                  stand_in_view, start_intrinsics, start_view_from_point_map)
+from worldstereo_core.geometry.start_view import (FRUSTUM_FRACTION, STAND_IN_DEPTH, STAND_IN_SIZE, ViewDepth,
+                                                  lift_start_view, stand_in_view, start_intrinsics,
+                                                  start_view_from_point_map)
 from worldstereo_core.memory.cache import PointCache
 
 
@@ -28,12 +29,13 @@ def test_lift_start_view_matches_reference(path):
         c = {k: z[k] for k in z.files}
     image = np.round((np.transpose(c["image"], (1, 2, 0)) + 1.0) * 127.5).astype(np.uint8)
     mask = c.get("valid_mask")
-    view = lift_start_view(image, ViewDepth(torch.from_numpy(c["depth"]), None if mask is None else torch.from_numpy(mask)),
-                           K=c["K"].reshape(3, 3), w2c=c["w2c"].reshape(4, 4),
+    depth_in = ViewDepth(torch.from_numpy(c["depth"]), None if mask is None else torch.from_numpy(mask))
+    view = lift_start_view(image, depth_in, K=c["K"].reshape(3, 3), w2c=c["w2c"].reshape(4, 4),
                            sobel_threshold=float(c["sobel_threshold"]), contract=float(c["contract"]))
     depth = c["depth"]
     assert view.cloud.xyz.shape == c["expected_points"].shape
-    assert np.abs(view.cloud.xyz.numpy() - c["expected_points"]).max() <= 1e-4 * max(1.0, float(np.median(depth[depth > 0])))
+    tolerance = 1e-4 * max(1.0, float(np.median(depth[depth > 0])))  # the fixture README's
+    assert np.abs(view.cloud.xyz.numpy() - c["expected_points"]).max() <= tolerance
     assert np.abs(view.cloud.rgb_signed.numpy() - c["expected_colors"]).max() <= 1.0 / 255 + 1e-6
     valid = (depth > 0) & (mask if mask is not None else True)
     assert view.median_depth == float(torch.from_numpy(depth[valid]).double().median())
@@ -52,7 +54,8 @@ def test_depth_counts_only_under_its_mask():
     mask[:, 8:] = True
     view = lift_start_view(image, ViewDepth(depth, mask), sobel_threshold=0.0)
     assert view.median_depth == 2.0 and bool((view.cloud.xyz[:, 2] - 2.0).abs().max() < 1e-5)
-    expected = lift_depth(torch.where(mask, depth, torch.zeros_like(depth)), image, view.K, view.w2c, sobel_threshold=0.0)
+    expected = lift_depth(torch.where(mask, depth, torch.zeros_like(depth)), image, view.K, view.w2c,
+                          sobel_threshold=0.0)
     assert torch.equal(view.cloud.xyz, expected.xyz) and torch.equal(view.cloud.rgb, expected.rgb)
     # a depth function's dict brings its mask along: the loop's and camera control's start cloud
     cache = PointCache.from_depth(image, {"depth": depth, "mask": mask}, view.K, view.w2c,
@@ -89,3 +92,14 @@ def test_point_map_and_stand_in_views():
     stand_in = stand_in_view()
     assert (stand_in.height, stand_in.width) == STAND_IN_SIZE and stand_in.median_depth == STAND_IN_DEPTH
     assert len(stand_in.cloud) == 0
+
+
+def test_camera_segments_are_pyramids_a_tenth_of_m_deep():
+    view = stand_in_view()
+    segments = view.camera_segments()
+    assert segments.shape == (8, 2, 3)
+    corners = segments[:4, 1]  # centre -> image corners, at z-depth 0.1 m in front of the identity camera
+    assert np.allclose(segments[:4, 0], 0.0) and np.allclose(corners[:, 2], FRUSTUM_FRACTION * view.median_depth)
+    traj = CameraTrajectory(w2c=torch.eye(4, dtype=torch.float64).repeat(3, 1, 1), K=view.K, width=view.width,
+                            height=view.height)
+    assert np.array_equal(view.camera_segments(traj), np.concatenate([segments] * 3))

@@ -13,10 +13,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..cameras import as_tensor, intrinsics_from_fov, scale_intrinsics
+from ..cameras import CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, scale_intrinsics
 from ..constants import DEPTH_CONTRACT_FACTOR, FALLBACK_FOV_DEG, SOBEL_EDGE_THRESHOLD
 from ..errors import InputError
 from ..io.images import resize_bicubic
+from ..io.pointcloud_files import camera_frustum_segments
 from .depth import depth_map, lift_depth, points_from_pointmap, resize_depth
 from .pointcloud import PointCloud
 from .trajectories import median_depth
@@ -71,6 +72,10 @@ class ViewDepth:
         return ViewDepth(resize_depth(self.depth, height, width), mask, self.K_normalised)
 
 
+#: Depth of the camera pyramids drawn with a view's cloud, as a fraction of its scale m.
+FRUSTUM_FRACTION = 0.1
+
+
 @dataclass(frozen=True)
 class StartView:
     """A lifted start view: the point ``cloud`` (world = OpenCV axes) and the camera that saw it.
@@ -87,6 +92,15 @@ class StartView:
     height: int
     median_depth: float
     image: Optional[np.ndarray] = None
+
+    def camera_segments(self, trajectory: Optional[CameraTrajectory] = None) -> np.ndarray:
+        """Line segments drawing the start camera, or the cameras of ``trajectory``, as pyramids
+        :data:`FRUSTUM_FRACTION` x m deep (:func:`..io.pointcloud_files.camera_frustum_segments`)."""
+        depth = FRUSTUM_FRACTION * self.median_depth
+        if trajectory is None:
+            return camera_frustum_segments(invert_rigid(self.w2c)[None], self.K[None], self.width, self.height, depth)
+        return camera_frustum_segments(invert_rigid(trajectory.w2c), trajectory.K, trajectory.width or self.width,
+                                       trajectory.height or self.height, depth)
 
 
 def start_intrinsics(depth: ViewDepth, width: int, height: int, fov_deg: float = FALLBACK_FOV_DEG) -> torch.Tensor:
