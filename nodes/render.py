@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..worldstereo_core.cameras import subsample_indices
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.renderer import BACKENDS, render_warps
 from ..worldstereo_core.io.render_folder import CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO, load_render_folder
@@ -111,10 +110,7 @@ class LoadRenderFolder(io.ComfyNode):
         _, height, width = start.shape
         folder = cls._folder(render_folder)
         render, mask, traj = load_render_folder(folder, height, width, start, clear_first_mask=is_iterative(
-            group_id(folder.parent.name), folder.name))
-        if frames and len(render) > frames:
-            keep = subsample_indices(len(render), frames)
-            render, mask, traj = render[keep], mask[keep], traj.select(keep)
+            group_id(folder.parent.name), folder.name), nframe=frames)
         traj = traj.resized(height, width)
         return io.NodeOutput(frames_to_image(render), mask_to_comfy(mask), traj)
 

@@ -92,6 +92,17 @@ def test_frame0_mask_kept_unless_cleared(tmp_path):
     assert (cleared[0] == 0).all() and torch.equal(cleared[1:], mask[1:])
 
 
+def test_load_subsamples_longer_folders(tmp_path):
+    rgb, mask, traj = _synthetic()  # 5 frames
+    folder = save_render_folder(tmp_path / "t", rgb, mask, traj)
+    full, full_mask, full_traj = load_render_folder(folder, 36, 50)
+    render, m, t = load_render_folder(folder, 36, 50, nframe=3)
+    keep = [0, 2, 4]  # floor(linspace(0, 4, 3)), as camera files are subsampled
+    assert torch.equal(render, full[keep]) and torch.equal(m, full_mask[keep])
+    assert torch.equal(t.w2c, full_traj.w2c[keep]) and torch.equal(t.w2c, full_traj.subsample(3).w2c)
+    assert len(load_render_folder(folder, 36, 50, nframe=8)[0]) == 5  # never longer
+
+
 def test_bad_render_folders(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_render_folder(tmp_path / "absent", 16, 16)

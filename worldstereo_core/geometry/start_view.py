@@ -138,10 +138,9 @@ def start_view_from_point_map(image: np.ndarray, points: torch.Tensor, fov_deg: 
     height, width = points.shape[:2]
     if image.shape[:2] != (height, width):
         image = resize_bicubic(image, (height, width))
-    z = points[..., 2]
     return StartView(cloud=points_from_pointmap(points, image), K=intrinsics_from_fov(width, height, fov_deg),
                      w2c=torch.eye(4, dtype=torch.float64), width=width, height=height,
-                     median_depth=median_depth(torch.where(torch.isfinite(z), z, torch.zeros_like(z))), image=image)
+                     median_depth=median_depth(points[..., 2]), image=image)
 
 
 #: The stand-in start view of trajectory previews without a scene: 768x480, m = 2.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cameras import CameraTrajectory
+from ..cameras import CameraTrajectory, subsample_indices
 from ..constants import FPS
 from ..errors import InputError
 from .atomic import safe_join
@@ -58,13 +58,16 @@ def save_render_folder(folder: str | os.PathLike, rgb: torch.Tensor, mask: torch
 
 
 def load_render_folder(folder: str | os.PathLike, height: int, width: int, image=None, *,
-                       clear_first_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor, CameraTrajectory]:
+                       clear_first_mask: bool = False, nframe: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, CameraTrajectory]:
     """Load a render folder for the model.
 
     Returns ``render`` (F, 3, height, width) float32 in [-1, 1], ``mask`` (F, 1, height, width)
     float32 in {0, 1} (1 = hole) and the trajectory as stored (K not rescaled). ``image``
     (3, height, width) in [-1, 1], when given, replaces render frame 0; ``clear_first_mask`` sets
-    mask frame 0 to 0 (the release does so for iterative trajectories only).
+    mask frame 0 to 0 (the release does so for iterative trajectories only). ``nframe`` > 0: a
+    longer folder is subsampled to ``nframe`` frames and cameras, as camera files are
+    (:meth:`CameraTrajectory.subsample`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -100,4 +103,7 @@ def load_render_folder(folder: str | os.PathLike, height: int, width: int, image
     mask = (holes > 0.5).float()
     if clear_first_mask:
         mask[0] = 0.0
+    if nframe and len(render) > nframe:
+        keep = subsample_indices(len(render), nframe)
+        render, mask, trajectory = render[keep], mask[keep], trajectory.select(keep)
     return render, mask, trajectory

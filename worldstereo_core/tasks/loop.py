@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cameras import CameraTrajectory, intrinsics_from_fov, invert_rigid, scale_intrinsics, subsample_indices
+from ..cameras import CameraTrajectory, intrinsics_from_fov, invert_rigid, scale_intrinsics
 from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FALLBACK_FOV_DEG, FPS, MAX_REFERENCE, NFRAME
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.depth import DepthFn
@@ -687,10 +687,8 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
     image_t = to_tensor_m11(start)
 
     if job.render_dir is not None and opts.cache_mode == "release":
-        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t, clear_first_mask=job.start_from is not None)
-        if len(render) != len(traj):  # longer render videos are subsampled like the cameras
-            keep = subsample_indices(len(render), len(traj))
-            render, mask = render[keep], mask[keep]
+        render, mask, _ = load_render_folder(job.render_dir, H, W, image_t, clear_first_mask=job.start_from is not None,
+                                             nframe=len(traj))  # longer render videos: subsampled like the cameras
         source = "scene renders"
     else:
         rgb, holes = cache.render(traj_w, image_t, H, W, progress=ticks.beat)
