@@ -10,13 +10,11 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 from comfy_api.latest import io
 
 from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.constants import ALIGN_NFRAME, MAX_REFERENCE, NFRAME
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.io.images import resize_bicubic
 from ..worldstereo_core.memory.bank import MemoryBank
 from ..worldstereo_core.memory.retrieval import retrieve
 from ..worldstereo_core.memory.selector import CameraSelector
@@ -175,7 +173,7 @@ class MemoryRetrieve(io.ComfyNode):
                          traj_id.strip() or "traj", k_size=(height, width), selector=selector,
                          progress=comfy_progress(3))
         positions = found.ref_index.tolist()
-        refs = np.stack([resize_bicubic(found.frames[k], (height, width)) for k in positions])
+        refs = found.reference_frames(height, width)
         memory = types.Memory(frames=refs, ref_index=found.ref_index.clone(), w2c=found.ref_w2cs.clone(),
                               retrieved=list(found.ref_global_indices))
         ref_cams = CameraTrajectory(w2c=found.ref_w2cs.clone(), K=memory_bank.K[memory.retrieved].clone(),

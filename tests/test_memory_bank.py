@@ -20,6 +20,7 @@ from conftest import angle_close, example_dirs, examples_root, fixture_file, req
 from worldstereo_core.errors import CheckpointError, InputError
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.io.camera_json import load_bank_cameras, load_camera_json
+from worldstereo_core.io.images import resize_bicubic
 from worldstereo_core.memory import bank as bank_module
 from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe, split_n_into_d_parts
 from worldstereo_core.geometry.frustums import FrustumSet
@@ -227,6 +228,17 @@ def _small_bank(seed: int = 0, with_extras: bool = False) -> MemoryBank:
     points = [np.random.default_rng(i).normal(size=(5, 3)) for i in range(21)] if with_extras else None
     bank.update_memory(_frames(21, 24, 40, seed + 1), w2c, K, "view0", "traj2", depths=depths, points=points)
     return bank
+
+
+def test_reference_frames_are_the_chosen_bank_frames_resized():
+    bank = _small_bank()
+    w2c = torch.eye(4, dtype=torch.float64).repeat(21, 1, 1)
+    w2c[:, 0, 3] = torch.arange(21) * 0.05
+    found = retrieve(bank, w2c, bank.K[0], "view0", "traj9")
+    refs = found.reference_frames(48, 80)
+    assert refs.shape == (len(found.ref_index), 48, 80, 3) and refs.dtype == np.uint8
+    for ref, g in zip(refs, found.ref_global_indices):
+        assert np.array_equal(ref, resize_bicubic(bank.frames[g], (48, 80)))
 
 
 def test_update_memory_keeps_align_nframe_frames():

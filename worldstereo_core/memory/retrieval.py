@@ -23,6 +23,7 @@ from ..cameras import as_tensor
 from ..constants import FRUSTUM_FAR, FRUSTUM_NEAR
 from ..errors import InputError
 from ..geometry.frustums import SCORE_DTYPE, FrustumSet
+from ..io.images import resize_bicubic
 from ..progress import ProgressFn, report
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -181,6 +182,10 @@ class RetrievalResult:
         """``ref_index_dict`` as the release writes it to ``memory_inputs/<model>_ref_index.json``:
         ``{"<k>": {"<i>": {"score": s, "angle_diff": a}}}``, k in first-choice order, i ascending."""
         return {str(k): {str(i): dict(v) for i, v in d.items()} for k, d in self.ref_index_dict.items()}
+
+    def reference_frames(self, height: int, width: int) -> np.ndarray:
+        """The references' frames (R, height, width, 3) uint8, bicubic-resized, in ``ref_index`` order."""
+        return np.stack([resize_bicubic(self.frames[k], (height, width)) for k in self.ref_index.tolist()])
 
     @property
     def ref_global_indices(self) -> list[int]:

@@ -713,10 +713,9 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
     found = retrieve(bank, traj.w2c, K_bank, job.view_id, job.traj_id, selector=selector, progress=ticks.beat)
     _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, (H, W))
     ticks.add()
-    refs = found.ref_index.tolist()
     request = GenerationRequest(
         image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
-        **_noise(opts, index), references=np.stack([resize_bicubic(found.frames[k], (H, W)) for k in refs]),
+        **_noise(opts, index), references=found.reference_frames(H, W),
         ref_index=found.ref_index, ref_w2cs=found.ref_w2cs, name=job.name)
     frames = _frames_array(generator(request, ticks.steps(steps)), len(traj), (H, W), job.name)
     ticks.done += steps
