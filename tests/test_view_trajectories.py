@@ -57,16 +57,6 @@ def test_fit_to_view_subsamples_resizes_and_anchors():
     assert len(free) == len(src) and torch.equal(free.w2c, src.w2c)
 
 
-def test_fit_to_view_sizes_of_files_without_one():
-    src = _file_trajectory()
-    unsized = CameraTrajectory(w2c=src.w2c, K=src.K)
-    view = stand_in_view()
-    assert fit_to_view(unsized, None, nframe=0, anchor=False, scale=1.0, file_size=(400, 300)).width == 400
-    assert fit_to_view(unsized, view, nframe=0, anchor=False, scale=1.0).width == view.width  # the view's size
-    assert fit_to_view(unsized, None, nframe=0, anchor=False, scale=1.0).width is None
-    assert unsized.width is None  # the input is never changed
-
-
 def test_parse_trajectory_json():
     assert parse_trajectory_json(json.dumps(MOVES)) == MOVES
     assert parse_trajectory_json(json.dumps({"moves": MOVES})) == MOVES

@@ -99,8 +99,7 @@ class StartView:
         depth = FRUSTUM_FRACTION * self.median_depth
         if trajectory is None:
             return camera_frustum_segments(invert_rigid(self.w2c)[None], self.K[None], self.width, self.height, depth)
-        return camera_frustum_segments(invert_rigid(trajectory.w2c), trajectory.K, trajectory.width or self.width,
-                                       trajectory.height or self.height, depth)
+        return camera_frustum_segments(trajectory.c2w, trajectory.K, trajectory.width, trajectory.height, depth)
 
 
 def start_intrinsics(depth: ViewDepth, width: int, height: int, fov_deg: float = FALLBACK_FOV_DEG) -> torch.Tensor:
