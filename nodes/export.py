@@ -1,4 +1,4 @@
-"""Exports into ComfyUI's output folder: MP4 video (16 fps), point clouds (PLY / GLB for the
+"""Exports into ComfyUI's output folder: MP4 video, point clouds (PLY / GLB for the
 built-in Preview3D) and the WorldMirror input folder of a memory bank.
 
 Each export returns its path relative to ``output/`` as a STRING (wire it into Preview3D's
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..worldstereo_core.cameras import WORLD_UP
 from ..worldstereo_core.constants import FPS
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.io.pointcloud_files import write_glb, write_ply
@@ -18,7 +19,8 @@ from .saving import file_entry, next_folder, next_paths, relative_to_base, save_
 
 CATEGORY = "WorldStereo/export"
 POINT_CLOUD_FORMATS = ("glb", "ply")
-WORLD_UP = ("-y", "+z")
+#: The world up options: one per kind of world, the single-view / reconstruction one first (the default).
+WORLD_UP_OPTIONS = tuple(dict.fromkeys(WORLD_UP.values()))
 
 
 class SaveVideo(io.ComfyNode):
@@ -33,7 +35,7 @@ class SaveVideo(io.ComfyNode):
                 io.Image.Input("images", tooltip="The frames, in order."),
                 io.String.Input("filename_prefix", default="WorldStereo/video", tooltip=
                                 "File name prefix inside the output folder (sub-folders allowed)."),
-                io.Int.Input("fps", default=FPS, min=1, max=120, tooltip="WorldStereo clips play at 16 fps."),
+                io.Int.Input("fps", default=FPS, min=1, max=120, tooltip=f"WorldStereo clips play at {FPS} fps."),
             ],
             outputs=[io.String.Output(display_name="video_path", tooltip="The MP4, relative to the output folder.")],
         )
@@ -62,8 +64,9 @@ class SavePointCloud(io.ComfyNode):
                                 "File name prefix inside the output folder (sub-folders allowed)."),
                 io.Combo.Input("format", options=list(POINT_CLOUD_FORMATS), default="glb", tooltip=
                                "glb: viewable in Preview3D, with the cameras; ply: the points only."),
-                io.Combo.Input("world_up", options=list(WORLD_UP), default="-y", tooltip=
-                               "Which world axis is up (GLB only): -y for image-based scenes, +z for panoramas."),
+                io.Combo.Input("world_up", options=list(WORLD_UP_OPTIONS), default=WORLD_UP["reconstruction"], tooltip=
+                               f"Which world axis is up (GLB only): {WORLD_UP['reconstruction']} for image-based "
+                               f"scenes, {WORLD_UP['panorama']} for panoramas."),
                 types.Socket.TRAJECTORY.Input("trajectory", optional=True, tooltip=
                                               "Cameras drawn into the GLB as frustums."),
             ],

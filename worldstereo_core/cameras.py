@@ -1,6 +1,7 @@
 """Camera conventions: the one place that defines them.
 
 * Axes are OpenCV: +x right, +y down, +z forward.
+* World up (:data:`WORLD_UP`): -y in single-view and reconstruction worlds, +z in panorama worlds.
 * ``w2c`` (world-to-camera) 4x4 is what every WorldStereo camera file stores; ``c2w`` is its inverse.
 * ``K`` is a 3x3 pixel intrinsic matrix for a given image size; rescaling multiplies row 0 by
   W'/W and row 1 by H'/H (no half-pixel correction).
@@ -23,6 +24,24 @@ import torch
 
 from .constants import CAMERA_SCALE
 from .errors import InputError
+
+#: World up directions by name, as unit vectors in world coordinates.
+UP_VECTORS: dict[str, tuple[float, float, float]] = {
+    "-y": (0.0, -1.0, 0.0), "+z": (0.0, 0.0, 1.0), "+y": (0.0, 1.0, 0.0),
+}
+#: Up direction of each kind of world: single-view and reconstruction worlds are OpenCV camera
+#: frames (y down, so up is -y); panorama worlds are z-up.
+WORLD_UP: dict[str, str] = {"reconstruction": "-y", "panorama": "+z"}
+
+
+def world_up_vector(kind: str) -> tuple[float, float, float]:
+    """Unit up vector of a kind of world (a key of :data:`WORLD_UP`)."""
+    return UP_VECTORS[WORLD_UP[kind]]
+
+
+def world_down_vector(kind: str) -> tuple[float, float, float]:
+    """Unit down vector of a kind of world: where an unrolled camera's +y points."""
+    return tuple(-c for c in world_up_vector(kind))
 
 def as_tensor(x, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """Convert ``x`` (tensor, ndarray or nested list) to a tensor of ``dtype``."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation, Slerp
 
-from ..cameras import as_tensor, axis_angle_matrix, make_pose, rot_x, rot_y
+from ..cameras import as_tensor, axis_angle_matrix, make_pose, rot_x, rot_y, world_up_vector
 from ..errors import InputError
 
 
@@ -63,7 +63,7 @@ def camera_rotation(c2w, median_depth: float, phi: float, theta: float, *, up=No
     rotated by ``-phi`` about world +z through ``(c2w (0,0,m,1)).xy`` (z = 0) and ``theta`` is not
     used (the world-z branch, meant for z-up panorama frames); otherwise it is the native orbit.
 
-    ``up`` = a world up vector (e.g. ``(0,-1,0)`` for y-down frames, ``(0,0,1)`` for panoramas):
+    ``up`` = a world up vector (:func:`cameras.world_up_vector`):
     elevation by the native orbit, then azimuth by ``-phi`` about ``up`` through the pivot. For a
     camera with no pitch this equals the native orbit; for a pitched one it adds no roll.
     """
@@ -73,7 +73,7 @@ def camera_rotation(c2w, median_depth: float, phi: float, theta: float, *, up=No
         if float(c2w[2, 3]) != 0.0 and phi != 0.0:
             pivot = (c2w @ torch.tensor([0.0, 0.0, m, 1.0], dtype=torch.float64))[:3].clone()
             pivot[2] = 0.0
-            return rotate_cam2world_around_axis(c2w, (0.0, 0.0, 1.0), -phi, pivot)
+            return rotate_cam2world_around_axis(c2w, world_up_vector("panorama"), -phi, pivot)
         return native_camera_rotation(c2w, m, phi, theta)
     if theta != 0.0:
         c2w = native_camera_rotation(c2w, m, 0.0, theta)

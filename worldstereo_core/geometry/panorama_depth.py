@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy.sparse import csr_array, diags, vstack
 
 from ..cameras import CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, look_at_rotation, make_pose, \
-    pixel_rays
+    pixel_rays, world_down_vector
 from ..constants import DEPTH_CONTRACT_FACTOR, SOBEL_EDGE_THRESHOLD
 from ..errors import InputError
 from ..progress import ProgressFn, report
@@ -75,7 +75,7 @@ def icosahedron_vertices() -> torch.Tensor:
 def split_cameras(size: int = SPLIT_SIZE) -> CameraTrajectory:
     """The split views: at the origin, looking at the icosahedron vertices, camera y = world down."""
     look = icosahedron_vertices()
-    R = look_at_rotation(torch.zeros_like(look), look, up=(0.0, 0.0, -1.0))
+    R = look_at_rotation(torch.zeros_like(look), look, up=world_down_vector("panorama"))
     K = intrinsics_from_fov(size, size, SPLIT_FOV_DEG, SPLIT_FOV_DEG)
     return CameraTrajectory(w2c=invert_rigid(make_pose(R, torch.zeros_like(look))), K=K, width=size, height=size)
 

@@ -20,7 +20,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, look_at_rotation,
-                       make_pose, rot_x)
+                       make_pose, rot_x, world_down_vector, world_up_vector)
 from ..constants import NFRAME
 from ..errors import InputError
 from .moves import (camera_backward_forward, camera_left_right, camera_rotation, interpolate_poses,
@@ -332,7 +332,7 @@ def panorama_look_c2w(yaw_deg, pitch_deg, center=(0.0, 0.0, 0.0)) -> torch.Tenso
     pitch = torch.deg2rad(torch.as_tensor(pitch_deg, dtype=torch.float64))
     look = torch.stack([pitch.cos() * yaw.cos(), pitch.cos() * yaw.sin(), pitch.sin()], dim=-1)
     center = torch.as_tensor(center, dtype=torch.float64).expand_as(look)
-    R = look_at_rotation(torch.zeros_like(look), look, up=(0.0, 0.0, -1.0))  # camera y = world down
+    R = look_at_rotation(torch.zeros_like(look), look, up=world_down_vector("panorama"))
     return make_pose(R, center)
 
 
@@ -368,7 +368,7 @@ def _split_frames(moves: Sequence[Mapping], total: int) -> list[int]:
 
 def trajectory_from_moves(start_w2c, K, moves: Sequence[Mapping], median_depth: float, *,
                           width: int, height: int, air_bound: float | None = None, nframe: int | None = NFRAME,
-                          up=(0.0, -1.0, 0.0), scene_points=None) -> CameraTrajectory:
+                          up=world_up_vector("reconstruction"), scene_points=None) -> CameraTrajectory:
     """Chain ``get_c2w`` moves, each starting from the last pose of the previous one.
 
     Each move dict is a ``get_c2w`` move plus optional ``frames`` (poses it adds; moves without
@@ -379,8 +379,8 @@ def trajectory_from_moves(start_w2c, K, moves: Sequence[Mapping], median_depth: 
     ``nframe=None`` keeps every pose.
 
     ``air_bound`` (translation unit of ``normal`` moves) defaults to m. ``up`` is the world up
-    vector of the azimuth rule (default ``(0,-1,0)``: y-down worlds, as the single-view and
-    reconstruction files; ``(0,0,1)`` for panoramas; None = the reference dispatcher, see
+    vector of the azimuth rule (:func:`cameras.world_up_vector`; default: the y-down worlds of the
+    single-view and reconstruction files; None = the reference dispatcher, see
     :func:`moves.camera_rotation`). ``scene_points`` enables the obstacle test of :func:`get_c2w`.
     """
     if not moves:

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from ..cameras import CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, project_points
+from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, project_points,
+                       world_up_vector)
 from ..constants import DEPTH_CONTRACT_FACTOR, NFRAME
 from ..errors import InputError
 from .equirect import sample_equirect
@@ -55,7 +56,7 @@ from .panorama_depth import panorama_surface
 from .trajectories import PANO_BANK_FOV_DEG, get_c2w, median_depth, panorama_look_c2w
 
 #: World up of the panorama frame (azimuth axis of every move).
-WORLD_UP = (0.0, 0.0, 1.0)
+PANORAMA_UP = world_up_vector("panorama")
 #: How often a rejected trajectory's moves are halved before the camera stays put.
 MAX_HALVINGS = 4
 #: Horizontal directions examined for open space.
@@ -222,7 +223,7 @@ def _chain(start: torch.Tensor, moves: list[_Move], tree: cKDTree, margin: float
     poses, shrinks = [start], 0
     for mv in moves:
         new, iterations = get_c2w(poses[-1], mv.move, mv.pivot, 1.0, mv.frames, scene_points=tree,
-                                  distance_threshold=margin, up=WORLD_UP)
+                                  distance_threshold=margin, up=PANORAMA_UP)
         poses.extend(new)
         shrinks += iterations
     return torch.stack(poses), shrinks

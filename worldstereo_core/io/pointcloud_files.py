@@ -7,8 +7,8 @@
   more slowly (``benchmarks/ply_files.py``).
 * GLB holds one POINTS primitive with COLOR_0 and, optionally, camera frustums as a LINES
   primitive (:func:`camera_frustum_segments`). glTF is +Y up, so the points are rotated from the
-  scene's up axis (``world_up``: '-y' for single-view / reconstruction worlds, '+z' for
-  panorama worlds, '+y' for none) to +Y; :func:`read_glb` undoes it.
+  scene's up axis (``world_up``, :data:`worldstereo_core.cameras.WORLD_UP`; '+y' for
+  none) to +Y; :func:`read_glb` undoes it.
 
 All writes are atomic (:func:`worldstereo_core.io.atomic.atomic_path`).
 """
@@ -20,17 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cameras import as_tensor, unproject_pixels
+from ..cameras import UP_VECTORS, WORLD_UP, as_tensor, unproject_pixels
 from ..errors import InputError
 from ..geometry.pointcloud import PointCloud
 from .atomic import atomic_path
 
+
+def _rotation_to_gltf_up(up) -> np.ndarray:
+    """The rotation about x taking ``up`` (a unit vector with no x part) to glTF's +Y: rows x, up, x cross up."""
+    x = np.array([1.0, 0.0, 0.0])
+    return np.stack([x, np.asarray(up, dtype=np.float64), np.cross(x, up)])
+
+
 #: Rotations taking a world whose up axis is the key to glTF's +Y up (all proper, det +1).
-GLTF_UP_ROTATIONS: dict[str, np.ndarray] = {
-    "+y": np.eye(3),
-    "-y": np.diag([1.0, -1.0, -1.0]),  # 180 deg about x (OpenCV y-down worlds)
-    "+z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),  # -90 deg about x
-}
+GLTF_UP_ROTATIONS: dict[str, np.ndarray] = {name: _rotation_to_gltf_up(up) for name, up in UP_VECTORS.items()}
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -187,7 +190,7 @@ def _up_rotation(world_up: str) -> np.ndarray:
 
 
 def write_glb(path: str | os.PathLike, cloud: PointCloud, *, frustum_segments=None,
-              world_up: str = "-y") -> Path:
+              world_up: str = WORLD_UP["reconstruction"]) -> Path:
     """Write a GLB with the points (POINTS primitive, COLOR_0 RGBA uint8) and optional frustum
     lines (LINES primitive, segments (M, 2, 3) in world units, e.g. from
     :func:`camera_frustum_segments`)."""
@@ -212,7 +215,7 @@ def write_glb(path: str | os.PathLike, cloud: PointCloud, *, frustum_segments=No
     return Path(path)
 
 
-def read_glb(path: str | os.PathLike, *, world_up: str = "-y") -> PointCloud:
+def read_glb(path: str | os.PathLike, *, world_up: str = WORLD_UP["reconstruction"]) -> PointCloud:
     """Read the point primitives of a GLB back into world coordinates (inverse of :func:`write_glb`)."""
     import trimesh
 

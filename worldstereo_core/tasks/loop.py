@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cameras import CameraTrajectory, intrinsics_from_fov, invert_rigid, scale_intrinsics
+from ..cameras import WORLD_UP, CameraTrajectory, intrinsics_from_fov, invert_rigid, scale_intrinsics
 from ..constants import ALIGN_NFRAME, DEFAULT_SCALE_MAP, DEFAULT_SEED, FALLBACK_FOV_DEG, FPS, MAX_REFERENCE, NFRAME
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..geometry.depth import DepthFn
@@ -91,7 +91,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 STATE_FILE = "state.json"
-WORLD_UP = {"reconstruction": "-y", "panorama": "+z"}
 #: "release": one generator for the run, trajectory k draws after k others; "per-trajectory": seed + k.
 NOISE_SCHEMES = ("release", "per-trajectory")
 #: Progress ticks besides the generator's steps: preparing the scene; per trajectory conditioning,
