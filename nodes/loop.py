@@ -28,10 +28,11 @@ import numpy as np
 from comfy_api.latest import io
 from PIL import Image
 
-from ..worldstereo_core.constants import DEFAULT_SEED
+from ..worldstereo_core.constants import DEFAULT_SEED, NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.wander import WanderOptions
 from ..worldstereo_core.io.atomic import plain_name, safe_join
+from ..worldstereo_core.io.scene_layout import CAMERA_FILE, IMAGES_DIR, PANO_BANK, START_IMAGE
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
 from ..worldstereo_core.tasks.ordering import TASK_TYPES, scene_task
@@ -46,7 +47,7 @@ from .trajectory_preview import preview_ui, trajectory_entry
 CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"
 TASKS = ("auto",) + TASK_TYPES
-SCENE_MARKERS = ("image.png", "pano_bank")
+SCENE_MARKERS = (START_IMAGE, PANO_BANK)
 
 
 def scene_choices() -> list[str]:
@@ -59,8 +60,8 @@ def resolve_task(task: str, scene_dir) -> str:
     if task not in TASKS:
         raise InputError(f"task must be one of {list(TASKS)}, got {task!r}")
     if scene_dir is None and task == "panorama":
-        raise InputError("a panorama needs a scene folder with pano_bank/ or a connected panorama_scene (Panorama "
-                         "Scene From Image); the image input makes a reconstruction scene")
+        raise InputError(f"a panorama needs a scene folder with {PANO_BANK}/ or a connected panorama_scene "
+                         "(Panorama Scene From Image); the image input makes a reconstruction scene")
     if task != "auto":
         return task
     return "reconstruction" if scene_dir is None else scene_task(scene_dir)
@@ -92,7 +93,7 @@ class MultiTrajectoryLoop(io.ComfyNode):
                                "A scene folder in input/, or the image input (not used when a panorama_scene is "
                                "connected)."),
                 io.Combo.Input("task", options=list(TASKS), default="auto", tooltip=
-                               "auto: panorama when the folder has pano_bank/ or a panorama_scene is connected."),
+                               f"auto: panorama when the folder has {PANO_BANK}/ or a panorama_scene is connected."),
                 io.Combo.Input("cache_mode", options=list(CACHE_MODES), default=CACHE_MODES[0], tooltip=
                                "release: start-view cloud and the scene's pre-rendered warps (as released); "
                                "global: grow a 3D point cache from every clip (needs MoGe)."),
@@ -149,7 +150,7 @@ class MultiTrajectoryLoop(io.ComfyNode):
                 return
             folder = files.input_path(scene, "scene", folder=True)
             if not any((folder / m).exists() for m in SCENE_MARKERS):
-                raise InputError(f"scene folder {scene!r} has neither image.png nor pano_bank/")
+                raise InputError(f"scene folder {scene!r} has neither {START_IMAGE} nor {PANO_BANK}/")
             validate_scene(folder, LoopOptions(task=resolve_task(task, folder), cache_mode=cache_mode))
         return files.validation_message(check)
 
@@ -269,11 +270,11 @@ class PanoramaSceneFromImage(io.ComfyNode):
                              "reconstruct_* groups: a shorter walk into the next open direction, then an ellipse "
                              "loop from where it ended."),
                 io.Int.Input("frames", default=wander.nframe, min=2, max=1024, tooltip=
-                             "Cameras per trajectory: the loaded model's nframe (21 for the released models)."),
+                             f"Cameras per trajectory: the loaded model's nframe ({NFRAME} for the released models)."),
                 io.Int.Input("bank_width", default=size.bank_width, min=16, max=16384, step=2, tooltip=
-                             "Width of the bank views, start frames and warps (the release's 832)."),
+                             f"Width of the bank views, start frames and warps (the release's {size.bank_width})."),
                 io.Int.Input("bank_height", default=size.bank_height, min=16, max=16384, step=2, tooltip=
-                             "Height of the bank views, start frames and warps (the release's 480)."),
+                             f"Height of the bank views, start frames and warps (the release's {size.bank_height})."),
                 types.Socket.DEPTH.Input("depth", optional=True, tooltip=
                                 "Your own equirectangular depth (e.g. Load Depth File): each pixel's distance from "
                                 "the panorama centre, 0 = unknown. Used instead of MoGe."),
@@ -320,7 +321,7 @@ class PanoramaSceneFromImage(io.ComfyNode):
             scene = make_panorama_scene(panorama, folder, depth=None if use_moge else depth.depth,
                                         depth_fn=moge_view_depth_fn(moge) if use_moge else None, prompt=prompt,
                                         options=options, progress=comfy_progress(1))
-        views_dir = scene.folder / "pano_bank" / "images"
+        views_dir = scene.folder / PANO_BANK / IMAGES_DIR
         bank = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(views_dir.glob("*.png"))])
         plan = scene.summary.get("plan", {})
         text = f"output/{relative_to_base(scene.folder, 'output')}: " + json.dumps(

@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.constants import ALIGN_NFRAME, MAX_REFERENCE, NFRAME
 from ..worldstereo_core.errors import InputError
+from ..worldstereo_core.io.scene_layout import CAMERAS_FILE, IMAGES_DIR, PANO_BANK
 from ..worldstereo_core.memory.bank import MemoryBank
 from ..worldstereo_core.memory.retrieval import retrieve
 from ..worldstereo_core.memory.selector import CameraSelector
@@ -31,9 +32,10 @@ DEFAULT_VIEW = "comfy"
 def _folder(source: str, folder: str):
     if source == SOURCES[1]:
         path = files.input_path(folder, "folder", folder=True)
-        if not (path / "pano_bank" / "cameras.json").is_file():
-            raise InputError(f"folder {folder!r} has no pano_bank/cameras.json (a panorama scene folder needs "
-                             "pano_bank/cameras.json and pano_bank/images/<key>.png)")
+        cameras = f"{PANO_BANK}/{CAMERAS_FILE}"
+        if not (path / cameras).is_file():
+            raise InputError(f"folder {folder!r} has no {cameras} (a panorama scene folder needs {cameras} and "
+                             f"{PANO_BANK}/{IMAGES_DIR}/<key>.png)")
         return path
     if source == SOURCES[2]:
         path = files.output_folder(folder, "folder")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..worldstereo_core.constants import NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.renderer import BACKENDS, render_warps
-from ..worldstereo_core.io.render_folder import CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO, load_render_folder
+from ..worldstereo_core.io.render_folder import load_render_folder
+from ..worldstereo_core.io.scene_layout import CAMERA_FILE, MASK_VIDEO, RENDER_VIDEO
 from ..worldstereo_core.tasks.ordering import group_id, is_iterative
 from . import files, types
 from ._comfy import comfy_progress, node_errors, torch_device
@@ -69,15 +71,15 @@ class LoadRenderFolder(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="WorldStereoLoadRenderFolder", display_name=cls.DISPLAY_NAME, category=CATEGORY,
-            description=("Load a pre-rendered render folder from input/ (render.mp4, render_mask.mp4, camera.json), "
+            description=(f"Load a pre-rendered render folder from input/ ({RENDER_VIDEO}, {MASK_VIDEO}, {CAMERA_FILE}), "
                          "prepared as the reference does: resized to the start image, frame 0 replaced by it (and, "
                          "for an iterative reconstruct_*/traj1 folder, its hole mask cleared)."),
             inputs=[
-                io.Combo.Input("render_folder", options=files.input_folders(RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON),
-                               tooltip="A folder in ComfyUI's input folder holding render.mp4, render_mask.mp4 "
-                                       "and camera.json."),
+                io.Combo.Input("render_folder", options=files.input_folders(RENDER_VIDEO, MASK_VIDEO, CAMERA_FILE),
+                               tooltip=f"A folder in ComfyUI's input folder holding {RENDER_VIDEO}, {MASK_VIDEO} "
+                                       f"and {CAMERA_FILE}."),
                 io.Image.Input("image", tooltip="Start image at the generation size."),
-                io.Int.Input("frames", default=21, min=0, max=1024, tooltip=
+                io.Int.Input("frames", default=NFRAME, min=0, max=1024, tooltip=
                              "Keep this many frames, evenly spaced (0 = all)."),
             ],
             outputs=[io.Image.Output(display_name="render", tooltip="The warps, frame 0 = the start image."),
@@ -98,7 +100,7 @@ class LoadRenderFolder(io.ComfyNode):
     def validate_inputs(cls, render_folder):
         def check():
             folder = cls._folder(render_folder)
-            missing = [n for n in (RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON) if not (folder / n).is_file()]
+            missing = [n for n in (RENDER_VIDEO, MASK_VIDEO, CAMERA_FILE) if not (folder / n).is_file()]
             if missing:
                 raise InputError(f"render_folder {render_folder!r} lacks {', '.join(missing)}")
         return files.validation_message(check)

@@ -82,7 +82,7 @@ class TrajectoryPreset(io.ComfyNode):
                 io.Combo.Input("preset", options=PRESET_NAMES, default=DEFAULT_PRESET,
                                tooltip=" | ".join(f"{k}: {PRESETS[k].doc}" for k in PRESET_NAMES)),
                 io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
-                             "Cameras in the trajectory (the released models take 21 keyframes)."),
+                             f"Cameras in the trajectory (the released models take {NFRAME} keyframes)."),
                 io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
                                "Multiplies the scene scale m (median depth) the move sizes refer to."),
                 scene_input("Start camera, size and scale m of the scene."),
@@ -122,7 +122,7 @@ class TrajectoryFromJSON(io.ComfyNode):
                                 "\"left-right\": s} | {\"type\": \"eloop\", \"radius_x\", \"radius_y\"} | "
                                 "{\"type\": \"aerial\", \"rotation\": [phi, theta]}; or a camera.json object."),
                 io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
-                             "Cameras in the trajectory (the released models take 21 keyframes)."),
+                             f"Cameras in the trajectory (the released models take {NFRAME} keyframes)."),
                 io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
                                "Moves: multiplies the scene scale m. camera.json: multiplies its translations "
                                "relative to the first camera."),
@@ -219,7 +219,7 @@ class ReconstructionTrajectories(io.ComfyNode):
                          "a 45 deg rise, and 180 deg orbits to the left and to the right."),
             inputs=[
                 io.Int.Input("frames", default=NFRAME, min=2, max=MAX_FRAMES, tooltip=
-                             "Cameras per trajectory (the released models take 21 keyframes)."),
+                             f"Cameras per trajectory (the released models take {NFRAME} keyframes)."),
                 io.Float.Input("up_distance", default=0.0, min=0.0, max=1e4, step=0.05, tooltip=
                                "Pivot distance of the rise, in units of m (0 = m)."),
                 scene_input(),

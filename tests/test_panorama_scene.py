@@ -29,7 +29,8 @@ from worldstereo_core.io.video import read_mask_video, read_video
 from worldstereo_core.tasks import generate
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
 from worldstereo_core.tasks.ordering import sort_trajs
-from worldstereo_core.tasks.panorama_scene import MANIFEST, PanoramaSceneOptions, make_panorama_scene, planned_trajectories
+from worldstereo_core.io.scene_layout import PANORAMA_MANIFEST as MANIFEST
+from worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene, planned_trajectories
 
 SIZE = (32, 48)
 #: Tiny images: a low edge threshold (see panorama_points) and wide splats (0.008 NDC is a quarter

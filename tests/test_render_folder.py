@@ -12,8 +12,8 @@ from conftest import examples_root
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.errors import InputError
 from worldstereo_core.io.camera_json import load_camera_json
-from worldstereo_core.io.render_folder import (CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO,
-                                               load_render_folder, save_render_folder)
+from worldstereo_core.io.render_folder import load_render_folder, save_render_folder
+from worldstereo_core.io.scene_layout import CAMERA_FILE as CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO
 from worldstereo_core.io.video import read_mask_video, read_video, write_video
 
 

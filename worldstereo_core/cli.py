@@ -32,12 +32,13 @@ from typing import Sequence
 import torch
 
 from . import hub
-from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
+from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, PANO_BANK_SIZE, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from .errors import InputError, WorldStereoError
 from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
 from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
+from .io.scene_layout import CAMERA_FILE, PROMPT_FILE, START_IMAGE
 from .progress import TqdmProgress
 from .runtime import parallel
 from .runtime.options import add_runtime_arguments, runtime_options_from_args
@@ -128,18 +129,19 @@ def _add_panorama_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reconstructs", type=int, default=WanderOptions.reconstructs,
                    help="reconstruct_* groups (2 trajectories each)")
     g.add_argument("--bank-size", type=parse_size_list, default=None,
-                   help="HxW of the bank crops, start frames and renders (default 480x832, the release's)")
+                   help="HxW of the bank crops, start frames and renders (default {}x{}, the release's)".format(
+                       *PANO_BANK_SIZE))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worldstereo_core", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cc = sub.add_parser("camera-control", help="one camera-controlled clip from image + prompt + camera.json")
-    cc.add_argument("scene", type=Path, nargs="+", help="folder(s) with image.png, prompt.json, camera.json")
+    cc = sub.add_parser("camera-control", help=f"one camera-controlled clip from image + prompt + {CAMERA_FILE}")
+    cc.add_argument("scene", type=Path, nargs="+", help=f"folder(s) with {START_IMAGE}, {PROMPT_FILE}, {CAMERA_FILE}")
     _add_model_options(cc, "worldstereo-camera", MODEL_TYPES)
     cc.add_argument("--depth", type=Path, nargs="+", default=None,
-                    help="depth maps (.npy/.npz/16-bit .png) of the scenes' image.png, one per scene in the "
+                    help=f"depth maps (.npy/.npz/16-bit .png) of the scenes' {START_IMAGE}, one per scene in the "
                          "same order, used instead of MoGe")
 
     mt = sub.add_parser("multi-traj", help="memory-consistent multi-trajectory generation")
@@ -440,8 +442,8 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: parallel.DistCont
         raise InputError(f"--pano-depth: give one depth file per panorama image ({len(images)} images, "
                          f"{len(depths)} files)")
     if args.bank_size is not None and len(args.bank_size) != 1:
-        raise InputError("--bank-size takes one HxW, e.g. 480x832")
-    bank_h, bank_w = (args.bank_size or [(480, 832)])[0]
+        raise InputError("--bank-size takes one HxW, e.g. {}x{}".format(*PANO_BANK_SIZE))
+    bank_h, bank_w = (args.bank_size or [PANO_BANK_SIZE])[0]
     options = PanoramaSceneOptions(
         bank_width=bank_w, bank_height=bank_h, render_radius=args.render_radius,
         wander=WanderOptions(views=args.views, explorations=args.explorations, reconstructs=args.reconstructs,

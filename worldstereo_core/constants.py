@@ -23,6 +23,9 @@ RENDER_POINTS_PER_PIXEL = 20
 DEPTH_CONTRACT_FACTOR = 8.0
 SOBEL_EDGE_THRESHOLD = 0.35
 
+#: Size (height, width) of a panorama scene's bank crops, start frames and warps (the release's).
+PANO_BANK_SIZE = (480, 832)
+
 #: Memory bank / retrieval.
 MAX_REFERENCE = 8
 ALIGN_NFRAME = 8

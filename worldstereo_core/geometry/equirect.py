@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..cameras import CameraTrajectory, as_tensor, pixel_rays
+from ..constants import PANO_BANK_SIZE
 from ..errors import InputError
 from ..sizes import check_image_size
 from .trajectories import panorama_bank_cameras
@@ -144,7 +145,7 @@ def perspective_from_equirect(panorama, cameras: CameraTrajectory, mode: str = "
     return _as_output(torch.stack(views), panorama)
 
 
-def panorama_bank_crops(panorama, width: int = 832, height: int = 480
+def panorama_bank_crops(panorama, width: int = PANO_BANK_SIZE[1], height: int = PANO_BANK_SIZE[0]
                         ) -> tuple[list[str], CameraTrajectory, np.ndarray | torch.Tensor]:
     """The 27 bank views of a panorama: (keys, cameras, images (27, height, width, C)).
 

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, look_at_rotation,
                        make_pose, rot_x, world_down_vector, world_up_vector)
-from ..constants import NFRAME
+from ..constants import NFRAME, PANO_BANK_SIZE
 from ..errors import InputError
 from .moves import (camera_backward_forward, camera_left_right, camera_rotation, interpolate_poses,
                     native_camera_rotation)
@@ -336,7 +336,7 @@ def panorama_look_c2w(yaw_deg, pitch_deg, center=(0.0, 0.0, 0.0)) -> torch.Tenso
     return make_pose(R, center)
 
 
-def panorama_bank_cameras(width: int = 832, height: int = 480) -> tuple[list[str], CameraTrajectory]:
+def panorama_bank_cameras(width: int = PANO_BANK_SIZE[1], height: int = PANO_BANK_SIZE[0]) -> tuple[list[str], CameraTrajectory]:
     """The 27 perspective bank cameras: centre at the origin, no roll, 120 x 90 deg field of view
     (:func:`panorama_look_c2w` at :func:`panorama_bank_views`)."""
     views = panorama_bank_views()

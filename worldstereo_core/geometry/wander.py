@@ -49,7 +49,7 @@ from scipy.spatial import cKDTree
 
 from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_rigid, project_points,
                        world_up_vector)
-from ..constants import DEPTH_CONTRACT_FACTOR, NFRAME
+from ..constants import DEPTH_CONTRACT_FACTOR, NFRAME, PANO_BANK_SIZE
 from ..errors import InputError
 from .equirect import sample_equirect
 from .panorama_depth import panorama_surface
@@ -253,7 +253,8 @@ def _split(total: int, first: float) -> tuple[int, int]:
     return a, total - a
 
 
-def plan_wander(distance, mask=None, *, options: WanderOptions | None = None, width: int = 832, height: int = 480,
+def plan_wander(distance, mask=None, *, options: WanderOptions | None = None, width: int = PANO_BANK_SIZE[1],
+                height: int = PANO_BANK_SIZE[0],
                 contract: float | None = DEPTH_CONTRACT_FACTOR) -> WanderPlan:
     """Plan the trajectories of a panorama scene from its equirectangular distance map (H, W; 0 =
     unknown) and mask. The obstacles are every valid pixel's point

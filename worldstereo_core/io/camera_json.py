@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..sizes import check_image_side, check_image_size
 from .atomic import write_json_atomic
 from .json_files import read_json as _read_json
+from .scene_layout import CAMERA_FILE, CAMERAS_FILE
 
 #: Largest accepted deviation of an extrinsic from a rigid transform (see cameras.rigidity_error).
 RIGIDITY_TOLERANCE = 1e-3
@@ -59,7 +60,7 @@ def load_camera_json(path: str | os.PathLike, *, width: int | None = None, heigh
     the file states a different size an InputError is raised (use ``CameraTrajectory.resized``).
     ``default_size`` (height, width) is the size of a file that states none, without that check.
     """
-    path = _resolve(path, "camera.json")
+    path = _resolve(path, CAMERA_FILE)
     data = read_json(path)
     if isinstance(data, dict) and "extrinsic" not in data and data and all(
             isinstance(v, dict) and "extrinsic" in v for v in data.values()):
@@ -80,7 +81,7 @@ def load_camera_json(path: str | os.PathLike, *, width: int | None = None, heigh
     return camera_trajectory_from_dict(data, source=str(path), default_size=default_size)
 
 
-def camera_trajectory_from_dict(d: Any, *, source: str = "camera.json",
+def camera_trajectory_from_dict(d: Any, *, source: str = CAMERA_FILE,
                                 default_size: tuple[int, int] | None = None) -> CameraTrajectory:
     """Validate a parsed trajectory dict and build a :class:`CameraTrajectory` (float64).
 
@@ -193,7 +194,7 @@ def camera_json_dict(traj: CameraTrajectory) -> dict:
 
 def save_camera_json(traj: CameraTrajectory, path: str | os.PathLike) -> Path:
     """Validate and write ``traj`` atomically as camera.json (a folder means ``<folder>/camera.json``)."""
-    path = _resolve(path, "camera.json")
+    path = _resolve(path, CAMERA_FILE)
     d = camera_json_dict(traj)
     camera_trajectory_from_dict(d, source=f"trajectory to save as {path}")  # same checks as reading
     _check_json_serialisable(d, path)
@@ -212,7 +213,7 @@ def _check_json_serialisable(d: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _bank_json(path: str | os.PathLike) -> tuple[Path, dict]:
-    path = _resolve(path, "cameras.json")
+    path = _resolve(path, CAMERAS_FILE)
     data = read_json(path)
     if not isinstance(data, dict) or not data:
         raise InputError(f"{path}: expected a non-empty object {{\"0000\": {{\"intrinsic\", \"extrinsic\"}}, ...}}")
@@ -251,7 +252,7 @@ def load_bank_cameras(path: str | os.PathLike, *, width: int, height: int) -> tu
 
 def save_bank_cameras(keys: Sequence[str], traj: CameraTrajectory, path: str | os.PathLike) -> Path:
     """Write ``{key: {"intrinsic", "extrinsic"}}`` atomically, in the order of ``keys``."""
-    path = _resolve(path, "cameras.json")
+    path = _resolve(path, CAMERAS_FILE)
     keys = [str(k) for k in keys]
     if len(keys) != len(traj):
         raise InputError(f"save_bank_cameras: {len(keys)} keys for {len(traj)} cameras; give one key per camera")

@@ -1,6 +1,6 @@
 """The reference's render folder: ``render.mp4``, ``render_mask.mp4`` and ``camera.json``.
 
-Layout (spec/geometry.md §2.2, §5): one folder per trajectory holding
+One folder per trajectory (:mod:`.scene_layout`) holding
 
 * ``render.mp4`` - the warp renders, 16 fps H.264 RGB; holes are mid-grey (0 in [-1, 1]);
 * ``render_mask.mp4`` - the hole masks as RGB video, white (255) = hole, black = covered;
@@ -26,11 +26,9 @@ from ..constants import FPS
 from ..errors import InputError
 from .atomic import safe_join
 from .camera_json import load_camera_json, save_camera_json
+from .scene_layout import CAMERA_FILE, MASK_VIDEO, RENDER_VIDEO
 from .video import DEFAULT_CRF, read_mask_video, read_video, write_video
 
-RENDER_VIDEO = "render.mp4"
-MASK_VIDEO = "render_mask.mp4"
-CAMERA_JSON = "camera.json"
 
 
 def save_render_folder(folder: str | os.PathLike, rgb: torch.Tensor, mask: torch.Tensor,
@@ -53,7 +51,7 @@ def save_render_folder(folder: str | os.PathLike, rgb: torch.Tensor, mask: torch
     holes = (mask.detach().float().cpu() > 0.5).float().expand(n, 3, height, width).permute(0, 2, 3, 1)
     write_video(safe_join(folder, RENDER_VIDEO), frames, fps, crf=crf)
     write_video(safe_join(folder, MASK_VIDEO), holes, fps, crf=crf)
-    save_camera_json(trajectory, safe_join(folder, CAMERA_JSON))
+    save_camera_json(trajectory, safe_join(folder, CAMERA_FILE))
     return folder
 
 
@@ -72,8 +70,8 @@ def load_render_folder(folder: str | os.PathLike, height: int, width: int, image
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"render folder not found: {folder} (expected {RENDER_VIDEO}, "
-                         f"{MASK_VIDEO} and {CAMERA_JSON} inside)")
-    for name in (RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON):
+                         f"{MASK_VIDEO} and {CAMERA_FILE} inside)")
+    for name in (RENDER_VIDEO, MASK_VIDEO, CAMERA_FILE):
         if not (folder / name).is_file():
             raise InputError(f"render folder {folder} is missing {name}; re-create it with "
                              "save_render_folder or the render node")
@@ -81,12 +79,12 @@ def load_render_folder(folder: str | os.PathLike, height: int, width: int, image
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
             raise InputError(f"{name} must be a positive int, got {val!r}")
     height, width = int(height), int(width)
-    trajectory = load_camera_json(folder / CAMERA_JSON, default_size=(height, width))
+    trajectory = load_camera_json(folder / CAMERA_FILE, default_size=(height, width))
     video = torch.from_numpy(read_video(folder / RENDER_VIDEO)).permute(0, 3, 1, 2).float()
     holes = torch.from_numpy(read_mask_video(folder / MASK_VIDEO))[:, None]
     if not len(video) == len(holes) == len(trajectory):
         raise InputError(f"render folder {folder}: {RENDER_VIDEO} has {len(video)} frames, "
-                         f"{MASK_VIDEO} {len(holes)} and {CAMERA_JSON} {len(trajectory)} cameras; "
+                         f"{MASK_VIDEO} {len(holes)} and {CAMERA_FILE} {len(trajectory)} cameras; "
                          "they must match")
     render = video / 255.0 * 2.0 - 1.0
     if render.shape[-2:] != (height, width):

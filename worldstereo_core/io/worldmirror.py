@@ -43,13 +43,13 @@ from ..progress import ProgressFn, report
 from ..sizes import check_image_size
 from .atomic import atomic_path, safe_join, write_json_atomic, write_text_atomic
 from .images import resize_bicubic
+from .scene_layout import CAMERAS_FILE, IMAGES_DIR, NAME_MAP_FILE, PANO_BANK
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..memory.bank import MemoryBank
 
 log = logging.getLogger(__name__)
 
-PANO_TRAJ = "pano_bank"
 #: Flags of the HY-World 2.0 reconstruction command documented by WorldStereo (§9.2).
 WORLDMIRROR_FLAGS = (
     "--use_fsdp", "--enable_bf16", "--no_save_normal", "--no_save_gs", "--no_sky_mask",
@@ -72,7 +72,7 @@ def _split(fname: str) -> tuple[str, str, str]:
 def camera_id(fname: str) -> str:
     """WorldMirror camera id of a bank entry name (also the image file stem)."""
     view, traj, frame = _split(fname)
-    cid = f"pano-{frame}" if traj == PANO_TRAJ else f"{view}-{traj}-{frame}"
+    cid = f"pano-{frame}" if traj == PANO_BANK else f"{view}-{traj}-{frame}"
     if "/" in cid or "\\" in cid or cid in (".", "..") or "\x00" in cid:
         raise InputError(f"memory entry {fname!r} gives camera id {cid!r}, which is not a plain file name; "
                          "view and traj names must not contain path separators")
@@ -82,7 +82,7 @@ def camera_id(fname: str) -> str:
 def name_map_key(fname: str, scene: str) -> str:
     """``name_map.json`` key: the entry name, with bank views renamed ``<scene>/pano_bank/<frame>``."""
     view, traj, frame = _split(fname)
-    return f"{scene}/{PANO_TRAJ}/{frame}" if traj == PANO_TRAJ else fname
+    return f"{scene}/{PANO_BANK}/{frame}" if traj == PANO_BANK else fname
 
 
 @dataclass
@@ -95,11 +95,11 @@ class WorldMirrorExport:
 
     @property
     def images_dir(self) -> Path:
-        return self.folder / "images"
+        return self.folder / IMAGES_DIR
 
     @property
     def cameras_path(self) -> Path:
-        return self.folder / "cameras.json"
+        return self.folder / CAMERAS_FILE
 
 
 def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str, *,
@@ -110,7 +110,7 @@ def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str
     ``size`` (height, width) of every saved image (default: the newest frame's); ``poses``: w2c
     to export instead of the bank's, by entry name."""
     folder = Path(folder)
-    if (folder / "cameras.json").is_file():
+    if (folder / CAMERAS_FILE).is_file():
         log.info("WorldMirror export: %s already has cameras.json; skipping", folder)
         return WorldMirrorExport(folder, skipped=True)
     if len(bank) == 0:
@@ -133,15 +133,15 @@ def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str
         if not reference_compatible:
             frame = frame if frame.shape[:2] == size else resize_bicubic(frame, size)
             K = scale_intrinsics(K, (bank.height, bank.width), size)
-        with atomic_path(safe_join(folder, "images", cid + ".png")) as tmp:
+        with atomic_path(safe_join(folder, IMAGES_DIR, cid + ".png")) as tmp:
             Image.fromarray(frame).save(tmp, format="PNG")
         extrinsics.append({"camera_id": cid, "matrix": c2w[i].tolist()})
         intrinsics.append({"camera_id": cid, "matrix": K.tolist()})
         report(progress, i + 1, len(ids))
     order = sorted(range(len(ids)), key=ids.__getitem__)
     name_map = {name_map_key(bank.fnames[i], scene): f"{rank:04d}" for rank, i in enumerate(order)}
-    write_json_atomic(safe_join(folder, "name_map.json"), name_map)
-    write_json_atomic(safe_join(folder, "cameras.json"),
+    write_json_atomic(safe_join(folder, NAME_MAP_FILE), name_map)
+    write_json_atomic(safe_join(folder, CAMERAS_FILE),
                       {"num_cameras": len(ids), "extrinsics": extrinsics, "intrinsics": intrinsics})
     return WorldMirrorExport(folder, ids)
 
@@ -175,8 +175,8 @@ def worldmirror_command(folder: str | os.PathLike, *, target_size: int = 832, np
     return [
         python or sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "-m", "hyworld2.worldrecon.pipeline",
-        "--input_path", str(folder / "images"),
-        "--prior_cam_path", str(folder / "cameras.json"),
+        "--input_path", str(folder / IMAGES_DIR),
+        "--prior_cam_path", str(folder / CAMERAS_FILE),
         "--strict_output_path", str(folder / "results"),
         "--target_size", str(int(target_size)),
         *WORLDMIRROR_FLAGS, *extra_args,
@@ -200,7 +200,7 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
                "Python environment; install it to reconstruct the exported folder " + str(folder))
         log.info(msg)
         return WorldMirrorRun(False, msg)
-    if not (folder / "cameras.json").is_file() or not (folder / "images").is_dir():
+    if not (folder / CAMERAS_FILE).is_file() or not (folder / IMAGES_DIR).is_dir():
         raise InputError(f"WorldMirror: {folder} is not a complete export (images/ and cameras.json); "
                          "run export_worldmirror first")
     if (results / "points.ply").is_file():

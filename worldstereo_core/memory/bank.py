@@ -34,6 +34,8 @@ from ..constants import ALIGN_NFRAME, FRUSTUM_FAR, FRUSTUM_NEAR, MAX_REFERENCE, 
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..io.atomic import atomic_path, safe_join, write_json_atomic
 from ..io.images import load_image
+from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, ELOOP_TRAJ, IMAGES_DIR, PANO_BANK, RECONSTRUCTION_INPUT_FNAME,
+                               RECONSTRUCTION_VIEW, START_IMAGE, bank_image)
 from ..progress import ProgressFn, report
 from ..geometry.frustums import FrustumSet
 
@@ -41,8 +43,6 @@ INDEX_NAME = "memory_bank.json"
 #: Files a save is about to write (removed when the save is complete).
 JOURNAL_NAME = ".memory_bank.pending.json"
 INDEX_VERSION = 1
-#: fname of the single reconstruction bank entry (the reference's spelling).
-RECONSTRUCTION_INPUT_FNAME = "renders/pano_bank/image.png"
 
 
 def split_n_into_d_parts(n: int, d: int) -> list[int]:
@@ -243,11 +243,11 @@ class MemoryBank:
         if len(keys) != len(cameras) or len(frames) != len(keys):
             raise InputError(f"panorama bank: {len(keys)} keys, {len(cameras)} cameras, {len(frames)} "
                              "frames; give one camera and one image per key")
-        first = load_image(frames[0], name=f"pano_bank image {keys[0]}") if len(frames) else None
+        first = load_image(frames[0], name=f"{PANO_BANK} image {keys[0]}") if len(frames) else None
         if first is None:
-            raise InputError("panorama bank: no images; pano_bank/images must hold one image per camera")
+            raise InputError(f"panorama bank: no images; {PANO_BANK}/{IMAGES_DIR} must hold one image per camera")
         bank = cls(first.shape[1], first.shape[0], **kwargs)
-        bank.add(frames, cameras.w2c, cameras.K, [f"{scene}/pano_bank/{k}" for k in keys])
+        bank.add(frames, cameras.w2c, cameras.K, [f"{scene}/{PANO_BANK}/{k}" for k in keys])
         return bank
 
     @classmethod
@@ -264,11 +264,11 @@ class MemoryBank:
         from ..io.camera_json import bank_keys, load_bank_cameras
 
         scene_dir = Path(scene_dir)
-        cameras_json = scene_dir / "pano_bank" / "cameras.json"
-        paths = [scene_dir / "pano_bank" / "images" / f"{k}.png" for k in bank_keys(cameras_json)]
+        cameras_json = scene_dir / PANO_BANK / CAMERAS_FILE
+        paths = [scene_dir / PANO_BANK / IMAGES_DIR / bank_image(k) for k in bank_keys(cameras_json)]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise InputError(f"{scene_dir / 'pano_bank' / 'images'}: missing {len(missing)} bank image(s) "
+            raise InputError(f"{scene_dir / PANO_BANK / IMAGES_DIR}: missing {len(missing)} bank image(s) "
                              f"({', '.join(missing[:5])}...); every key of cameras.json needs <key>.png")
         images = [load_image(p) for p in paths]
         height, width = images[0].shape[:2]  # the bank's K is in pixels of its images
@@ -284,9 +284,9 @@ class MemoryBank:
         from ..io.images import resize_bicubic
 
         scene_dir = Path(scene_dir)
-        image = load_image(scene_dir / "image.png")
+        image = load_image(scene_dir / START_IMAGE)
         height, width = image.shape[:2]
-        traj = load_camera_json(scene_dir / "renders" / "traj_eloop" / "camera.json", default_size=(height, width))
+        traj = load_camera_json(scene_dir / RECONSTRUCTION_VIEW / ELOOP_TRAJ / CAMERA_FILE, default_size=(height, width))
         if working_hw is not None and tuple(working_hw) != (height, width):
             image = resize_bicubic(image, tuple(working_hw))
         return cls.reconstruction(image, traj.K[0], width, height, **kwargs)

@@ -31,6 +31,7 @@ from ..io.camera_json import load_camera_json
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.render_folder import load_render_folder, save_render_folder
 from ..io.run_lock import locked_run_folder
+from ..io.scene_layout import CAMERA_FILE, PROMPT_FILE, START_IMAGE, result_video
 from ..io.video import read_video, write_video
 from ..progress import ProgressFn
 from ..sizes import assign_scale
@@ -65,10 +66,10 @@ def _read_scene(scene_dir: Path, model_name: str, scale_map, nframe: int
         raise InputError(f"model_name must be a plain file-name prefix, got {model_name!r}")
     if not (isinstance(nframe, int) and nframe >= 2):
         raise InputError(f"nframe must be a whole number >= 2, got {nframe!r}")
-    image = load_image(scene_dir / "image.png")
+    image = load_image(scene_dir / START_IMAGE)
     h0, w0 = image.shape[:2]
-    prompt = read_caption(scene_dir / "prompt.json")
-    traj = load_camera_json(scene_dir / "camera.json", width=w0, height=h0).subsample(nframe)
+    prompt = read_caption(scene_dir / PROMPT_FILE)
+    traj = load_camera_json(scene_dir / CAMERA_FILE, width=w0, height=h0).subsample(nframe)
     return image, prompt, traj, assign_scale(h0, w0, scale_map)
 
 
@@ -112,7 +113,7 @@ def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike,
         frames = np.asarray(generator(request, progress))
         if frames.shape != (len(traj_w), H, W, 3):
             raise InputError(f"generator returned frames of shape {frames.shape}; expected ({len(traj_w)}, {H}, {W}, 3)")
-        result = write_video(safe_join(scene_out, f"{model_name}_result.mp4"), frames, FPS)
+        result = write_video(safe_join(scene_out, result_video(model_name)), frames, FPS)
         frames_dir = safe_join(scene_out, f"{model_name}_frames")
         for i, frame in enumerate(read_video(result)):
             with atomic_path(frames_dir / f"{i:04d}.png") as tmp:

@@ -72,20 +72,23 @@ from ..io.camera_json import bank_keys, load_camera_json
 from ..io.fingerprint import file_digest, text_digest
 from ..io.images import load_image, resize_bicubic, to_tensor_m11
 from ..io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
-from ..io.render_folder import MASK_VIDEO, RENDER_VIDEO, load_render_folder, save_render_folder
+from ..io.render_folder import load_render_folder, save_render_folder
 from ..io.run_lock import locked_run_folder
+from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, ELOOP_TRAJ, IMAGES_DIR, MASK_VIDEO, PANO_BANK,
+                               PANORAMA_CLOUD, PANORAMA_MANIFEST, PROMPT_FILE, RECONSTRUCTION_INPUT_FNAME,
+                               RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, RENDER_VIDEO, START_IMAGE, bank_image,
+                               memory_inputs, result_video, scene_cloud)
 from ..io.video import read_video, read_video_frames, write_video
 from ..io.worldmirror import export_worldmirror, run_worldmirror
-from ..memory.bank import RECONSTRUCTION_INPUT_FNAME, MemoryBank
+from ..memory.bank import MemoryBank
 from ..memory.cache import CACHE_MODES, CacheSettings, PointCache
 from ..memory.retrieval import RetrievalResult, retrieve
 from ..progress import ProgressFn, report
 from ..sizes import assign_scale, validate_scale_map
 from .generate import GenerationRequest, Generator
-from .ordering import (RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, TASK_TYPES, read_prompt, recon_sort_trajs,
-                       sort_trajs)
-from .panorama_scene import (CLOUD_FILE, MANIFEST, PANORAMA_SCENES, PanoramaSceneOptions, check_made_scene,
-                             make_panorama_scene, panorama_cache)
+from .ordering import TASK_TYPES, read_prompt, recon_sort_trajs, sort_trajs
+from .panorama_scene import (PANORAMA_SCENES, PanoramaSceneOptions, check_made_scene, make_panorama_scene,
+                             panorama_cache)
 
 log = logging.getLogger(__name__)
 
@@ -244,23 +247,23 @@ def _relative(scene_dir: Path, path: Path) -> str:
 
 
 def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthFn | None) -> _Scene:
-    image = load_image(scene_dir / "image.png")
+    image = load_image(scene_dir / START_IMAGE)
     h0, w0 = image.shape[:2]
     size = assign_scale(h0, w0, opts.scale_map)
     image_w = resize_bicubic(image, size)
     identity = torch.eye(4, dtype=torch.float64)
     start_depth: dict[str, ViewDepth] = {}
-    files, texts = {"image.png": scene_dir / "image.png"}, {}
+    files, texts = {START_IMAGE: scene_dir / START_IMAGE}, {}
 
     def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor) -> ViewDepth:
         if "depth" not in start_depth:
             if depth_fn is None:
-                raise InputError(f"{scene_dir}: this run needs the depth of image.png (no pre-rendered renders/ "
+                raise InputError(f"{scene_dir}: this run needs the depth of {START_IMAGE} (no pre-rendered {RECONSTRUCTION_VIEW}/ "
                                  "to use, or the global cache); give a depth model (MoGe) or depth function")
             start_depth["depth"] = ViewDepth.of(depth_fn(image_w, K_w, w2c))
         return start_depth["depth"]
 
-    if any((scene_dir / RECONSTRUCTION_VIEW / t / "camera.json").is_file() for t in RECONSTRUCTION_ORDER):
+    if any((scene_dir / RECONSTRUCTION_VIEW / t / CAMERA_FILE).is_file() for t in RECONSTRUCTION_ORDER):
         jobs = []
         for tj in recon_sort_trajs(scene_dir):
             render_dir = tj.traj_dir if opts.scene_renders and _has_renders(tj.traj_dir) else None
@@ -271,18 +274,18 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
                 for name in (RENDER_VIDEO, MASK_VIDEO):
                     files[_relative(scene_dir, render_dir / name)] = render_dir / name
             texts["prompt"] = tj.prompt
-        first = next((j for j in jobs if j.traj_id == "traj_eloop"), jobs[0]).trajectory
+        first = next((j for j in jobs if j.traj_id == ELOOP_TRAJ), jobs[0]).trajectory
         K0 = scale_intrinsics(first.K[0], (first.height, first.width), (h0, w0))
         w2c0 = first.w2c[0]
         uses_depth = opts.cache_mode == "global" or any(j.render_dir is None for j in jobs)
     else:
-        prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
+        prompt = read_prompt(scene_dir / PROMPT_FILE, "reconstruction scene")
         texts["prompt"] = prompt
         K_guess = intrinsics_from_fov(w0, h0, opts.fov_deg)
         depth = depth_of_start(scale_intrinsics(K_guess, (h0, w0), size), identity)
         K0 = start_intrinsics(depth, w0, h0, opts.fov_deg)
         trajs = reconstruction_trajectories(identity, K0, w0, h0, depth.median_depth, nframe=opts.nframe)
-        jobs = [_Job(RECONSTRUCTION_VIEW, t, prompt, trajs[t], start_image=scene_dir / "image.png")
+        jobs = [_Job(RECONSTRUCTION_VIEW, t, prompt, trajs[t], start_image=scene_dir / START_IMAGE)
                 for t in RECONSTRUCTION_ORDER]
         w2c0 = identity
         uses_depth = True
@@ -304,7 +307,7 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
     made = check_made_scene(scene_dir) is not None  # made from a panorama image: it has a 360-degree cloud
     if opts.cache_mode == "global" and not made:
         raise InputError(f"{scene_dir}: the global 3D cache of a panorama scene starts from the panorama's 360-degree "
-                         f"cloud ({CLOUD_FILE}), which release scene folders do not have; make the scene from the "
+                         f"cloud ({PANORAMA_CLOUD}), which release scene folders do not have; make the scene from the "
                          "panorama image (make_panorama_scene, `panorama-scene`, or give multi-traj the image), or "
                          "run this folder with cache_mode='release'")
     tjobs = sort_trajs(scene_dir)
@@ -312,10 +315,10 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
     h0, w0 = load_image(first).shape[:2]
     size = assign_scale(h0, w0, opts.scale_map)
     jobs, texts = [], {}
-    bank_dir = scene_dir / "pano_bank"
-    keys = bank_keys(bank_dir / "cameras.json")
-    files = {_relative(scene_dir, p): p for p in [bank_dir / "cameras.json", *(bank_dir / "images" / f"{k}.png"
-                                                                              for k in keys)] if p.is_file()}
+    bank_dir = scene_dir / PANO_BANK
+    keys = bank_keys(bank_dir / CAMERAS_FILE)
+    files = {_relative(scene_dir, p): p for p in [bank_dir / CAMERAS_FILE, *(bank_dir / IMAGES_DIR / bank_image(k)
+                                                                            for k in keys)] if p.is_file()}
     for tj in tjobs:
         render_dir = tj.traj_dir if opts.scene_renders and _has_renders(tj.traj_dir) else None
         if render_dir is None and not made:
@@ -330,7 +333,7 @@ def _prepare_panorama(scene_dir: Path, opts: LoopOptions) -> _Scene:
                 files[_relative(scene_dir, path)] = path
         texts[f"prompt of {tj.view_id}/{tj.traj_id}"] = tj.prompt
     if made:  # what the scene was made from (image, depth, options) and the cloud
-        files.update({name: scene_dir / name for name in (MANIFEST, CLOUD_FILE)})
+        files.update({name: scene_dir / name for name in (PANORAMA_MANIFEST, PANORAMA_CLOUD)})
 
     def bank() -> MemoryBank:
         return MemoryBank.from_panorama_folder(scene_dir, max_reference=opts.max_reference,
@@ -479,9 +482,10 @@ def _frames_array(frames: Any, n: int, size: tuple[int, int], name: str) -> np.n
 
 def _save_memory_inputs(folder: Path, model: str, found: RetrievalResult, size: tuple[int, int]) -> None:
     frames = np.stack([resize_bicubic(f, size) for f in found.frames])
-    write_video(safe_join(folder, f"{model}.mp4"), frames, FPS)
-    write_json_atomic(safe_join(folder, f"{model}_ref_index.json"), found.ref_index_json())
-    write_json_atomic(safe_join(folder, f"{model}_ref_w2cs.json"), found.ref_w2cs.tolist())
+    video, ref_index, ref_w2cs = memory_inputs(model)
+    write_video(safe_join(folder, video), frames, FPS)
+    write_json_atomic(safe_join(folder, ref_index), found.ref_index_json())
+    write_json_atomic(safe_join(folder, ref_w2cs), found.ref_w2cs.tolist())
 
 
 class _Ticks:
@@ -583,7 +587,7 @@ def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, generator: G
     rgb = load_image(image, name="image")
     with locked_run_folder(safe_join(out_dir, IMAGE_SCENE)) as run:
         folder = safe_join(out_dir, IMAGE_SCENE_INPUTS, IMAGE_SCENE)
-        image_path, prompt_path = folder / "image.png", folder / "prompt.json"
+        image_path, prompt_path = folder / START_IMAGE, folder / PROMPT_FILE
         changed = []
         if image_path.is_file() and not np.array_equal(load_image(image_path), rgb):
             changed.append("image")
@@ -633,7 +637,7 @@ def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts:
                     ticks: _Ticks, steps: int) -> TrajectoryOutcome:
     """Generate (or skip, or read back) one trajectory and fold it into memory; commits the state."""
     traj_out = safe_join(out_scene, job.view_id, job.traj_id)
-    result = safe_join(traj_out, f"{opts.model_name}_result.mp4")
+    result = safe_join(traj_out, result_video(opts.model_name))
     if job.key in state.done:
         state.check_result(job.name, result)
         ticks.add(steps + TRAJECTORY_TICKS)
@@ -676,7 +680,7 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
     H, W = scene.size
     traj, traj_w = job.trajectory, job.trajectory.resized(H, W)
     if job.start_from is not None:
-        source_video = safe_join(out_scene, *job.start_from, f"{opts.model_name}_result.mp4")
+        source_video = safe_join(out_scene, *job.start_from, result_video(opts.model_name))
         if not source_video.is_file():
             raise InputError(f"{job.name} starts from the last frame of {'/'.join(job.start_from)}, which has not "
                              "been generated")
@@ -742,6 +746,6 @@ def _export(out: LoopResult, scene: _Scene, opts: LoopOptions, ticks: _Ticks) ->
         ticks.beat()
         c2w = invert_rigid(out.bank.w2c)
         segments = camera_frustum_segments(c2w, out.bank.K, out.bank.width, out.bank.height, 0.05 * out.cache.scale)
-        out.cloud_ply = write_ply(safe_join(out.scene_out, f"{opts.model_name}_cloud.ply"), out.cache.cloud)
-        out.cloud_glb = write_glb(safe_join(out.scene_out, f"{opts.model_name}_cloud.glb"), out.cache.cloud,
+        out.cloud_ply = write_ply(safe_join(out.scene_out, scene_cloud(opts.model_name)), out.cache.cloud)
+        out.cloud_glb = write_glb(safe_join(out.scene_out, scene_cloud(opts.model_name, ".glb")), out.cache.cloud,
                                   frustum_segments=segments, world_up=WORLD_UP[scene.task])

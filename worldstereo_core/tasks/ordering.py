@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io.json_files import read_json_object
+from ..io.scene_layout import (CAMERA_FILE, GROUP_START_IMAGE, MASK_VIDEO, PANO_BANK, PROMPT_FILE, RECONSTRUCTION_ORDER,
+                               RECONSTRUCTION_VIEW, RENDER_VIDEO, START_IMAGE, TRAJ_CAPTION, VALID_ANALYSIS)
 
 log = logging.getLogger(__name__)
 
-RECONSTRUCTION_VIEW = "renders"
-RECONSTRUCTION_ORDER = ("traj_eloop", "traj_up", "traj_right", "traj_left")
 VIEW_ORDER = ("traj2", "traj0", "traj1")
 #: Groups whose ``traj1`` is iterative: it starts from the last generated frame of ``traj0``.
 ITERATIVE_GROUP_PREFIX = "reconstruct_"
@@ -55,11 +55,11 @@ class TrajectoryJob:
 
     @property
     def render_path(self) -> Path:
-        return self.traj_dir / "render.mp4"
+        return self.traj_dir / RENDER_VIDEO
 
     @property
     def mask_path(self) -> Path:
-        return self.traj_dir / "render_mask.mp4"
+        return self.traj_dir / MASK_VIDEO
 
     @property
     def start_source(self) -> str:
@@ -101,13 +101,13 @@ def _check_scene(scene_dir: str | os.PathLike) -> Path:
 def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
     """The reconstruction trajectories present under ``renders/``, in eloop, up, right, left order."""
     scene_dir = _check_scene(scene_dir)
-    image = scene_dir / "image.png"
+    image = scene_dir / START_IMAGE
     if not image.is_file():
         raise InputError(f"{image} not found; a reconstruction scene needs its input image.png")
-    prompt = read_prompt(scene_dir / "prompt.json", "reconstruction scene")
+    prompt = read_prompt(scene_dir / PROMPT_FILE, "reconstruction scene")
     group = scene_dir / RECONSTRUCTION_VIEW
-    jobs = [TrajectoryJob(RECONSTRUCTION_VIEW, t, group, group / t / "camera.json", image, None, prompt)
-            for t in RECONSTRUCTION_ORDER if (group / t / "camera.json").is_file()]
+    jobs = [TrajectoryJob(RECONSTRUCTION_VIEW, t, group, group / t / CAMERA_FILE, image, None, prompt)
+            for t in RECONSTRUCTION_ORDER if (group / t / CAMERA_FILE).is_file()]
     if not jobs:
         raise InputError(f"{group}: no trajectories found; expected {', '.join(RECONSTRUCTION_ORDER)} "
                          "folders with camera.json")
@@ -116,7 +116,7 @@ def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
 
 def is_valid_view(group: Path) -> bool:
     """False only when ``valid_analysis.json`` exists and its "valid" is not "yes"."""
-    path = group / "valid_analysis.json"
+    path = group / VALID_ANALYSIS
     if not path.is_file():
         return True
     data = read_json_object(path, "view analysis")
@@ -127,7 +127,7 @@ def is_valid_view(group: Path) -> bool:
 
 def _trajs(group: Path) -> list[str]:
     return sorted(p.name for p in group.iterdir()
-                  if p.is_dir() and p.name.startswith("traj") and (p / "camera.json").is_file())
+                  if p.is_dir() and p.name.startswith("traj") and (p / CAMERA_FILE).is_file())
 
 
 def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
@@ -135,7 +135,7 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
     scene_dir = _check_scene(scene_dir)
     groups: dict[str, Path] = {}
     for p in sorted(scene_dir.iterdir()):
-        if not p.is_dir() or p.name == "pano_bank":
+        if not p.is_dir() or p.name == PANO_BANK:
             continue
         gid = group_id(p.name)
         if gid in groups:
@@ -144,11 +144,11 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
 
     def job(gid: str, traj: str, start_from: tuple[str, str] | None = None) -> TrajectoryJob:
         group = groups[gid]
-        start = None if start_from else group / "start_frame.png"
+        start = None if start_from else group / GROUP_START_IMAGE
         if start is not None and not start.is_file():
             raise InputError(f"{start} not found; every panorama group needs its start_frame.png")
-        return TrajectoryJob(gid, traj, group, group / traj / "camera.json", start, start_from,
-                             read_prompt(group / traj / "traj_caption.json", "panorama trajectory"),
+        return TrajectoryJob(gid, traj, group, group / traj / CAMERA_FILE, start, start_from,
+                             read_prompt(group / traj / TRAJ_CAPTION, "panorama trajectory"),
                              is_iterative=start_from is not None)
 
     def of(prefix: str) -> list[str]:

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from ..cameras import CameraTrajectory
-from ..constants import RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
+from ..constants import PANO_BANK_SIZE, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC, SOBEL_EDGE_THRESHOLD
 from ..errors import InputError
 from ..geometry.depth import DepthFn
 from ..geometry.equirect import check_panorama_size, panorama_bank_crops, perspective_from_equirect
@@ -57,24 +57,22 @@ from ..io.images import ImageLike, load_image, to_tensor_m11
 from ..io.pointcloud_files import read_ply, write_ply
 from ..io.render_folder import save_render_folder
 from ..io.run_lock import LOCK_NAME, locked_run_folder
+from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, DISTANCE_FILE, GROUP_START_IMAGE, IMAGES_DIR, PANO_BANK,
+                               PANORAMA_CLOUD, PANORAMA_FILE, PANORAMA_MANIFEST, TRAJ_CAPTION, bank_image)
 from ..memory.cache import CacheSettings, PointCache
 from ..progress import ProgressFn, report
 
-MANIFEST = "panorama_scene.json"
 MANIFEST_VERSION = 1
-PANORAMA_FILE = "panorama.png"
-DISTANCE_FILE = "panorama_distance.npy"
-CLOUD_FILE = "panorama_cloud.ply"
 #: Folder (under an output folder) of the scenes the CLI and :func:`.loop.run_panorama_image` make.
 PANORAMA_SCENES = "panorama_scenes"
 
 
 @dataclass(frozen=True)
 class PanoramaSceneOptions:
-    """Sizes and switches of :func:`make_panorama_scene` (bank size = the release's 832 x 480)."""
+    """Sizes and switches of :func:`make_panorama_scene` (bank size: the release's ``PANO_BANK_SIZE``)."""
 
-    bank_width: int = 832
-    bank_height: int = 480
+    bank_width: int = PANO_BANK_SIZE[1]
+    bank_height: int = PANO_BANK_SIZE[0]
     #: Widest panorama used for the crops (wider inputs are area-downsampled: no aliasing).
     max_width: int = 4096
     #: Panorama width of the depth map and the cloud.
@@ -151,7 +149,7 @@ def _caption(prompt: str, planned: PlannedTrajectory) -> str:
 
 def _read_manifest(folder: Path) -> dict | None:
     """``panorama_scene.json`` of ``folder``, None when there is none."""
-    manifest = folder / MANIFEST
+    manifest = folder / PANORAMA_MANIFEST
     if not manifest.is_file():
         return None
     try:
@@ -174,8 +172,8 @@ def _check_folder(folder: Path, signature: dict) -> dict | None:
                              "choose another folder or delete it")
         return data if data.get("complete") else None
     if folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())):
-        raise InputError(f"{folder} exists and is not a panorama scene made here (no {MANIFEST}); choose a new or "
-                         "empty folder")
+        raise InputError(f"{folder} exists and is not a panorama scene made here (no {PANORAMA_MANIFEST}); choose a "
+                         "new or empty folder")
     return None
 
 
@@ -219,7 +217,7 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
         done = _check_folder(folder, signature)  # another build may have finished meanwhile
         if done is not None:
             return _finished(folder, done)
-        write_json_atomic(safe_join(folder, MANIFEST), {"signature": signature, "complete": False})
+        write_json_atomic(safe_join(folder, PANORAMA_MANIFEST), {"signature": signature, "complete": False})
 
         depth_steps = len(split_cameras()) + 1 if user_depth is None else 0  # depth: views, then the merge
         total = depth_steps + 1 + opts.wander.trajectory_count
@@ -238,37 +236,37 @@ def make_panorama_scene(panorama: ImageLike, out_dir: str | os.PathLike, *, dept
 
         keys, bank, crops = panorama_bank_crops(work, opts.bank_width, opts.bank_height)
         for key, crop in zip(keys, crops):
-            _write_png(safe_join(folder, "pano_bank", "images", f"{key}.png"), crop)
-        save_bank_cameras(keys, bank, safe_join(folder, "pano_bank", "cameras.json"))
+            _write_png(safe_join(folder, PANO_BANK, IMAGES_DIR, bank_image(key)), crop)
+        save_bank_cameras(keys, bank, safe_join(folder, PANO_BANK, CAMERAS_FILE))
 
         for i, planned in enumerate(plan.trajectories):
             traj_dir = safe_join(folder, planned.group, planned.traj)
             start = None
             if planned.start_from is None:
                 start = _start_frame(work, planned)
-                _write_png(safe_join(folder, planned.group, "start_frame.png"), start)
-            write_json_atomic(traj_dir / "traj_caption.json", {"prompt": _caption(prompt, planned)})
+                _write_png(safe_join(folder, planned.group, GROUP_START_IMAGE), start)
+            write_json_atomic(traj_dir / TRAJ_CAPTION, {"prompt": _caption(prompt, planned)})
             if opts.renders:
                 rgb, holes = _render(cloud, planned.trajectory, start, opts, tick(depth_steps + 1 + i))
                 save_render_folder(traj_dir, rgb, holes, planned.trajectory)
             else:
-                save_camera_json(planned.trajectory, traj_dir / "camera.json")
+                save_camera_json(planned.trajectory, traj_dir / CAMERA_FILE)
             report(progress, depth_steps + 2 + i, total)
 
         _write_png(safe_join(folder, PANORAMA_FILE), work)
         with atomic_path(safe_join(folder, DISTANCE_FILE)) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, distance.numpy().astype(np.float32))
-        write_ply(safe_join(folder, CLOUD_FILE), cloud)
+        write_ply(safe_join(folder, PANORAMA_CLOUD), cloud)
         summary = {"signature": signature, "complete": True, "panorama_size": list(image.shape[:2]),
                    "cloud_points": len(cloud), "plan": plan.summary()}
-        write_json_atomic(safe_join(folder, MANIFEST), summary)
+        write_json_atomic(safe_join(folder, PANORAMA_MANIFEST), summary)
         return PanoramaScene(folder, cloud, distance, summary, plan)
 
 
 def _finished(folder: Path, manifest: dict) -> PanoramaScene:
     distance = torch.from_numpy(np.load(folder / DISTANCE_FILE))
-    return PanoramaScene(folder, read_ply(folder / CLOUD_FILE), distance, manifest)
+    return PanoramaScene(folder, read_ply(folder / PANORAMA_CLOUD), distance, manifest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,14 +284,14 @@ def check_made_scene(folder: str | os.PathLike) -> dict | None:
         raise InputError(f"{folder}: the panorama scene is not finished (its build was interrupted or is running); "
                          "make it again from the same image (make_panorama_scene / `panorama-scene`), which "
                          "finishes it")
-    if not (folder / CLOUD_FILE).is_file():
-        raise InputError(f"{folder / CLOUD_FILE} is missing; delete {folder} and make the scene again")
+    if not (folder / PANORAMA_CLOUD).is_file():
+        raise InputError(f"{folder / PANORAMA_CLOUD} is missing; delete {folder} and make the scene again")
     return data
 
 
 def planned_trajectories(folder: str | os.PathLike) -> list[tuple[str, CameraTrajectory]]:
     """Every trajectory of a scene folder as (``"<group>/<traj>"``, its cameras), in folder order."""
-    paths = sorted(p for p in Path(folder).glob("*/*/camera.json") if p.parent.parent.name != "pano_bank")
+    paths = sorted(p for p in Path(folder).glob(f"*/*/{CAMERA_FILE}") if p.parent.parent.name != PANO_BANK)
     return [(f"{p.parent.parent.name}/{p.parent.name}", load_camera_json(p)) for p in paths]
 
 
@@ -301,7 +299,7 @@ def panorama_cache(folder: str | os.PathLike, *, mode: str = "global",
                    settings: CacheSettings | None = None) -> PointCache:
     """The initial 3D cache of a made scene: its 360-degree cloud; the scene scale is the median
     distance of the points from the panorama centre (the origin of the bank's world frame)."""
-    cloud = read_ply(Path(folder) / CLOUD_FILE)
+    cloud = read_ply(Path(folder) / PANORAMA_CLOUD)
     scale = float(cloud.xyz.double().norm(dim=1).median())
     return PointCache(cloud, scale, mode=mode, settings=settings)
 
