@@ -121,7 +121,7 @@ def resolve_worldstereo_variant(model_type: str) -> Path:
 
 
 CATEGORY = "WorldStereo/loaders"
-MOGE_DEFAULT = "moge-2-vitl-normal/model.pt"
+MOGE_DEFAULT = f"{hub.repo_name(hub.MOGE_REPO)}/{hub.MOGE_CHECKPOINT}"
 DINOV2_DEFAULT = hub.repo_name(hub.DINOV2_REPO)
 
 
@@ -165,13 +165,13 @@ def moge_choices() -> list[str]:
 def resolve_moge(name: str, download: bool) -> Path:
     import folder_paths
 
-    from ..worldstereo_core.geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint
+    from ..worldstereo_core.geometry.moge import ensure_moge_checkpoint
 
     path = folder_paths.get_full_path(MOGE_FOLDER, name)
     if path is not None:
         return Path(path)
     if name == MOGE_DEFAULT:
-        return ensure_moge_checkpoint(folder_roots(MOGE_FOLDER)[0], DEFAULT_MOGE_REPO, download=download)
+        return ensure_moge_checkpoint(folder_roots(MOGE_FOLDER)[0], hub.MOGE_REPO, download=download)
     return resolve_model_file(MOGE_FOLDER, name)
 
 
@@ -182,8 +182,7 @@ class MoGeLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="WorldStereoMoGeLoader", display_name=cls.DISPLAY_NAME, category=CATEGORY,
-            description=("MoGe-2 monocular geometry (Ruicheng/moge-2-vitl-normal) from models/moge, for depth "
-                         "lifting."),
+            description=f"MoGe-2 monocular geometry ({hub.MOGE_REPO}) from models/moge, for depth lifting.",
             inputs=[
                 io.Combo.Input("checkpoint", options=moge_choices(), default=MOGE_DEFAULT, tooltip=
                                "A MoGe model.pt in models/moge."),

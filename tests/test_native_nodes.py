@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from comfy_native_env import core_clip_vision, real_comfy, tiny_vae, wan_vae_to_original
 from conftest import fixtures_root
 from test_hosts import ComfyHost, _fixture
-from test_node_contract import contract_errors
+from test_node_contract import _error_prefix, contract_errors
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.errors import InputError
 
@@ -86,6 +86,12 @@ def test_native_nodes_contract(env):
 
 
 # ----- the pipeline fixtures through the nodes and the core sampler --------------------------------
+
+def test_native_error_prefixes_are_the_display_names(env):
+    names = env.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    for node_id, cls in env.nodes.NODE_CLASS_MAPPINGS.items():
+        assert _error_prefix(cls) in (None, names[node_id]), node_id
+
 
 def _pipeline_cases() -> list[Path]:
     root = fixtures_root() / "reference_tiny"

@@ -9,6 +9,7 @@ input names in order, outputs). Both are proven able to fail on deliberately bro
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -630,3 +631,34 @@ def test_workflow_checkers_can_fail(comfy_stub):
     first = next(k for k, v in entry["inputs"].items() if not isinstance(v, list))
     entry["inputs"][first] = "changed"
     assert twin_errors(workflow, other)
+
+
+def _error_prefix(cls) -> str | None:
+    """The node name ``node_errors`` puts in front of the errors of ``cls.execute`` (None: not wrapped)."""
+    import contextlib
+
+    func = inspect.getattr_static(cls, "execute").__func__
+    for cell in func.__closure__ or ():
+        cm = cell.cell_contents
+        if isinstance(cm, contextlib._GeneratorContextManager) and cm.func.__name__ == "node_errors":
+            return cm.args[0]
+    return None
+
+
+@pytest.mark.parametrize("node_id", _pack_nodes())
+def test_error_prefix_is_the_display_name(comfy_stub, node_id):
+    pack = comfy_stub.pack
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    assert _error_prefix(cls) in (None, pack.NODE_DISPLAY_NAME_MAPPINGS[node_id])
+
+
+def test_error_prefix_check_can_fail(comfy_stub):
+    node_errors = importlib.import_module(f"{comfy_stub.pack.__name__}.nodes._comfy").node_errors
+
+    class Misnamed(io.ComfyNode):
+        @classmethod
+        @node_errors("WorldStereo Old Name")
+        def execute(cls):
+            return None
+
+    assert _error_prefix(Misnamed) == "WorldStereo Old Name"

@@ -34,7 +34,7 @@ import torch
 from . import hub
 from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, PANO_BANK_SIZE, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
 from .errors import InputError, WorldStereoError
-from .geometry.moge import DEFAULT_MOGE_REPO, ensure_moge_checkpoint, load_moge
+from .geometry.moge import ensure_moge_checkpoint, load_moge
 from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
@@ -95,7 +95,7 @@ def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: S
     p.add_argument("--base", default=None,
                    help="Wan2.1-I2V diffusers base: folder, repo id or folder name under <models>/diffusers "
                         "(default: the variant's base_model)")
-    p.add_argument("--moge", default=DEFAULT_MOGE_REPO,
+    p.add_argument("--moge", default=hub.MOGE_REPO,
                    help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
     p.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     p.add_argument("--steps", type=_int_range(1, 1000), default=None,
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output folder: scenes go to <out>/panorama_scenes/<image name> (where multi-traj looks)")
     ps.add_argument("--models", type=Path, default=None,
                     help="models folder (default: $WORLDSTEREO_MODELS or ./models)")
-    ps.add_argument("--moge", default=DEFAULT_MOGE_REPO,
+    ps.add_argument("--moge", default=hub.MOGE_REPO,
                     help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
     ps.add_argument("--download", action="store_true", help="download MoGe from Hugging Face when missing")
     ps.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--models", type=Path, default=None)
     dl.add_argument("--model-type", default="worldstereo-memory", choices=MODEL_TYPES)
     dl.add_argument("--base", default=hub.WAN_BASE_REPO, help="Wan2.1-I2V diffusers repo id (default %(default)s)")
-    dl.add_argument("--moge", default=DEFAULT_MOGE_REPO)
+    dl.add_argument("--moge", default=hub.MOGE_REPO)
     dl.add_argument("-v", "--verbose", action="store_true")
     return parser
 

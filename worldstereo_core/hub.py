@@ -49,6 +49,8 @@ WAN_BASE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_enco
 DINOV2_REPO = "facebook/dinov2-base"
 DINOV2_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
+#: The file of a MoGe repo (the official checkpoint, loaded weights-only).
+MOGE_CHECKPOINT = "model.pt"
 #: ComfyUI's repackaged Wan2.1 single files (the files ComfyUI's own Wan workflows load).
 COMFY_WAN_REPO = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 #: (ComfyUI model folder, file name) -> path of the file in :data:`COMFY_WAN_REPO`.
@@ -74,7 +76,7 @@ FILE_SIZES = {
     (COMFY_WAN_REPO, COMFY_FILES["text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"]): "6.74 GB",
     (COMFY_WAN_REPO, COMFY_FILES["clip_vision", "clip_vision_h.safetensors"]): "1.26 GB",
     (COMFY_WAN_REPO, COMFY_FILES["vae", "wan_2.1_vae.safetensors"]): "254 MB",
-    (MOGE_REPO, "model.pt"): "~1.3 GB",
+    (MOGE_REPO, MOGE_CHECKPOINT): "~1.3 GB",
     (DINOV2_REPO, "model.safetensors"): "~350 MB",
 }
 

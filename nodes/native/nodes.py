@@ -46,10 +46,12 @@ def _variant_input(default: str = MODEL_TYPES[0]):
 
 
 class ApplyVariant(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Apply Variant"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoApplyVariant", display_name="WorldStereo Apply Variant", category=CATEGORY,
+            node_id="WorldStereoApplyVariant", display_name=cls.DISPLAY_NAME, category=CATEGORY,
             description="Turn the core Wan2.1-I2V-14B MODEL into WorldStereo: the variant's backbone as weight "
                         "patches (apply LoRAs after this node), its ControlNet and pose branches managed with the "
                         "model. Sample with the conditioning of WorldStereo Conditioning.",
@@ -64,17 +66,19 @@ class ApplyVariant(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo Apply Variant")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, model, variant, attention_scope) -> io.NodeOutput:
         return io.NodeOutput(apply_variant(model, resolve_worldstereo_variant(variant),
                                            attention_scope=attention_scope))
 
 
 class LoadCompleteVariant(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Load Complete Variant"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoLoadCompleteVariant", display_name="WorldStereo Load Complete Variant",
+            node_id="WorldStereoLoadCompleteVariant", display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
             description="Load a variant whose file holds the whole backbone (the DMD release) with ComfyUI's "
                         "own loader, without a Wan base.",
@@ -89,7 +93,7 @@ class LoadCompleteVariant(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo Load Complete Variant")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, variant, weight_dtype, attention_scope) -> io.NodeOutput:
         options = {}
         if weight_dtype.startswith("fp8_e4m3fn"):
@@ -102,10 +106,12 @@ class LoadCompleteVariant(io.ComfyNode):
 
 
 class Conditioning(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Conditioning"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoConditioning", display_name="WorldStereo Conditioning", category=CATEGORY,
+            node_id="WorldStereoConditioning", display_name=cls.DISPLAY_NAME, category=CATEGORY,
             description="Condition the core samplers on one clip as the release does: the start image (CLIP on "
                         "the release's unrescaled pixels, VAE image condition), the warp render and hole mask "
                         "encoded keyframe by keyframe, the trajectory's Plücker rays and, for memory variants, "
@@ -137,7 +143,7 @@ class Conditioning(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo Conditioning")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, model, positive, negative, vae, clip_vision, start_image, render, hole_mask, trajectory,
                 memory=None) -> io.NodeOutput:
         config = variant_config(model)
@@ -155,10 +161,12 @@ class Conditioning(io.ComfyNode):
 
 
 class ReleaseSigmas(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Release Sigmas"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoReleaseSigmas", display_name="WorldStereo Release Sigmas", category=CATEGORY,
+            node_id="WorldStereoReleaseSigmas", display_name=cls.DISPLAY_NAME, category=CATEGORY,
             description="The sigmas the release samples worldstereo-camera / -memory with: the diffusers-0.36 "
                         "UniPC flow grid (use with WorldStereo Release UniPC Sampler and CFG 5).",
             inputs=[
@@ -173,16 +181,18 @@ class ReleaseSigmas(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo Release Sigmas")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, model, steps, shift) -> io.NodeOutput:
         return io.NodeOutput(release_unipc_sigmas(steps, release_shift(variant_config(model), shift)))
 
 
 class DMDSigmas(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo DMD Sigmas"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoDMDSigmas", display_name="WorldStereo DMD Sigmas", category=CATEGORY,
+            node_id="WorldStereoDMDSigmas", display_name=cls.DISPLAY_NAME, category=CATEGORY,
             description="The 4-step schedule of worldstereo-memory-dmd from its config; sample it with the core "
                         "euler sampler and CFG 1 (exactly the release's DMD steps).",
             inputs=[io.Model.Input("model", tooltip="The MODEL of a worldstereo-memory-dmd variant.")],
@@ -190,19 +200,21 @@ class DMDSigmas(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo DMD Sigmas")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, model) -> io.NodeOutput:
         config = variant_config(model)
         if not config.is_dmd:
-            raise InputError(f"{config.model_type} is not a DMD variant; use WorldStereo Release Sigmas")
+            raise InputError(f"{config.model_type} is not a DMD variant; use {ReleaseSigmas.DISPLAY_NAME}")
         return io.NodeOutput(dmd_sigmas(config))
 
 
 class ReleaseUniPCSampler(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo Release UniPC Sampler"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoReleaseUniPCSampler", display_name="WorldStereo Release UniPC Sampler",
+            node_id="WorldStereoReleaseUniPCSampler", display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
             description="UniPC as the release runs it (bh2, x0 prediction, the model called at integer "
                         "timesteps), for SamplerCustomAdvanced with WorldStereo Release Sigmas.",
@@ -216,10 +228,12 @@ class ReleaseUniPCSampler(io.ComfyNode):
 
 
 class DecodeKeyframes(io.ComfyNode):
+    DISPLAY_NAME = "WorldStereo VAE Decode Keyframes"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="WorldStereoVAEDecodeKeyframes", display_name="WorldStereo VAE Decode Keyframes",
+            node_id="WorldStereoVAEDecodeKeyframes", display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
             description="Decode WorldStereo keyframe latents frame by frame with the core VAE. Core VAE Decode "
                         "would treat them as a temporally compressed video (4 frames per latent frame): wrong "
@@ -236,7 +250,7 @@ class DecodeKeyframes(io.ComfyNode):
         )
 
     @classmethod
-    @node_errors("WorldStereo VAE Decode Keyframes")
+    @node_errors(DISPLAY_NAME)
     def execute(cls, vae, samples, fps) -> io.NodeOutput:
         latents = samples["samples"]
         if latents.dim() != 5:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
-from ..hub import MOGE_REPO, fetch_files
+from ..hub import MOGE_CHECKPOINT, MOGE_REPO, fetch_files
 from ..io.atomic import safe_join
 from ..io.fingerprint import file_stamps
 from ..loading.strict import check_keys, tensor_shapes
@@ -30,12 +30,10 @@ from .depth import image_to_rgb01
 
 #: Known checkpoints (Hugging Face repo id -> MoGe version). WorldStereo uses the first.
 MOGE_REPOS: dict[str, str] = {
-    "Ruicheng/moge-2-vitl-normal": "v2",
+    MOGE_REPO: "v2",
     "Ruicheng/moge-2-vitl": "v2",
     "Ruicheng/moge-vitl": "v1",
 }
-DEFAULT_MOGE_REPO = MOGE_REPO
-CHECKPOINT_NAME = "model.pt"
 #: Constant buffers re-created identically at construction; a checkpoint may omit them.
 REBUILT_BUFFERS = ("image_mean", "image_std")
 
@@ -53,12 +51,12 @@ def _check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def moge_checkpoint_path(models_dir: str | os.PathLike, repo_id: str = DEFAULT_MOGE_REPO) -> Path:
+def moge_checkpoint_path(models_dir: str | os.PathLike, repo_id: str = MOGE_REPO) -> Path:
     """Where ``repo_id``'s checkpoint lives in ``models_dir``: ``<models_dir>/<repo-name>/model.pt``."""
-    return safe_join(models_dir, _check_repo_id(repo_id).split("/")[1], CHECKPOINT_NAME)
+    return safe_join(models_dir, _check_repo_id(repo_id).split("/")[1], MOGE_CHECKPOINT)
 
 
-def ensure_moge_checkpoint(models_dir: str | os.PathLike, repo_id: str = DEFAULT_MOGE_REPO, *,
+def ensure_moge_checkpoint(models_dir: str | os.PathLike, repo_id: str = MOGE_REPO, *,
                            download: bool = False, progress: ProgressFn | None = None) -> Path:
     """Path of the local checkpoint; with ``download`` fetch it from the Hub when absent.
 
@@ -67,7 +65,7 @@ def ensure_moge_checkpoint(models_dir: str | os.PathLike, repo_id: str = DEFAULT
     see :func:`worldstereo_core.hub.fetch_files`.
     """
     path = moge_checkpoint_path(models_dir, repo_id)
-    fetch_files(repo_id, [CHECKPOINT_NAME], path.parent, download=download, what="MoGe checkpoint",
+    fetch_files(repo_id, [MOGE_CHECKPOINT], path.parent, download=download, what="MoGe checkpoint",
                 progress=progress)
     return path
 
@@ -81,7 +79,7 @@ def read_moge_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"MoGe checkpoint not found: {path}. Put the official model.pt there "
-                                  f"(see {DEFAULT_MOGE_REPO} on Hugging Face)")
+                                  f"(see {MOGE_REPO} on Hugging Face)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -1,6 +1,6 @@
 """Loading the non-transformer parts from a diffusers-format Wan2.1-I2V base folder.
 
-Layout (as in ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``): ``text_encoder/`` + ``tokenizer/`` (UMT5),
+Layout (as in :data:`..hub.WAN_BASE_REPO`): ``text_encoder/`` + ``tokenizer/`` (UMT5),
 ``image_encoder/`` + ``image_processor/`` (CLIP ViT-H), ``vae/`` (AutoencoderKLWan) and
 ``scheduler/``. Weights load from safetensors only; nothing is fetched from a hub. Missing files
 raise :class:`MissingWeightsError` naming the file, the folder and the download command.
@@ -19,10 +19,10 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..hub import WAN_BASE_REPO
 from .safetensors_files import is_float_dtype, read_header, require_finite
 from .strict import load_state_dict_strict
 
-BASE_REPO_HINT = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BASE_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae", "scheduler")
 
 
@@ -35,7 +35,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def _how_to_get(sub: str) -> str:
-    return (f"download it with `hf download {BASE_REPO_HINT} --include \"{sub}/*\" --local-dir <base folder>` "
+    return (f"download it with `hf download {WAN_BASE_REPO} --include \"{sub}/*\" --local-dir <base folder>` "
             f"(or put the whole diffusers repo under ComfyUI's models/diffusers/ folder)")
 
 

@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from ..constants import HF_REPO_ID
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..hub import WAN_BASE_REPO
 from ..models.config import (BASE_CONFIG_FILES, WorldStereoConfig, base_mismatch, clean_transformer_config,
                              load_worldstereo_config, read_json_object, shipped_base_config,
                              shipped_config_for_base_model)
@@ -73,7 +74,7 @@ def open_base(base: str | Path, *, base_config: dict | str | Path | None = None)
         if tdir is None:
             raise MissingWeightsError(
                 f"{path} is not a diffusers Wan2.1-I2V folder: no transformer/config.json; download e.g. "
-                "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (at least transformer/*) or pass a single-file checkpoint")
+                f"{WAN_BASE_REPO} (at least transformer/*) or pass a single-file checkpoint")
         config = read_json_object(tdir / "config.json", "base transformer config")
         index = sorted(tdir.glob("*.safetensors.index.json"))
         if index:

@@ -23,6 +23,7 @@ import torch
 
 from ..constants import DMD_END_STEPS, DMD_SHIFT, DMD_START_STEPS, DMD_STEPS
 from ..errors import CheckpointError, InputError
+from ..hub import WAN_BASE_REPO
 
 #: Defaults of the camera and memory variants (the release's run scripts).
 DEFAULT_NUM_STEPS = 40
@@ -63,7 +64,7 @@ def _check_flow_config(config: Mapping[str, Any]) -> None:
             "scheduler config must be a flow-matching UniPC config (prediction_type "
             f"'flow_prediction', use_flow_sigmas true); got prediction_type={config.get('prediction_type')!r}, "
             f"use_flow_sigmas={config.get('use_flow_sigmas')!r}. Use the scheduler/ folder of a "
-            "Wan2.1-I2V Diffusers repo (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)."
+            f"Wan2.1-I2V Diffusers repo (e.g. {WAN_BASE_REPO})."
         )
 
 
