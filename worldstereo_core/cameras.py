@@ -96,7 +96,7 @@ def rigidity_error(T) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Elementary rotations (right-handed; see spec/geometry.md §3.1 for the sign semantics)
+# Elementary rotations (right-handed: a positive angle turns counter-clockwise seen from the axis tip)
 # --------------------------------------------------------------------------------------------
 
 def rot_x(theta: float, dtype=torch.float64) -> torch.Tensor:

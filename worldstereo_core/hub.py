@@ -42,7 +42,7 @@ MOGE_FOLDER = "moge"
 DINOV2_FOLDER = "dinov2"
 
 VARIANT_FILES = ("config.json", "model.safetensors")
-#: The Wan2.1-I2V base WorldStereo names when its config does not say otherwise (spec models.md §1.2).
+#: The Wan2.1-I2V base WorldStereo names when its config does not say otherwise.
 WAN_BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: Sub-folders of a Wan diffusers repo a WorldStereo pipeline reads (transformer: the backbone).
 WAN_BASE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")

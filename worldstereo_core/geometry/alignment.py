@@ -1,6 +1,6 @@
 """Similarity alignment of 3D correspondences (Umeyama 1991), weighted and robust.
 
-Absent from the reference release (spec/geometry.md §12.3): used here to bring newly lifted
+Absent from the reference release (it has no Umeyama or ICP step): used here to bring newly lifted
 geometry into the frame of an existing cache. :func:`umeyama` solves
 ``dst ~= s * R @ src + t`` in the least-squares sense with R a proper rotation (det +1);
 :func:`umeyama_ransac` adds RANSAC over minimal 3-point samples plus a final inlier refit.

@@ -1,4 +1,4 @@
-"""Depth map -> coloured point cloud, exactly as the reference (spec/geometry.md §4).
+"""Depth map -> coloured point cloud, exactly as the reference's ``run_camera_control``.
 
 Steps of :func:`lift_depth`:
 

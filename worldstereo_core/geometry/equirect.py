@@ -1,8 +1,8 @@
 """Equirectangular panoramas: the pixel <-> direction convention, seam-free sampling, perspective
 crops (the 27-view panorama bank) and a panorama re-assembled from perspective views.
 
-Convention (the one place for it; world +z up, the frame of the panorama bank, spec/geometry.md
-§1 and §8; it is MoGe's panorama convention, spec §4):
+Convention (the one place for it; world +z up, the frame of the panorama bank; it is the
+convention of MoGe's own panorama script):
 
 * pixel (row i, column j) of an H x W panorama has its centre at u = (j + 0.5) / W, v = (i + 0.5) / H;
 * azimuth (the bank's yaw) = atan2(d_y, d_x) = 2 pi (1 - u): the centre column looks along -x

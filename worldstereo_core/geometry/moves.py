@@ -1,4 +1,4 @@
-"""Primitive camera moves of the reference's trajectory vocabulary (spec/geometry.md §3.1).
+"""Primitive camera moves of the reference's trajectory vocabulary (its ``camera_utils``).
 
 Every function takes and returns **camera-to-world** 4x4 poses (OpenCV axes, see
 :mod:`worldstereo_core.cameras`) as float64 torch tensors; angles are in radians.

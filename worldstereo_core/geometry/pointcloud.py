@@ -1,4 +1,5 @@
-"""Coloured point clouds and the reference's point utilities (spec/geometry.md §10).
+"""Coloured point clouds and the reference's point utilities
+(``statistical_outlier_removal``, ``voxel_downsample_fixed``).
 
 :class:`PointCloud` stores torch tensors: ``xyz`` float32 (N, 3) in world units and ``rgb``
 float32 (N, 3) in **[0, 1]**; optional ``normals`` (N, 3) and ``confidence`` (N,). The renderer

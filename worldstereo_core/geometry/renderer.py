@@ -1,6 +1,6 @@
 """Point-cloud warp renderer: the reference's pytorch3d points rasteriser + alpha compositor.
 
-Semantics (spec/geometry.md §5, fixtures/render/README.md):
+Semantics (those of pytorch3d's ``rasterize_points`` + ``AlphaCompositor`` as the reference calls them):
 
 * Projection is the plain OpenCV pinhole of :func:`cameras.project_points`; pixel (i, j) has its
   centre at (i + 0.5, j + 0.5). Points with view z < 0 are skipped (z >= 0 is kept).

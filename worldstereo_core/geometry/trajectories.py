@@ -1,5 +1,5 @@
 """Camera trajectories: the reference ``get_c2w`` vocabulary, the four reconstruction
-trajectories, the 27-view panorama bank, chained moves and resampling (spec/geometry.md §3, §8).
+trajectories, the 27-view panorama bank, chained moves and resampling.
 
 Poses are camera-to-world float64 torch tensors internally; what leaves this module as a
 :class:`~worldstereo_core.cameras.CameraTrajectory` holds world-to-camera matrices, like every
@@ -43,7 +43,7 @@ def median_depth(depth, mask=None) -> float:
     """Scene scale m: median of the valid (finite, > 0, and in ``mask``) depth values.
 
     For an even count this is the **lower** middle value (torch.median), the same statistic the
-    reference's depth contraction uses (spec Clarification 5), so the pack has one median.
+    reference's depth contraction uses, so the pack has one median.
     """
     d = as_tensor(depth, dtype=torch.float64).flatten()
     valid = torch.isfinite(d) & (d > 0)
@@ -222,7 +222,7 @@ def _as_tree(scene_points) -> cKDTree | None:
 
 
 # --------------------------------------------------------------------------------------------
-# The four reconstruction trajectories (spec §3.3)
+# The four reconstruction trajectories
 # --------------------------------------------------------------------------------------------
 
 RECONSTRUCTION_TRAJECTORIES = ("traj_eloop", "traj_up", "traj_left", "traj_right")
@@ -305,7 +305,7 @@ def _first_intrinsic(K) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Panorama bank (spec §8)
+# Panorama bank
 # --------------------------------------------------------------------------------------------
 
 PANO_BANK_YAWS_DEG = (140.0, 100.0, 60.0, 20.0, -20.0, -60.0, -100.0, -140.0)

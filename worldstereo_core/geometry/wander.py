@@ -1,5 +1,5 @@
-"""Wander trajectories of a panorama scene: our planner in place of the release's unreleased one
-(spec/geometry.md §3.5), in the z-up world of the panorama bank with the panorama centre at the
+"""Wander trajectories of a panorama scene: our planner in place of the release's unreleased one,
+in the z-up world of the panorama bank with the panorama centre at the
 origin.
 
 Every trajectory starts at the centre, so each group's start frame is an exact crop of the

@@ -1,4 +1,4 @@
-"""camera.json read/write in the reference schema (spec/geometry.md §2), with validation.
+"""camera.json read/write in the reference schema, with validation.
 
 Trajectory files (one schema for all three data families)::
 

@@ -1,6 +1,6 @@
 """WorldMirror (HY-World 2.0) input folder from a memory bank, and the optional reconstruction run.
 
-Export layout (spec/geometry.md §9.1), in ``folder``:
+Export layout (the reference's ``apply_worldmirror``), in ``folder``:
 
 * ``images/<camera_id>.png`` for every bank entry, all of one size (HY-World refuses a folder
   whose images preprocess to different sizes); ``camera_id`` is ``pano-<frame>`` for
@@ -50,13 +50,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-#: Flags of the HY-World 2.0 reconstruction command documented by WorldStereo (§9.2).
+#: Flags of the HY-World 2.0 reconstruction command documented by WorldStereo's README.
 WORLDMIRROR_FLAGS = (
     "--use_fsdp", "--enable_bf16", "--no_save_normal", "--no_save_gs", "--no_sky_mask",
     "--apply_edge_mask", "--apply_confidence_mask", "--confidence_percentile", "15.0",
     "--compress_pts", "--no_interactive", "--disable_heads", "gs", "points",
 )
-#: What a successful reconstruction leaves in ``results/`` (spec §9.2).
+#: What a successful reconstruction leaves in ``results/``.
 WORLDMIRROR_OUTPUTS = ("points.ply", "camera_params.json")
 #: Output lines quoted in the error when WorldMirror fails or makes nothing.
 QUOTED_LINES = 15
@@ -168,7 +168,7 @@ def worldmirror_available() -> bool:
 
 def worldmirror_command(folder: str | os.PathLike, *, target_size: int = 832, nproc: int = 1,
                         python: str | None = None, extra_args: Sequence[str] = ()) -> list[str]:
-    """The torchrun command reconstructing ``folder`` (an export) into ``folder/results`` (§9.2)."""
+    """The torchrun command reconstructing ``folder`` (an export) into ``folder/results``."""
     folder = Path(folder)
     if nproc < 1 or target_size < 14:
         raise InputError(f"worldmirror: nproc must be >= 1 and target_size >= 14, got {nproc}, {target_size}")

@@ -27,7 +27,7 @@ BASE_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer", "image_encoder", "im
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA with bf16 support, else fp16 on CUDA, else float32 (spec §1.4 item 4)."""
+    """bf16 on CUDA with bf16 support, else fp16 on CUDA, else float32 (as the reference)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
@@ -119,7 +119,7 @@ def load_tokenizer(base_dir: str | os.PathLike):
 
 
 def tie_umt5_embeddings(text_encoder) -> None:
-    """Make ``encoder.embed_tokens`` the ``shared`` embedding (spec §1.4 item 5).
+    """Make ``encoder.embed_tokens`` the ``shared`` embedding.
 
     Wan checkpoints store the token embedding only as ``shared.weight`` with
     ``tie_word_embeddings=false``; transformers >= 5 may then leave ``encoder.embed_tokens``

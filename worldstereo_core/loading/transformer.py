@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 IGNORED_MODULES = frozenset({"norm_added_q"})
 #: Prefixes of keys that only WorldStereo adds; everything else belongs to the Wan backbone.
 WORLDSTEREO_PREFIXES = ("controlnet.", "camera_embedding.", "ref_index_embedding.")
-#: Model tensors the forward never reads, with the reference's initial value (spec models.md §2.3).
+#: Model tensors the forward never reads, with the reference's initial value.
 UNUSED_BY_FORWARD = {"ref_index_embedding.weight": torch.zeros}
 VARIANT_WEIGHTS = "model.safetensors"
 

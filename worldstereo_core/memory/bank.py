@@ -1,4 +1,5 @@
-"""The 2D memory bank of the multi-trajectory loop (spec/geometry.md §7).
+"""The 2D memory bank of the multi-trajectory loop (the reference's
+``SimpleMemoryBank``).
 
 Each entry is a frame (RGB uint8 H x W x 3), its camera (w2c 4x4, K 3x3 in pixels of the bank's
 ``width`` x ``height``, the original image size), a name ``<view>/<traj>/<frame:04d>`` and,
@@ -187,7 +188,7 @@ class MemoryBank:
     def update_memory(self, frames: Sequence, w2c, K, view_id: str, traj_id: str, *,
                       k_size: tuple[int, int] | None = None, depths: Sequence | None = None,
                       points: Sequence | None = None) -> list[int]:
-        """Keep ``align_nframe`` frames of a generated clip (spec §7); returns the kept indices.
+        """Keep ``align_nframe`` frames of a generated clip; returns the kept indices.
 
         ``frames`` is the clip as re-read from disk (N frames), ``w2c``/``K`` its N target cameras.
         ``k_size`` = (height, width) the K are expressed for, when not the bank size (they are

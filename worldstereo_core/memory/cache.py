@@ -1,4 +1,4 @@
-"""The paper's global 3D cache (GGM memory), which the release leaves out (spec/geometry.md §12.3).
+"""The paper's global 3D cache (GGM memory), which the release leaves out.
 
 The cache is a coloured point cloud in the world frame of the scene. It starts as the point cloud
 of the start view (``lift_start_view``) and, in ``"global"`` mode, grows after every trajectory:

@@ -1,4 +1,5 @@
-"""Frustum-overlap retrieval of reference frames from the memory bank (spec/geometry.md §7.1).
+"""Frustum-overlap retrieval of reference frames from the memory bank (the reference's retrieval in
+``SimpleMemoryBank``).
 
 Every camera is summarised by the axis-aligned box around its frustum corners (the four image
 corners at ray length ``near`` and ``far``) and by its viewing direction (the c2w z axis). The
@@ -215,7 +216,7 @@ def assign_references(score: torch.Tensor, angle: torch.Tensor, candidates: Sequ
 def retrieve(bank: "MemoryBank", target_w2c, target_K, view_id: str, traj_id: str, *,
              k_size: tuple[int, int] | None = None, selector: "CameraSelector | None" = None,
              progress: ProgressFn | None = None) -> RetrievalResult:
-    """Reference frames of ``bank`` for one target trajectory (spec §7.1).
+    """Reference frames of ``bank`` for one target trajectory.
 
     ``target_w2c`` (N,4,4) / ``target_K`` (N,3,3 or 3,3) are the trajectory's cameras; ``k_size``
     = (height, width) the K are expressed for when not the bank's image size. When more than

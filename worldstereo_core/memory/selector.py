@@ -1,4 +1,5 @@
-"""CameraSelector: keep a diverse, sharp subset of retrieved references (spec/geometry.md §7.1 step 4).
+"""CameraSelector: keep a diverse, sharp subset of retrieved references (as the reference's
+CameraSelector, which retrieval runs when it finds more than ``max_reference`` entries).
 
 Features per candidate: the camera block ``[centre, quaternion (x, y, z, w), w >= 0]`` of its w2c
 and an image block (DINOv2 ``pooler_output`` or any injected feature function). Each block is

@@ -2,7 +2,7 @@
 
 A released variant folder is named after its model type and holds ``config.json`` (WorldStereo's
 own config, not a diffusers one) and ``model.safetensors``. Absent optional fields take the
-defaults of the reference code (see shared/spec/models.md §1.2-1.3). Differences the reference
+defaults of the reference code. Differences the reference
 tolerates are accepted with a warning in :attr:`WorldStereoConfig.warnings`: a ``model_type`` field
 other than the folder name (the folder decides), a memory config without ``update_ref`` (false, as
 the reference reads it) and a top-level ``transformer`` field that is no Wan transformer config

@@ -1,6 +1,6 @@
 """GGM ControlNet branch: point-cloud render + mask/Plücker condition -> per-block residuals.
 
-Key names follow the reference checkpoints (prefix ``controlnet.``; spec §2.2). The branch sees
+Key names follow the reference checkpoints (prefix ``controlnet.``). The branch sees
 ``concat(hidden_states[:, :20], render_latent)`` (noisy latent, I2V mask, render latent), adds the
 mask/camera embedding in ``conv_out_dim`` space, projects to ``dim`` and runs time-modulated
 self-attention blocks; block j's output, projected to the main width D, is added to the main

@@ -1,4 +1,5 @@
-"""Spatial-stereo memory (SSM): joint attention of target and reference tokens (spec §4).
+"""Spatial-stereo memory (SSM): joint attention of target and reference tokens (the
+reference's ``WanTransformerSparseSpatialBlock``).
 
 Reference frame m is placed "to the right of" its target frame ``ref_index[m] + 1`` in RoPE space
 (width stitching: grid position (ref_index[m] + 1, y, w' + x)) and its tokens join the

@@ -1,9 +1,9 @@
 """WorldStereo transformers on diffusers' Wan2.1 I2V backbone (the diffusers host).
 
 * :class:`WorldStereoTransformer` (worldstereo-camera): ``WanTransformer3DModel`` + the GGM
-  ControlNet, whose block-j residual is added after main block j (spec §3).
+  ControlNet, whose block-j residual is added after main block j.
 * :class:`WorldStereoMemoryTransformer` (worldstereo-memory, -memory-dmd): the above with SSM
-  blocks, width-stitched reference RoPE and the camera-pose MLP (spec §4).
+  blocks, width-stitched reference RoPE and the camera-pose MLP.
 
 The forward itself is :func:`.host.run_worldstereo`; this module adapts diffusers' Wan modules to
 its host interface (:class:`DiffusersWanHost`). Every block is called as a module, in execution

@@ -1,4 +1,4 @@
-"""worldstereo-camera sampling (the reference's KFPCDControllerPipeline), spec models.md §5.4.
+"""worldstereo-camera sampling (the reference's KFPCDControllerPipeline).
 
 Image + rendered point-cloud video, its mask and Plücker rays -> keyframes. UniPC flow matching
 with the base model's shift (40 steps by default) and classifier-free guidance on the text only

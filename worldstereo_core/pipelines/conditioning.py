@@ -1,6 +1,6 @@
 """Text and image conditioning: Wan prompt cleaning + UMT5, CLIP image embedding, input image.
 
-Spec models.md §5.1. Prompts are cleaned as Wan does (ftfy, double HTML unescape, whitespace
+As the reference pipelines' input preparation. Prompts are cleaned as Wan does (ftfy, double HTML unescape, whitespace
 collapse), tokenised to 512 tokens and encoded by UMT5; hidden states past each prompt's real
 length are zeroed. The image embedding is CLIP's penultimate hidden states on the PIL input image.
 """

@@ -1,4 +1,4 @@
-"""worldstereo-memory-dmd sampling (the reference's RefKFDMDGeneratorPipeline), spec models.md §5.6.
+"""worldstereo-memory-dmd sampling (the reference's RefKFDMDGeneratorPipeline).
 
 Memory conditions as in :mod:`.memory`, but a distilled 4-step generator: the DMD schedule
 (float32 timesteps, plain Euler to sigma = 0), one transformer call per step and no CFG.

@@ -1,4 +1,4 @@
-"""worldstereo-memory sampling (the reference's KFPCDControllerRefPipeline), spec models.md §5.5.
+"""worldstereo-memory sampling (the reference's KFPCDControllerRefPipeline).
 
 As the camera pipeline (UniPC, 40 steps, text CFG 5.0), plus retrieved reference frames:
 ``reference_video`` is keyframe-encoded into the 36-channel layout (r | ones4 | r) and passed with

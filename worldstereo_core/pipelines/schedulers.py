@@ -5,12 +5,12 @@ Both are wrapped as a *sampler*: ``timesteps`` (what the transformer receives at
 
 UniPC: diffusers' ``UniPCMultistepScheduler`` does the update rule. Its flow-sigma grid changed
 after diffusers 0.36.0, the version the released weights were sampled with, so by default the grid
-is set here to the 0.36.0 one (spec models.md, Clarification 1):
+is set here to the 0.36.0 one:
 ``sigma_i = shift((1 - 1/T) * (1 - i/N))`` for i < N, then a final 0; model timesteps are
 ``int64(sigma_i * T)`` (truncated). ``sigma_grid="installed"`` keeps whatever the installed
 diffusers computes instead.
 
-DMD (spec §7): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
+DMD (the reference's ``models/dmd_scheduler.py``): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
 the flow ODE, the last one landing on sigma = 0. The grid is computed as the reference does, to the
 last bit: numpy's linspace (float64, then rounded to float32), then float32 tensor arithmetic.
 """

@@ -1,6 +1,6 @@
 """The Wan VAE as WorldStereo uses it: keyframe latents, the I2V condition, latent layouts.
 
-Spec models.md §5.1–5.3. Target, render and reference latents live in a *keyframe* space: every
+As the reference's ``src/vae_utils.py``: target, render and reference latents live in a *keyframe* space: every
 frame is encoded (and decoded) on its own as a one-frame causal video, so f frames give f latent
 frames. Only the I2V image condition uses the ordinary causal layout (image + black frames).
 Latents are normalised per channel as ``(z - mean) * (1 / std)`` and always taken at the

@@ -1,4 +1,4 @@
-"""Single-view camera control: the release's ``run_camera_control`` (spec/geometry.md §4, §5, §11).
+"""Single-view camera control: the release's ``run_camera_control``.
 
 Scene folder (``examples/images/<scene>``): ``image.png``, ``prompt.json`` (its ``"long caption"``)
 and ``camera.json`` (w2c + K in pixels of image.png, usually 81 frames, subsampled to ``nframe``).

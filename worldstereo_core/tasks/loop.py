@@ -1,6 +1,6 @@
 """Multi-trajectory generation: the release's ``run_multi_traj`` plus the paper's global 3D cache.
 
-Task types (spec/geometry.md §7.2): ``reconstruction`` (one image: eloop -> up -> right -> left)
+Task types (the reference's ``run_multi_traj``): ``reconstruction`` (one image: eloop -> up -> right -> left)
 and ``panorama`` (the 27-view bank, then view*/target*/reconstruct*/wonder* trajectories, the
 iterative ones starting from the last frame of another generated clip; a scene made from one
 panorama image by :mod:`.panorama_scene` also has the panorama's 360-degree cloud, the initial 3D

@@ -1,4 +1,5 @@
-"""Which trajectories a multi-trajectory run generates, in which order, from what (spec §7.2, §2.3).
+"""Which trajectories a multi-trajectory run generates, in which order, from what (the
+reference's ``run_multi_traj``).
 
 * reconstruction: ``renders/traj_eloop``, ``traj_up``, ``traj_right``, ``traj_left``; start image
   ``image.png``; prompt ``prompt.json["prompt"]``.

@@ -1,4 +1,4 @@
-"""A panorama scene folder from one equirectangular image, in the release's layout (spec §2.3), so
+"""A panorama scene folder from one equirectangular image, in the release's layout (:mod:`..io.scene_layout`), so
 the multi-trajectory loop runs it like a release scene.
 
 Steps of :func:`make_panorama_scene`:
