@@ -17,7 +17,7 @@ import torch
 
 from ..worldstereo_core.constants import FPS
 from ..worldstereo_core.errors import InputError
-from ..worldstereo_core.io.atomic import atomic_path, safe_join
+from ..worldstereo_core.io.atomic import safe_join
 from .images import image_to_uint8
 
 Kind = Literal["temp", "output"]
@@ -87,19 +87,6 @@ def relative_to_base(path: str | Path, kind: Kind = "output") -> str:
     return f"{entry['subfolder']}/{entry['filename']}" if entry["subfolder"] else entry["filename"]
 
 
-def save_images(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp") -> list[dict]:
-    """Write an IMAGE batch as PNG files; return their ``ui`` entries (one per frame)."""
-    from PIL import Image
-
-    frames = image_to_uint8(image).numpy()
-    height, width = frames.shape[1:3]
-    paths = next_paths(filename_prefix, kind, len(frames), "png", width, height)
-    for frame, path in zip(frames, paths):
-        with atomic_path(path) as tmp:
-            Image.fromarray(frame).save(tmp, format="PNG", compress_level=1 if kind == "temp" else 4)
-    return [file_entry(p, kind) for p in paths]
-
-
 def save_video(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp", fps: int = FPS
                ) -> dict:
     """Write an IMAGE batch as one H.264 MP4 (core video writer); return its ``ui`` entry."""
@@ -112,19 +99,8 @@ def save_video(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: 
     return file_entry(path, kind)
 
 
-def images_ui(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp") -> dict:
-    """``ui`` dict showing an IMAGE batch as an image grid under the node."""
-    return {"images": save_images(image, filename_prefix, kind)}
-
-
 def video_ui(image: torch.Tensor, filename_prefix: str = "WorldStereo", kind: Kind = "temp", fps: int = FPS
              ) -> dict:
     """``ui`` dict showing an IMAGE batch as a playing video under the node."""
     return {"images": [save_video(image, filename_prefix, kind, fps)], "animated": (True,)}
 
-
-def output_path(*parts: str) -> Path:
-    """A path inside ComfyUI's output folder for exports (PLY, GLB, folders); refuses escapes."""
-    if not parts:
-        raise InputError("output_path needs a file or folder name")
-    return safe_join(base_dir("output"), *parts)

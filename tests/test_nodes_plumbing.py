@@ -306,35 +306,10 @@ def test_missing_comfy_file_names_folder_repository_path_and_size(comfy_stub, er
 
 # --- saving --------------------------------------------------------------------------------
 
-def test_save_images_to_temp_and_output(comfy_stub):
-    from PIL import Image
-
-    saving = _nodes(comfy_stub).saving
-    fp = comfy_stub.folder_paths
-    image = torch.rand(2, 6, 8, 3, generator=torch.Generator().manual_seed(3))
-    first = saving.save_images(image, "ws/preview", kind="temp")
-    second = saving.save_images(image[:1], "ws/preview", kind="temp")
-    assert [e["filename"] for e in first + second] == [
-        "preview_00001_.png", "preview_00002_.png", "preview_00003_.png"]
-    assert all(e["subfolder"] == "ws" and e["type"] == "temp" for e in first)
-    expected = np.round(image.numpy().astype(np.float64) * 255).astype(np.uint8)
-    for entry, frame in zip(first, expected):
-        path = f"{fp.get_temp_directory()}/{entry['subfolder']}/{entry['filename']}"
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), frame)
-    ui = saving.images_ui(image, "kept", kind="output")
-    assert ui["images"][0]["type"] == "output" and ui["images"][0]["subfolder"] == ""
-    assert (saving.base_dir("output") / ui["images"][0]["filename"]).is_file()
-    leftovers = [p for p in saving.base_dir("temp").rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == []
-
-
 def test_saving_refuses_paths_outside_folders(comfy_stub, errors):
     saving = _nodes(comfy_stub).saving
     with pytest.raises(errors.InputError, match="filename_prefix"):
-        saving.save_images(torch.rand(1, 2, 2, 3), "../../escape", kind="output")
-    with pytest.raises(errors.InputError):
-        saving.output_path("..", "elsewhere.ply")
-    assert saving.output_path("scene", "cloud.ply") == saving.base_dir("output").resolve() / "scene" / "cloud.ply"
+        saving.next_paths("../../escape", "output", 1, "png")
     with pytest.raises(errors.InputError):
         saving.file_entry("/etc/hostname", "temp")
     with pytest.raises(errors.InputError):

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import example_dirs, fixture_file
 from worldstereo_core.errors import InputError
-from worldstereo_core.tasks.ordering import (group_id, is_iterative, multi_traj_jobs, recon_sort_trajs, scene_task,
-                                             sort_trajs)
+from worldstereo_core.tasks.ordering import group_id, is_iterative, recon_sort_trajs, scene_task, sort_trajs
 
 
 def _write(path, obj):
@@ -86,8 +85,6 @@ def test_panorama_errors(tmp_path):
     _pano_tree(tmp_path / "c", ["target_a-1/traj0/x", "target_a_1/traj0/x"])
     with pytest.raises(InputError, match="rename"):
         sort_trajs(tmp_path / "c")
-    with pytest.raises(InputError, match="task_type"):
-        multi_traj_jobs(tmp_path, "single")
 
 
 def test_reconstruction_order_matches_fixture(tmp_path):
@@ -96,7 +93,7 @@ def test_reconstruction_order_matches_fixture(tmp_path):
     _write(tmp_path / "prompt.json", {"prompt": "a park"})
     for t in reversed(fx_order):
         _write(tmp_path / "renders" / t / "camera.json", {})
-    jobs = multi_traj_jobs(tmp_path, "reconstruction")
+    jobs = recon_sort_trajs(tmp_path)
     assert [j.traj_id for j in jobs] == fx_order
     assert all(j.view_id == "renders" and j.start_image == tmp_path / "image.png" and j.prompt == "a park"
                and not j.is_iterative for j in jobs)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 #: Keyframes per clip (latent frames of the released models).
 NFRAME = 21
-#: Nominal pixel-frame count the I2V condition is laid out for (4 * (NFRAME - 1) + 1).
-NUM_FRAMES = 81
 #: Frames per second of every exported video.
 FPS = 16
 #: Seed used by the release's run scripts.

@@ -93,14 +93,6 @@ class WorldMirrorExport:
     camera_ids: list[str] = field(default_factory=list)
     skipped: bool = False
 
-    @property
-    def images_dir(self) -> Path:
-        return self.folder / IMAGES_DIR
-
-    @property
-    def cameras_path(self) -> Path:
-        return self.folder / CAMERAS_FILE
-
 
 def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str, *,
                        size: tuple[int, int] | None = None, poses: Mapping[str, torch.Tensor] | None = None,

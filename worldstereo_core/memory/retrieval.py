@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..cameras import as_tensor
-from ..constants import FRUSTUM_FAR, FRUSTUM_NEAR
 from ..errors import InputError
 from ..geometry.frustums import SCORE_DTYPE, FrustumSet
 from ..io.images import resize_bicubic

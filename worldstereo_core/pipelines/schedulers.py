@@ -230,11 +230,6 @@ class DMDScheduler:
             sigma_next = torch.zeros_like(sigma)
         return sample + (sigma_next - sigma) * model_output  # a CPU scalar: no copy to the device
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``(1 - sigma) * x0 + sigma * noise`` with ``sigma = t / T`` per sample (t: [B])."""
-        sigma = (t / self.num_train_timesteps).reshape(-1, *([1] * (x0.dim() - 1))).to(x0.device)
-        return (1 - sigma) * x0 + sigma * noise
-
     def advance(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
         return self.step(noise_pred, latents, self.timesteps, index)
 

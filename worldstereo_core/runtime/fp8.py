@@ -47,8 +47,6 @@ FP8_MODES = ("channel", "tensor")
 E4M3_RELATIVE_ERROR = 2.0 ** -4
 #: Worst absolute rounding error of a subnormal e4m3 number, in units of the scale (half of 2^-9).
 E4M3_SUBNORMAL_ERROR = 2.0 ** -10
-#: Smallest normal e4m3 magnitude.
-E4M3_MIN_NORMAL = 2.0 ** -6
 #: Linear layers of the WorldStereo transformers stored in fp8: everything inside the repeated blocks
 #: (backbone, SSM and ControlNet) and the ControlNet's per-block output projections; >98% of the weights.
 WORLDSTEREO_FP8_PREFIXES = ("blocks.", "controlnet.controlnet_blocks.", "controlnet.proj_out.")

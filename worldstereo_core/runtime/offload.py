@@ -43,10 +43,6 @@ def disable_vae_tiling(vae: Any) -> None:
     vae.use_tiling = False
 
 
-def vae_tiling_enabled(vae: Any) -> bool:
-    return bool(getattr(vae, "use_tiling", False))
-
-
 def offload_components(components: Any, *, text_encoder_dtype: torch.dtype | None = None) -> None:
     """Move a pipeline's or a ``BaseComponents``' text encoder, image encoder and VAE to the CPU
     (their home from now on), casting the text encoder to ``text_encoder_dtype`` if given."""

@@ -188,13 +188,4 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
 
 def scene_task(scene_dir: str | os.PathLike) -> str:
     """The task of a scene folder: ``"panorama"`` when it has a ``pano_bank/``, else ``"reconstruction"``."""
-    return "panorama" if (Path(scene_dir) / "pano_bank").is_dir() else "reconstruction"
-
-
-def multi_traj_jobs(scene_dir: str | os.PathLike, task_type: str) -> list[TrajectoryJob]:
-    """The ordered jobs of a ``reconstruction`` or ``panorama`` scene folder."""
-    if task_type == "reconstruction":
-        return recon_sort_trajs(scene_dir)
-    if task_type == "panorama":
-        return sort_trajs(scene_dir)
-    raise InputError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    return "panorama" if (Path(scene_dir) / PANO_BANK).is_dir() else "reconstruction"
