@@ -12,6 +12,7 @@ from ..worldstereo_core.cameras import WORLD_UP
 from ..worldstereo_core.constants import FPS
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.io.pointcloud_files import write_glb, write_ply
+from ..worldstereo_core.io.scene_layout import CAMERAS_FILE, IMAGES_DIR, NAME_MAP_FILE
 from ..worldstereo_core.io.worldmirror import export_worldmirror
 from . import types
 from ._comfy import comfy_progress, node_errors
@@ -99,13 +100,14 @@ class ExportWorldMirror(io.ComfyNode):
         return io.Schema(
             node_id="WorldStereoExportWorldMirror", display_name=cls.DISPLAY_NAME, category=CATEGORY,
             is_output_node=True,
-            description=("Write the memory bank as a WorldMirror (HY-World 2.0) input folder: images/, cameras.json "
-                         "(c2w extrinsics, pixel intrinsics) and name_map.json, for 3D reconstruction."),
+            description=(f"Write the memory bank as a WorldMirror (HY-World 2.0) input folder: {IMAGES_DIR}/, "
+                         f"{CAMERAS_FILE} (c2w extrinsics, pixel intrinsics) and {NAME_MAP_FILE}, for 3D "
+                         "reconstruction."),
             inputs=[
                 types.Socket.MEMORY_BANK.Input("memory_bank", tooltip="The bank of generated frames and cameras."),
                 io.String.Input("folder_prefix", default="WorldStereo/worldmirror", tooltip=
                                 "Folder name prefix inside the output folder; a new numbered folder each run."),
-                io.String.Input("scene", default="scene", tooltip="Scene name used in name_map.json."),
+                io.String.Input("scene", default="scene", tooltip=f"Scene name used in {NAME_MAP_FILE}."),
             ],
             outputs=[io.String.Output(display_name="folder", tooltip="The folder, relative to the output folder.")],
         )

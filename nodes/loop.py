@@ -32,11 +32,11 @@ from ..worldstereo_core.constants import DEFAULT_SEED, NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.wander import WanderOptions
 from ..worldstereo_core.io.atomic import plain_name, safe_join
-from ..worldstereo_core.io.scene_layout import CAMERA_FILE, IMAGES_DIR, PANO_BANK, START_IMAGE
+from ..worldstereo_core.io.scene_layout import CAMERA_FILE, IMAGES_DIR, PANO_BANK, PANORAMA_SCENES, START_IMAGE
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
 from ..worldstereo_core.tasks.ordering import TASK_TYPES, scene_task
-from ..worldstereo_core.tasks.panorama_scene import PANORAMA_SCENES, PanoramaSceneOptions
+from ..worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions
 from . import files, types
 from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
@@ -255,7 +255,7 @@ class PanoramaSceneFromImage(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="", tooltip=
                                 "Scene description; each trajectory's caption adds its motion to it."),
                 io.String.Input("name", default="panorama", tooltip=
-                                "Scene name: the scene goes to output/<output_folder>/panorama_scenes/<name>, the "
+                                f"Scene name: the scene goes to output/<output_folder>/{PANORAMA_SCENES}/<name>, the "
                                 "loop's results to <name> in the loop's output folder."),
                 io.String.Input("output_folder", default="WorldStereo/panorama", tooltip=
                                 "Inside ComfyUI's output folder. A finished scene of the same image and settings "

@@ -16,7 +16,7 @@ from ..worldstereo_core.cameras import CameraTrajectory
 from ..worldstereo_core.constants import ALIGN_NFRAME, MAX_REFERENCE, NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.io.scene_layout import CAMERAS_FILE, IMAGES_DIR, PANO_BANK
-from ..worldstereo_core.memory.bank import MemoryBank
+from ..worldstereo_core.memory.bank import INDEX_NAME, MemoryBank
 from ..worldstereo_core.memory.retrieval import retrieve
 from ..worldstereo_core.memory.selector import CameraSelector
 from . import files, types
@@ -40,7 +40,7 @@ def _folder(source: str, folder: str):
     if source == SOURCES[2]:
         path = files.output_folder(folder, "folder")
         if not MemoryBank.exists(path):
-            raise InputError(f"no saved memory bank in output/{folder} (memory_bank.json missing); save one with "
+            raise InputError(f"no saved memory bank in output/{folder} ({INDEX_NAME} missing); save one with "
                              "WorldStereo Memory Bank Add Clip's save_folder")
         return path
     return None

@@ -41,7 +41,8 @@ from worldstereo_core.memory.cache import CacheSettings
 from worldstereo_core.tasks.generate import load_pipeline_generator
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory, run_panorama_image
 from worldstereo_core.io.scene_layout import PANORAMA_CLOUD as CLOUD_FILE, PANORAMA_MANIFEST as MANIFEST
-from worldstereo_core.tasks.panorama_scene import PANORAMA_SCENES, PanoramaSceneOptions, make_panorama_scene
+from worldstereo_core.io.scene_layout import PANORAMA_SCENES
+from worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
 
 SIZE = (32, 48)
 MODEL = "worldstereo-memory"

@@ -38,10 +38,11 @@ from .geometry.moge import ensure_moge_checkpoint, load_moge
 from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
-from .io.scene_layout import CAMERA_FILE, PROMPT_FILE, START_IMAGE
+from .io.scene_layout import CAMERA_FILE, PANORAMA_SCENES, PROMPT_FILE, START_IMAGE
 from .progress import TqdmProgress
 from .runtime import parallel
 from .runtime.options import add_runtime_arguments, runtime_options_from_args
+from .tasks.ordering import TASK_TYPES
 
 log = logging.getLogger("worldstereo_core.cli")
 
@@ -147,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("multi-traj", help="memory-consistent multi-trajectory generation")
     mt.add_argument("scene", type=Path, nargs="+",
                     help="reconstruction or panorama scene folder(s); with --task panorama also equirectangular "
-                         "(2:1) images, made into scene folders under <out>/panorama_scenes/")
-    mt.add_argument("--task", required=True, choices=("reconstruction", "panorama"))
+                         f"(2:1) images, made into scene folders under <out>/{PANORAMA_SCENES}/")
+    mt.add_argument("--task", required=True, choices=TASK_TYPES)
     _add_model_options(mt, "worldstereo-memory", MEMORY_TYPES)
     mt.add_argument("--align-nframe", type=_int_range(1), default=8, help="frames kept in memory per trajectory")
     mt.add_argument("--cache", default="release", choices=("release", "global"),
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("panorama-scene", help="make panorama scene folders from equirectangular images")
     ps.add_argument("image", type=Path, nargs="+", help="equirectangular (2:1) images")
     ps.add_argument("--out", type=Path, required=True,
-                    help="output folder: scenes go to <out>/panorama_scenes/<image name> (where multi-traj looks)")
+                    help=f"output folder: scenes go to <out>/{PANORAMA_SCENES}/<image name> (where multi-traj looks)")
     ps.add_argument("--models", type=Path, default=None,
                     help="models folder (default: $WORLDSTEREO_MODELS or ./models)")
     ps.add_argument("--moge", default=hub.MOGE_REPO,
@@ -424,7 +425,7 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: parallel.DistCont
                             moge: LazyMoGeDepth) -> list[Path]:
     """``scenes`` with every image replaced by its scene folder, made (or reused when finished)
     in ``<out>/panorama_scenes/<image name>``."""
-    from .tasks.panorama_scene import PANORAMA_SCENES, PanoramaSceneOptions, make_panorama_scene
+    from .tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
 
     images = [s for s in scenes if not s.is_dir()]
     if not images:
@@ -432,7 +433,7 @@ def _panorama_scene_folders(args, scenes: Sequence[Path], ctx: parallel.DistCont
     if ctx.world_size > 1:
         raise InputError("panorama images are made into scene folders by one process: run `python -m "
                          "worldstereo_core panorama-scene <image> --out <out>` first, then give torchrun the folders "
-                         "<out>/panorama_scenes/<image name>")
+                         f"<out>/{PANORAMA_SCENES}/<image name>")
     stems = [s.stem for s in images]
     twice = sorted({n for n in stems if stems.count(n) > 1})
     if twice:

@@ -43,7 +43,8 @@ GROUP_START_IMAGE = "start_frame.png"
 VALID_ANALYSIS = "valid_analysis.json"
 TRAJ_CAPTION = "traj_caption.json"
 
-#: A panorama scene made from one image.
+#: A panorama scene made from one image, and the folder (under an output folder) of such scenes.
+PANORAMA_SCENES = "panorama_scenes"
 PANORAMA_MANIFEST = "panorama_scene.json"
 PANORAMA_FILE = "panorama.png"
 DISTANCE_FILE = "panorama_distance.npy"

@@ -58,6 +58,8 @@ WORLDMIRROR_FLAGS = (
 )
 #: What a successful reconstruction leaves in ``results/``.
 WORLDMIRROR_OUTPUTS = ("points.ply", "camera_params.json")
+#: The folder of an export the reconstruction writes into.
+RESULTS_DIR = "results"
 #: Output lines quoted in the error when WorldMirror fails or makes nothing.
 QUOTED_LINES = 15
 
@@ -169,7 +171,7 @@ def worldmirror_command(folder: str | os.PathLike, *, target_size: int = 832, np
         "-m", "hyworld2.worldrecon.pipeline",
         "--input_path", str(folder / IMAGES_DIR),
         "--prior_cam_path", str(folder / CAMERAS_FILE),
-        "--strict_output_path", str(folder / "results"),
+        "--strict_output_path", str(folder / RESULTS_DIR),
         "--target_size", str(int(target_size)),
         *WORLDMIRROR_FLAGS, *extra_args,
     ]
@@ -186,7 +188,7 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
     ``results/worldmirror.log``).
     """
     folder = Path(folder)
-    results = folder / "results"
+    results = folder / RESULTS_DIR
     if not worldmirror_available():
         msg = ("WorldMirror skipped: the hyworld2 package (HY-World 2.0) is not installed in this "
                "Python environment; install it to reconstruct the exported folder " + str(folder))

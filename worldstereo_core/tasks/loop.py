@@ -75,7 +75,7 @@ from ..io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
 from ..io.render_folder import load_render_folder, save_render_folder
 from ..io.run_lock import locked_run_folder
 from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, ELOOP_TRAJ, IMAGES_DIR, MASK_VIDEO, PANO_BANK,
-                               PANORAMA_CLOUD, PANORAMA_MANIFEST, PROMPT_FILE, RECONSTRUCTION_INPUT_FNAME,
+                               PANORAMA_CLOUD, PANORAMA_MANIFEST, PANORAMA_SCENES, PROMPT_FILE, RECONSTRUCTION_INPUT_FNAME,
                                RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, RENDER_VIDEO, START_IMAGE, bank_image,
                                memory_inputs, result_video, scene_cloud)
 from ..io.video import read_video, read_video_frames, write_video
@@ -87,8 +87,7 @@ from ..progress import ProgressFn, report
 from ..sizes import assign_scale, validate_scale_map
 from .generate import GenerationRequest, Generator
 from .ordering import TASK_TYPES, read_prompt, recon_sort_trajs, sort_trajs
-from .panorama_scene import (PANORAMA_SCENES, PanoramaSceneOptions, check_made_scene, make_panorama_scene,
-                             panorama_cache)
+from .panorama_scene import PanoramaSceneOptions, check_made_scene, make_panorama_scene, panorama_cache
 
 log = logging.getLogger(__name__)
 

@@ -63,8 +63,6 @@ from ..memory.cache import CacheSettings, PointCache
 from ..progress import ProgressFn, report
 
 MANIFEST_VERSION = 1
-#: Folder (under an output folder) of the scenes the CLI and :func:`.loop.run_panorama_image` make.
-PANORAMA_SCENES = "panorama_scenes"
 
 
 @dataclass(frozen=True)
