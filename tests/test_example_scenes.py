@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import example_dirs, examples_root, fixtures_root
 from worldstereo_core.cameras import invert_rigid
-from worldstereo_core.geometry.trajectories import (RECONSTRUCTION_TRAJECTORIES, get_c2w, level_frame,
-                                                    panorama_bank_cameras, reconstruction_trajectories,
-                                                    start_pitch)
+from worldstereo_core.geometry.trajectories import (get_c2w, level_frame, panorama_bank_cameras,
+                                                    reconstruction_trajectories, start_pitch)
 from worldstereo_core.io.camera_json import (load_bank_cameras, load_camera_json, save_bank_cameras,
                                              save_camera_json)
+from worldstereo_core.io.scene_layout import RECONSTRUCTION_ORDER
 
 TOL = 1e-5  # regenerated poses vs the example files
 
@@ -106,13 +106,13 @@ def _up_distance(c2w: torch.Tensor) -> float:
 
 def _recon_scenes():
     scenes = [d for d in example_dirs("reconstruction")
-              if all((d / "renders" / t / "camera.json").is_file() for t in RECONSTRUCTION_TRAJECTORIES)]
+              if all((d / "renders" / t / "camera.json").is_file() for t in RECONSTRUCTION_ORDER)]
     return _params(scenes, "reconstruction scenes with all four renders/traj_*/camera.json")
 
 
 @pytest.mark.parametrize("scene", _recon_scenes())
 def test_reconstruction_trajectories_regenerated(scene):
-    files = {t: load_camera_json(scene / "renders" / t) for t in RECONSTRUCTION_TRAJECTORIES}
+    files = {t: load_camera_json(scene / "renders" / t) for t in RECONSTRUCTION_ORDER}
     eloop = files["traj_eloop"]
     validation = _fixture_json("eloop_vs_example_validation.json", required=False)
     m = _eloop_scale(eloop.c2w)

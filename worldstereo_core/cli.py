@@ -38,7 +38,7 @@ from .geometry.moge import ensure_moge_checkpoint, load_moge
 from .geometry.wander import WanderOptions
 from .io.atomic import output_folder, safe_join
 from .io.fingerprint import file_stamps
-from .io.scene_layout import CAMERA_FILE, PANORAMA_SCENES, PROMPT_FILE, START_IMAGE
+from .io.scene_layout import CAMERA_FILE, PANORAMA_SCENES, PROMPT_FILE, RENDER_VIDEO, START_IMAGE
 from .progress import TqdmProgress
 from .runtime import parallel
 from .runtime.options import add_runtime_arguments, runtime_options_from_args
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--dinov2", default=None,
                     help="DINOv2 folder for reference selection (default <models>/dinov2/dinov2-base if present)")
     mt.add_argument("--no-scene-renders", action="store_true",
-                    help="render warps from the start-view cloud even where the scene has render.mp4")
+                    help=f"render warps from the start-view cloud even where the scene has {RENDER_VIDEO}")
     mt.add_argument("--run-worldmirror", action="store_true", help="also run HY-World 2.0 WorldMirror if installed")
     mt.add_argument("--noise", default="release", choices=("release", "per-trajectory"),
                     help="release: one generator seeded once, drawn by each trajectory in turn; per-trajectory: "

@@ -225,7 +225,6 @@ def _as_tree(scene_points) -> cKDTree | None:
 # The four reconstruction trajectories
 # --------------------------------------------------------------------------------------------
 
-RECONSTRUCTION_TRAJECTORIES = ("traj_eloop", "traj_up", "traj_left", "traj_right")
 #: eloop radii (fractions of m), elevation of traj_up and azimuth of traj_left / traj_right.
 RECON_ELOOP_RADII = (0.3, 0.4)
 RECON_UP_DEG = -45.0

@@ -64,7 +64,7 @@ def load_camera_json(path: str | os.PathLike, *, width: int | None = None, heigh
     data = read_json(path)
     if isinstance(data, dict) and "extrinsic" not in data and data and all(
             isinstance(v, dict) and "extrinsic" in v for v in data.values()):
-        raise InputError(f"{path}: this is a panorama bank cameras.json; read it with load_bank_cameras")
+        raise InputError(f"{path}: this is a panorama bank {CAMERAS_FILE}; read it with load_bank_cameras")
     if isinstance(data, dict):
         for name, given in (("width", width), ("height", height)):
             if given is None:

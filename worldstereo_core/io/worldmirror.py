@@ -60,6 +60,8 @@ WORLDMIRROR_FLAGS = (
 WORLDMIRROR_OUTPUTS = ("points.ply", "camera_params.json")
 #: The folder of an export the reconstruction writes into.
 RESULTS_DIR = "results"
+#: ``--target_size`` of the reconstruction (the release's command).
+TARGET_SIZE = 832
 #: Output lines quoted in the error when WorldMirror fails or makes nothing.
 QUOTED_LINES = 15
 
@@ -105,7 +107,7 @@ def export_worldmirror(bank: "MemoryBank", folder: str | os.PathLike, scene: str
     to export instead of the bank's, by entry name."""
     folder = Path(folder)
     if (folder / CAMERAS_FILE).is_file():
-        log.info("WorldMirror export: %s already has cameras.json; skipping", folder)
+        log.info("WorldMirror export: %s already has %s; skipping", folder, CAMERAS_FILE)
         return WorldMirrorExport(folder, skipped=True)
     if len(bank) == 0:
         raise InputError("WorldMirror export: the memory bank is empty; add generated clips first")
@@ -160,7 +162,7 @@ def worldmirror_available() -> bool:
     return importlib.util.find_spec("hyworld2") is not None
 
 
-def worldmirror_command(folder: str | os.PathLike, *, target_size: int = 832, nproc: int = 1,
+def worldmirror_command(folder: str | os.PathLike, *, target_size: int = TARGET_SIZE, nproc: int = 1,
                         python: str | None = None, extra_args: Sequence[str] = ()) -> list[str]:
     """The torchrun command reconstructing ``folder`` (an export) into ``folder/results``."""
     folder = Path(folder)
@@ -177,7 +179,7 @@ def worldmirror_command(folder: str | os.PathLike, *, target_size: int = 832, np
     ]
 
 
-def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc: int = 1,
+def run_worldmirror(folder: str | os.PathLike, *, target_size: int = TARGET_SIZE, nproc: int = 1,
                     extra_args: Sequence[str] = (),
                     runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> WorldMirrorRun:
     """Run WorldMirror on an export when ``hyworld2`` is installed; skip with a message otherwise.
@@ -195,7 +197,7 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
         log.info(msg)
         return WorldMirrorRun(False, msg)
     if not (folder / CAMERAS_FILE).is_file() or not (folder / IMAGES_DIR).is_dir():
-        raise InputError(f"WorldMirror: {folder} is not a complete export (images/ and cameras.json); "
+        raise InputError(f"WorldMirror: {folder} is not a complete export ({IMAGES_DIR}/ and {CAMERAS_FILE}); "
                          "run export_worldmirror first")
     if (results / "points.ply").is_file():
         return WorldMirrorRun(False, f"WorldMirror skipped: {results / 'points.ply'} already exists", results_dir=results)
@@ -209,6 +211,6 @@ def run_worldmirror(folder: str | os.PathLike, *, target_size: int = 832, nproc:
         what = (f"failed with exit code {proc.returncode}" if proc.returncode != 0
                 else f"exited without writing {', '.join(missing)}")
         raise ToolError(f"WorldMirror {what} for {folder}; its last lines:\n{tail}\n(full output in {log_path}; "
-                        "check the export's images and cameras.json, or run the command by hand: "
+                        f"check the export's {IMAGES_DIR} and {CAMERAS_FILE}, or run the command by hand: "
                         f"{' '.join(cmd)})")
     return WorldMirrorRun(True, "WorldMirror finished", cmd, results, proc.returncode)

@@ -270,7 +270,7 @@ class MemoryBank:
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise InputError(f"{scene_dir / PANO_BANK / IMAGES_DIR}: missing {len(missing)} bank image(s) "
-                             f"({', '.join(missing[:5])}...); every key of cameras.json needs <key>.png")
+                             f"({', '.join(missing[:5])}...); every key of {CAMERAS_FILE} needs <key>.png")
         images = [load_image(p) for p in paths]
         height, width = images[0].shape[:2]  # the bank's K is in pixels of its images
         keys, cams = load_bank_cameras(cameras_json, width=width, height=height)

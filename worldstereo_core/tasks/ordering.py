@@ -104,14 +104,14 @@ def recon_sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
     scene_dir = _check_scene(scene_dir)
     image = scene_dir / START_IMAGE
     if not image.is_file():
-        raise InputError(f"{image} not found; a reconstruction scene needs its input image.png")
+        raise InputError(f"{image} not found; a reconstruction scene needs its input {START_IMAGE}")
     prompt = read_prompt(scene_dir / PROMPT_FILE, "reconstruction scene")
     group = scene_dir / RECONSTRUCTION_VIEW
     jobs = [TrajectoryJob(RECONSTRUCTION_VIEW, t, group, group / t / CAMERA_FILE, image, None, prompt)
             for t in RECONSTRUCTION_ORDER if (group / t / CAMERA_FILE).is_file()]
     if not jobs:
         raise InputError(f"{group}: no trajectories found; expected {', '.join(RECONSTRUCTION_ORDER)} "
-                         "folders with camera.json")
+                         f"folders with {CAMERA_FILE}")
     return jobs
 
 
@@ -174,7 +174,7 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
             continue
         if "traj0" not in present:
             raise InputError(f"{groups[gid] / 'traj1'} starts from the last frame of traj0, but "
-                             f"{groups[gid] / 'traj0' / 'camera.json'} is missing")
+                             f"{groups[gid] / 'traj0' / CAMERA_FILE} is missing")
         jobs.append(job(gid, "traj1", start_from=(gid, "traj0")))
     known = ("view", "target", "reconstruct", "wonder")
     for gid in groups:
@@ -182,7 +182,7 @@ def sort_trajs(scene_dir: str | os.PathLike) -> list[TrajectoryJob]:
             log.info("panorama: ignoring folder %s (not a view*/target*/reconstruct*/wonder* group)", gid)
     if not jobs:
         raise InputError(f"{scene_dir}: no panorama trajectories found (expected view*/target*/reconstruct*/"
-                         "wonder* groups with traj*/camera.json)")
+                         f"wonder* groups with traj*/{CAMERA_FILE})")
     return jobs
 
 
