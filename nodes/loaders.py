@@ -23,17 +23,12 @@ from comfy_api.latest import io
 from ..worldstereo_core import hub
 from ..worldstereo_core.constants import HF_REPO_ID, MODEL_TYPES
 from ..worldstereo_core.errors import InputError, MissingWeightsError
+from ..worldstereo_core.hub import DINOV2_FOLDER, MOGE_FOLDER, VARIANT_FILES, WORLDSTEREO_FOLDER
 from ..worldstereo_core.io.fingerprint import file_stamps
 from . import files, types
 from ._comfy import node_errors, offload_device, torch_device
 
-WORLDSTEREO_FOLDER = "worldstereo"
-MOGE_FOLDER = "moge"
-DINOV2_FOLDER = "dinov2"
 OWN_FOLDERS = (WORLDSTEREO_FOLDER, MOGE_FOLDER, DINOV2_FOLDER)
-#: ComfyUI's own folders we read from: transformer, umT5, CLIP-vision, VAE, diffusers repos.
-#: Files that make a ``models/worldstereo/<model-type>`` folder a usable variant.
-VARIANT_FILES = ("config.json", "model.safetensors")
 WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
 
 

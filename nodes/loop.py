@@ -28,13 +28,14 @@ import numpy as np
 from comfy_api.latest import io
 from PIL import Image
 
-from ..worldstereo_core.constants import DEFAULT_SEED, NFRAME
+from ..worldstereo_core.constants import DEFAULT_SEED, DMD_STEPS, NFRAME
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.wander import WanderOptions
 from ..worldstereo_core.io.atomic import plain_name, safe_join
 from ..worldstereo_core.io.scene_layout import CAMERA_FILE, IMAGES_DIR, PANO_BANK, PANORAMA_SCENES, START_IMAGE
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
+from ..worldstereo_core.pipelines.schedulers import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 from ..worldstereo_core.tasks.ordering import TASK_TYPES, scene_task
 from ..worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions
 from . import files, types
@@ -99,11 +100,11 @@ class MultiTrajectoryLoop(io.ComfyNode):
                                "global: grow a 3D point cache from every clip (needs MoGe)."),
                 io.String.Input("prompt", multiline=True, default="", tooltip=
                                 "Scene description, for the image input (folders bring their own)."),
-                io.Int.Input("steps", default=40, min=1, max=200, tooltip=
-                             "UniPC steps per trajectory (the DMD variant always takes its 4; not used when sigmas "
-                             "is connected)."),
+                io.Int.Input("steps", default=DEFAULT_NUM_STEPS, min=1, max=200, tooltip=
+                             f"UniPC steps per trajectory (the DMD variant always takes its {DMD_STEPS}; not used when "
+                             "sigmas is connected)."),
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, tooltip=
-                               "Text guidance scale; 0 = the release's (5.0, or 1 for DMD, which has no CFG)."),
+                               f"Text guidance scale; 0 = the release's ({DEFAULT_GUIDANCE_SCALE}, or 1 for DMD, which has no CFG)."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=
                                "Flow shift of the UniPC sigmas; 0 = the base's (3 for 480P, 5 for 720P). Not used "
                                "by DMD or when sigmas is connected."),

@@ -41,6 +41,7 @@ DIFFUSERS_FOLDER = "diffusers"
 MOGE_FOLDER = "moge"
 DINOV2_FOLDER = "dinov2"
 
+#: Files that make a ``<models>/worldstereo/<model-type>`` folder a usable variant.
 VARIANT_FILES = ("config.json", "model.safetensors")
 #: The Wan2.1-I2V base WorldStereo names when its config does not say otherwise.
 WAN_BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
@@ -53,29 +54,24 @@ MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
 MOGE_CHECKPOINT = "model.pt"
 #: ComfyUI's repackaged Wan2.1 single files (the files ComfyUI's own Wan workflows load).
 COMFY_WAN_REPO = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
-#: (ComfyUI model folder, file name) -> path of the file in :data:`COMFY_WAN_REPO`.
-COMFY_FILES = {
-    (folder, name): f"split_files/{folder}/{name}"
-    for folder, names in {
-        "diffusion_models": ("wan2.1_i2v_480p_14B_bf16.safetensors", "wan2.1_i2v_480p_14B_fp16.safetensors",
-                             "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"),
-        "text_encoders": ("umt5_xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
-        "clip_vision": ("clip_vision_h.safetensors",),
-        "vae": ("wan_2.1_vae.safetensors",),
-    }.items() for name in names
+#: (ComfyUI model folder, file name) of the files ComfyUI's Wan workflows load -> download size.
+_COMFY_FILE_SIZES = {
+    ("diffusion_models", "wan2.1_i2v_480p_14B_bf16.safetensors"): "32.8 GB",
+    ("diffusion_models", "wan2.1_i2v_480p_14B_fp16.safetensors"): "32.8 GB",
+    ("diffusion_models", "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"): "16.4 GB",
+    ("text_encoders", "umt5_xxl_fp16.safetensors"): "11.4 GB",
+    ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"): "6.74 GB",
+    ("clip_vision", "clip_vision_h.safetensors"): "1.26 GB",
+    ("vae", "wan_2.1_vae.safetensors"): "254 MB",
 }
+#: (ComfyUI model folder, file name) -> path of the file in :data:`COMFY_WAN_REPO`.
+COMFY_FILES = {(folder, name): f"split_files/{folder}/{name}" for folder, name in _COMFY_FILE_SIZES}
 #: (repo, path in the repo) -> download size, as the repository pages state it.
 FILE_SIZES = {
     (HF_REPO_ID, "worldstereo-camera/model.safetensors"): "10.9 GB",
     (HF_REPO_ID, "worldstereo-memory/model.safetensors"): "22.3 GB",
     (HF_REPO_ID, "worldstereo-memory-dmd/model.safetensors"): "34.9 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_bf16.safetensors"]): "32.8 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_fp16.safetensors"]): "32.8 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["diffusion_models", "wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors"]): "16.4 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["text_encoders", "umt5_xxl_fp16.safetensors"]): "11.4 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"]): "6.74 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["clip_vision", "clip_vision_h.safetensors"]): "1.26 GB",
-    (COMFY_WAN_REPO, COMFY_FILES["vae", "wan_2.1_vae.safetensors"]): "254 MB",
+    **{(COMFY_WAN_REPO, COMFY_FILES[key]): size for key, size in _COMFY_FILE_SIZES.items()},
     (MOGE_REPO, MOGE_CHECKPOINT): "~1.3 GB",
     (DINOV2_REPO, "model.safetensors"): "~350 MB",
 }

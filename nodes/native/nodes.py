@@ -172,8 +172,8 @@ class ReleaseSigmas(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL of WorldStereo Apply Variant (its base decides the "
                                                 "default shift)."),
-                io.Int.Input("steps", default=DEFAULT_NUM_STEPS, min=1, max=200, tooltip="Sampling steps (40 in "
-                                                                                          "the release)."),
+                io.Int.Input("steps", default=DEFAULT_NUM_STEPS, min=1, max=200,
+                             tooltip=f"Sampling steps ({DEFAULT_NUM_STEPS} in the release)."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Flow shift; 0 = the base's (3 for 480P, 5 for 720P)."),
             ],
