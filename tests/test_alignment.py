@@ -115,4 +115,4 @@ def test_similarity_apply_keeps_tensor_dtype():
     T = Similarity(torch.eye(3, dtype=torch.float64), torch.tensor([1.0, 0, 0], dtype=torch.float64), 2.0)
     out = T.apply(torch.ones(4, 3))
     assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([3.0, 2.0, 2.0]).expand(4, 3))
-    assert torch.allclose(T.compose(T.inverse()).matrix, torch.eye(4, dtype=torch.float64))
+    assert torch.allclose(T.inverse().apply(out), torch.ones(4, 3))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import angle_close, example_dirs, examples_root, fixture_file, require_path
+from conftest import angle_close, examples_root, fixture_file, require_path
 from worldstereo_core.errors import CheckpointError, InputError
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.io.camera_json import load_bank_cameras, load_camera_json
@@ -143,19 +143,6 @@ def test_reconstruction_loop_matches_fixture():
     exp_K = torch.tensor(fx["final_ref_Ks"], dtype=torch.float64)
     assert (bank.K - exp_K).abs().max().item() <= 1e-4 * exp_K.abs().max().item()
 
-
-@pytest.mark.parametrize("scene", example_dirs("reconstruction"), ids=lambda p: p.name)
-def test_reconstruction_bank_from_folder(scene):
-    from PIL import Image
-
-    eloop = load_camera_json(scene / "renders" / "traj_eloop" / "camera.json")
-    bank = MemoryBank.from_reconstruction_folder(scene, working_hw=(64, 96))
-    assert len(bank) == 1 and bank.fnames == ["renders/pano_bank/image.png"]
-    assert bank.frames[0].shape == (64, 96, 3)
-    with Image.open(scene / "image.png") as img:
-        assert (bank.width, bank.height) == img.size
-    assert torch.equal(bank.w2c[0], torch.eye(4, dtype=torch.float64))
-    assert torch.allclose(bank.K[0], eloop.K[0])
 
 
 # ------------------------------------------------------------------------------------------ panorama

@@ -9,7 +9,7 @@ from conftest import fixtures_root
 from worldstereo_core.errors import InputError
 from worldstereo_core.geometry.pointcloud import (
     PointCloud, adaptive_voxel_downsample, adaptive_voxel_downsample_size, compute_depth_percentile_map,
-    concatenate, merge_point_clouds, statistical_outlier_removal, voxel_downsample_fixed,
+    concatenate, statistical_outlier_removal, voxel_downsample_fixed,
     voxel_downsample_indices, voxel_keys,
 )
 
@@ -87,26 +87,18 @@ def test_pointcloud_container():
     assert torch.allclose(pc.rgb_signed[0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
     sub = pc.select(np.array([False, True]))
     assert len(sub) == 1 and sub.confidence.tolist() == [1.0]
-    T = np.eye(4)
-    T[:3, :3] = 2.0 * np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])
-    T[:3, 3] = [1, 1, 1]
-    moved = PointCloud(pc.xyz, pc.rgb, normals=[[1.0, 0, 0], [0, 0, 1]]).transformed(T)
-    assert torch.allclose(moved.xyz[1], torch.tensor([-7.0, 7.0, 11.0]))
-    assert torch.allclose(moved.normals, torch.tensor([[0.0, 1, 0], [0, 0, 1]]), atol=1e-6)
     with pytest.raises(InputError, match=r"rgb"):
         PointCloud(np.zeros((3, 3)), np.zeros((2, 3)))
     with pytest.raises(InputError, match=r"xyz"):
         PointCloud(np.zeros((3, 2)), np.zeros((3, 3)))
 
 
-def test_merge_point_clouds_first_wins():
+def test_concatenate_keeps_shared_fields():
     a = PointCloud([[0.05, 0.05, 0.05], [5.0, 5.0, 5.0]], [[1.0, 0, 0], [1.0, 0, 0]], confidence=[1.0, 1.0])
     b = PointCloud([[0.06, 0.04, 0.01], [9.0, 9.0, 9.0]], [[0, 0, 1.0], [0, 0, 1.0]])
-    merged = merge_point_clouds([a, b], voxel_size=0.5)
-    assert len(merged) == 3 and merged.confidence is None  # b has no confidence
-    near = merged.select(merged.xyz.norm(dim=1) < 1)
-    assert len(near) == 1 and near.rgb[0].tolist() == [1.0, 0.0, 0.0]
-    assert len(merge_point_clouds([a, b])) == 4 == len(concatenate([a, b]))
+    both = concatenate([a, b])
+    assert len(both) == 4 and both.confidence is None  # b has no confidence
+    assert both.rgb[:2].tolist() == a.rgb.tolist() and both.xyz[2:].tolist() == b.xyz.tolist()
     assert len(concatenate([])) == 0
 
 

@@ -45,10 +45,6 @@ class Similarity:
         Rt = self.R.T
         return Similarity(Rt, -(Rt @ self.t) / self.scale, 1.0 / self.scale)
 
-    def compose(self, other: "Similarity") -> "Similarity":
-        """``self ∘ other`` (apply ``other`` first)."""
-        return Similarity(self.R @ other.R, self.scale * self.R @ other.t + self.t, self.scale * other.scale)
-
 
 def _points(x, name: str, min_count: int = 3, flat: bool = True) -> torch.Tensor:
     t = x.detach().to(torch.float64) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))

@@ -13,7 +13,7 @@ the reference bit for bit; the :class:`PointCloud` methods wrap them.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -276,19 +276,6 @@ class PointCloud:
     def to(self, device) -> "PointCloud":
         return self._map(lambda t: t.to(device))
 
-    def transformed(self, T) -> "PointCloud":
-        """Points mapped by a 4x4 (similarity or rigid) transform; normals rotated and renormalised."""
-        T = _tensor(T, torch.float64).to(self.xyz.device)
-        if tuple(T.shape) != (4, 4):
-            raise InputError(f"transform must be a 4x4 matrix; got {tuple(T.shape)}")
-        A, t = T[:3, :3], T[:3, 3]
-        xyz = (self.xyz.double() @ A.T + t).float()
-        normals = None
-        if self.normals is not None:
-            n = self.normals.double() @ torch.linalg.inv(A)  # inverse-transpose for normals
-            normals = (n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
-        return replace(self, xyz=xyz, normals=normals)
-
     # Reference utilities on the container -----------------------------------------------------
 
     def remove_outliers(self, k: int = SOR_NEIGHBOURS, std_ratio: float = SOR_STD_RATIO) -> "PointCloud":
@@ -316,14 +303,3 @@ def concatenate(clouds: Sequence[PointCloud]) -> PointCloud:
         parts = [getattr(c, f.name) for c in clouds]
         out[f.name] = None if any(p is None for p in parts) else torch.cat([p.to(device) for p in parts])
     return PointCloud(**out)
-
-
-def merge_point_clouds(clouds: Iterable[PointCloud], voxel_size: float | None = None) -> PointCloud:
-    """Concatenate clouds and, if ``voxel_size`` is set, keep the first point per voxel.
-
-    Earlier clouds win inside a voxel, so pass the trusted (older) cache first.
-    """
-    merged = concatenate(list(clouds))
-    if voxel_size is None or voxel_size <= 0 or len(merged) == 0:
-        return merged
-    return merged.voxel_downsample(voxel_size)

@@ -35,8 +35,7 @@ from ..constants import ALIGN_NFRAME, FRUSTUM_FAR, FRUSTUM_NEAR, MAX_REFERENCE, 
 from ..errors import CheckpointError, InputError, WorldStereoError
 from ..io.atomic import atomic_path, safe_join, write_json_atomic
 from ..io.images import load_image
-from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, ELOOP_TRAJ, IMAGES_DIR, PANO_BANK, RECONSTRUCTION_INPUT_FNAME,
-                               RECONSTRUCTION_VIEW, START_IMAGE, bank_image)
+from ..io.scene_layout import CAMERAS_FILE, IMAGES_DIR, PANO_BANK, RECONSTRUCTION_INPUT_FNAME, bank_image
 from ..progress import ProgressFn, report
 from ..geometry.frustums import FrustumSet
 
@@ -275,22 +274,6 @@ class MemoryBank:
         height, width = images[0].shape[:2]  # the bank's K is in pixels of its images
         keys, cams = load_bank_cameras(cameras_json, width=width, height=height)
         return cls.panorama(scene_dir.name, keys, cams, images, **kwargs)
-
-    @classmethod
-    def from_reconstruction_folder(cls, scene_dir: str | os.PathLike,
-                                   working_hw: tuple[int, int] | None = None, **kwargs) -> "MemoryBank":
-        """Bank of a reconstruction scene: ``image.png`` (resized to ``working_hw``) with the K of
-        ``renders/traj_eloop/camera.json`` frame 0; the bank size is the image's original size."""
-        from ..io.camera_json import load_camera_json
-        from ..io.images import resize_bicubic
-
-        scene_dir = Path(scene_dir)
-        image = load_image(scene_dir / START_IMAGE)
-        height, width = image.shape[:2]
-        traj = load_camera_json(scene_dir / RECONSTRUCTION_VIEW / ELOOP_TRAJ / CAMERA_FILE, default_size=(height, width))
-        if working_hw is not None and tuple(working_hw) != (height, width):
-            image = resize_bicubic(image, tuple(working_hw))
-        return cls.reconstruction(image, traj.K[0], width, height, **kwargs)
 
     # ---------------------------------------------------------------------------------- persistence
     def save(self, folder: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
