@@ -65,9 +65,9 @@ class SavePointCloud(io.ComfyNode):
                                 "File name prefix inside the output folder (sub-folders allowed)."),
                 io.Combo.Input("format", options=list(POINT_CLOUD_FORMATS), default="glb", tooltip=
                                "glb: viewable in Preview3D, with the cameras; ply: the points only."),
-                io.Combo.Input("world_up", options=list(WORLD_UP_OPTIONS), default=WORLD_UP["reconstruction"], tooltip=
-                               f"Which world axis is up (GLB only): {WORLD_UP['reconstruction']} for image-based "
-                               f"scenes, {WORLD_UP['panorama']} for panoramas."),
+                io.Combo.Input("world_up", options=list(WORLD_UP_OPTIONS), default=WORLD_UP["reconstruction"],
+                               tooltip=f"Which world axis is up (GLB only): {WORLD_UP['reconstruction']} for "
+                                       f"image-based scenes, {WORLD_UP['panorama']} for panoramas."),
                 types.Socket.TRAJECTORY.Input("trajectory", optional=True, tooltip=
                                               "Cameras drawn into the GLB as frustums."),
             ],

@@ -104,7 +104,8 @@ class MultiTrajectoryLoop(io.ComfyNode):
                              f"UniPC steps per trajectory (the DMD variant always takes its {DMD_STEPS}; not used when "
                              "sigmas is connected)."),
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, tooltip=
-                               f"Text guidance scale; 0 = the release's ({DEFAULT_GUIDANCE_SCALE}, or 1 for DMD, which has no CFG)."),
+                               f"Text guidance scale; 0 = the release's ({DEFAULT_GUIDANCE_SCALE}, or 1 for DMD, which "
+                               "has no CFG)."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=
                                "Flow shift of the UniPC sigmas; 0 = the base's (3 for 480P, 5 for 720P). Not used "
                                "by DMD or when sigmas is connected."),

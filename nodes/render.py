@@ -71,7 +71,8 @@ class LoadRenderFolder(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="WorldStereoLoadRenderFolder", display_name=cls.DISPLAY_NAME, category=CATEGORY,
-            description=(f"Load a pre-rendered render folder from input/ ({RENDER_VIDEO}, {MASK_VIDEO}, {CAMERA_FILE}), "
+            description=(f"Load a pre-rendered render folder from input/ ({RENDER_VIDEO}, {MASK_VIDEO}, "
+                         f"{CAMERA_FILE}), "
                          "prepared as the reference does: resized to the start image, frame 0 replaced by it (and, "
                          "for an iterative reconstruct_*/traj1 folder, its hole mask cleared)."),
             inputs=[

@@ -43,6 +43,7 @@ def world_down_vector(kind: str) -> tuple[float, float, float]:
     """Unit down vector of a kind of world: where an unrolled camera's +y points."""
     return tuple(-c for c in world_up_vector(kind))
 
+
 def as_tensor(x, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """Convert ``x`` (tensor, ndarray or nested list) to a tensor of ``dtype``."""
     if isinstance(x, torch.Tensor):

@@ -335,7 +335,8 @@ def panorama_look_c2w(yaw_deg, pitch_deg, center=(0.0, 0.0, 0.0)) -> torch.Tenso
     return make_pose(R, center)
 
 
-def panorama_bank_cameras(width: int = PANO_BANK_SIZE[1], height: int = PANO_BANK_SIZE[0]) -> tuple[list[str], CameraTrajectory]:
+def panorama_bank_cameras(width: int = PANO_BANK_SIZE[1], height: int = PANO_BANK_SIZE[0]
+                          ) -> tuple[list[str], CameraTrajectory]:
     """The 27 perspective bank cameras: centre at the origin, no roll, 120 x 90 deg field of view
     (:func:`panorama_look_c2w` at :func:`panorama_bank_views`)."""
     views = panorama_bank_views()

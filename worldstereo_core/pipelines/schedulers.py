@@ -10,9 +10,10 @@ is set here to the 0.36.0 one:
 ``int64(sigma_i * T)`` (truncated). ``sigma_grid="installed"`` keeps whatever the installed
 diffusers computes instead.
 
-DMD (the reference's ``models/dmd_scheduler.py``): float32 timesteps ``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on
-the flow ODE, the last one landing on sigma = 0. The grid is computed as the reference does, to the
-last bit: numpy's linspace (float64, then rounded to float32), then float32 tensor arithmetic.
+DMD (the reference's ``models/dmd_scheduler.py``): float32 timesteps
+``shift(linspace(s, T, n)[::-1] / T) * T``, plain Euler steps on the flow ODE, the last one
+landing on sigma = 0. The grid is computed as the reference does, to the last bit: numpy's
+linspace (float64, then rounded to float32), then float32 tensor arithmetic.
 """
 from __future__ import annotations
 

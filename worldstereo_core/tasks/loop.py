@@ -75,9 +75,9 @@ from ..io.pointcloud_files import camera_frustum_segments, write_glb, write_ply
 from ..io.render_folder import load_render_folder, save_render_folder
 from ..io.run_lock import locked_run_folder
 from ..io.scene_layout import (CAMERA_FILE, CAMERAS_FILE, ELOOP_TRAJ, IMAGES_DIR, MASK_VIDEO, PANO_BANK,
-                               PANORAMA_CLOUD, PANORAMA_MANIFEST, PANORAMA_SCENES, PROMPT_FILE, RECONSTRUCTION_INPUT_FNAME,
-                               RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, RENDER_VIDEO, START_IMAGE, bank_image,
-                               memory_inputs, result_video, scene_cloud)
+                               PANORAMA_CLOUD, PANORAMA_MANIFEST, PANORAMA_SCENES, PROMPT_FILE,
+                               RECONSTRUCTION_INPUT_FNAME, RECONSTRUCTION_ORDER, RECONSTRUCTION_VIEW, RENDER_VIDEO,
+                               START_IMAGE, bank_image, memory_inputs, result_video, scene_cloud)
 from ..io.video import read_video, read_video_frames, write_video
 from ..io.worldmirror import export_worldmirror, run_worldmirror
 from ..memory.bank import MemoryBank
@@ -257,8 +257,9 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
     def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor) -> ViewDepth:
         if "depth" not in start_depth:
             if depth_fn is None:
-                raise InputError(f"{scene_dir}: this run needs the depth of {START_IMAGE} (no pre-rendered {RECONSTRUCTION_VIEW}/ "
-                                 "to use, or the global cache); give a depth model (MoGe) or depth function")
+                raise InputError(f"{scene_dir}: this run needs the depth of {START_IMAGE} (no pre-rendered "
+                                 f"{RECONSTRUCTION_VIEW}/ to use, or the global cache); give a depth model (MoGe) "
+                                 "or depth function")
             start_depth["depth"] = ViewDepth.of(depth_fn(image_w, K_w, w2c))
         return start_depth["depth"]
 
