@@ -2,12 +2,12 @@
 
 Scene folders (inputs)::
 
-    image.png, prompt.json {"prompt": ...}        start image and caption (single view, reconstruction)
-    camera.json                                   the single-view trajectory
-    renders/<traj>/                               reconstruction trajectories (RECONSTRUCTION_ORDER)
+    image.png, prompt.json {"prompt": ...}               start image and caption
+    camera.json                                          the single-view trajectory
+    renders/<traj>/                                      reconstruction trajectories (RECONSTRUCTION_ORDER)
     pano_bank/cameras.json, pano_bank/images/<key>.png   the panorama memory bank
-    <group>/start_frame.png, <group>/valid_analysis.json  panorama groups
-    <group>/<traj>/traj_caption.json              a panorama trajectory's caption
+    <group>/start_frame.png, <group>/valid_analysis.json panorama groups
+    <group>/<traj>/traj_caption.json                     a panorama trajectory's caption
 
 A trajectory folder holds ``camera.json`` and, when pre-rendered, ``render.mp4`` and
 ``render_mask.mp4`` (:mod:`.render_folder`). A panorama scene made from one image
