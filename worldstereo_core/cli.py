@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 from . import hub
-from .constants import DEFAULT_SEED, MODEL_TYPES, NFRAME, PANO_BANK_SIZE, RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC
+from .constants import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DEFAULT_SEED, MODEL_TYPES, NFRAME, PANO_BANK_SIZE,
+                        RENDER_POINTS_PER_PIXEL, RENDER_RADIUS_NDC)
 from .errors import InputError, WorldStereoError
 from .geometry.moge import ensure_moge_checkpoint, load_moge
 from .geometry.wander import WanderOptions
@@ -100,8 +101,9 @@ def _add_model_options(p: argparse.ArgumentParser, default_type: str, choices: S
                    help="MoGe checkpoint: a model.pt path or a repo id under <models>/moge (default %(default)s)")
     p.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     p.add_argument("--steps", type=_int_range(1, 1000), default=None,
-                   help="sampling steps (default: 40, or the DMD schedule)")
-    p.add_argument("--guidance", type=_positive_float, default=None, help="text CFG scale (default 5.0; DMD: none)")
+                   help=f"sampling steps (default: {DEFAULT_NUM_STEPS}, or the DMD schedule)")
+    p.add_argument("--guidance", type=_positive_float, default=None,
+                   help=f"text CFG scale (default {DEFAULT_GUIDANCE_SCALE}; DMD: none)")
     p.add_argument("--seed", type=_int_range(0, MAX_SEED), default=DEFAULT_SEED,
                    help=f"random seed, a whole number in 0..2^64-1 (default {DEFAULT_SEED})")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

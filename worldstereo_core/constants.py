@@ -30,6 +30,10 @@ ALIGN_NFRAME = 8
 FRUSTUM_NEAR = 0.1
 FRUSTUM_FAR = 10.0
 
+#: Sampling defaults of the camera and memory variants (the release's run scripts).
+DEFAULT_NUM_STEPS = 40
+DEFAULT_GUIDANCE_SCALE = 5.0
+
 #: The DMD generator schedule's defaults (release config keys dmd_start_steps, dmd_end_steps,
 #: gen_shift, dmd_steps).
 DMD_START_STEPS = 250

@@ -16,9 +16,8 @@ from fractions import Fraction
 import torch
 from comfy_api.latest import InputImpl, Types, io
 
-from ...worldstereo_core.constants import FPS
+from ...worldstereo_core.constants import DEFAULT_NUM_STEPS, FPS
 from ...worldstereo_core.errors import InputError
-from ...worldstereo_core.pipelines.schedulers import DEFAULT_NUM_STEPS
 from ...worldstereo_core.pipelines.vae import decode_keyframes, normalize_latents
 from ...worldstereo_core.tasks.generate import model_inputs
 from .. import types

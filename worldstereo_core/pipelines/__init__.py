@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
+from ..constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 from ..errors import InputError
 from ..loading.components import BaseComponents, check_widths
 from .base import GenerationOutput, KeyframePipeline, ModelCall, ModelCallHook
 from .camera import CameraPipeline
 from .dmd import MemoryDMDPipeline
 from .memory import MemoryPipeline
-from .schedulers import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, DMDScheduler, UniPCFlowSampler,
-                         make_generator)
+from .schedulers import DMDScheduler, UniPCFlowSampler, make_generator
 
 PIPELINE_CLASSES: dict[str, type[KeyframePipeline]] = {
     "worldstereo-camera": CameraPipeline,

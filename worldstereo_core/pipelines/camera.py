@@ -11,7 +11,8 @@ from typing import Any, Mapping
 import torch
 
 from .base import KeyframePipeline
-from .schedulers import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS, SigmaGrid, UniPCFlowSampler
+from .schedulers import SigmaGrid, UniPCFlowSampler
+from ..constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 from ..errors import MissingWeightsError
 
 

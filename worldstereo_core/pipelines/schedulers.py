@@ -22,13 +22,9 @@ from typing import Any, Literal, Mapping, Protocol
 import numpy as np
 import torch
 
-from ..constants import DMD_END_STEPS, DMD_SHIFT, DMD_START_STEPS, DMD_STEPS
+from ..constants import DEFAULT_NUM_STEPS, DMD_END_STEPS, DMD_SHIFT, DMD_START_STEPS, DMD_STEPS
 from ..errors import CheckpointError, InputError
 from ..hub import WAN_BASE_REPO
-
-#: Defaults of the camera and memory variants (the release's run scripts).
-DEFAULT_NUM_STEPS = 40
-DEFAULT_GUIDANCE_SCALE = 5.0
 
 SigmaGrid = Literal["reference", "installed"]
 SIGMA_GRIDS: tuple[str, ...] = ("reference", "installed")
