@@ -22,6 +22,7 @@ from ..worldstereo_core.geometry.trajectories import reconstruction_trajectories
 from ..worldstereo_core.geometry.view_trajectories import (fit_to_view, json_trajectory, moves_trajectory,
                                                            parse_trajectory_json)
 from ..worldstereo_core.io.camera_json import load_camera_json
+from ..worldstereo_core.io.scene_layout import ELOOP_TRAJ, LEFT_TRAJ, RIGHT_TRAJ, UP_TRAJ
 from . import files, types
 from ._comfy import node_errors
 from .trajectory_preview import preview_ui, trajectory_entry
@@ -30,7 +31,8 @@ CATEGORY = "WorldStereo/trajectory"
 MAX_FRAMES = 1024
 PRESET_NAMES = sorted(PRESETS)
 DEFAULT_PRESET = "orbit_left" if "orbit_left" in PRESETS else PRESET_NAMES[0]
-RECONSTRUCTION_NAMES = ("traj_eloop", "traj_up", "traj_left", "traj_right")
+#: The Reconstruction Trajectories node's outputs, in order.
+RECONSTRUCTION_NAMES = (ELOOP_TRAJ, UP_TRAJ, LEFT_TRAJ, RIGHT_TRAJ)
 EXAMPLE_MOVES = json.dumps([{"type": "normal", "rotation": [30.0, 0.0], "frames": 10},
                             {"type": "normal", "backward-forward": 0.3, "frames": 10}], indent=1)
 

@@ -23,6 +23,7 @@ from ..cameras import (CameraTrajectory, as_tensor, intrinsics_from_fov, invert_
                        make_pose, rot_x, world_down_vector, world_up_vector)
 from ..constants import NFRAME, PANO_BANK_SIZE
 from ..errors import InputError
+from ..io.scene_layout import ELOOP_TRAJ, LEFT_TRAJ, RIGHT_TRAJ, UP_TRAJ
 from .moves import (camera_backward_forward, camera_left_right, camera_rotation, interpolate_poses,
                     native_camera_rotation)
 
@@ -284,10 +285,10 @@ def reconstruction_trajectories(start_w2c, K, width: int, height: int, median_de
     side = math.radians(RECON_SIDE_DEG)
     r = m * math.cos(pitch)
     c2ws = {
-        "traj_eloop": torch.cat([c2w0[None], eloop]),
-        "traj_up": _level_orbit(c2w0, pitch, d_up, zeros, [math.radians(RECON_UP_DEG) * f for f in s]),
-        "traj_left": _level_orbit(c2w0, pitch, r, [side * f for f in s], zeros),
-        "traj_right": _level_orbit(c2w0, pitch, r, [-side * f for f in s], zeros),
+        ELOOP_TRAJ: torch.cat([c2w0[None], eloop]),
+        UP_TRAJ: _level_orbit(c2w0, pitch, d_up, zeros, [math.radians(RECON_UP_DEG) * f for f in s]),
+        LEFT_TRAJ: _level_orbit(c2w0, pitch, r, [side * f for f in s], zeros),
+        RIGHT_TRAJ: _level_orbit(c2w0, pitch, r, [-side * f for f in s], zeros),
     }
     K0 = _first_intrinsic(K)
     return {name: CameraTrajectory(w2c=invert_rigid(c2w), K=K0.expand(nframe, 3, 3).clone(),

@@ -29,8 +29,8 @@ MASK_VIDEO = "render_mask.mp4"
 #: The reconstruction scene's trajectory group and its trajectories, in generation order; the
 #: ellipse loop's frame 0 is the scene's camera.
 RECONSTRUCTION_VIEW = "renders"
-ELOOP_TRAJ = "traj_eloop"
-RECONSTRUCTION_ORDER = (ELOOP_TRAJ, "traj_up", "traj_right", "traj_left")
+ELOOP_TRAJ, UP_TRAJ, RIGHT_TRAJ, LEFT_TRAJ = "traj_eloop", "traj_up", "traj_right", "traj_left"
+RECONSTRUCTION_ORDER = (ELOOP_TRAJ, UP_TRAJ, RIGHT_TRAJ, LEFT_TRAJ)
 
 #: The panorama bank folder; like a WorldMirror input folder it holds ``images/`` and ``cameras.json``.
 PANO_BANK = "pano_bank"
