@@ -40,8 +40,7 @@ from worldstereo_core.memory.bank import sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings
 from worldstereo_core.tasks.generate import load_pipeline_generator
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory, run_panorama_image
-from worldstereo_core.io.scene_layout import PANORAMA_CLOUD as CLOUD_FILE, PANORAMA_MANIFEST as MANIFEST
-from worldstereo_core.io.scene_layout import PANORAMA_SCENES
+from worldstereo_core.io.scene_layout import PANORAMA_CLOUD, PANORAMA_MANIFEST, PANORAMA_SCENES
 from worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
 
 SIZE = (32, 48)
@@ -233,7 +232,7 @@ def test_a_rebuilt_scene_from_other_inputs_is_not_resumed(room, tmp_path):
                "options": dict(options=replace(scene_options, edge_threshold=0.06))}
     for change in changes.values():
         build(**change)
-        with pytest.raises(InputError, match=f"other inputs.*{MANIFEST}"):
+        with pytest.raises(InputError, match=f"other inputs.*{PANORAMA_MANIFEST}"):
             run()
     build()  # the same inputs again: the same scene, resumed
     assert {t.status for t in run().trajectories} == {"skipped"}
@@ -258,7 +257,7 @@ def test_scene_builds_hold_the_lock_and_the_loop_refuses_an_unfinished_scene(roo
     finally:
         release.set()
         thread.join()
-    assert not (folder / MANIFEST).exists()
+    assert not (folder / PANORAMA_MANIFEST).exists()
     # a lock left by a process that is gone does not make the folder foreign
     (folder / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
 
@@ -272,8 +271,8 @@ def test_scene_builds_hold_the_lock_and_the_loop_refuses_an_unfinished_scene(roo
     with pytest.raises(InputError, match="not finished"):
         run_multi_trajectory(folder, tmp_path / "out", _magenta_generator, options=LOOP)
     make_panorama_scene(pano, folder, depth=depth, options=SCENE)  # finishes it
-    (folder / CLOUD_FILE).rename(tmp_path / "cloud.ply")
-    with pytest.raises(InputError, match=f"{CLOUD_FILE} is missing"):
+    (folder / PANORAMA_CLOUD).rename(tmp_path / "cloud.ply")
+    with pytest.raises(InputError, match=f"{PANORAMA_CLOUD} is missing"):
         run_multi_trajectory(folder, tmp_path / "out", _magenta_generator, options=LOOP)
 
 
@@ -283,7 +282,7 @@ def test_release_scene_folders_and_bad_names(room, tmp_path):
     r, pano, depth = room
     scene = tmp_path / "release"
     make_panorama_scene(pano, scene, depth=depth, options=replace(SCENE, renders=True))
-    for name in (MANIFEST, CLOUD_FILE):
+    for name in (PANORAMA_MANIFEST, PANORAMA_CLOUD):
         (scene / name).unlink()  # what a release folder lacks
     res = run_multi_trajectory(scene, tmp_path / "out", _magenta_generator, options=LOOP)
     assert {t.render_source for t in res.trajectories} == {"scene renders"} and res.cache is None

@@ -29,7 +29,7 @@ from worldstereo_core.io.video import read_mask_video, read_video
 from worldstereo_core.tasks import generate
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory
 from worldstereo_core.tasks.ordering import sort_trajs
-from worldstereo_core.io.scene_layout import PANORAMA_MANIFEST as MANIFEST
+from worldstereo_core.io.scene_layout import PANORAMA_MANIFEST
 from worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene, planned_trajectories
 
 SIZE = (32, 48)
@@ -100,7 +100,7 @@ def test_scene_layout(room, scene):
     saved = np.load(folder / "panorama_distance.npy")
     assert saved.shape == (128, 256) and np.median(np.abs(saved - distance.numpy()) / distance.numpy()) < 1e-3
     assert np.array_equal(load_image(folder / "panorama.png"), pano)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / PANORAMA_MANIFEST).read_text())
     assert manifest["complete"] and manifest["plan"]["margin"] > 0 and manifest["cloud_points"] == len(cloud)
 
 
@@ -124,9 +124,9 @@ def test_scene_runs_through_the_loop(scene, tmp_path):
 def test_rerun_reuses_refuses_and_resumes(room, scene, tmp_path):
     r, pano, distance = room
     made, _ = scene
-    stamp = (made.folder / MANIFEST).stat().st_mtime_ns
+    stamp = (made.folder / PANORAMA_MANIFEST).stat().st_mtime_ns
     again = make_panorama_scene(pano, made.folder, depth_fn=r.depth_fn(), prompt="An empty room.", options=OPTIONS)
-    assert again.reused and (made.folder / MANIFEST).stat().st_mtime_ns == stamp
+    assert again.reused and (made.folder / PANORAMA_MANIFEST).stat().st_mtime_ns == stamp
     assert torch.allclose(again.cloud.xyz, made.cloud.xyz)
     with pytest.raises(InputError, match="another image or with other settings"):
         make_panorama_scene(pano, made.folder, depth_fn=r.depth_fn(), prompt="Another room.", options=OPTIONS)
@@ -145,9 +145,9 @@ def test_rerun_reuses_refuses_and_resumes(room, scene, tmp_path):
 
     with pytest.raises(Interrupted):
         make_panorama_scene(pano, fresh, depth=distance, options=OPTIONS, progress=stop)
-    assert not json.loads((fresh / MANIFEST).read_text())["complete"]
+    assert not json.loads((fresh / PANORAMA_MANIFEST).read_text())["complete"]
     done = make_panorama_scene(pano, fresh, depth=distance, options=OPTIONS)
-    assert not done.reused and json.loads((fresh / MANIFEST).read_text())["complete"]
+    assert not done.reused and json.loads((fresh / PANORAMA_MANIFEST).read_text())["complete"]
     assert len(sort_trajs(fresh)) == 7
 
 
@@ -185,7 +185,7 @@ def test_cli_panorama_image(room, tmp_path, monkeypatch, capsys):
             "--reconstructs", "1", "--prompt", "A room."]
     assert cli.main(args) == 0
     folder = tmp_path / "out" / "panorama_scenes" / "room"
-    assert json.loads((folder / MANIFEST).read_text())["complete"]
+    assert json.loads((folder / PANORAMA_MANIFEST).read_text())["complete"]
     for traj in ("traj0", "traj1"):
         assert read_video(tmp_path / "out" / "room" / "reconstruct_0" / traj / "worldstereo-memory_result.mp4").shape \
             == (21, *SIZE, 3)

@@ -13,7 +13,7 @@ from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.errors import InputError
 from worldstereo_core.io.camera_json import load_camera_json
 from worldstereo_core.io.render_folder import load_render_folder, save_render_folder
-from worldstereo_core.io.scene_layout import CAMERA_FILE as CAMERA_JSON, MASK_VIDEO, RENDER_VIDEO
+from worldstereo_core.io.scene_layout import CAMERA_FILE, MASK_VIDEO, RENDER_VIDEO
 from worldstereo_core.io.video import read_mask_video, read_video, write_video
 
 
@@ -50,7 +50,7 @@ def _synthetic(n=5, h=36, w=50, seed=0):
 def test_save_and_load_round_trip(tmp_path):
     rgb, mask, traj = _synthetic()
     folder = save_render_folder(tmp_path / "traj0", rgb, mask, traj)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([RENDER_VIDEO, MASK_VIDEO, CAMERA_JSON])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([RENDER_VIDEO, MASK_VIDEO, CAMERA_FILE])
     render, m, t = load_render_folder(folder, 36, 50)
     assert render.shape == rgb.shape and m.shape == mask.shape
     assert (render - rgb).abs().mean() < 0.05  # H.264, yuv420p chroma, 8-bit truncation
@@ -113,8 +113,8 @@ def test_bad_render_folders(tmp_path):
     write_video(folder / MASK_VIDEO, np.zeros((3, 36, 50, 3), np.uint8))
     with pytest.raises(InputError, match="frames"):
         load_render_folder(folder, 36, 50)
-    (folder / CAMERA_JSON).unlink()
-    with pytest.raises(InputError, match=CAMERA_JSON):
+    (folder / CAMERA_FILE).unlink()
+    with pytest.raises(InputError, match=CAMERA_FILE):
         load_render_folder(folder, 36, 50)
     with pytest.raises(InputError, match="mask"):
         save_render_folder(tmp_path / "u", rgb, mask[:, :, :10], traj)
@@ -130,7 +130,7 @@ def test_example_render_folders(folder):
     raw = read_video(folder / RENDER_VIDEO)
     raw_mask = read_mask_video(folder / MASK_VIDEO)
     n, h, w, _ = raw.shape
-    assert raw_mask.shape == (n, h, w) and n == len(load_camera_json(folder / CAMERA_JSON))
+    assert raw_mask.shape == (n, h, w) and n == len(load_camera_json(folder / CAMERA_FILE))
     assert 0 < raw_mask[1:].mean() < 1
     assert abs(np.median(raw[1:][raw_mask[1:] > 0.5]) - 127) <= 3  # holes are mid-grey
     start = np.asarray(Image.open(_start_image(folder)).convert("RGB"))

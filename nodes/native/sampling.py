@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import trange
 
 from ...worldstereo_core.constants import DEFAULT_GUIDANCE_SCALE
-from ...worldstereo_core.models.config import WorldStereoConfig
 from ...worldstereo_core.loading.single_file import default_scheduler_config
+from ...worldstereo_core.models.config import WorldStereoConfig
 from ...worldstereo_core.pipelines.schedulers import DMDScheduler, reference_flow_sigmas
 
 #: Timesteps per unit sigma of the Wan flow models (ComfyUI's flow multiplier and the release's T).
