@@ -32,7 +32,7 @@ from ..worldstereo_core.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STE
 from ..worldstereo_core.errors import InputError
 from ..worldstereo_core.geometry.wander import WanderOptions
 from ..worldstereo_core.io.atomic import plain_name, safe_join
-from ..worldstereo_core.io.scene_layout import CAMERA_FILE, IMAGES_DIR, PANO_BANK, PANORAMA_SCENES, START_IMAGE
+from ..worldstereo_core.io.scene_layout import IMAGES_DIR, PANO_BANK, PANORAMA_SCENES, START_IMAGE
 from ..worldstereo_core.io.video import read_video
 from ..worldstereo_core.memory.cache import CACHE_MODES
 from ..worldstereo_core.tasks.ordering import TASK_TYPES, scene_task
