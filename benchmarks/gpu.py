@@ -55,6 +55,7 @@ import random_models as rm  # noqa: E402
 import transformer_step  # noqa: E402
 
 from worldstereo_core.io.atomic import write_json_atomic  # noqa: E402
+from worldstereo_core.models.inputs import MemoryInputs  # noqa: E402
 
 OUT = rm.REPO / "benchmarks" / "results" / "gpu.json"
 COMFYUI_DIR = rm.REPO.parent / "shared" / "comfyui" / "ComfyUI"
@@ -141,9 +142,10 @@ def conditioning(env, native_model, tcfg: dict, grid, refs: int):
     model_conds = env.native.conds.worldstereo_model_conds(
         torch.randn(latent, generator=g), (torch.rand(1, 1, frames, 8 * h, 8 * w, generator=g) > 0.3).float(),
         torch.randn(1, 6, frames, 8 * h, 8 * w, generator=g),
-        reference_latent=torch.cat([ref, torch.ones(1, 4, refs, h, w), ref], dim=1),
-        ref_index=torch.linspace(0, frames - 2, refs).round().long(),
-        camera_qt=torch.randn(1, frames, 7, generator=g), camera_qt_ref=torch.randn(1, refs, 7, generator=g))
+        MemoryInputs(reference_latent=torch.cat([ref, torch.ones(1, 4, refs, h, w), ref], dim=1),
+                     ref_index=torch.linspace(0, frames - 2, refs).round().long(),
+                     camera_qt=torch.randn(1, frames, 7, generator=g),
+                     camera_qt_ref=torch.randn(1, refs, 7, generator=g)))
     options = {"concat_latent_image": native_model.model.latent_format.process_out(torch.randn(latent, generator=g)),
                "concat_mask": 1.0 - i2v_mask, "clip_vision_output": clip}
 
