@@ -2,7 +2,7 @@
 node that makes a panorama scene from one 360-degree image for it.
 
 The loop runs on the native MODEL (WorldStereo Apply Variant / Load Complete Variant) with the core
-CLIP, VAE and CLIP vision, through :class:`.native.generator.NativeGenerator`; it samples as the
+CLIP, VAE and CLIP vision, through :class:`.native.generator.NativeClipGenerator`; it samples as the
 release does unless SIGMAS, a SAMPLER or a CFG are given (:func:`.native.sampling.release_sampling`).
 
 The scene comes from a folder in ``input/`` (the release's layout: ``image.png`` + ``prompt.json``
@@ -41,13 +41,13 @@ from . import files, types
 from ._comfy import comfy_progress, node_errors, on_compute_device
 from .geometry import first_image_uint8, uint8_to_image
 from .saving import file_entry, relative_to_base
-from .requests import MAX_SEED
 from .trajectory_preview import preview_ui, trajectory_entry
 
 CATEGORY = "WorldStereo/loop"
 FROM_IMAGE = "(the image input)"
 TASKS = ("auto",) + TASK_TYPES
 SCENE_MARKERS = (START_IMAGE, PANO_BANK)
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  #: the seed widget's bound (ComfyUI's own)
 
 
 def scene_choices() -> list[str]:
@@ -170,7 +170,7 @@ class MultiTrajectoryLoop(io.ComfyNode):
         from ..worldstereo_core.memory.cache import moge_depth_fn
         from ..worldstereo_core.memory.selector import CameraSelector
         from ..worldstereo_core.tasks.loop import LoopOptions, run_image_scene, run_multi_trajectory
-        from .native.generator import NativeGenerator
+        from .native.generator import NativeClipGenerator
         from .native.model import variant_config
         from .native.sampling import release_sampling
 
@@ -192,7 +192,7 @@ class MultiTrajectoryLoop(io.ComfyNode):
             raise InputError("the multi-trajectory loop conditions on the memory bank; apply worldstereo-memory or "
                              "worldstereo-memory-dmd")
         release_sigmas, release_sampler, release_cfg = release_sampling(config, steps, shift)
-        generator = NativeGenerator(model, clip, vae, clip_vision,
+        clip_generator = NativeClipGenerator(model, clip, vae, clip_vision,
                                     sigmas=release_sigmas if sigmas is None else sigmas,
                                     sampler=release_sampler if sampler is None else sampler,
                                     cfg=cfg if cfg > 0 else release_cfg)
@@ -204,9 +204,9 @@ class MultiTrajectoryLoop(io.ComfyNode):
             if moge is not None:  # panorama views and frames: MoGe is told the field of view (as the CLI)
                 kwargs["depth_fn"] = moge_view_depth_fn(moge) if task == "panorama" else moge_depth_fn(moge)
             if scene == FROM_IMAGE:
-                result = run_image_scene(first_image_uint8(image, "image"), prompt, out_root, generator, **kwargs)
+                result = run_image_scene(first_image_uint8(image, "image"), prompt, out_root, clip_generator, **kwargs)
             else:
-                result = run_multi_trajectory(scene_dir, out_root, generator, **kwargs)
+                result = run_multi_trajectory(scene_dir, out_root, clip_generator, **kwargs)
         if not result.trajectories:
             raise InputError(f"scene {scene!r} has no trajectories to generate")
         frames = uint8_to_image(np.concatenate([read_video(o.result) for o in result.trajectories]))

@@ -49,20 +49,20 @@ def _scale(scale: float) -> float:
     return float(scale)
 
 
-def entry(traj: CameraTrajectory, scene: StartView, label: str) -> dict:
+def entry(traj: CameraTrajectory, view: StartView, label: str) -> dict:
     """Preview entry: the cameras over the scene's points (or its depth range when it has none)."""
-    if len(scene.cloud):
-        return trajectory_entry(traj, label=label, points=scene.cloud.xyz, colors=scene.cloud.rgb)
-    m = scene.median_depth
+    if len(view.cloud):
+        return trajectory_entry(traj, label=label, points=view.cloud.xyz, colors=view.cloud.rgb)
+    m = view.median_depth
     return trajectory_entry(traj, label=label, depth_range=(0.25 * m, 2.0 * m))
 
 
-def result(trajs: list[tuple[str, CameraTrajectory]], scene: StartView) -> io.NodeOutput:
+def result(trajs: list[tuple[str, CameraTrajectory]], view: StartView) -> io.NodeOutput:
     """A node's return value: the trajectories as outputs, their preview as ``ui``."""
-    return io.NodeOutput(*(t for _, t in trajs), ui=preview_ui(*(entry(t, scene, name) for name, t in trajs)))
+    return io.NodeOutput(*(t for _, t in trajs), ui=preview_ui(*(entry(t, view, name) for name, t in trajs)))
 
 
-def scene_input(tooltip: str = "Start camera, size and scale m of the scene (a stand-in view when not "
+def view_input(tooltip: str = "Start camera, size and scale m of the scene (a stand-in view when not "
                                 "connected).") -> io.Input:
     return types.Socket.POINT_CLOUD.Input("point_cloud", optional=True, tooltip=tooltip)
 
@@ -87,26 +87,26 @@ class TrajectoryPreset(io.ComfyNode):
                              f"Cameras in the trajectory (the released models take {NFRAME} keyframes)."),
                 io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
                                "Multiplies the scene scale m (median depth) the move sizes refer to."),
-                scene_input("Start camera, size and scale m of the scene."),
+                view_input("Start camera, size and scale m of the scene."),
             ],
             outputs=[trajectory_output()],
         )
 
     @classmethod
     def build_trajectory(cls, preset, frames, scale, point_cloud=None):
-        scene = point_cloud or stand_in_view()
-        return moves_trajectory(scene, preset_moves(preset), _frames(frames), _scale(scale)), scene
+        view = point_cloud or stand_in_view()
+        return moves_trajectory(view, preset_moves(preset), _frames(frames), _scale(scale)), view
 
     @classmethod
     def preview_trajectory(cls, preset, frames, scale, point_cloud=None):
-        traj, scene = cls.build_trajectory(preset, frames, scale)
-        return preview_ui(entry(traj, scene, preset))
+        traj, view = cls.build_trajectory(preset, frames, scale)
+        return preview_ui(entry(traj, view, preset))
 
     @classmethod
     @node_errors(DISPLAY_NAME)
     def execute(cls, preset, frames, scale, point_cloud=None) -> io.NodeOutput:
-        traj, scene = cls.build_trajectory(preset, frames, scale, point_cloud)
-        return result([(preset, traj)], scene)
+        traj, view = cls.build_trajectory(preset, frames, scale, point_cloud)
+        return result([(preset, traj)], view)
 
 
 class TrajectoryFromJSON(io.ComfyNode):
@@ -128,7 +128,7 @@ class TrajectoryFromJSON(io.ComfyNode):
                 io.Float.Input("scale", default=1.0, min=0.01, max=100.0, step=0.05, tooltip=
                                "Moves: multiplies the scene scale m. camera.json: multiplies its translations "
                                "relative to the first camera."),
-                scene_input(),
+                view_input(),
             ],
             outputs=[trajectory_output()],
         )
@@ -139,19 +139,19 @@ class TrajectoryFromJSON(io.ComfyNode):
 
     @classmethod
     def build_trajectory(cls, json_text, frames, scale, point_cloud=None):
-        scene = point_cloud or stand_in_view()
-        return json_trajectory(json_text, scene, _frames(frames), _scale(scale)), scene
+        view = point_cloud or stand_in_view()
+        return json_trajectory(json_text, view, _frames(frames), _scale(scale)), view
 
     @classmethod
     def preview_trajectory(cls, json_text, frames, scale, point_cloud=None):
-        traj, scene = cls.build_trajectory(json_text, frames, scale)
-        return preview_ui(entry(traj, scene, "json"))
+        traj, view = cls.build_trajectory(json_text, frames, scale)
+        return preview_ui(entry(traj, view, "json"))
 
     @classmethod
     @node_errors(DISPLAY_NAME)
     def execute(cls, json_text, frames, scale, point_cloud=None) -> io.NodeOutput:
-        traj, scene = cls.build_trajectory(json_text, frames, scale, point_cloud)
-        return result([("json", traj)], scene)
+        traj, view = cls.build_trajectory(json_text, frames, scale, point_cloud)
+        return result([("json", traj)], view)
 
 
 class CameraJSONLoad(io.ComfyNode):
@@ -176,7 +176,7 @@ class CameraJSONLoad(io.ComfyNode):
                              "Image width the file's K refers to, if the file does not say (0: scene)."),
                 io.Int.Input("file_height", default=0, min=0, max=16384, tooltip=
                              "Image height the file's K refers to, if the file does not say (0: scene)."),
-                scene_input(),
+                view_input(),
             ],
             outputs=[trajectory_output()],
         )
@@ -192,22 +192,22 @@ class CameraJSONLoad(io.ComfyNode):
 
     @classmethod
     def build_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
-        scene = point_cloud or stand_in_view()
-        size = (file_height, file_width) if file_width and file_height else (scene.height, scene.width)
+        view = point_cloud or stand_in_view()
+        size = (file_height, file_width) if file_width and file_height else (view.height, view.width)
         traj = load_camera_json(files.input_path(camera_json, "camera_json"), default_size=size)
-        return fit_to_view(traj, scene, nframe=frames and _frames(frames), anchor=anchor,
-                           scale=_scale(scale) if anchor else scale), scene
+        return fit_to_view(traj, view, nframe=frames and _frames(frames), anchor=anchor,
+                           scale=_scale(scale) if anchor else scale), view
 
     @classmethod
     def preview_trajectory(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None):
-        traj, scene = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height)
-        return preview_ui(entry(traj, scene, camera_json))
+        traj, view = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height)
+        return preview_ui(entry(traj, view, camera_json))
 
     @classmethod
     @node_errors(DISPLAY_NAME)
     def execute(cls, camera_json, frames, anchor, scale, file_width, file_height, point_cloud=None) -> io.NodeOutput:
-        traj, scene = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height, point_cloud)
-        return result([(camera_json, traj)], scene)
+        traj, view = cls.build_trajectory(camera_json, frames, anchor, scale, file_width, file_height, point_cloud)
+        return result([(camera_json, traj)], view)
 
 
 class ReconstructionTrajectories(io.ComfyNode):
@@ -224,30 +224,30 @@ class ReconstructionTrajectories(io.ComfyNode):
                              f"Cameras per trajectory (the released models take {NFRAME} keyframes)."),
                 io.Float.Input("up_distance", default=0.0, min=0.0, max=1e4, step=0.05, tooltip=
                                "Pivot distance of the rise, in units of m (0 = m)."),
-                scene_input(),
+                view_input(),
             ],
             outputs=[trajectory_output(name) for name in RECONSTRUCTION_NAMES],
         )
 
     @classmethod
     def build_trajectories(cls, frames, up_distance, point_cloud=None):
-        scene = point_cloud or stand_in_view()
-        m = scene.median_depth
-        trajs = reconstruction_trajectories(scene.w2c, scene.K, scene.width, scene.height, m,
+        view = point_cloud or stand_in_view()
+        m = view.median_depth
+        trajs = reconstruction_trajectories(view.w2c, view.K, view.width, view.height, m,
                                             up_distance=(up_distance * m) if up_distance > 0 else None,
                                             nframe=_frames(frames))
-        return [(name, trajs[name]) for name in RECONSTRUCTION_NAMES], scene
+        return [(name, trajs[name]) for name in RECONSTRUCTION_NAMES], view
 
     @classmethod
     def preview_trajectory(cls, frames, up_distance, point_cloud=None):
-        trajs, scene = cls.build_trajectories(frames, up_distance)
-        return preview_ui(*(entry(t, scene, name) for name, t in trajs))
+        trajs, view = cls.build_trajectories(frames, up_distance)
+        return preview_ui(*(entry(t, view, name) for name, t in trajs))
 
     @classmethod
     @node_errors(DISPLAY_NAME)
     def execute(cls, frames, up_distance, point_cloud=None) -> io.NodeOutput:
-        trajs, scene = cls.build_trajectories(frames, up_distance, point_cloud)
-        return result(trajs, scene)
+        trajs, view = cls.build_trajectories(frames, up_distance, point_cloud)
+        return result(trajs, view)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -30,8 +30,8 @@ from worldstereo_core.io.video import read_mask_video, read_video
 from worldstereo_core.runtime.options import RuntimeOptions, runtime_options_from_args
 from worldstereo_core.tasks import generate
 
-REAL_LOAD = generate.load_pipeline_generator
-REAL_CALL = generate.PipelineGenerator.__call__
+REAL_LOAD = generate.load_pipeline_clip_generator
+REAL_CALL = generate.PipelineClipGenerator.__call__
 
 SIZE = "32x48"
 IMAGE_SCENES = example_dirs("images")
@@ -172,8 +172,8 @@ class Run:
             self.frames.append(out)
             return out
 
-        monkeypatch.setattr(generate, "load_pipeline_generator", load)
-        monkeypatch.setattr(generate.PipelineGenerator, "__call__", call)
+        monkeypatch.setattr(generate, "load_pipeline_clip_generator", load)
+        monkeypatch.setattr(generate.PipelineClipGenerator, "__call__", call)
 
     def __call__(self, models, scenes, depths, out, *flags) -> dict[str, np.ndarray]:
         assert _run("camera-control", *scenes, "--out", out, "--models", models, "--size", SIZE, "--steps", 2,
@@ -310,7 +310,7 @@ def test_bad_flags_are_named_errors(tmp_path, capsys, flags, named):
 
 
 def test_out_that_is_a_file_is_refused_before_loading(models, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "load_pipeline_generator", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr(generate, "load_pipeline_clip_generator", lambda *a, **k: pytest.fail("loaded weights"))
     (tmp_path / "out.txt").write_text("a file")
     assert _run("multi-traj", tmp_path, "--task", "reconstruction", "--out", tmp_path / "out.txt",
                 "--models", models) == 2
@@ -340,7 +340,7 @@ def test_batch_checks_every_scene_first_and_runs_the_good_ones(scene_dir, models
 
     real_validate = loop.validate_scene
     monkeypatch.setattr(loop, "validate_scene", lambda scene, *a: order.append(scene.name) or real_validate(scene, *a))
-    monkeypatch.setattr(generate, "load_pipeline_generator", lambda *a, **k: order.append("load") or (stand_in, None))
+    monkeypatch.setattr(generate, "load_pipeline_clip_generator", lambda *a, **k: order.append("load") or (stand_in, None))
     code = _run("multi-traj", typo, good, missing, busy, "--task", "reconstruction", "--out", out,
                 "--models", models, "--size", SIZE, "--steps", 2)
     err = capsys.readouterr().err

@@ -242,7 +242,7 @@ from worldstereo_core.io import video
 from worldstereo_core.tasks import generate
 
 probe, rank = os.environ["PROBE_DIR"], os.environ["RANK"]
-real_call, real_write, count = generate.PipelineGenerator.__call__, video.write_video, [0]
+real_call, real_write, count = generate.PipelineClipGenerator.__call__, video.write_video, [0]
 
 def call(self, request, progress=None):
     out = real_call(self, request, progress)
@@ -255,7 +255,7 @@ def write_video(path, *args, **kwargs):
         f.write(os.path.realpath(path) + "\\n")
     return real_write(path, *args, **kwargs)
 
-generate.PipelineGenerator.__call__ = call
+generate.PipelineClipGenerator.__call__ = call
 video.write_video = write_video
 raise SystemExit(distributed.main())
 """
@@ -340,14 +340,14 @@ def _single(cli_args, monkeypatch) -> list:
     from worldstereo_core import cli
     from worldstereo_core.tasks import generate
 
-    frames, real, threads = [], generate.PipelineGenerator.__call__, torch.get_num_threads()
+    frames, real, threads = [], generate.PipelineClipGenerator.__call__, torch.get_num_threads()
 
     def call(self, request, progress=None):
         frames.append(real(self, request, progress))
         return frames[-1]
 
     with monkeypatch.context() as patch:
-        patch.setattr(generate.PipelineGenerator, "__call__", call)
+        patch.setattr(generate.PipelineClipGenerator, "__call__", call)
         torch.set_num_threads(1)
         try:
             assert cli.main([str(a) for a in cli_args]) == 0

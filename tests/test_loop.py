@@ -27,7 +27,7 @@ from worldstereo_core.memory.bank import MemoryBank, sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings, PointCache
 from worldstereo_core.memory.selector import CameraSelector
 from worldstereo_core.pipelines.schedulers import initial_noise, make_generator
-from worldstereo_core.tasks.generate import load_pipeline_generator
+from worldstereo_core.tasks.generate import load_pipeline_clip_generator
 from worldstereo_core.tasks.loop import (PREPARE_TICKS, TRAJECTORY_TICKS, LoopOptions, progress_total,
                                          run_multi_trajectory)
 from worldstereo_core.tasks.ordering import sort_trajs
@@ -56,7 +56,7 @@ def _copy_scene(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
     root = write_models_root(tmp_path_factory.mktemp("models"), (MODEL,))
-    generator, _ = load_pipeline_generator(root, MODEL, num_inference_steps=2)
+    generator, _ = load_pipeline_clip_generator(root, MODEL, num_inference_steps=2)
     return generator
 
 

@@ -324,13 +324,13 @@ def _request(memory: bool, seed: int = 5, noise_index: int = 1):
 @pytest.mark.parametrize("case", _pipeline_cases() or [None], ids=lambda p: p.name if p else "absent")
 def test_native_generator_matches_the_pipeline_generator(env, case, tmp_path):
     """The loop's generator interface on the native MODEL (core VAE, CLIP vision and sampler) gives
-    the clip the diffusers PipelineGenerator gives for the same request (same weights, schedule,
+    the clip the diffusers PipelineClipGenerator gives for the same request (same weights, schedule,
     seed and noise index): frames within 1e-3, progress once per step."""
     if case is None:
         pytest.skip(f"no pipeline fixtures under {fixtures_root() / 'reference_tiny'}")
     from test_pipelines import _pipeline
     from tiny_components import load_fixture_common
-    from worldstereo_core.tasks.generate import PipelineGenerator
+    from worldstereo_core.tasks.generate import PipelineClipGenerator
 
     common = _common()
     fixture = json.loads((case / "config.json").read_text())
@@ -339,14 +339,14 @@ def test_native_generator_matches_the_pipeline_generator(env, case, tmp_path):
     pipeline, _ = _pipeline(case, load_fixture_common(common))
     dmd = fixture["scheduler"]["class"] == "FlowGeneratorScheduler"
     steps = None if dmd else fixture["scheduler"]["num_inference_steps"]
-    reference = PipelineGenerator(pipeline, num_inference_steps=steps, guidance_scale=None if dmd else
+    reference = PipelineClipGenerator(pipeline, num_inference_steps=steps, guidance_scale=None if dmd else
                                   float(fixture["call_kwargs"]["guidance_scale"]), prompt_embeds=texts["prompt"],
                                   negative_prompt_embeds=texts["negative"])
 
     native = ComfyHost(env, tmp_path).load(_variant(case, tmp_path))
     sigmas, sampler, cfg = _sigmas_and_sampler(env, case, native)
     generator_module = importlib.import_module(f"{env.package}.nodes.native.generator")
-    generator = generator_module.NativeGenerator(native, FixedText(env, texts), core_vae(env, common),
+    generator = generator_module.NativeClipGenerator(native, FixedText(env, texts), core_vae(env, common),
                                                  fixture_clip_vision(env, common, tmp_path), sigmas=sigmas,
                                                  sampler=sampler, cfg=cfg, negative_prompt="negative")
     assert generator.memory == reference.memory and generator.steps == reference.steps

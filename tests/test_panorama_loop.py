@@ -38,7 +38,7 @@ from worldstereo_core.io.run_lock import LOCK_NAME, locked_run_folder
 from worldstereo_core.io.video import read_video
 from worldstereo_core.memory.bank import sample_align_nframe
 from worldstereo_core.memory.cache import CacheSettings
-from worldstereo_core.tasks.generate import load_pipeline_generator
+from worldstereo_core.tasks.generate import load_pipeline_clip_generator
 from worldstereo_core.tasks.loop import LoopOptions, run_multi_trajectory, run_panorama_image
 from worldstereo_core.io.scene_layout import PANORAMA_CLOUD, PANORAMA_MANIFEST, PANORAMA_SCENES
 from worldstereo_core.tasks.panorama_scene import PanoramaSceneOptions, make_panorama_scene
@@ -306,7 +306,7 @@ def models(tmp_path_factory):
 
 def test_library_call_on_tiny_models(room, models, tmp_path):
     r, pano, depth = room
-    generator, _ = load_pipeline_generator(models, MODEL, num_inference_steps=2)
+    generator, _ = load_pipeline_clip_generator(models, MODEL, num_inference_steps=2)
     scene = replace(SCENE, wander=WanderOptions(views=0, explorations=0, reconstructs=1))
     ticks = []
     res = run_panorama_image(pano, tmp_path, generator, depth=depth, depth_fn=r.depth_fn(), scene_options=scene,

@@ -178,7 +178,7 @@ def test_cli_panorama_image(room, tmp_path, monkeypatch, capsys):
     def load(*args, **kwargs):  # the video model is covered elsewhere; here it is the stand-in
         return _fake_generator, SimpleNamespace(scale_map=(SIZE,), nframe=21)
 
-    monkeypatch.setattr(generate, "load_pipeline_generator", load)
+    monkeypatch.setattr(generate, "load_pipeline_clip_generator", load)
     args = ["multi-traj", str(tmp_path / "room.png"), "--task", "panorama", "--out", str(tmp_path / "out"),
             "--models", str(models), "--size", f"{SIZE[0]}x{SIZE[1]}", "--nframe", "21",  # no variant config.json
             "--bank-size", "60x104", "--views", "0", "--explorations", "0",

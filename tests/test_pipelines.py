@@ -336,7 +336,7 @@ def test_build_pipeline_picks_sampler_and_dmd_schedule(tiny_base, memory_case):
     assert isinstance(dmd, MemoryDMDPipeline) and dmd.latent_cond_mode == "first_frame_only"
     assert torch.equal(dmd.scheduler.timesteps, DMDScheduler(200, 1000, 3.0, 3).timesteps)
     mem = build_pipeline(WorldStereoConfig.from_dict(fields, "worldstereo-memory"), model, base)
-    assert type(mem) is MemoryPipeline and mem.make_sampler(None).timesteps.numel() == 40
+    assert type(mem) is MemoryPipeline and mem.make_scheduler(None).timesteps.numel() == 40
 
 
 @pytest.mark.parametrize("model_type", ["worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd"])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import fixtures_root
 from tiny_components import reference_tiny_dirs
 from worldstereo_core.errors import CheckpointError, InputError
-from worldstereo_core.pipelines.schedulers import (DMDScheduler, UniPCFlowSampler, initial_noise, make_generator,
+from worldstereo_core.pipelines.schedulers import (DMDScheduler, UniPCFlowScheduler, initial_noise, make_generator,
                                                    reference_flow_sigmas)
 
 DMD_DIRS = reference_tiny_dirs(fixtures_root() / "reference_tiny", "dmd_scheduler")
@@ -112,25 +112,25 @@ def test_reference_grid_formula_and_spec_example():
 
 
 def test_unipc_sampler_grids_and_shift_override():
-    ref = UniPCFlowSampler(FLOW_CONFIG, 40)
+    ref = UniPCFlowScheduler(FLOW_CONFIG, 40)
     sig, ts = reference_flow_sigmas(40, 5.0)
     assert ref.timesteps.dtype == torch.int64 and ref.timesteps.tolist() == ts.tolist()
     assert torch.equal(ref.sigmas, torch.from_numpy(sig))
     from diffusers import UniPCMultistepScheduler
     stock = UniPCMultistepScheduler.from_config(FLOW_CONFIG)
     stock.set_timesteps(40)
-    inst = UniPCFlowSampler(FLOW_CONFIG, 40, sigma_grid="installed")
+    inst = UniPCFlowScheduler(FLOW_CONFIG, 40, sigma_grid="installed")
     assert torch.equal(inst.timesteps, stock.timesteps) and torch.equal(inst.sigmas, stock.sigmas)
-    shifted = UniPCFlowSampler(FLOW_CONFIG, 40, flow_shift=3.0)
+    shifted = UniPCFlowScheduler(FLOW_CONFIG, 40, flow_shift=3.0)
     assert shifted.flow_shift == 3.0
     assert shifted.timesteps.tolist() == reference_flow_sigmas(40, 3.0)[1].tolist()
     with pytest.raises(InputError):
-        UniPCFlowSampler(FLOW_CONFIG, 4, sigma_grid="newest")
+        UniPCFlowScheduler(FLOW_CONFIG, 4, sigma_grid="newest")
 
 
 def test_unipc_rejects_non_flow_config():
     with pytest.raises(CheckpointError, match="flow"):
-        UniPCFlowSampler({"num_train_timesteps": 1000, "prediction_type": "epsilon"}, 4)
+        UniPCFlowScheduler({"num_train_timesteps": 1000, "prediction_type": "epsilon"}, 4)
 
 
 @pytest.mark.parametrize("case", UNIPC_DIRS or [None], ids=lambda p: p.name if p else "absent")
@@ -140,21 +140,21 @@ def test_unipc_timesteps_match_recorded_pipeline_calls(case):
     sched_cfg = cfg["scheduler"]
     out = load_file(str(case / "outputs.safetensors"))
     per_step = cfg["transformer_calls_per_step"]
-    sampler = UniPCFlowSampler(sched_cfg["config"], sched_cfg["num_inference_steps"])
-    recorded = [out[f"call{k}_timestep"].item() for k in range(0, len(sampler.timesteps) * per_step, per_step)]
-    assert sampler.timesteps.tolist() == recorded
+    scheduler = UniPCFlowScheduler(sched_cfg["config"], sched_cfg["num_inference_steps"])
+    recorded = [out[f"call{k}_timestep"].item() for k in range(0, len(scheduler.timesteps) * per_step, per_step)]
+    assert scheduler.timesteps.tolist() == recorded
 
 
 def test_unipc_steps_follow_flow_ode_on_a_linear_field():
     # For x_t = (1-s) x0 + s n the exact velocity is n - x0; every solver must then land on x0.
-    sampler = UniPCFlowSampler(FLOW_CONFIG, 6)
+    scheduler = UniPCFlowScheduler(FLOW_CONFIG, 6)
     x0, n = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
-    x = n * sampler.sigmas[0] + x0 * (1 - sampler.sigmas[0])
-    for i in range(len(sampler.timesteps)):
-        x = sampler.advance(n - x0, i, x)
+    x = n * scheduler.sigmas[0] + x0 * (1 - scheduler.sigmas[0])
+    for i in range(len(scheduler.timesteps)):
+        x = scheduler.advance(n - x0, i, x)
     assert torch.allclose(x, x0, atol=1e-4)
     with pytest.raises(RuntimeError):
-        sampler.advance(n - x0, 0, x)
+        scheduler.advance(n - x0, 0, x)
 
 
 def test_generators_reproducible():
@@ -173,7 +173,7 @@ def test_unipc_steps_equal_diffusers_bit_for_bit(order, steps):
     from diffusers import UniPCMultistepScheduler
 
     config = dict(FLOW_CONFIG, solver_order=order)
-    ours = UniPCFlowSampler(config, steps, sigma_grid="installed")
+    ours = UniPCFlowScheduler(config, steps, sigma_grid="installed")
     stock = UniPCMultistepScheduler.from_config(config)
     stock.set_timesteps(steps)
     stock.set_begin_index(0)
@@ -191,4 +191,4 @@ def test_unipc_steps_equal_diffusers_bit_for_bit(order, steps):
                                          ("disable_corrector", [0])])
 def test_unipc_refuses_settings_it_does_not_implement(field, value):
     with pytest.raises(CheckpointError, match=field):
-        UniPCFlowSampler(dict(FLOW_CONFIG, **{field: value}), 4)
+        UniPCFlowScheduler(dict(FLOW_CONFIG, **{field: value}), 4)

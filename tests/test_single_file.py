@@ -298,7 +298,7 @@ def test_non_finite_or_integer_weights_name_the_file(tmp_path, bad):
 
 
 def test_default_scheduler_config_drives_unipc():
-    from worldstereo_core.pipelines.schedulers import UniPCFlowSampler, reference_flow_sigmas
+    from worldstereo_core.pipelines.schedulers import UniPCFlowScheduler, reference_flow_sigmas
 
     config = sf.default_scheduler_config()
     assert config["flow_shift"] == 3.0 and sf.default_scheduler_config(5.0)["flow_shift"] == 5.0
@@ -307,9 +307,9 @@ def test_default_scheduler_config_drives_unipc():
                               ("/models/Wan2.1-I2V-14B-480P-Diffusers", 3.0)):
         assert sf.default_scheduler_config(base_model=base_model)["flow_shift"] == shift
     assert sf.default_scheduler_config(4.0, base_model="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers")["flow_shift"] == 4.0
-    sampler = UniPCFlowSampler(config, 10)
+    scheduler = UniPCFlowScheduler(config, 10)
     _, timesteps = reference_flow_sigmas(10, 3.0)
-    assert sampler.timesteps.tolist() == timesteps.tolist()
+    assert scheduler.timesteps.tolist() == timesteps.tolist()
 
 
 # --------------------------------------------------------------------------------------------

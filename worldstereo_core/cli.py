@@ -283,19 +283,19 @@ def _variant_settings(args, models: Path) -> tuple[tuple[tuple[int, int], ...], 
     return tuple(scale_map or config.scale_map), args.nframe or config.nframe
 
 
-def _generator(args, models: Path, device: torch.device, ctx: parallel.DistContext):
-    from .tasks.generate import load_pipeline_generator
+def _clip_generator(args, models: Path, device: torch.device, ctx: parallel.DistContext):
+    from .tasks.generate import load_pipeline_clip_generator
 
     bar = TqdmProgress(desc="loading the transformer", unit="tensor") if ctx.is_writer else None
     try:
-        generator, _ = load_pipeline_generator(
+        clip_generator, _ = load_pipeline_clip_generator(
             models, args.model_type, base=args.base, device=device, dtype=_dtype(args.dtype, device),
             download=args.download, num_inference_steps=args.steps, guidance_scale=args.guidance,
             runtime=runtime_options_from_args(args), progress=bar)
     finally:
         if bar is not None:
             bar.close()
-    return generator
+    return clip_generator
 
 
 def _checked(work: list[tuple], check) -> tuple[list[tuple], list[str]]:
@@ -347,10 +347,10 @@ def _tag(ctx: parallel.DistContext) -> str:
     return f"[rank {ctx.rank}/{ctx.world_size}] " if ctx.world_size > 1 else ""
 
 
-def _say_layout(ctx: parallel.DistContext, generator) -> None:
+def _say_layout(ctx: parallel.DistContext, clip_generator) -> None:
     """Under torchrun, print on every rank how its model runs (read from the model itself)."""
     if ctx.world_size > 1:
-        model = getattr(getattr(generator, "pipeline", None), "transformer", None)
+        model = getattr(getattr(clip_generator, "pipeline", None), "transformer", None)
         split = getattr(model, "_sequence_sharding", None) is not None
         how = f"sequence parallel over {ctx.sp_size} processes" if split else "whole sequence"
         if isinstance(getattr(model, "placement", None), parallel.ShardedPlacement):
@@ -400,13 +400,13 @@ def cmd_camera_control(args) -> int:
     work, failed = _checked(work, check)
     if work:
         device = _device(args.device, ctx)
-        generator = _generator(args, models, device, ctx)
-        _say_layout(ctx, generator)
+        clip_generator = _clip_generator(args, models, device, ctx)
+        _say_layout(ctx, clip_generator)
         moge = LazyMoGeDepth(models, args.moge, args.download, device)
     for scene, _depth in work:
         def run(bar, scene=scene):
             with parallel.rank_output_dir(args.out, scene.name, ctx) as out_dir:
-                return run_camera_control(scene, out_dir, generator, depth_fns.get(scene, moge),
+                return run_camera_control(scene, out_dir, clip_generator, depth_fns.get(scene, moge),
                                           model_name=args.model_type, scale_map=scale_map, nframe=nframe,
                                           seed=args.seed, render_radius=args.render_radius,
                                           points_per_pixel=RENDER_POINTS_PER_PIXEL, progress=bar)
@@ -502,8 +502,8 @@ def cmd_multi_traj(args) -> int:
     work, failed = _checked(work, lambda scene: validate_scene(scene, options))
     if work:
         device = _device(args.device, ctx)
-        generator = _generator(args, models, device, ctx)
-        _say_layout(ctx, generator)
+        clip_generator = _clip_generator(args, models, device, ctx)
+        _say_layout(ctx, clip_generator)
         dinov2 = Path(args.dinov2) if args.dinov2 else hub.dinov2_dir(models)
         if args.download and not args.dinov2:
             dinov2 = hub.ensure_dinov2(models, download=True)
@@ -513,7 +513,7 @@ def cmd_multi_traj(args) -> int:
     for (scene,) in work:
         def run(bar, scene=scene):
             with parallel.rank_output_dir(args.out, scene.name, ctx, mirror=True) as out_dir:
-                return run_multi_trajectory(scene, out_dir, generator, options=options, depth_fn=depth_fn,
+                return run_multi_trajectory(scene, out_dir, clip_generator, options=options, depth_fn=depth_fn,
                                             selector=selector, progress=bar)
         result = _run_scene(ctx, scene, run, failed, desc="trajectories x steps")
         if result is None or not ctx.is_writer:

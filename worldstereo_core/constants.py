@@ -1,4 +1,4 @@
-"""Fixed facts of the WorldStereo release, in one place (see shared/spec)."""
+"""Fixed facts of the WorldStereo release, in one place."""
 from __future__ import annotations
 
 #: Keyframes per clip (latent frames of the released models).

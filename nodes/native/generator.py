@@ -1,4 +1,4 @@
-"""A clip generator (``worldstereo_core.tasks.generate.Generator``) on the native MODEL, so the
+"""A clip generator (``worldstereo_core.tasks.generate.ClipGenerator``) on the native MODEL, so the
 multi-trajectory loop runs on ComfyUI's own model and samplers as it runs on the diffusers
 pipelines: each :class:`GenerationRequest` is encoded (core CLIP text encoder), conditioned
 (:func:`.conditioning.worldstereo_conditioning`), sampled by the core sampler with the given
@@ -6,7 +6,7 @@ SIGMAS / SAMPLER and decoded keyframe by keyframe.
 
 The initial noise is the release's: one CPU generator seeded with the request's seed, after
 ``noise_index`` draws of the clip's shape (every trajectory of a run draws from one generator).
-Its :meth:`~NativeGenerator.resume_key` identifies the models by their weights and patches
+Its :meth:`~NativeClipGenerator.resume_key` identifies the models by their weights and patches
 (:mod:`.identity`) and the variant by its files, so a run resumes only with what it was made with.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .model import worldstereo_forward
 from .vae import KeyframeVae
 
 
-class NativeGenerator:
+class NativeClipGenerator:
     """Clips of a native MODEL: ``clip`` the core CLIP (Load CLIP, type wan) that encodes the
     requests' prompts and ``negative_prompt`` (None: the variant's), ``vae`` / ``clip_vision`` the
     core ones, ``sigmas`` / ``sampler`` / ``cfg`` the sampling (e.g. the release's UniPC at CFG 5, or

@@ -10,7 +10,6 @@ make SamplerCustomAdvanced sample as the release does.
 """
 from __future__ import annotations
 
-import dataclasses
 from fractions import Fraction
 
 import torch
@@ -19,12 +18,12 @@ from comfy_api.latest import InputImpl, Types, io
 from ...worldstereo_core.constants import DEFAULT_NUM_STEPS, FPS
 from ...worldstereo_core.errors import InputError
 from ...worldstereo_core.pipelines.vae import decode_keyframes, normalize_latents
-from ...worldstereo_core.tasks.generate import model_inputs
+from ...worldstereo_core.tasks.generate import clip_request, model_inputs
 from .. import types
 from .._comfy import comfy_progress, node_errors
-from ..images import frames_to_image
+from ..geometry import first_image_uint8
+from ..images import frames_to_image, image_to_frames, mask_from_comfy
 from ..loaders import MODEL_TYPES, resolve_worldstereo_variant
-from ..requests import generation_request, single_view_memory
 from .conditioning import conditioning_steps, worldstereo_conditioning
 from .model import apply_variant, load_complete_variant, variant_config
 from .sampling import dmd_sigmas, release_shift, release_unipc_sampler, release_unipc_sigmas
@@ -149,10 +148,12 @@ class Conditioning(io.ComfyNode):
         if memory is not None and not config.is_memory:
             raise InputError(f"{config.model_type} takes no memory; apply worldstereo-memory(-dmd) or disconnect "
                              "the memory input")
-        request, _ = generation_request(start_image, render, hole_mask, trajectory, "", 0, memory)
+        refs = {} if memory is None else dict(references=memory.frames, ref_index=memory.ref_index,
+                                               ref_w2cs=memory.w2c)
+        request = clip_request(first_image_uint8(start_image, "start_image"), image_to_frames(render, "render"),
+                               (mask_from_comfy(hole_mask, "hole_mask") > 0.5).float(), trajectory, **refs)
         if config.is_memory and memory is None:
-            ref = single_view_memory(request)
-            request = dataclasses.replace(request, references=ref.frames, ref_index=ref.ref_index, ref_w2cs=ref.w2c)
+            request = request.with_start_reference()
         inputs = model_inputs(request, memory=config.is_memory)
         return io.NodeOutput(*worldstereo_conditioning(positive, negative, vae, clip_vision, request.image, inputs,
                                                        latent_cond_mode=config.latent_cond_mode,

@@ -127,14 +127,14 @@ def render_point_cloud(points, colors, K, w2c, height: int, width: int, *,
     else:
         work = torch.device("cpu") if name == "numba" else device
         gdt = _geometry_dtype(work)
-        pts, cols, bg_w = points.to(work, gdt), colors.to(work, gdt), bg.to(work, gdt)
+        pts, cols, background = points.to(work, gdt), colors.to(work, gdt), bg.to(work, gdt)
         Kw, w2cw = K.to(work, gdt), w2c.to(work, gdt)
         raster = _raster_numba if name == "numba" else _raster_torch
 
         def render_chunk(sl):
             uv, z = project_points(pts, Kw[sl], w2cw[sl])
             return raster(uv[..., 0], uv[..., 1], z, cols, height, width, radius,
-                          points_per_pixel, bg_w)
+                          points_per_pixel, background)
     for start in range(0, n_frames, chunk):
         sl = slice(start, min(start + chunk, n_frames))
         out_rgb, out_mask = render_chunk(sl)

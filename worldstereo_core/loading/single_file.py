@@ -131,7 +131,8 @@ def _sidecar_config(path: Path) -> dict[str, Any] | None:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, what: str) -> tuple[int, ...]:
+def _required_shape(state: Mapping[str, torch.Tensor], key: str, what: str) -> tuple[int, ...]:
+    """The shape of the tensor ``key`` of a checkpoint that must have it."""
     if key not in state:
         raise CheckpointError(f"{what}: tensor {key!r} is missing; this is not the expected kind of checkpoint")
     return tuple(state[key].shape)
@@ -157,8 +158,8 @@ def vae_config_from_state(state: Mapping[str, torch.Tensor], base: Mapping[str, 
     """The shipped Wan VAE config with ``base_dim``, ``z_dim`` and ``num_res_blocks`` read from
     diffusers-named tensors (a decoder level holds num_res_blocks + 1 residual blocks)."""
     config = dict(base)
-    config["base_dim"] = _shape(state, "encoder.conv_in.weight", "Wan VAE")[0]
-    config["z_dim"] = _shape(state, "post_quant_conv.weight", "Wan VAE")[0]
+    config["base_dim"] = _required_shape(state, "encoder.conv_in.weight", "Wan VAE")[0]
+    config["z_dim"] = _required_shape(state, "post_quant_conv.weight", "Wan VAE")[0]
     config["num_res_blocks"] = max(1, _count(state, r"decoder\.up_blocks\.0\.resnets\.(\d+)\.") - 1)
     return config
 
@@ -194,10 +195,11 @@ def load_vae_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
 def umt5_config_from_state(state: Mapping[str, torch.Tensor], base: Mapping[str, Any]) -> dict[str, Any]:
     """The shipped UMT5-XXL config with every size the tensors determine read from them."""
     what = "UMT5 text encoder"
-    vocab, d_model = _shape(state, "shared.weight", what)
-    inner = _shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
-    buckets, heads = _shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
-    d_ff = _shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
+    vocab, d_model = _required_shape(state, "shared.weight", what)
+    inner = _required_shape(state, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0]
+    buckets, heads = _required_shape(state, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                                     what)
+    d_ff = _required_shape(state, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0]
     config = dict(base)
     config.update(vocab_size=vocab, d_model=d_model, num_heads=heads, d_kv=inner // heads, d_ff=d_ff,
                   relative_attention_num_buckets=buckets, num_layers=_count(state, r"encoder\.block\.(\d+)\."))
@@ -301,8 +303,8 @@ CLIP_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
 def clip_config_from_state(state: Mapping[str, torch.Tensor], base: Mapping[str, Any]) -> dict[str, Any]:
     """The shipped ViT-H/14 config with the sizes the tensors determine read from them."""
     what = "CLIP vision encoder"
-    hidden, _, patch, _ = _shape(state, "vision_model.embeddings.patch_embedding.weight", what)
-    positions = _shape(state, "vision_model.embeddings.position_embedding.weight", what)[0]
+    hidden, _, patch, _ = _required_shape(state, "vision_model.embeddings.patch_embedding.weight", what)
+    positions = _required_shape(state, "vision_model.embeddings.position_embedding.weight", what)[0]
     side = int(round((positions - 1) ** 0.5))
     config = dict(base)
     if hidden != base["hidden_size"]:
@@ -311,7 +313,7 @@ def clip_config_from_state(state: Mapping[str, torch.Tensor], base: Mapping[str,
                                   "with the same name next to the file")
         config["num_attention_heads"] = CLIP_HEADS[hidden]
     config.update(hidden_size=hidden, patch_size=patch, image_size=side * patch,
-                  intermediate_size=_shape(state, "vision_model.encoder.layers.0.mlp.fc1.weight", what)[0],
+                  intermediate_size=_required_shape(state, "vision_model.encoder.layers.0.mlp.fc1.weight", what)[0],
                   num_hidden_layers=_count(state, r"vision_model\.encoder\.layers\.(\d+)\."))
     return config
 

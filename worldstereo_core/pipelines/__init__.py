@@ -18,7 +18,7 @@ from .base import GenerationOutput, KeyframePipeline, ModelCall, ModelCallHook
 from .camera import CameraPipeline
 from .dmd import MemoryDMDPipeline
 from .memory import MemoryPipeline
-from .schedulers import DMDScheduler, UniPCFlowSampler, make_generator
+from .schedulers import DMDScheduler, UniPCFlowScheduler, make_generator
 
 PIPELINE_CLASSES: dict[str, type[KeyframePipeline]] = {
     "worldstereo-camera": CameraPipeline,
@@ -29,7 +29,7 @@ PIPELINE_CLASSES: dict[str, type[KeyframePipeline]] = {
 
 def build_pipeline(config: Any, transformer: torch.nn.Module, base: BaseComponents, **options: Any
                    ) -> KeyframePipeline:
-    """The sampler for ``config.model_type`` (a WorldStereoConfig or an object with the same fields).
+    """The pipeline for ``config.model_type`` (a WorldStereoConfig or an object with the same fields).
 
     Takes ``negative_prompt``, ``latent_cond_mode`` and the DMD fields from ``config``; ``options``
     go to the pipeline (device, keep_on_device, clip_no_rescale, flow_shift, sigma_grid, ...). Text
@@ -52,5 +52,5 @@ def build_pipeline(config: Any, transformer: torch.nn.Module, base: BaseComponen
 __all__ = [
     "BaseComponents", "CameraPipeline", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_NUM_STEPS", "DMDScheduler",
     "GenerationOutput", "KeyframePipeline", "MemoryDMDPipeline", "MemoryPipeline", "ModelCall",
-    "ModelCallHook", "PIPELINE_CLASSES", "UniPCFlowSampler", "build_pipeline", "make_generator",
+    "ModelCallHook", "PIPELINE_CLASSES", "UniPCFlowScheduler", "build_pipeline", "make_generator",
 ]

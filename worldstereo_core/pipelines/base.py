@@ -35,7 +35,7 @@ from ..models.inputs import MemoryInputs, batched, check_ref_index, describe
 from ..progress import ProgressFn, report
 from ..sizes import SIZE_MULTIPLE
 from .conditioning import PROMPT_CACHE, encode_image, encode_prompt, preprocess_image
-from .schedulers import Sampler, initial_noise, make_generator
+from .schedulers import Scheduler, initial_noise, make_generator
 from .vae import (LATENT_COND_MODES, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode_keyframes, encode_keyframes,
                   encode_video, frames_from_video, i2v_mask, image_condition_latent, latent_frames,
                   reference_latent_layout)
@@ -215,7 +215,7 @@ class KeyframePipeline(abc.ABC):
     # Subclass hooks
     # ----------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def make_sampler(self, num_inference_steps: int | None) -> Sampler:
+    def make_scheduler(self, num_inference_steps: int | None) -> Scheduler:
         """A fresh schedule for one run (``None``: the variant's default length)."""
 
     def default_guidance_scale(self) -> float:
@@ -312,10 +312,10 @@ class KeyframePipeline(abc.ABC):
         try:
             with torch.inference_mode(), self._autocast():
                 grid = self._check_inputs(clip, height, width, num_frames, latents)
-                sampler = self.make_sampler(num_inference_steps)
+                scheduler = self.make_scheduler(num_inference_steps)
 
                 def beat() -> None:  # a chance to interrupt while preparing (0 steps done)
-                    report(progress, 0, len(sampler.timesteps))
+                    report(progress, 0, len(scheduler.timesteps))
 
                 beat()
                 pos = self._text(prompt, prompt_embeds, "prompt", grid.batch)
@@ -329,7 +329,7 @@ class KeyframePipeline(abc.ABC):
                 x = self._initial_latents(latents, generator, seed, noise_index, grid)
                 _sync(self.device)
                 timings["prepare_s"] = time.perf_counter() - t_start
-                x = self._denoise(sampler, x, cond, guidance_scale, do_cfg, batch_cfg, progress,
+                x = self._denoise(scheduler, x, cond, guidance_scale, do_cfg, batch_cfg, progress,
                                   model_call_hook, timings)
                 del cond
                 frames = None
@@ -347,7 +347,7 @@ class KeyframePipeline(abc.ABC):
                 torch.cuda.empty_cache()
         timings["total_s"] = time.perf_counter() - t_start
         return GenerationOutput(latents=latents_out, frames=frames,
-                                timesteps=[float(t) for t in sampler.timesteps], timings=timings)
+                                timesteps=[float(t) for t in scheduler.timesteps], timings=timings)
 
     # ----------------------------------------------------------------------------------------
     # Validation
@@ -494,19 +494,19 @@ class KeyframePipeline(abc.ABC):
     # ----------------------------------------------------------------------------------------
     # Denoising loop
     # ----------------------------------------------------------------------------------------
-    def _denoise(self, sampler: Sampler, x: torch.Tensor, cond: Conditions, guidance_scale: float, do_cfg: bool,
+    def _denoise(self, scheduler: Scheduler, x: torch.Tensor, cond: Conditions, guidance_scale: float, do_cfg: bool,
                  batch_cfg: bool, progress: ProgressFn | None, hook: ModelCallHook | None,
                  timings: dict[str, Any]) -> torch.Tensor:
         t_loop = time.perf_counter()
-        timesteps = sampler.timesteps.to(self.device)  # once, before the loop
+        timesteps = scheduler.timesteps.to(self.device)  # once, before the loop
         with self._placed(self.transformer) as model, _reusing_condition(model):
-            x, marks = self._step_loop(model, sampler, timesteps, x, cond, guidance_scale, do_cfg, batch_cfg,
+            x, marks = self._step_loop(model, scheduler, timesteps, x, cond, guidance_scale, do_cfg, batch_cfg,
                                        progress, hook)
         timings["step_s"] = _intervals(marks)  # read after the loop: no host sync per step
         timings["denoise_s"] = time.perf_counter() - t_loop
         return x
 
-    def _step_loop(self, model: torch.nn.Module, sampler: Sampler, timesteps: torch.Tensor, x: torch.Tensor,
+    def _step_loop(self, model: torch.nn.Module, scheduler: Scheduler, timesteps: torch.Tensor, x: torch.Tensor,
                    cond: Conditions, guidance_scale: float, do_cfg: bool, batch_cfg: bool,
                    progress: ProgressFn | None, hook: ModelCallHook | None) -> tuple[torch.Tensor, list]:
         """The denoising steps (``timesteps`` on the device): (final latents, a time mark per step
@@ -539,7 +539,7 @@ class KeyframePipeline(abc.ABC):
                 if v_uncond is not None:
                     hook(ModelCall(i, "uncond", timestep, model_in, v_uncond))
             noise_pred = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
-            x = sampler.advance(noise_pred, i, x)
+            x = scheduler.advance(noise_pred, i, x)
             del model_in, noise_pred, v_cond, v_uncond
             marks.append(_mark(self.device))
             report(progress, i + 1, total)

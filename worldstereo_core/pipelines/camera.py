@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from .base import KeyframePipeline
-from .schedulers import SigmaGrid, UniPCFlowSampler
+from .schedulers import SigmaGrid, UniPCFlowScheduler
 from ..constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 from ..errors import MissingWeightsError
 
@@ -35,8 +35,8 @@ class CameraPipeline(KeyframePipeline):
         self.flow_shift = flow_shift
         self.sigma_grid = sigma_grid
 
-    def make_sampler(self, num_inference_steps: int | None) -> UniPCFlowSampler:
-        return UniPCFlowSampler(self.scheduler_config, num_inference_steps or DEFAULT_NUM_STEPS,
+    def make_scheduler(self, num_inference_steps: int | None) -> UniPCFlowScheduler:
+        return UniPCFlowScheduler(self.scheduler_config, num_inference_steps or DEFAULT_NUM_STEPS,
                                 flow_shift=self.flow_shift, sigma_grid=self.sigma_grid, device=self.device)
 
     def default_guidance_scale(self) -> float:

@@ -26,7 +26,7 @@ class MemoryDMDPipeline(KeyframePipeline):
         super().__init__(transformer, vae, **kwargs)
         self.scheduler = scheduler or DMDScheduler()
 
-    def make_sampler(self, num_inference_steps: int | None) -> DMDScheduler:
+    def make_scheduler(self, num_inference_steps: int | None) -> DMDScheduler:
         steps = len(self.scheduler.timesteps)
         if num_inference_steps is not None and num_inference_steps != steps:
             raise InputError(f"the DMD generator runs exactly its dmd_steps={steps} steps; "

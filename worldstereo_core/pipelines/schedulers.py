@@ -1,6 +1,6 @@
 """Sampling schedules: UniPC flow matching (camera, memory) and the 4-step DMD generator schedule.
 
-Both are wrapped as a *sampler*: ``timesteps`` (what the transformer receives at each step) and
+Both are wrapped as a :class:`Scheduler`: ``timesteps`` (what the transformer receives at each step) and
 ``advance(noise_pred, index, latents) -> latents``. The shared sampling loop only sees that.
 
 UniPC: diffusers' ``UniPCMultistepScheduler`` does the update rule. Its flow-sigma grid changed
@@ -30,7 +30,7 @@ SigmaGrid = Literal["reference", "installed"]
 SIGMA_GRIDS: tuple[str, ...] = ("reference", "installed")
 
 
-class Sampler(Protocol):
+class Scheduler(Protocol):
     """What the sampling loop needs from a schedule."""
 
     timesteps: torch.Tensor
@@ -65,7 +65,7 @@ def _check_flow_config(config: Mapping[str, Any]) -> None:
         )
 
 
-#: UniPC settings the host-side sampler implements (the Wan2.1 scheduler configs use these).
+#: UniPC settings the host-side scheduler implements (the Wan2.1 scheduler configs use these).
 UNIPC_SUPPORTED = {"predict_x0": (True,), "solver_type": ("bh2",), "thresholding": (False,),
                    "disable_corrector": ([],), "solver_p": (None,)}
 
@@ -75,11 +75,11 @@ def _check_unipc_config(config: Mapping[str, Any]) -> None:
         value = config.get(key, allowed[0])
         if value not in allowed:
             raise CheckpointError(f"scheduler config: {key}={value!r} is not supported by the WorldStereo UniPC "
-                                  f"sampler (supported: {list(allowed)}); use the scheduler/ folder of a Wan2.1-I2V "
+                                  f"scheduler (supported: {list(allowed)}); use the scheduler/ folder of a Wan2.1-I2V "
                                   "Diffusers repo")
 
 
-class UniPCFlowSampler:
+class UniPCFlowScheduler:
     """A fresh UniPC flow-matching schedule for one run.
 
     ``config`` is the base model's ``scheduler/scheduler_config.json`` (a dict); ``flow_shift``

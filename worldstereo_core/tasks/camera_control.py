@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..cameras import CameraTrajectory
@@ -35,7 +34,7 @@ from ..io.scene_layout import CAMERA_FILE, PROMPT_FILE, START_IMAGE, result_vide
 from ..io.video import read_video, write_video
 from ..progress import ProgressFn
 from ..sizes import assign_scale
-from .generate import GenerationRequest, Generator
+from .generate import ClipGenerator, GenerationRequest
 from .ordering import read_prompt
 
 PROMPT_KEY = "long caption"
@@ -80,42 +79,41 @@ def validate_camera_scene(scene_dir: str | os.PathLike, *, model_name: str = "wo
     _read_scene(Path(scene_dir), model_name, scale_map, nframe)
 
 
-def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator,
+def run_camera_control(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, clip_generator: ClipGenerator,
                        depth_fn: DepthFn, *, model_name: str = "worldstereo-camera",
                        scale_map=DEFAULT_SCALE_MAP, nframe: int = NFRAME, seed: int = DEFAULT_SEED,
                        render_radius: float = RENDER_RADIUS_NDC, points_per_pixel: int = RENDER_POINTS_PER_PIXEL,
                        progress: ProgressFn | None = None) -> CameraControlResult:
     """Generate one camera-controlled clip from a scene folder (see the module docstring).
 
-    ``generator``: a :data:`.generate.Generator`; ``depth_fn``: see :data:`geometry.depth.DepthFn`
+    ``clip_generator``: a :data:`.generate.ClipGenerator`; ``depth_fn``: see :data:`geometry.depth.DepthFn`
     (called once, on the working-size image with its K and frame-0 w2c). ``progress`` is passed
-    to the generator (one tick per sampling step). Raises RunFolderLocked when another run holds
+    to the clip generator (one tick per sampling step). Raises RunFolderLocked when another run holds
     the output folder.
     """
     scene_dir = Path(scene_dir)
     image, prompt, traj, size = _read_scene(scene_dir, model_name, scale_map, nframe)
     H, W = size
-    traj_w = traj.resized(H, W)
+    traj_sized = traj.resized(H, W)
     start = resize_bicubic(image, size)
     image_t = to_tensor_m11(start)
     with locked_run_folder(safe_join(out_dir, scene_dir.name)) as scene_out:
-        depth = ViewDepth.of(depth_fn(start, traj_w.K[0], traj_w.w2c[0]))
-        cloud = lift_start_view(start, depth, K=traj_w.K[0], w2c=traj_w.w2c[0]).cloud
-        rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_w, image_t, H, W, radius=render_radius,
+        depth = ViewDepth.of(depth_fn(start, traj_sized.K[0], traj_sized.w2c[0]))
+        cloud = lift_start_view(start, depth, K=traj_sized.K[0], w2c=traj_sized.w2c[0]).cloud
+        rgb, mask = render_warps(cloud.xyz, cloud.rgb_signed, traj_sized, image_t, H, W, radius=render_radius,
                                  points_per_pixel=points_per_pixel)
-        save_render_folder(scene_out, rgb, mask, traj_w)
+        save_render_folder(scene_out, rgb, mask, traj_sized)
         render, render_mask, _ = load_render_folder(scene_out, H, W, image_t)
 
         request = GenerationRequest(image=start, prompt=prompt, render=render, render_mask=render_mask,
-                                    trajectory=traj_w, seed=seed, references=start[None],
-                                    ref_index=torch.zeros(1, dtype=torch.long), ref_w2cs=traj_w.w2c[:1],
-                                    name=scene_dir.name)
-        frames = np.asarray(generator(request, progress))
-        if frames.shape != (len(traj_w), H, W, 3):
-            raise InputError(f"generator returned frames of shape {frames.shape}; expected ({len(traj_w)}, {H}, {W}, 3)")
+                                    trajectory=traj_sized, seed=seed, name=scene_dir.name).with_start_reference()
+        frames = np.asarray(clip_generator(request, progress))
+        if frames.shape != (len(traj_sized), H, W, 3):
+            raise InputError(f"the clip generator returned frames of shape {frames.shape}; expected "
+                             f"({len(traj_sized)}, {H}, {W}, 3)")
         result = write_video(safe_join(scene_out, result_video(model_name)), frames, FPS)
         frames_dir = safe_join(scene_out, f"{model_name}_frames")
         for i, frame in enumerate(read_video(result)):
             with atomic_path(frames_dir / f"{i:04d}.png") as tmp:
                 Image.fromarray(frame).save(tmp, format="PNG")
-    return CameraControlResult(scene_out, result, frames_dir, size, len(traj_w))
+    return CameraControlResult(scene_out, result, frames_dir, size, len(traj_sized))

@@ -1,18 +1,18 @@
-"""One clip's prepared conditioning, and the generator that turns it into frames.
+"""One clip's prepared conditioning, and the clip generator that turns it into frames.
 
 The task loops never call a pipeline directly: they build a :class:`GenerationRequest` and hand it
-to a :data:`Generator` (any callable), which keeps them testable with a stand-in generator.
-:class:`PipelineGenerator` wraps a WorldStereo sampler (camera, memory or DMD) and derives the
+to a :data:`ClipGenerator` (any callable), which keeps them testable with a stand-in generator.
+:class:`PipelineClipGenerator` wraps a WorldStereo pipeline (camera, memory or DMD) and derives the
 model's camera inputs from the request: the Plücker ray map of the target cameras
 (:func:`cameras.plucker_embedding`), and for memory models the pose tokens of targets and
 references normalised together (:func:`cameras.unified_camera_normalization` + :func:`cameras.camera_qt`).
-:func:`load_pipeline_generator` builds one from a ComfyUI-style models folder (see :mod:`..hub`).
+:func:`load_pipeline_clip_generator` builds one from a ComfyUI-style models folder (see :mod:`..hub`).
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -22,7 +22,7 @@ import torch
 from ..cameras import CameraTrajectory, camera_qt, plucker_embedding, unified_camera_normalization
 from ..errors import InputError
 from ..io.fingerprint import file_stamps
-from ..io.images import to_tensor_m11
+from ..io.images import resize_bicubic, to_tensor_m11
 from ..progress import ProgressFn
 from ..runtime.options import RuntimeOptions, apply_runtime, load_device, load_kwargs
 
@@ -89,12 +89,41 @@ class GenerationRequest:
                                  f"{np.asarray(self.references).shape} and ref_w2cs {tuple(self.ref_w2cs.shape)}")
 
 
+    def with_start_reference(self) -> GenerationRequest:
+        """This request with the start image as its one reference, attached to target frame 1
+        (``ref_index`` 0) with the first camera's pose: a memory model's clip without retrieved memory."""
+        return replace(self, references=np.asarray(self.image)[None], ref_index=torch.zeros(1, dtype=torch.long),
+                       ref_w2cs=self.trajectory.w2c[:1].clone())
+
+
+def clip_request(image: np.ndarray, render: torch.Tensor, render_mask: torch.Tensor, trajectory: CameraTrajectory,
+                 *, prompt: str = "", seed: int = 0, references: np.ndarray | None = None,
+                 ref_index: torch.Tensor | None = None, ref_w2cs: torch.Tensor | None = None,
+                 name: str = "clip") -> GenerationRequest:
+    """A request at the render's size: ``render`` (F,3,H,W) in [-1,1] and its hole mask (F,1,H,W)
+    in {0,1}; the start ``image`` (uint8 HxWx3, any size) and the F-camera ``trajectory`` are resized
+    to H x W. Raises InputError when the mask or the trajectory is not the render's."""
+    n, _, height, width = render.shape
+    if tuple(render_mask.shape) != (n, 1, height, width):
+        raise InputError(f"{name}: the hole mask has shape {[render_mask.shape[0], *render_mask.shape[2:]]} but the "
+                         f"render is {n} frames of {height}x{width}; connect the mask of the same render")
+    if len(trajectory) != n:
+        raise InputError(f"{name}: the trajectory has {len(trajectory)} cameras but the render {n} frames; render "
+                         "the same trajectory")
+    start = np.asarray(image)
+    if start.shape[:2] != (height, width):
+        start = resize_bicubic(start, (height, width))
+    return GenerationRequest(image=start, prompt=prompt, render=render, render_mask=render_mask,
+                             trajectory=trajectory.resized(height, width), seed=int(seed), references=references,
+                             ref_index=ref_index, ref_w2cs=ref_w2cs, name=name)
+
+
 #: ``generator(request, progress) -> frames`` (F, H, W, 3), uint8 or float in [0, 1].
-Generator = Callable[[GenerationRequest, ProgressFn | None], Any]
+ClipGenerator = Callable[[GenerationRequest, ProgressFn | None], Any]
 
 
 def model_inputs(request: GenerationRequest, *, memory: bool) -> ClipInputs:
-    """The sampler inputs of a request (batch 1, float32): render, mask and rays and, for memory
+    """The pipeline inputs of a request (batch 1, float32): render, mask and rays and, for memory
     models, the references with their ``ref_index`` and the pose tokens of targets and references."""
     from ..pipelines.base import ClipInputs
 
@@ -117,10 +146,10 @@ def model_inputs(request: GenerationRequest, *, memory: bool) -> ClipInputs:
                       camera_qt_ref=camera_qt(refs)[None].float())
 
 
-class PipelineGenerator:
-    """A :data:`Generator` over a WorldStereo sampler (:mod:`worldstereo_core.pipelines`).
+class PipelineClipGenerator:
+    """A :data:`ClipGenerator` over a WorldStereo pipeline (:mod:`worldstereo_core.pipelines`).
 
-    ``num_inference_steps`` / ``guidance_scale`` default to the sampler's own defaults (40 UniPC
+    ``num_inference_steps`` / ``guidance_scale`` default to the pipeline's own defaults (40 UniPC
     steps and CFG 5.0, or the DMD schedule without CFG). :attr:`steps` is the number of progress
     ticks one clip makes. ``weights``: the files and folders the models were loaded from (for
     :meth:`resume_key`).
@@ -136,15 +165,15 @@ class PipelineGenerator:
 
     def resume_key(self) -> dict:
         """What about this generator shapes its clips (a multi-trajectory run's key records it): the
-        weight files by name, size and mtime, the transformer's dtypes, the sampler's timesteps
+        weight files by name, size and mtime, the transformer's dtypes, the scheduler's timesteps
         (steps and shift), the guidance scale, the negative prompt and the other call options."""
-        sampler = self.pipeline.make_sampler(self.num_inference_steps)
+        scheduler = self.pipeline.make_scheduler(self.num_inference_steps)
         guidance = self.guidance_scale
         return {
             "pipeline": type(self.pipeline).__name__,
             "weights": {w.name: file_stamps(w) for w in self.weights},  # by name: the models folder may move
             "dtypes": sorted({str(p.dtype) for p in self.pipeline.transformer.parameters()}),
-            "timesteps": [round(float(t), 6) for t in sampler.timesteps],
+            "timesteps": [round(float(t), 6) for t in scheduler.timesteps],
             "guidance_scale": self.pipeline.default_guidance_scale() if guidance is None else float(guidance),
             "negative_prompt": self.pipeline.negative_prompt,
             "options": {k: repr(v) for k, v in sorted(self.call_kwargs.items())},
@@ -156,7 +185,7 @@ class PipelineGenerator:
 
     @property
     def steps(self) -> int:
-        return len(self.pipeline.make_sampler(self.num_inference_steps).timesteps)
+        return len(self.pipeline.make_scheduler(self.num_inference_steps).timesteps)
 
     def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> np.ndarray:
         out = self.pipeline.generate(request.image, model_inputs(request, memory=self.memory), prompt=request.prompt,
@@ -166,11 +195,11 @@ class PipelineGenerator:
         return np.asarray(out.frames[0])
 
 
-def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, base: str | None = None,
+def load_pipeline_clip_generator(models_root: str | os.PathLike, model_type: str, *, base: str | None = None,
                             device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                             download: bool = False, num_inference_steps: int | None = None,
                             guidance_scale: float | None = None, runtime: RuntimeOptions | None = None,
-                            progress: ProgressFn | None = None) -> tuple[PipelineGenerator, Any]:
+                            progress: ProgressFn | None = None) -> tuple[PipelineClipGenerator, Any]:
     """(generator, WorldStereoConfig) for a variant in a models folder (downloaded on first use
     with ``download``). ``base``: a Wan2.1-I2V diffusers folder, repo id or folder name under
     ``<models>/diffusers`` (default: the variant config's ``base_model``).
@@ -201,5 +230,5 @@ def load_pipeline_generator(models_root: str | os.PathLike, model_type: str, *, 
                                       scheduler=not config.is_dmd)
     pipeline_kwargs = apply_runtime(transformer, runtime, device, components=components)
     pipeline = build_pipeline(config, transformer, components, **pipeline_kwargs)
-    return PipelineGenerator(pipeline, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    return PipelineClipGenerator(pipeline, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              weights=[variant, base_folder]), config

@@ -15,7 +15,7 @@ cache; :func:`run_panorama_image` goes from the image to the results). Per traje
 2. retrieval from the memory bank (the start image or the 27 bank views, and the kept frames of
    every generated trajectory), saved as ``memory_inputs/{<model>.mp4, <model>_ref_index.json,
    <model>_ref_w2cs.json}``;
-3. generation by the injected generator (:mod:`.generate`); noise as the release draws it: one
+3. generation by the injected clip generator (:mod:`.generate`); noise as the release draws it: one
    generator seeded once with ``seed``, trajectory k taking its (k+1)-th draw (also on resume), or
    ``noise="per-trajectory"``: seed + k; ``<model>_result.mp4`` (16 fps) is written and read back;
 4. memory update (``sample_align_nframe`` keep rule) and, in global mode, cache update with the
@@ -32,7 +32,7 @@ opened. Resume: the state, saved when the run starts and after every trajectory,
 run's key: every setting, a digest of every input file and prompt (a made panorama scene's
 manifest, which identifies the image, depth and settings it was made from, and its cloud among
 them, so a scene rebuilt from something else is not resumed), and what identifies the models
-(:meth:`.generate.PipelineGenerator.resume_key`: weights by name, size and mtime, sampler
+(:meth:`.generate.PipelineClipGenerator.resume_key`: weights by name, size and mtime, scheduler
 settings). A rerun with the same key skips finished trajectories, after checking that each
 result file is still the one saved; a rerun with another key is refused with the changed items
 named (the folder's results belong to the old inputs). A result without a saved state (results
@@ -43,7 +43,7 @@ atomic step, so a resumed run gives the same outputs as an uninterrupted one.
 :func:`validate_scene` checks a scene folder without loading any model (the CLI checks every scene
 before loading weights). Progress runs over :func:`progress_total` ticks: one for preparing the
 scene, per trajectory one each for conditioning, retrieval and the memory update besides the
-generator's steps, and one for the exports; between ticks, sub-steps (render chunks, cache
+clip generator's steps, and one for the exports; between ticks, sub-steps (render chunks, cache
 frames, bank files, export images) re-report the count, so an interrupting callback acts within
 one unit of work.
 """
@@ -85,7 +85,7 @@ from ..memory.cache import CACHE_MODES, CacheSettings, PointCache
 from ..memory.retrieval import RetrievalResult, retrieve
 from ..progress import ProgressFn, report
 from ..sizes import assign_scale, validate_scale_map
-from .generate import GenerationRequest, Generator
+from .generate import ClipGenerator, GenerationRequest
 from .ordering import TASK_TYPES, read_prompt, recon_sort_trajs, sort_trajs
 from .panorama_scene import PanoramaSceneOptions, check_made_scene, make_panorama_scene, panorama_cache
 
@@ -95,7 +95,7 @@ STATE_VERSION = 2
 STATE_FILE = "state.json"
 #: "release": one generator for the run, trajectory k draws after k others; "per-trajectory": seed + k.
 NOISE_SCHEMES = ("release", "per-trajectory")
-#: Progress ticks besides the generator's steps: preparing the scene; per trajectory conditioning,
+#: Progress ticks besides the clip generator's steps: preparing the scene; per trajectory conditioning,
 #: retrieval and memory update + saved state; the exports.
 PREPARE_TICKS, TRAJECTORY_TICKS, EXPORT_TICKS = 1, 3, 1
 #: Folder and scene name of a reconstruction made from an image given directly (:func:`run_image_scene`).
@@ -249,18 +249,18 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
     image = load_image(scene_dir / START_IMAGE)
     h0, w0 = image.shape[:2]
     size = assign_scale(h0, w0, opts.scale_map)
-    image_w = resize_bicubic(image, size)
+    image_sized = resize_bicubic(image, size)
     identity = torch.eye(4, dtype=torch.float64)
     start_depth: dict[str, ViewDepth] = {}
     files, texts = {START_IMAGE: scene_dir / START_IMAGE}, {}
 
-    def depth_of_start(K_w: torch.Tensor, w2c: torch.Tensor) -> ViewDepth:
+    def depth_of_start(K_sized: torch.Tensor, w2c: torch.Tensor) -> ViewDepth:
         if "depth" not in start_depth:
             if depth_fn is None:
                 raise InputError(f"{scene_dir}: this run needs the depth of {START_IMAGE} (no pre-rendered "
                                  f"{RECONSTRUCTION_VIEW}/ to use, or the global cache); give a depth model (MoGe) "
                                  "or depth function")
-            start_depth["depth"] = ViewDepth.of(depth_fn(image_w, K_w, w2c))
+            start_depth["depth"] = ViewDepth.of(depth_fn(image_sized, K_sized, w2c))
         return start_depth["depth"]
 
     if any((scene_dir / RECONSTRUCTION_VIEW / t / CAMERA_FILE).is_file() for t in RECONSTRUCTION_ORDER):
@@ -291,12 +291,12 @@ def _prepare_reconstruction(scene_dir: Path, opts: LoopOptions, depth_fn: DepthF
         uses_depth = True
 
     def bank() -> MemoryBank:
-        return MemoryBank.reconstruction(image_w, K0, w0, h0, max_reference=opts.max_reference,
+        return MemoryBank.reconstruction(image_sized, K0, w0, h0, max_reference=opts.max_reference,
                                          align_nframe=opts.align_nframe, nframe=opts.nframe)
 
     def cache() -> PointCache:
-        K_w = scale_intrinsics(K0, (h0, w0), size)
-        return PointCache.from_depth(image_w, depth_of_start(K_w, w2c0), K_w, w2c0, mode=opts.cache_mode,
+        K_sized = scale_intrinsics(K0, (h0, w0), size)
+        return PointCache.from_depth(image_sized, depth_of_start(K_sized, w2c0), K_sized, w2c0, mode=opts.cache_mode,
                                      settings=opts.cache)
 
     return _Scene(scene_dir.name, "reconstruction", size, jobs, bank, cache, files, texts, uses_depth,
@@ -503,7 +503,7 @@ class _Ticks:
         report(self.progress, self.done, self.total)
 
     def steps(self, steps: int) -> ProgressFn | None:
-        """The generator's ``(step, steps)`` mapped onto the next ``steps`` ticks."""
+        """The clip generator's ``(step, steps)`` mapped onto the next ``steps`` ticks."""
         if self.progress is None:
             return None
         offset = self.done
@@ -515,22 +515,22 @@ class _Ticks:
 
 
 def progress_total(trajectories: int, steps: int, exports: bool = True) -> int:
-    """Progress ticks of a run of ``trajectories`` trajectories with a ``steps``-tick generator."""
+    """Progress ticks of a run of ``trajectories`` trajectories with a ``steps``-tick clip generator."""
     return PREPARE_TICKS + trajectories * (steps + TRAJECTORY_TICKS) + (EXPORT_TICKS if exports else 0)
 
 
 def _resume_key(source: Any) -> Any:
-    """``source.resume_key()`` when it has one (a PipelineGenerator, the CLI's MoGe ...), else None."""
+    """``source.resume_key()`` when it has one (a PipelineClipGenerator, the CLI's MoGe ...), else None."""
     key = getattr(source, "resume_key", None)
     return key() if callable(key) else None
 
 
-def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, generator: Generator, *,
+def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLike, clip_generator: ClipGenerator, *,
                          options: LoopOptions | None = None, depth_fn: DepthFn | None = None, selector=None,
                          progress: ProgressFn | None = None) -> LoopResult:
     """Generate every trajectory of a scene folder in order (see the module docstring).
 
-    ``generator``: a :data:`.generate.Generator` (its ``steps`` attribute, if any, is the number of
+    ``clip_generator``: a :data:`.generate.ClipGenerator` (its ``steps`` attribute, if any, is the number of
     progress ticks per trajectory; its ``resume_key()``, if any, joins the run's key). ``depth_fn``:
     depth of the start image and, in global mode, of the kept frames (see
     :data:`geometry.depth.DepthFn`). ``selector``: a CameraSelector for retrievals over more than
@@ -542,12 +542,13 @@ def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLik
     scene_dir = Path(scene_dir)
     if opts.cache_mode == "global" and depth_fn is None:
         raise InputError("the global cache lifts every kept frame with a depth model; give depth_fn (MoGe)")
-    steps = max(1, int(getattr(generator, "steps", 1) or 1))
+    steps = max(1, int(getattr(clip_generator, "steps", 1) or 1))
     with locked_run_folder(safe_join(out_dir, scene_dir.name)) as out_scene:
         ticks = _Ticks(progress, progress_total(count, steps, opts.exports))
         ticks.beat()
         scene = _prepare(scene_dir, opts, depth_fn)
-        models = {name: key for name, key in (("generator", _resume_key(generator)), ("selector", _resume_key(selector)),
+        models = {name: key for name, key in (("generator", _resume_key(clip_generator)),  # the key's name persists
+                                              ("selector", _resume_key(selector)),
                                               ("depth", _resume_key(depth_fn) if scene.uses_depth else None))
                   if key is not None}
         key = {"settings": opts.signature(scene.size), "inputs": scene.inputs_key(), "models": models}
@@ -565,7 +566,7 @@ def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLik
             raise InputError(f"{scene.name}: some trajectories have no pre-rendered warps and there is no start-view "
                              "cloud to render them from")
         ticks.add(PREPARE_TICKS)
-        outcomes = [_run_trajectory(index, job, scene, out_scene, opts, generator, state, bank, cache, depth_fn,
+        outcomes = [_run_trajectory(index, job, scene, out_scene, opts, clip_generator, state, bank, cache, depth_fn,
                                     selector, ticks, steps)
                     for index, job in enumerate(scene.jobs)]
         out = LoopResult(out_scene, outcomes, bank, cache)
@@ -575,7 +576,8 @@ def run_multi_trajectory(scene_dir: str | os.PathLike, out_dir: str | os.PathLik
     return out
 
 
-def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, generator: Generator, **kwargs) -> LoopResult:
+def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, clip_generator: ClipGenerator,
+                    **kwargs) -> LoopResult:
     """:func:`run_multi_trajectory` of a reconstruction from an image and a prompt given directly
     (RGB uint8 (H, W, 3) or anything :func:`io.images.load_image` takes), stored as the scene
     ``<out_dir>/inputs/scene/`` (image.png + prompt.json) with results in ``<out_dir>/scene/``.
@@ -601,10 +603,10 @@ def run_image_scene(image, prompt: str, out_dir: str | os.PathLike, generator: G
             with atomic_path(image_path) as tmp:
                 Image.fromarray(rgb).save(tmp, format="PNG")
             write_json_atomic(prompt_path, {"prompt": prompt})
-        return run_multi_trajectory(folder, out_dir, generator, **kwargs)
+        return run_multi_trajectory(folder, out_dir, clip_generator, **kwargs)
 
 
-def run_panorama_image(panorama, out_dir: str | os.PathLike, generator: Generator, *, name: str | None = None,
+def run_panorama_image(panorama, out_dir: str | os.PathLike, clip_generator: ClipGenerator, *, name: str | None = None,
                        prompt: str = "", depth=None, depth_fn: DepthFn | None = None,
                        scene_options: PanoramaSceneOptions | None = None, options: LoopOptions | None = None,
                        selector=None, progress: ProgressFn | None = None) -> LoopResult:
@@ -628,13 +630,13 @@ def run_panorama_image(panorama, out_dir: str | os.PathLike, generator: Generato
     with locked_run_folder(safe_join(out_dir, name)):
         scene = make_panorama_scene(panorama, safe_join(out_dir, PANORAMA_SCENES, name), depth=depth,
                                     depth_fn=depth_fn, prompt=prompt, options=scene_options, progress=progress)
-        return run_multi_trajectory(scene.folder, out_dir, generator, options=opts, depth_fn=depth_fn,
+        return run_multi_trajectory(scene.folder, out_dir, clip_generator, options=opts, depth_fn=depth_fn,
                                     selector=selector, progress=progress)
 
 
-def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts: LoopOptions, generator: Generator,
-                    state: _State, bank: MemoryBank, cache: PointCache | None, depth_fn: DepthFn | None, selector,
-                    ticks: _Ticks, steps: int) -> TrajectoryOutcome:
+def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts: LoopOptions,
+                    clip_generator: ClipGenerator, state: _State, bank: MemoryBank, cache: PointCache | None,
+                    depth_fn: DepthFn | None, selector, ticks: _Ticks, steps: int) -> TrajectoryOutcome:
     """Generate (or skip, or read back) one trajectory and fold it into memory; commits the state."""
     traj_out = safe_join(out_scene, job.view_id, job.traj_id)
     result = safe_join(traj_out, result_video(opts.model_name))
@@ -643,14 +645,14 @@ def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts:
         ticks.add(steps + TRAJECTORY_TICKS)
         return TrajectoryOutcome(job.view_id, job.traj_id, result, "skipped")
     traj = job.trajectory
-    traj_w = traj.resized(*scene.size)
+    traj_sized = traj.resized(*scene.size)
     if result.is_file():
         status, source = "read back", ""
         log.info("%s: %s exists; reading it back into memory", job.name, result.name)
         ticks.add(steps + TRAJECTORY_TICKS - 1)
     else:
         status = "generated"
-        source = _generate(job, index, traj_out, result, scene, out_scene, opts, generator, bank, cache, selector,
+        source = _generate(job, index, traj_out, result, scene, out_scene, opts, clip_generator, bank, cache, selector,
                            ticks, steps)
     try:
         frames = read_video(result)
@@ -662,7 +664,7 @@ def _run_trajectory(index: int, job: _Job, scene: _Scene, out_scene: Path, opts:
     kept = bank.update_memory(list(frames), traj.w2c, traj.K, job.view_id, job.traj_id,
                               k_size=(traj.height, traj.width))
     if cache is not None and opts.cache_mode == "global":
-        record = cache.update([frames[k] for k in kept], traj_w.w2c[kept], traj_w.K[kept], depth_fn,
+        record = cache.update([frames[k] for k in kept], traj_sized.w2c[kept], traj_sized.K[kept], depth_fn,
                               label=job.name, names=[f"{job.name}/{k:04d}" for k in kept], progress=ticks.beat)
         log.info("%s: cache %d -> %d points (%d of %d frames aligned)", job.name, record.points_before,
                  record.points_after, sum(f.skipped is None for f in record.frames), len(record.frames))
@@ -678,7 +680,7 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
                   cache: PointCache | None, ticks: _Ticks) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, str]:
     """Start image, warp render, hole mask (working size) and where the render came from."""
     H, W = scene.size
-    traj, traj_w = job.trajectory, job.trajectory.resized(H, W)
+    traj, traj_sized = job.trajectory, job.trajectory.resized(H, W)
     if job.start_from is not None:
         source_video = safe_join(out_scene, *job.start_from, result_video(opts.model_name))
         if not source_video.is_file():
@@ -694,8 +696,8 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
                                              nframe=len(traj))  # longer render videos: subsampled like the cameras
         source = "scene renders"
     else:
-        rgb, holes = cache.render(traj_w, image_t, H, W, progress=ticks.beat)
-        save_render_folder(traj_out, rgb, holes, traj_w)
+        rgb, holes = cache.render(traj_sized, image_t, H, W, progress=ticks.beat)
+        save_render_folder(traj_out, rgb, holes, traj_sized)
         render, mask, _ = load_render_folder(traj_out, H, W, image_t)
         source = "global cache" if opts.cache_mode == "global" else scene.cloud_name
     if len(render) != len(traj):
@@ -704,11 +706,11 @@ def _conditioning(job: _Job, traj_out: Path, scene: _Scene, out_scene: Path, opt
 
 
 def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene, out_scene: Path,
-              opts: LoopOptions, generator: Generator, bank: MemoryBank, cache: PointCache | None, selector,
+              opts: LoopOptions, clip_generator: ClipGenerator, bank: MemoryBank, cache: PointCache | None, selector,
               ticks: _Ticks, steps: int) -> str:
     """Prepare the conditioning of one trajectory, generate it and write ``result``; returns the render source."""
     H, W = scene.size
-    traj, traj_w = job.trajectory, job.trajectory.resized(H, W)
+    traj, traj_sized = job.trajectory, job.trajectory.resized(H, W)
     start, render, mask, source = _conditioning(job, traj_out, scene, out_scene, opts, cache, ticks)
     ticks.add()
 
@@ -717,10 +719,10 @@ def _generate(job: _Job, index: int, traj_out: Path, result: Path, scene: _Scene
     _save_memory_inputs(safe_join(traj_out, "memory_inputs"), opts.model_name, found, (H, W))
     ticks.add()
     request = GenerationRequest(
-        image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_w,
+        image=start, prompt=job.prompt, render=render, render_mask=mask, trajectory=traj_sized,
         **_noise(opts, index), references=found.reference_frames(H, W),
         ref_index=found.ref_index, ref_w2cs=found.ref_w2cs, name=job.name)
-    frames = _frames_array(generator(request, ticks.steps(steps)), len(traj), (H, W), job.name)
+    frames = _frames_array(clip_generator(request, ticks.steps(steps)), len(traj), (H, W), job.name)
     ticks.done += steps
     write_video(result, frames, FPS)
     ticks.beat()
