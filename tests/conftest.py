@@ -11,6 +11,7 @@ which skip when they are absent, except that with ``WORLDSTEREO_REQUIRE_INTEGRAT
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -48,6 +50,16 @@ class _RepoRootIsAFolder:
 
 def pytest_configure(config) -> None:
     config.pluginmanager.register(_RepoRootIsAFolder(), "worldstereo-repo-root")
+
+
+def import_test_module(path: str):
+    """The test module at ``path`` under tests/ (e.g. ``"models/test_hosts"``), for a test that reuses
+    another folder's helpers: imported as pytest's prepend mode imports it (its folder on ``sys.path``,
+    its basename as the module name, which is unique across tests/), so it is the same module object."""
+    folder = (TESTS / path).parent
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(Path(path).name)
 
 
 def fixtures_root() -> Path:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_native_env import COMFYUI_DIR, real_comfy
-from conftest import fixtures_root, integration_unavailable
+from conftest import fixtures_root, import_test_module, integration_unavailable
 from tiny_checkpoints import CAMERA
 from worldstereo_core.models.ops import check_ops
 
@@ -295,7 +295,8 @@ def test_branches_load_when_comfy_ops_create_weights_lazily(comfy_env, tmp_path,
     """Newer ComfyUI (dynamic VRAM) builds ``comfy.ops`` Linear layers without weights and fills them
     in ``load_state_dict``: the native MODEL still loads its branches (shapes checked, no tensor
     missing) and reproduces the fixture."""
-    from test_hosts import ComfyHost, comfy_forward
+    hosts = import_test_module("models/test_hosts")
+    ComfyHost, comfy_forward = hosts.ComfyHost, hosts.comfy_forward
 
     folder = _memory_fixture()
     ops = comfy_env.comfy.ops.disable_weight_init

@@ -25,13 +25,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import REPO, example_dirs
+from conftest import REPO, TESTS, example_dirs
 from worldstereo_core import distributed
 from worldstereo_core.runtime import parallel
 from worldstereo_core.runtime.parallel import DistContext, split_work
 from worldstereo_core.errors import InputError
 
-TESTS = Path(__file__).resolve().parent
 WORLD = 2
 #: (model type, ControlNet overrides, shard weights): every model kind, FSDP on two of them.
 CASES = [("worldstereo-camera", {}, False), ("worldstereo-camera", {}, True),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
-from conftest import REPO, import_pack
+from conftest import REPO, TESTS, import_pack
 
 import comfy_stub as stub_module
 from comfy_stub import v1_item
@@ -34,7 +34,7 @@ CORE_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "VAE", "CLIP", "CLIP_VISION", 
 LEGACY_TYPES = {"MOGE_MODEL", "DINOV2_MODEL", "POINT_CLOUD", "CAMERA_TRAJECTORY", "MEMORY_BANK"}
 OWN_TYPE_PREFIX = "WORLDSTEREO_"
 V1_HOOKS = ("VALIDATE_INPUTS", "IS_CHANGED")
-INTERFACE = REPO / "tests" / "node_interface.json"
+INTERFACE = TESTS / "node_interface.json"
 HIDDEN = {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG"}
 SECTIONS = {"required", "optional", "hidden"}
 ID_PREFIX = "WorldStereo"
@@ -475,7 +475,7 @@ def test_web_folder_holds_only_extensions():
 # --- example workflows and their API twins ---------------------------------------------------
 
 WORKFLOWS = REPO / "example_workflows"
-API_PROMPTS = REPO / "tests" / "api_prompts"
+API_PROMPTS = TESTS / "api_prompts"
 #: Core ComfyUI nodes the examples use, with the frontend's widget names (None = frontend-only widget).
 CORE_WIDGETS = {"LoadImage": ["image", None], "PreviewImage": [], "Preview3D": ["model_file", "image"],
                 "UNETLoader": ["unet_name", "weight_dtype"], "CLIPLoader": ["clip_name", "type", "device"],

@@ -25,11 +25,14 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_native_env import core_clip_vision, real_comfy, tiny_vae, wan_vae_to_original
-from conftest import fixtures_root
-from test_hosts import ComfyHost, _fixture
-from test_node_contract import _error_prefix, contract_errors
+from conftest import fixtures_root, import_test_module
 from worldstereo_core.cameras import CameraTrajectory
 from worldstereo_core.errors import InputError
+
+_hosts = import_test_module("models/test_hosts")
+_contract = import_test_module("nodes/test_node_contract")
+ComfyHost, _fixture = _hosts.ComfyHost, _hosts._fixture
+_error_prefix, contract_errors = _contract._error_prefix, _contract.contract_errors
 
 CONDITION_ATOL = 1e-4
 FINAL_ATOL = 1e-3
@@ -328,7 +331,7 @@ def test_native_generator_matches_the_pipeline_generator(env, case, tmp_path):
     seed and noise index): frames within 1e-3, progress once per step."""
     if case is None:
         pytest.skip(f"no pipeline fixtures under {fixtures_root() / 'reference_tiny'}")
-    from test_pipelines import _pipeline
+    _pipeline = import_test_module("pipelines/test_pipelines")._pipeline
     from tiny_components import load_fixture_common
     from worldstereo_core.tasks.generate import PipelineClipGenerator
 
