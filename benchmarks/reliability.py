@@ -38,7 +38,7 @@ for extra in (REPO, REPO / "tests"):
         sys.path.insert(0, str(extra))
 
 from hardware import environment  # noqa: E402
-from tiny_models_root import write_models_root  # noqa: E402
+from tiny_models import write_models_root  # noqa: E402
 from worldstereo_core.io.atomic import is_temporary, write_json_atomic  # noqa: E402
 from worldstereo_core.io.run_lock import LOCK_NAME  # noqa: E402
 from worldstereo_core.memory.bank import MemoryBank  # noqa: E402

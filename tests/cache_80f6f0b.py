@@ -1,5 +1,5 @@
 """The global-cache merge as of commit 80f6f0b, kept only as the reference the current merge is
-compared with (``tests/test_cache.py``) and timed against (``benchmarks/cache.py``).
+compared with (``tests/memory/test_cache.py``) and timed against (``benchmarks/cache.py``).
 
 Per frame it projects the whole cache twice in float64 (alignment), renders the whole cache to find
 holes, tests new points against the sorted voxel keys of the whole cache, and after the frames

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, example_dirs
-from tiny_models_root import write_models_root
+from tiny_models import write_models_root
 from worldstereo_core import cli
 from worldstereo_core.io.video import read_mask_video, read_video
 from worldstereo_core.runtime.options import RuntimeOptions, runtime_options_from_args

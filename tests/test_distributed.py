@@ -262,7 +262,7 @@ raise SystemExit(distributed.main())
 
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
-    from tiny_models_root import write_models_root
+    from tiny_models import write_models_root
 
     return write_models_root(tmp_path_factory.mktemp("models"), ("worldstereo-camera", "worldstereo-memory"))
 

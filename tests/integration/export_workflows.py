@@ -346,7 +346,7 @@ def check(browser: Browser, path: Path) -> dict:
 
 def prepare(server: ComfyUIServer, python: str | None) -> None:
     """Tiny models and example inputs in the server's base folder (combos list them)."""
-    from comfy_stub.tiny_models import write_example_inputs, write_tiny_models
+    from tiny_models import write_example_inputs, write_tiny_models
 
     write_tiny_models(server.base_dir / "models", comfy_dir=server.comfy_dir, python=python)
     write_example_inputs(server.base_dir / "input", comfy_dir=server.comfy_dir)

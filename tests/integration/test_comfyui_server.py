@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     """A headless ComfyUI whose models/ holds tiny checkpoints under the real file names and whose
     input/ holds what the example workflows load (example.png, a small panorama scene); the
     test-only sizes node lets the core loaders load the tiny checkpoints (test_native_server)."""
-    from comfy_stub.tiny_models import write_example_inputs, write_tiny_models
+    from tiny_models import write_example_inputs, write_tiny_models
 
     python = os.environ.get("COMFYUI_PYTHON")
     srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=python, extra_nodes=(TINY_NODE,))

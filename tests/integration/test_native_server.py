@@ -26,7 +26,7 @@ from conftest import comfyui_dir
 
 COMFYUI_DIR = comfyui_dir()
 
-from comfy_stub.tiny_models import FILES, UMT5_SIZES, VAE_BASE_DIM, write_example_image, write_tiny_models  # noqa: E402
+from tiny_models import FILES, UMT5_SIZES, VAE_BASE_DIM, write_example_image, write_tiny_models  # noqa: E402
 from comfyui_harness import ComfyUIServer  # noqa: E402
 from tiny_checkpoints import COMFY_PREFIX, tiny_transformer_config  # noqa: E402
 

@@ -21,8 +21,8 @@ import comfy_stub as comfy_stub_module
 from comfy_stub import comfy_stub  # noqa: F401  (pytest fixture)
 from PIL import Image
 
-from comfy_stub.tiny_models import (EXAMPLE_IMAGE, FILES, PANORAMA_SCENE, write_example_image,
-                                    write_panorama_scene, write_tiny_models)
+from tiny_models import (EXAMPLE_IMAGE, FILES, PANORAMA_SCENE, write_example_image,
+                         write_panorama_scene, write_tiny_models)
 
 
 @pytest.fixture(scope="module")

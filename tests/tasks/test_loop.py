@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import example_dirs
 from synthetic_scene import room_for_scale
-from tiny_models_root import write_models_root
+from tiny_models import write_models_root
 from worldstereo_core.cameras import invert_rigid
 from worldstereo_core.errors import CheckpointError, InputError, Interrupted
 from worldstereo_core.geometry.trajectories import median_depth, reconstruction_trajectories

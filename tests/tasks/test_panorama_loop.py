@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from synthetic_scene import panorama_room
-from tiny_models_root import write_models_root
+from tiny_models import write_models_root
 from worldstereo_core import cli
 from worldstereo_core.cameras import invert_rigid, scale_intrinsics
 from worldstereo_core.errors import InputError, Interrupted, RunFolderLocked

@@ -31,7 +31,7 @@ import torch
 from conftest import example_dirs, examples_root, import_test_module
 from test_native_nodes import _common, _pipeline_cases, _variant, core_vae, fixture_clip_vision
 from comfy_native_env import real_comfy
-from comfy_stub.tiny_models import TINY_SCALE_MAP
+from tiny_models import TINY_SCALE_MAP
 
 ComfyHost = import_test_module("models/test_hosts").ComfyHost
 SCENES = example_dirs("reconstruction") + example_dirs("panorama")

@@ -1,7 +1,12 @@
-"""A ComfyUI ``models/`` tree of TINY random checkpoints with the real layout and the real file names,
-plus the inputs the example workflows expect, so the example prompts run unchanged on a CPU.
+"""Models folders of TINY random checkpoints in the real layouts, plus the inputs the example
+workflows expect, so the CLI, the loop and the example prompts run unchanged on a CPU.
 
-``write_tiny_models(models_dir)`` writes::
+``write_models_root(root)`` writes the folder the CLI and the loop read: ``worldstereo/<model-type>/``
+overlays (WorldStereo-only keys, as released variants may be), the tiny Wan2.1-I2V diffusers base they
+name (``diffusers/Wan2.1-I2V-tiny-Diffusers/``: transformer, VAE, UMT5, CLIP, scheduler) and, with
+``moge=True``, ``moge/moge-2-vitl-normal/model.pt``.
+
+``write_tiny_models(models_dir)`` writes a ComfyUI ``models/`` tree with the real file names::
 
     worldstereo/worldstereo-{camera,memory,memory-dmd}/{config.json, model.safetensors}
     diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors   (original Wan keys, model.diffusion_model.)
@@ -11,10 +16,11 @@ plus the inputs the example workflows expect, so the example prompts run unchang
     moge/moge-2-vitl-normal/model.pt                         (tiny MoGe-2, weights_only loadable)
     dinov2/dinov2-base/{config.json, preprocessor_config.json, model.safetensors}
 
-The variants' ``scale_map`` is tiny ([[32, 48], [48, 32], [32, 32]]) so a workflow that resizes the
-start image to the variant's bucket runs at a few dozen pixels, and they condition on the start
-frame alone (``latent_cond_mode="first_frame_only"``) so the VAE does not encode an 81-frame video. ``write_example_inputs(input_dir)``
-adds ``example.png`` and a small synthetic panorama scene ``worldstereo_panorama_scene/``.
+Its variants' ``scale_map`` is tiny ([[32, 48], [48, 32], [32, 32]]) so a workflow that resizes the
+start image to the variant's bucket runs at a few dozen pixels. All variants condition on the start
+frame alone (``latent_cond_mode="first_frame_only"``) so the tiny VAE does not encode an 81-frame video
+(the full-VAE path is covered by the pipeline fixtures). ``write_example_inputs(input_dir)`` adds
+``example.png`` and a small synthetic panorama scene ``worldstereo_panorama_scene/``.
 
 Two parts need tools that may live in another Python: the original-layout VAE is made by ComfyUI's
 own ``WanVAE`` and the tokenizer is a trained SentencePiece model. Pass ``comfy_dir`` / ``python``
@@ -30,16 +36,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 for _path in (TESTS, TESTS.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+from tiny_checkpoints import MODEL_TYPES, _save  # noqa: E402
 
 BASE_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 FILES = {
@@ -54,18 +61,12 @@ TINY_SCALE_MAP = [[32, 48], [48, 32], [32, 32]]
 PANORAMA_SCENE = "worldstereo_panorama_scene"
 EXAMPLE_IMAGE = "example.png"
 #: Example inputs shipped with the workflows (users copy them into ComfyUI's input/).
-SHIPPED_INPUTS = Path(__file__).resolve().parents[2] / "example_workflows" / "input"
+SHIPPED_INPUTS = TESTS.parent / "example_workflows" / "input"
 VAE_BASE_DIM = 4
 #: The tiny UMT5's sizes besides its width (the text_dim).
 UMT5_SIZES = dict(vocab_size=128, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 SPM_CORPUS = ("a photo of a quiet street with old houses and trees", "the quick brown fox jumps over the lazy dog",
               "a stone bridge over a river in the mountains", "sunlight on a wooden table in a small room")
-
-def _save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
-
 
 def _run(python: str, code: str, *args: str) -> None:
     subprocess.run([python, "-c", textwrap.dedent(code), *args], check=True, capture_output=True, timeout=600)
@@ -75,18 +76,20 @@ def _run(python: str, code: str, *args: str) -> None:
 # The parts
 # --------------------------------------------------------------------------------------------
 
-def write_worldstereo(models: Path) -> dict:
-    """Variants (WorldStereo-only keys, tiny scale_map) + the shared backbone; returns the backbone."""
-    from tiny_checkpoints import MODEL_TYPES, random_state_dict, split_backbone, tiny_transformer_config, write_variant
+def write_worldstereo(models: Path, model_types: Sequence[str] = MODEL_TYPES, *, embed_config: bool = False,
+                      **config_fields) -> dict:
+    """``worldstereo/<model-type>/`` variants (WorldStereo-only keys, start-frame conditioning, the
+    ``config_fields`` given; ``embed_config`` embeds the transformer config) and the backbone they
+    share (every variant's has the same keys); returns ``{"config", "backbone"}``."""
+    from tiny_checkpoints import random_state_dict, split_backbone, tiny_transformer_config, write_variant
 
     tcfg = tiny_transformer_config()
     backbone = None
-    for i, model_type in enumerate(MODEL_TYPES):
-        own_backbone, extra = split_backbone(random_state_dict(model_type, tcfg, seed=i))
+    for seed, model_type in enumerate(model_types):
+        own_backbone, extra = split_backbone(random_state_dict(model_type, tcfg, seed=seed))
         backbone = backbone or own_backbone
-        write_variant(models / "worldstereo", model_type, extra, base_model=BASE_REPO, transformer_config=tcfg,
-                      scale_map=TINY_SCALE_MAP, negative_prompt="blurry, low quality",
-                      latent_cond_mode="first_frame_only")
+        write_variant(models / "worldstereo", model_type, extra, transformer_config=tcfg if embed_config else None,
+                      latent_cond_mode="first_frame_only", **config_fields)
     return {"config": tcfg, "backbone": backbone}
 
 
@@ -204,13 +207,29 @@ def write_dinov2(models: Path) -> Path:
     return folder
 
 
+def write_models_root(root: str | Path, model_types: Sequence[str] = MODEL_TYPES, *, moge: bool = False) -> Path:
+    """Fill ``root`` with the CLI's models folder (see the module docstring); returns it."""
+    from tiny_checkpoints import TINY_BASE_MODEL, write_diffusers_base
+    from tiny_components import write_tiny_base
+
+    root = Path(root)
+    parts = write_worldstereo(root, model_types)
+    base = root / "diffusers" / TINY_BASE_MODEL.split("/")[1]
+    write_tiny_base(base)
+    write_diffusers_base(base, parts["config"], parts["backbone"])
+    if moge:
+        write_moge(root)
+    return root
+
+
 def write_tiny_models(models_dir: str | Path, *, comfy_dir: Optional[str | Path] = None,
                       python: Optional[str] = None, moge: bool = True) -> Path:
-    """Fill ``models_dir`` (see the module docstring); returns it."""
+    """Fill ``models_dir`` with the ComfyUI tree (see the module docstring); returns it."""
     from tiny_components import IMAGE_DIM, TEXT_DIM
 
     models = Path(models_dir)
-    parts = write_worldstereo(models)
+    parts = write_worldstereo(models, base_model=BASE_REPO, embed_config=True, scale_map=TINY_SCALE_MAP,
+                              negative_prompt="blurry, low quality")
     write_single_transformer(models, parts["backbone"])
     write_vae_file(models, Path(comfy_dir) if comfy_dir else None, python)
     write_text_encoder_file(models, TEXT_DIM, python)
