@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,30 +19,20 @@ from conftest import comfyui_dir, import_pack
 COMFYUI_DIR = comfyui_dir()
 
 import comfy_stub  # noqa: E402
-from comfyui_harness import PACK_FOLDER, REPO, ComfyUIServer, PromptRun  # noqa: E402
-from test_native_server import TINY_NODE, install_tiny_sizes_node  # noqa: E402
+from comfyui_harness import PACK_FOLDER, REPO, PromptRun  # noqa: E402
+from test_native_server import tiny_models_server  # noqa: E402
 
 API_PROMPTS = REPO / "tests" / "api_prompts"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A headless ComfyUI whose models/ holds tiny checkpoints under the real file names and whose
-    input/ holds what the example workflows load (example.png, a small panorama scene); the
-    test-only sizes node lets the core loaders load the tiny checkpoints (test_native_server)."""
-    from tiny_models import write_example_inputs, write_tiny_models
+    """A headless ComfyUI on the tiny checkpoints whose input/ holds what the example workflows load
+    (example.png, a small panorama scene)."""
+    from tiny_models import write_example_inputs
 
-    python = os.environ.get("COMFYUI_PYTHON")
-    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui"), python=python, extra_nodes=(TINY_NODE,))
-    srv.prepare()
-    models = write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
-    write_example_inputs(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
-    install_tiny_sizes_node(srv, models)
-    srv.start()
-    try:
+    with tiny_models_server(tmp_path_factory.mktemp("comfyui"), inputs=write_example_inputs) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -82,21 +84,32 @@ def _write_lora(models: Path, rank: int = 4, alpha: float = 2.0) -> None:
     save_file(merged, str(models / "diffusion_models" / MERGED_BASE))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextmanager
+def tiny_models_server(work_dir: Path, *, extra_args: tuple[str, ...] = (), inputs=write_example_image,
+                       add_models: Callable[[Path], None] | None = None) -> Iterator[ComfyUIServer]:
+    """A started headless ComfyUI whose models/ holds the tiny checkpoints under the real file names
+    (plus what ``add_models(models)`` writes), with the test-only sizes node, and whose input/ holds
+    what ``inputs(input_dir, comfy_dir=...)`` writes."""
     python = os.environ.get("COMFYUI_PYTHON")
-    srv = ComfyUIServer(COMFYUI_DIR, tmp_path_factory.mktemp("comfyui_native"), python=python,
-                        extra_args=("--preview-method", "latent2rgb"), extra_nodes=(TINY_NODE,))
+    srv = ComfyUIServer(COMFYUI_DIR, work_dir, python=python, extra_args=extra_args, extra_nodes=(TINY_NODE,))
     srv.prepare()
     models = write_tiny_models(srv.base_dir / "models", comfy_dir=srv.comfy_dir, python=python or sys.executable)
-    _write_lora(models)
-    write_example_image(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
+    if add_models is not None:
+        add_models(models)
+    inputs(srv.base_dir / "input", comfy_dir=srv.comfy_dir)
     install_tiny_sizes_node(srv, models)
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with tiny_models_server(tmp_path_factory.mktemp("comfyui_native"), extra_args=("--preview-method", "latent2rgb"),
+                            add_models=_write_lora) as srv:
+        yield srv
 
 
 def _scene() -> dict:

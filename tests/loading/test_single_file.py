@@ -170,17 +170,21 @@ def _clip_file(tmp_path, model, name="clip_vision_h.safetensors", prefix=True):
     return path
 
 
+def _assert_same_penultimate(model, ref, x: torch.Tensor) -> None:
+    """The loaded CLIP vision gives the reference's penultimate hidden states (what Wan uses), exactly."""
+    with torch.no_grad():
+        got = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        want = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("prefix", [True, False])
 def test_clip_vision_file_with_config_beside_it(tmp_path, prefix):
     ref, cfg = _clip()
     path = _clip_file(tmp_path, ref, prefix=prefix)
     path.with_suffix(".json").write_text(json.dumps(cfg.to_dict()))
     model, processor = sf.load_clip_vision_file(path)
-    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        got = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-        want = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_same_penultimate(model, ref, torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1)))
     assert processor.crop_size == {"height": 28, "width": 28} and processor.size["shortest_edge"] == 28
     assert processor.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
 
@@ -226,11 +230,7 @@ def test_open_clip_layout_is_converted(tmp_path):
     save_file(to_open_clip(state), str(path))
     path.with_suffix(".json").write_text(json.dumps(cfg.to_dict()))
     model, _ = sf.load_clip_vision_file(path)
-    x = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-        want = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_same_penultimate(model, ref, torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2)))
 
 
 def test_clip_vision_errors(tmp_path):

@@ -37,6 +37,12 @@ def _utilities() -> dict:
     return json.loads(fixture_file("geometry", "utilities.json").read_text())
 
 
+def _yaw(deg) -> torch.Tensor:
+    """w2c (N, 4, 4) of cameras at the origin turned by ``deg`` degrees about y."""
+    return torch.stack([torch.tensor([[np.cos(a), 0, -np.sin(a), 0], [0, 1, 0, 0], [np.sin(a), 0, np.cos(a), 0],
+                                      [0, 0, 0, 1]], dtype=torch.float64) for a in np.radians(deg)])
+
+
 def test_split_n_into_d_parts_fixture():
     for case in _utilities()["split_n_into_d_parts"]:
         assert split_n_into_d_parts(case["N"], case["D"]) == case["expected"]
@@ -426,15 +432,11 @@ def test_selector_step_check_accepts_any_selection_and_rejects_others():
     def thumbs(frames):
         return np.stack([np.asarray(Image.fromarray(f).resize((4, 4), Image.BOX), float).ravel() for f in frames])
 
-    def yaw(deg):
-        return torch.stack([torch.tensor([[np.cos(a), 0, -np.sin(a), 0], [0, 1, 0, 0], [np.sin(a), 0, np.cos(a), 0],
-                                          [0, 0, 0, 1]], dtype=torch.float64) for a in np.radians(deg)])
-
     K = torch.tensor([[16.0, 0, 16], [0, 16, 12], [0, 0, 1]], dtype=torch.float64)
     bank = MemoryBank(32, 24)
-    bank.add(_frames(40, 24, 32, 1), yaw(np.arange(40) * 9.0), K, [f"s/pano_bank/{i:04d}" for i in range(40)])
-    bank.update_memory(_frames(21, 24, 32, 2), yaw(np.linspace(200, 260, 21)), K, "view0", "traj2")
-    traj = CameraTrajectory(yaw(np.linspace(0, 180, 21)), K, 32, 24)
+    bank.add(_frames(40, 24, 32, 1), _yaw(np.arange(40) * 9.0), K, [f"s/pano_bank/{i:04d}" for i in range(40)])
+    bank.update_memory(_frames(21, 24, 32, 2), _yaw(np.linspace(200, 260, 21)), K, "view0", "traj2")
+    traj = CameraTrajectory(_yaw(np.linspace(0, 180, 21)), K, 32, 24)
     ref = retrieve(bank, traj.w2c, traj.K, "view0", "traj0", selector=CameraSelector(thumbs))
     step = {"retrieved_global_indices": ref.retrieved, "ref_index": ref.ref_index.tolist(),
             "ref_index_dict": {str(k): {str(i): v for i, v in d.items()} for k, d in ref.ref_index_dict.items()}}
@@ -458,16 +460,12 @@ def test_names_are_unique_and_trajectories_known():
 def test_selector_step_check_accepts_equally_scored_picks():
     """Bank entries with identical cameras tie exactly; the reference takes the one its selector
     picked first, so a step that resolved the ties in either order is consistent."""
-    def yaw(deg):
-        return torch.stack([torch.tensor([[np.cos(a), 0, -np.sin(a), 0], [0, 1, 0, 0], [np.sin(a), 0, np.cos(a), 0],
-                                          [0, 0, 0, 1]], dtype=torch.float64) for a in np.radians(deg)])
-
     K = torch.tensor([[16.0, 0, 16], [0, 16, 12], [0, 0, 1]], dtype=torch.float64)
     bank = MemoryBank(32, 24)
-    bank.add(_frames(40, 24, 32, 1), yaw(np.arange(40) * 9.0), K, [f"s/pano_bank/{i:04d}" for i in range(40)])
+    bank.add(_frames(40, 24, 32, 1), _yaw(np.arange(40) * 9.0), K, [f"s/pano_bank/{i:04d}" for i in range(40)])
     # kept traj2 frames at yaw 207, 216, 225, 234, ...: several are exact twins of bank views
-    bank.update_memory(_frames(21, 24, 32, 2), yaw(np.linspace(198, 258, 21)), K, "view0", "traj2")
-    traj = CameraTrajectory(yaw(np.linspace(54, 294, 21)), K, 32, 24)  # target 15 looks at yaw 234
+    bank.update_memory(_frames(21, 24, 32, 2), _yaw(np.linspace(198, 258, 21)), K, "view0", "traj2")
+    traj = CameraTrajectory(_yaw(np.linspace(54, 294, 21)), K, 32, 24)  # target 15 looks at yaw 234
     ours = retrieve(bank, traj.w2c, traj.K, "view0", "traj0")
     tf = FrustumSet.from_cameras(traj.w2c[1:], K, 32, 24)
     score, angle = overlap_scores(tf, bank.frustums)
